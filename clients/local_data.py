@@ -1,0 +1,102 @@
+"""Which data this node trains on: its own file (deployment) or a demo partition (simulation)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from clients.data import (
+    DataError,
+    LabeledData,
+    iid_partition,
+    load_demo_corpus,
+    load_labeled_file,
+    train_test_split,
+)
+
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "tenants": "acme,globex,initech",
+    "max-train-examples": 2000,
+    "max-test-examples": 500,
+    "test-fraction": 0.2,
+    "seed": 7,
+}
+
+
+@dataclass(frozen=True)
+class NodeData:
+    tenant: str
+    train: LabeledData
+    test: LabeledData
+
+
+def _int_or_none(value: Any) -> int | None:
+    number = int(value)
+    return None if number <= 0 else number
+
+
+def resolve_node_data(
+    node_config: Mapping[str, Any], run_config: Mapping[str, Any], labels: tuple[str, ...]
+) -> NodeData:
+    """The node's tenant and its train/test split.
+
+    A node started with ``tenant`` and ``data-path`` in its node config reads that file;
+    a simulated node (``partition-id``/``num-partitions``) takes an IID share of the demo
+    corpus and the tenant name at its index in the run's ``tenants`` list.
+    """
+    cfg = {**CLIENT_DEFAULTS, **run_config}
+    seed = int(node_config.get("seed", cfg["seed"]))
+    test_fraction = float(node_config.get("test-fraction", cfg["test-fraction"]))
+    if "data-path" in node_config:
+        tenant = str(node_config.get("tenant", "")).strip()
+        if not tenant:
+            raise DataError("This node has a data-path but no tenant in its node config.")
+        return _file_data(tenant, str(node_config["data-path"]), labels, test_fraction, seed)
+    if "partition-id" not in node_config:
+        raise DataError("Start this node with node config 'tenant' and 'data-path'.")
+    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    names = [n.strip() for n in str(cfg["tenants"]).split(",") if n.strip()]
+    if len(names) < parts:
+        raise DataError(f"The run names {len(names)} tenants for {parts} simulated nodes.")
+    return _demo_data(
+        names[pid],
+        pid,
+        parts,
+        labels,
+        test_fraction,
+        seed,
+        _int_or_none(cfg["max-train-examples"]),
+        _int_or_none(cfg["max-test-examples"]),
+    )
+
+
+@lru_cache(maxsize=4)
+def _file_data(
+    tenant: str, path: str, labels: tuple[str, ...], test_fraction: float, seed: int
+) -> NodeData:
+    train, test = train_test_split(load_labeled_file(path, labels), test_fraction, seed)
+    return NodeData(tenant, train, test)
+
+
+@lru_cache(maxsize=4)
+def _demo_data(
+    tenant: str,
+    pid: int,
+    parts: int,
+    labels: tuple[str, ...],
+    test_fraction: float,
+    seed: int,
+    max_train: int | None,
+    max_test: int | None,
+) -> NodeData:
+    corpus = load_demo_corpus()
+    if labels != corpus.label_names:
+        raise DataError(
+            f"The demo corpus has labels {', '.join(corpus.label_names)}; the run asks for "
+            f"{', '.join(labels)}."
+        )
+    share = corpus.subset(iid_partition(len(corpus), parts, seed)[pid])
+    train, test = train_test_split(share, test_fraction, seed + pid)
+    return NodeData(tenant, train.head(max_train), test.head(max_test))

@@ -1,0 +1,191 @@
+"""Plain training code (no Flower imports): DP-SGD with Opacus, and evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from clients.data import LabeledData
+from models import ModelSpec, load_tokenizer
+from privacy.params import DPParams, poisson_schedule
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    examples: int
+    loss: float
+    accuracy: float
+    applied: DPParams  # what the optimizer actually applied, read back from Opacus
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    examples: int
+    loss: float
+    accuracy: float
+    macro_f1: float
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def secure_rng_available() -> bool:
+    return importlib.util.find_spec("torchcsprng") is not None
+
+
+def _privacy_engine(
+    secure_mode: bool, device: torch.device
+) -> tuple[PrivacyEngine, torch.Generator | None]:
+    """Opacus's engine; secure mode uses torchcsprng when it is installed.
+
+    torchcsprng has no build for current torch. Without it a secure-mode run still gets
+    noise from a generator seeded with 63 bits of OS entropy per release (never a fixed
+    seed), and says so loudly, since that generator is not cryptographically strong.
+    """
+    if secure_mode and secure_rng_available():
+        return PrivacyEngine(accountant="prv", secure_mode=True), None
+    if secure_mode:
+        warnings.warn(
+            "secure_mode: torchcsprng is not installed; DP noise comes from a generator "
+            "seeded from OS entropy, which is not a CSPRNG.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        return engine, gen
+    return PrivacyEngine(accountant="prv", secure_mode=False), None
+
+
+def encode(data: LabeledData, spec: ModelSpec) -> TensorDataset:
+    enc = load_tokenizer().encode(data.texts, spec.max_seq_len)
+    return TensorDataset(enc.input_ids, enc.attention_mask, torch.tensor(data.labels))
+
+
+def train_dp(
+    model: nn.Module,
+    data: LabeledData,
+    spec: ModelSpec,
+    dp: DPParams,
+    *,
+    batch_size: int,
+    epochs: int,
+    learning_rate: float,
+    secure_mode: bool = True,
+    seed: int | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with DP-SGD at exactly the parameters in ``dp``.
+
+    The caller's ``dp`` must match the Poisson schedule of this data; a mismatch is
+    refused here rather than silently spending a different budget.
+    """
+    sample_rate, steps = poisson_schedule(len(data), batch_size, epochs)
+    planned = DPParams(dp.noise_multiplier, sample_rate, steps, dp.clip_norm, dp.delta)
+    if not planned.matches(dp):
+        raise ValueError(
+            f"DP plan does not fit the local data: asked sample rate {dp.sample_rate:.6g} and "
+            f"{dp.steps} steps, local schedule gives {sample_rate:.6g} and {steps}."
+        )
+    device = device or pick_device()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to(device).train()
+    loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    engine, noise_generator = _privacy_engine(secure_mode, device)
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.clip_norm,
+        poisson_sampling=True,
+        noise_generator=noise_generator,
+    )
+    criterion = nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        for ids, mask, labels in dp_loader:
+            dp_optimizer.zero_grad(set_to_none=True)
+            if len(labels) == 0:
+                # An empty Poisson batch still takes a (pure noise) step, as accounted.
+                dp_optimizer.step()
+                continue
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            logits = dp_model(ids, mask)
+            loss = criterion(logits, labels)
+            with warnings.catch_warnings():
+                # The frozen embedding means no input needs a gradient; Opacus's hooks
+                # still fire correctly, torch only notes it.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            dp_optimizer.step()
+            total_loss += float(loss.detach()) * len(labels)
+            correct += int((logits.argmax(-1) == labels).sum())
+            seen += len(labels)
+    (noise, rate, taken), *rest = engine.accountant.history
+    if rest:
+        raise RuntimeError("Opacus recorded more than one DP event for one release.")
+    applied = DPParams(float(noise), float(rate), int(taken), dp_optimizer.max_grad_norm, dp.delta)
+    if hasattr(dp_model, "remove_hooks"):
+        dp_model.remove_hooks()  # leave the caller's model a plain nn.Module
+    return TrainResult(
+        examples=len(data),
+        loss=total_loss / max(seen, 1),
+        accuracy=correct / max(seen, 1),
+        applied=applied,
+    )
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Macro-averaged F1 over the classes present in truth or prediction."""
+    scores = []
+    for c in range(num_classes):
+        tp = int(((y_pred == c) & (y_true == c)).sum())
+        fp = int(((y_pred == c) & (y_true != c)).sum())
+        fn = int(((y_pred != c) & (y_true == c)).sum())
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: LabeledData,
+    spec: ModelSpec,
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> EvalResult:
+    """Loss, accuracy and macro-F1 of ``model`` on ``data``."""
+    device = device or pick_device()
+    model.to(device).eval()
+    loader = DataLoader(encode(data, spec), batch_size=batch_size)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, preds, truth = 0.0, [], []
+    for ids, mask, labels in loader:
+        logits = model(ids.to(device), mask.to(device))
+        total_loss += float(criterion(logits, labels.to(device)))
+        preds.append(logits.argmax(-1).cpu())
+        truth.append(labels)
+    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(truth).numpy()
+    return EvalResult(
+        examples=len(data),
+        loss=total_loss / max(len(data), 1),
+        accuracy=float((y_pred == y_true).mean()) if len(data) else 0.0,
+        macro_f1=macro_f1(y_true, y_pred, len(spec.labels)),
+    )

@@ -1,0 +1,64 @@
+"""One validated settings object per process (env prefix ``FEDTEXT_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PLACEHOLDER_TOKENS = {"", "changeme", "change-me", "secret", "operator"}
+
+
+class Settings(BaseSettings):
+    """Platform settings, read from the environment (``FEDTEXT_*``) or a ``.env`` file."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDTEXT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./var"), description="Where blobs, keys and the DB live.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default is a SQLite file in data_dir."
+    )
+    key_provider: str = Field(default="file", description="'file' or 'env'.")
+    kek_file: Path | None = Field(default=None, description="Default: data_dir/keys/kek.key.")
+    kek_env: str = Field(default="FEDTEXT_KEK", description="Env var holding a base64 KEK.")
+    operator_token: str | None = None
+    dev_mode: bool = Field(default=False, description="Allows a generated operator token.")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    max_predict_inputs: int = 64
+    max_input_chars: int = 2000
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        token = self.operator_token
+        if token is not None and token.strip().lower() in _PLACEHOLDER_TOKENS:
+            raise ValueError(
+                "FEDTEXT_OPERATOR_TOKEN is a placeholder; set a random value of 32+ characters."
+            )
+        if token is not None and len(token) < 32 and not self.dev_mode:
+            raise ValueError(
+                "FEDTEXT_OPERATOR_TOKEN must be at least 32 characters outside dev mode."
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fedtext.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def resolved_kek_file(self) -> Path:
+        return self.kek_file or (self.data_dir / "keys" / "kek.key")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()

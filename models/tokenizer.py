@@ -1,0 +1,52 @@
+"""The public WordPiece tokenizer (MiniLM-L6's vocabulary, never fitted on tenant text)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from tokenizers import Tokenizer
+
+from models.assets import minilm_dir
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: torch.Tensor  # (batch, seq) int64
+    attention_mask: torch.Tensor  # (batch, seq) int64, 1 for real tokens
+
+
+class PublicTokenizer:
+    """Encodes text to fixed-length id tensors with the public WordPiece vocabulary."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.pad_id = int(self._tok.token_to_id("[PAD]"))
+        self.vocab_size = int(self._tok.get_vocab_size())
+
+    def encode(self, texts: Sequence[str], max_len: int) -> Encoded:
+        """Encode ``texts`` to ``(len(texts), max_len)`` tensors, truncating long inputs."""
+        if max_len < 3:
+            raise ValueError("max_len must be at least 3 ([CLS], one token, [SEP]).")
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_len), dtype=torch.long)
+        for i, enc in enumerate(self._tok.encode_batch(list(texts))):
+            row = enc.ids[:max_len]
+            if len(enc.ids) > max_len:
+                row[-1] = enc.ids[-1]  # keep [SEP] at the end of a truncated input
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return Encoded(ids, mask)
+
+    def tokens(self, text: str) -> list[str]:
+        return list(self._tok.encode(text).tokens)
+
+
+@lru_cache
+def load_tokenizer() -> PublicTokenizer:
+    """Load the public tokenizer from the installed MiniLM package (offline)."""
+    return PublicTokenizer(Tokenizer.from_file(str(minilm_dir() / "tokenizer.json")))

@@ -1,0 +1,1 @@
+"""DP parameters, accountants, the privacy ledger and budgets."""

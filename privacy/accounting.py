@@ -1,0 +1,76 @@
+"""Pure accounting: epsilon of a sequence of DP events, and the noise for a target.
+
+PRV (Opacus) is the figure of record; RDP is the cross-check. Both take the raw
+(noise multiplier, sample rate, steps) history, never a stored epsilon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from importlib.metadata import version
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.prv import PRVAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from privacy.params import DPParams
+
+# Explicit registry (Opacus convention): unknown names raise ValueError.
+_ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
+DEFAULT_ACCOUNTANT = "prv"
+
+
+def accountant_version() -> str:
+    return f"opacus-{version('opacus')}"
+
+
+def create_accountant(name: str) -> IAccountant:
+    try:
+        return _ACCOUNTANTS[name]()
+    except KeyError:
+        raise ValueError(f"Unknown accountant {name!r}; known: {sorted(_ACCOUNTANTS)}.") from None
+
+
+def compose_epsilon(
+    events: Iterable[DPParams] | Sequence[tuple[float, float, int]],
+    delta: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
+) -> float:
+    """Cumulative epsilon at ``delta`` of the composition of ``events`` (0.0 for none)."""
+    history: list[tuple[float, float, int]] = []
+    for ev in events:
+        if isinstance(ev, DPParams):
+            history.append((ev.noise_multiplier, ev.sample_rate, ev.steps))
+        else:
+            history.append((float(ev[0]), float(ev[1]), int(ev[2])))
+    if not history:
+        return 0.0
+    if not 0 < delta < 1:
+        raise ValueError("delta should be in (0, 1).")
+    acc = create_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = DEFAULT_ACCOUNTANT,
+) -> float:
+    """Smallest noise multiplier (to 1%) such that ``steps`` steps stay within the target."""
+    if target_epsilon <= 0:
+        raise ValueError("The target epsilon should be a positive value.")
+    create_accountant(accountant)  # validate the name first
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )

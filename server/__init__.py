@@ -1,0 +1,1 @@
+"""Coordinator: ServerApp, strategy assembly, budget gate, model release."""

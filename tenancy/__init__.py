@@ -1,0 +1,1 @@
+"""Tenants, API keys and scopes, DB tables, keyring (envelope encryption), encrypted blobs."""

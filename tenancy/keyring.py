@@ -1,0 +1,143 @@
+"""Envelope encryption: a key-encryption key (KEK) from a KeyProvider wraps per-tenant data keys."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from sqlmodel import Session, col, select
+
+from tenancy import crypto
+from tenancy.errors import KeyProviderError, NotFound
+from tenancy.tables import DataKey, Tenant
+
+
+class KeyProvider(ABC):
+    """Source of versioned key-encryption keys."""
+
+    name: str
+
+    @abstractmethod
+    def current_version(self) -> int: ...
+
+    @abstractmethod
+    def get_kek(self, version: int) -> bytes: ...
+
+    def check(self) -> None:
+        """Raise KeyProviderError when the current KEK is unreadable."""
+        self.get_kek(self.current_version())
+
+
+def _decode_key(text: str, where: str) -> bytes:
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyProviderError(f"{where}: the key is not valid base64.") from None
+    if len(key) != crypto.KEY_BYTES:
+        raise KeyProviderError(f"{where}: the key should decode to 32 bytes, got {len(key)}.")
+    return key
+
+
+class FileKeyProvider(KeyProvider):
+    """KEKs in a local JSON file (mode 0600), created with one random key on first use."""
+
+    name = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _load(self) -> dict[int, bytes]:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            data = {"current": 1, "keys": {"1": base64.b64encode(crypto.generate_key()).decode()}}
+            # O_EXCL + 0600: never readable by others, never clobber a concurrent creator.
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(data, fh)
+        try:
+            data = json.loads(self.path.read_text())
+            return {int(v): _decode_key(k, str(self.path)) for v, k in data["keys"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, KeyProviderError):
+                raise
+            raise KeyProviderError(f"Cannot read the key file {self.path}: {exc}") from None
+
+    def current_version(self) -> int:
+        return max(self._load())
+
+    def get_kek(self, version: int) -> bytes:
+        keys = self._load()
+        if version not in keys:
+            raise KeyProviderError(f"KEK version {version} is not in {self.path}.")
+        return keys[version]
+
+
+class EnvKeyProvider(KeyProvider):
+    """One KEK (version 1) from a base64 environment variable."""
+
+    name = "env"
+
+    def __init__(self, variable: str = "FEDTEXT_KEK") -> None:
+        self.variable = variable
+
+    def current_version(self) -> int:
+        return 1
+
+    def get_kek(self, version: int) -> bytes:
+        value = os.environ.get(self.variable)
+        if not value:
+            raise KeyProviderError(f"The environment variable {self.variable} is not set.")
+        if version != 1:
+            raise KeyProviderError(f"{self.variable} holds KEK version 1 only, not {version}.")
+        return _decode_key(value, self.variable)
+
+
+def create_key_provider(name: str, *, kek_file: Path, kek_env: str) -> KeyProvider:
+    """Registry of key providers; unknown names raise ValueError."""
+    if name == "file":
+        return FileKeyProvider(kek_file)
+    if name == "env":
+        return EnvKeyProvider(kek_env)
+    raise ValueError(f"Unknown key provider {name!r}; known: env, file.")
+
+
+def _wrap_aad(tenant_id: str, kek_version: int) -> bytes:
+    return f"fedtext:dek:{tenant_id}:kek-v{kek_version}".encode()
+
+
+class Keyring:
+    """Per-tenant data keys, stored only wrapped by the KEK."""
+
+    def __init__(self, provider: KeyProvider) -> None:
+        self.provider = provider
+
+    def create_data_key(self, session: Session, tenant: Tenant) -> None:
+        version = self.provider.current_version()
+        wrapped = crypto.encrypt(
+            self.provider.get_kek(version), crypto.generate_key(), _wrap_aad(tenant.id, version)
+        )
+        session.add(DataKey(tenant_id=tenant.id, wrapped=wrapped, kek_version=version))
+        session.flush()
+
+    def data_key(self, session: Session, tenant_id: str) -> bytes:
+        row = session.exec(
+            select(DataKey)
+            .where(DataKey.tenant_id == tenant_id)
+            .order_by(col(DataKey.created_at).desc())
+        ).first()
+        if row is None:
+            raise NotFound("This tenant has no data key (deleted or never created).")
+        return crypto.decrypt(
+            self.provider.get_kek(row.kek_version),
+            row.wrapped,
+            _wrap_aad(tenant_id, row.kek_version),
+            what="wrapped data key",
+        )

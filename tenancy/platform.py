@@ -1,0 +1,32 @@
+"""The handles a platform process needs: database engine, keyring and blob store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from tenancy.blobs import BlobStore, LocalBlobStore
+from tenancy.db import get_engine
+from tenancy.keyring import Keyring, create_key_provider
+
+
+@dataclass(frozen=True)
+class Platform:
+    engine: Engine
+    keyring: Keyring
+    store: BlobStore
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        database_url: str,
+        blob_dir: Path,
+        key_provider: str = "file",
+        kek_file: Path,
+        kek_env: str = "FEDTEXT_KEK",
+    ) -> Platform:
+        provider = create_key_provider(key_provider, kek_file=kek_file, kek_env=kek_env)
+        return cls(get_engine(database_url), Keyring(provider), LocalBlobStore(blob_dir))

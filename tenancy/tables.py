@@ -1,0 +1,96 @@
+"""SQLModel tables of the platform (the ledger lives in privacy/ledger.py)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TenantBase(SQLModel):
+    name: str = Field(index=True, unique=True, max_length=63)
+    budget_epsilon: float = 10.0
+    budget_delta: float = 1e-5
+
+
+class Tenant(TenantBase, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True)
+    name: str = Field(default="", max_length=100)
+    prefix: str = Field(index=True, unique=True, max_length=32)
+    key_hash: str = Field(max_length=64)  # SHA-256 hex of the whole key; never the key
+    scopes: str = Field(max_length=100)  # comma-separated
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class DataKey(SQLModel, table=True):
+    __tablename__ = "data_key"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True)
+    wrapped: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    kek_version: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True)
+    name: str = Field(max_length=63)
+    version: int
+    spec_json: str
+    sha256: str = Field(max_length=64)  # of the encrypted blob, checked before decryption
+    blob_key: str = Field(max_length=255)
+    size_bytes: int
+    run_id: str | None = None
+    metrics_json: str = "{}"
+    deployed: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingRun(SQLModel, table=True):
+    __tablename__ = "training_run"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    status: str = "created"  # created | running | completed | failed
+    config_json: str = "{}"
+    summary_json: str = "{}"
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class RoundMetric(SQLModel, table=True):
+    __tablename__ = "round_metric"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="training_run.id", index=True)
+    tenant_id: str = Field(index=True)
+    round: int
+    phase: str  # train | evaluate
+    examples: int
+    loss: float
+    accuracy: float
+    macro_f1: float | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+TABLES = [Tenant, ApiKey, DataKey, ModelVersion, TrainingRun, RoundMetric]
