@@ -1,0 +1,1 @@
+"""Tenant-isolated FastAPI service: encrypted model registry, model cache, predictions."""

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from sqlmodel import col, select
+
+from serving.deps import AdminCaller, SessionDep
+from serving.schemas import KeyCreate, KeyCreated, KeyPublic
+from tenancy.errors import InvalidInput
+from tenancy.tables import ApiKey, utcnow
+from tenancy.tenants import create_api_key
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+def _public(key: ApiKey) -> KeyPublic:
+    return KeyPublic(
+        id=key.id,
+        name=key.name,
+        prefix=key.prefix,
+        scopes=key.scopes.split(","),
+        created_at=key.created_at,
+        expires_at=key.expires_at,
+        revoked_at=key.revoked_at,
+    )
+
+
+@router.post("", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)
+def create(body: KeyCreate, caller: AdminCaller, session: SessionDep) -> KeyCreated:
+    if body.expires_at is not None and body.expires_at.utcoffset() is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "expires_at needs a time zone.")
+    if body.expires_at is not None and body.expires_at <= utcnow():
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "expires_at is in the past.")
+    try:
+        key, secret = create_api_key(
+            session=session, tenant=caller.tenant, scopes=body.scopes, name=body.name, expires_at=body.expires_at
+        )
+    except InvalidInput as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    session.commit()
+    return KeyCreated(key=_public(key), secret=secret)
+
+
+@router.get("", response_model=list[KeyPublic])
+def list_keys(caller: AdminCaller, session: SessionDep) -> list[KeyPublic]:
+    rows = session.exec(
+        select(ApiKey).where(ApiKey.tenant_id == caller.tenant.id).order_by(col(ApiKey.created_at))
+    )
+    return [_public(k) for k in rows]
+
+
+@router.delete("/{key_id}", response_model=KeyPublic)
+def revoke(key_id: str, caller: AdminCaller, session: SessionDep) -> KeyPublic:
+    key = session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != caller.tenant.id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such key.")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        session.commit()
+    return _public(key)
