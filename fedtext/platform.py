@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from fedtext.settings import Settings
 from privacy.ledger import create_tables as create_ledger_tables
 from tenancy.db import create_tables
 from tenancy.platform import Platform
-
-from fedtext.settings import Settings
 
 
 def platform_from_settings(settings: Settings) -> Platform:

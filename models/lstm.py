@@ -32,7 +32,9 @@ class LSTMConfig:
 
     def __post_init__(self) -> None:
         if self.embedding not in ("minilm-frozen", "trainable"):
-            raise ValueError(f"Unknown embedding {self.embedding!r}: 'minilm-frozen' or 'trainable'.")
+            raise ValueError(
+                f"Unknown embedding {self.embedding!r}: 'minilm-frozen' or 'trainable'."
+            )
         if self.embedding == "minilm-frozen" and (
             self.vocab_size != MINILM_VOCAB or self.embed_dim != MINILM_DIM
         ):
@@ -77,7 +79,7 @@ class LSTMClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.embedding is None:
-            x = F.embedding(input_ids, self.frozen_embedding)
+            x = F.embedding(input_ids, self.get_buffer("frozen_embedding"))
         else:
             x = self.embedding(input_ids)
         x = torch.tanh(self.proj(x))

@@ -114,7 +114,9 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
     own = model_state(model)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"Weights do not fit the model: missing {missing}, unexpected {unexpected}.")
+        raise ValueError(
+            f"Weights do not fit the model: missing {missing}, unexpected {unexpected}."
+        )
     with torch.no_grad():
         for name, target in own.items():
             source = state[name]

@@ -25,7 +25,10 @@ class PublicTokenizer:
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.pad_id = int(self._tok.token_to_id("[PAD]"))
+        pad_id = self._tok.token_to_id("[PAD]")
+        if pad_id is None:
+            raise ValueError("The public vocabulary has no [PAD] token.")
+        self.pad_id = int(pad_id)
         self.vocab_size = int(self._tok.get_vocab_size())
 
     def encode(self, texts: Sequence[str], max_len: int) -> Encoded:

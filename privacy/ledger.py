@@ -134,7 +134,9 @@ def spent_epsilon(
     session: Session, tenant_id: str, delta: float, accountant: str = DEFAULT_ACCOUNTANT
 ) -> float:
     """Cumulative epsilon of all of a tenant's recorded releases at ``delta``."""
-    return compose_epsilon([e.params() for e in tenant_events(session, tenant_id)], delta, accountant)
+    return compose_epsilon(
+        [e.params() for e in tenant_events(session, tenant_id)], delta, accountant
+    )
 
 
 @dataclass(frozen=True)

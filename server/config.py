@@ -94,7 +94,9 @@ class ServerRunConfig:
             raise ValueError("labels should list at least two classes.")
 
     def public(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def _as_bool(value: Any) -> bool:

@@ -16,8 +16,8 @@ from sqlmodel import Session, col, select
 
 from models import ModelSpec, build_model, load_model_state, model_state, save_weights
 from privacy.budget import check_budget
-from privacy.ledger import record_event, tenant_events
 from privacy.ledger import create_tables as create_ledger_tables
+from privacy.ledger import record_event, tenant_events
 from server.config import ServerRunConfig
 from server.planning import PlanRefused, TenantPlan, plan_tenant, run_epsilon
 from server.strategy import PrivateFedAvg
@@ -57,7 +57,9 @@ def discover_nodes(grid: Grid, cfg: ServerRunConfig) -> tuple[list[NodeInfo], li
     deadline = time.monotonic() + cfg.round_timeout
     while len(node_ids := list(grid.get_node_ids())) < cfg.min_nodes:
         if time.monotonic() > deadline:
-            raise RunFailed(f"only {len(node_ids)} node(s) connected; the run needs {cfg.min_nodes}")
+            raise RunFailed(
+                f"only {len(node_ids)} node(s) connected; the run needs {cfg.min_nodes}"
+            )
         time.sleep(1)
     query = ConfigRecord({"labels": ",".join(cfg.labels)})
     messages = [
@@ -77,9 +79,11 @@ def discover_nodes(grid: Grid, cfg: ServerRunConfig) -> tuple[list[NodeInfo], li
         if info is None or counts is None:
             problems.append(f"node {node_id} sent an incomplete description")
             continue
-        nodes.append(
-            NodeInfo(node_id, str(info["tenant"]), int(counts["num-train"]), int(counts["num-test"]))  # type: ignore[arg-type]
-        )
+        num_train, num_test = counts["num-train"], counts["num-test"]
+        if not isinstance(num_train, int) or not isinstance(num_test, int):
+            problems.append(f"node {node_id} sent non-integer example counts")
+            continue
+        nodes.append(NodeInfo(node_id, str(info["tenant"]), num_train, num_test))
     return nodes, problems
 
 
@@ -92,7 +96,9 @@ def plan_run(
     seen: dict[str, int] = {}
     for node in sorted(nodes, key=lambda n: n.node_id):
         if node.tenant in seen:
-            refused.append(f"node {node.node_id} also claims tenant {node.tenant!r}; one node per tenant")
+            refused.append(
+                f"node {node.node_id} also claims tenant {node.tenant!r}; one node per tenant"
+            )
             continue
         try:
             tenant = get_tenant(session=session, name=node.tenant)
@@ -123,7 +129,9 @@ def plan_run(
     return plans, refused
 
 
-def make_charge(platform: Platform, run_id: str, spec: ModelSpec) -> Callable[[int, list[TenantPlan]], list[TenantPlan]]:
+def make_charge(
+    platform: Platform, run_id: str, spec: ModelSpec
+) -> Callable[[int, list[TenantPlan]], list[TenantPlan]]:
     """Write each tenant's round charge before dispatch; refuse a tenant now over budget."""
 
     def charge(server_round: int, plans: list[TenantPlan]) -> list[TenantPlan]:
@@ -132,14 +140,26 @@ def make_charge(platform: Platform, run_id: str, spec: ModelSpec) -> Callable[[i
             for plan in plans:
                 tenant = session.get(Tenant, plan.tenant_id)
                 if tenant is None or tenant.deleted_at is not None:
-                    log.error("round %d: tenant %s is gone; not dispatched", server_round, plan.tenant_name)
+                    log.error(
+                        "round %d: tenant %s is gone; not dispatched",
+                        server_round,
+                        plan.tenant_name,
+                    )
                     continue
                 past = [e.params() for e in tenant_events(session, tenant.id)]
                 decision = check_budget(
-                    past, [plan.round_params], budget_epsilon=tenant.budget_epsilon, delta=plan.round_params.delta
+                    past,
+                    [plan.round_params],
+                    budget_epsilon=tenant.budget_epsilon,
+                    delta=plan.round_params.delta,
                 )
                 if not decision.allowed:
-                    log.error("round %d: %s not dispatched: %s", server_round, plan.tenant_name, decision.reason)
+                    log.error(
+                        "round %d: %s not dispatched: %s",
+                        server_round,
+                        plan.tenant_name,
+                        decision.reason,
+                    )
                     continue
                 record_event(
                     session,
@@ -155,7 +175,9 @@ def make_charge(platform: Platform, run_id: str, spec: ModelSpec) -> Callable[[i
     return charge
 
 
-def make_sink(platform: Platform, run_id: str) -> Callable[[int, str, TenantPlan, dict[str, float]], None]:
+def make_sink(
+    platform: Platform, run_id: str
+) -> Callable[[int, str, TenantPlan, dict[str, float]], None]:
     def sink(server_round: int, phase: str, plan: TenantPlan, metrics: dict[str, float]) -> None:
         with session_scope(platform.engine) as session:
             session.add(
@@ -236,7 +258,9 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout,
     )
-    load_model_state(model, {k: torch.as_tensor(v) for k, v in result.arrays.to_torch_state_dict().items()})
+    load_model_state(
+        model, {k: torch.as_tensor(v) for k, v in result.arrays.to_torch_state_dict().items()}
+    )
     outcome = RunOutcome(cfg.run_id, plans, refused, strategy.rejected)
     outcome.summary = _release(platform, cfg, spec, save_weights(model), outcome)
     return outcome
@@ -253,14 +277,18 @@ def _release(
             if tenant is None or tenant.deleted_at is not None:
                 continue
             last_eval = _last_metric(session, cfg.run_id, plan.tenant_id, "evaluate")
-            rounds_charged = sum(1 for e in tenant_events(session, tenant.id) if e.run_id == cfg.run_id)
+            rounds_charged = sum(
+                1 for e in tenant_events(session, tenant.id) if e.run_id == cfg.run_id
+            )
             metrics = {
                 "accuracy": last_eval.accuracy if last_eval else None,
                 "macro_f1": last_eval.macro_f1 if last_eval else None,
                 "test_examples": plan.num_test,
                 "train_examples": plan.num_train,
             }
-            first = deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name) is None
+            first = (
+                deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name) is None
+            )
             row = store_model_version(
                 session=session,
                 keyring=platform.keyring,
@@ -271,7 +299,7 @@ def _release(
                 weights=weights,
                 run_id=cfg.run_id,
                 metrics=metrics,
-                deploy=first,  # a tenant's first version serves at once; later ones wait for an admin
+                deploy=first,  # the first version serves at once; later ones await an admin
             )
             tenants[tenant.name] = {
                 **metrics,
@@ -291,7 +319,11 @@ def _release(
 def _last_metric(session: Session, run_id: str, tenant_id: str, phase: str) -> RoundMetric | None:
     return session.exec(
         select(RoundMetric)
-        .where(RoundMetric.run_id == run_id, RoundMetric.tenant_id == tenant_id, RoundMetric.phase == phase)
+        .where(
+            RoundMetric.run_id == run_id,
+            RoundMetric.tenant_id == tenant_id,
+            RoundMetric.phase == phase,
+        )
         .order_by(col(RoundMetric.round).desc())
     ).first()
 

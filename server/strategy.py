@@ -81,18 +81,24 @@ class PrivateFedAvg(FedAvg):
             plan = self.plans.get(msg.metadata.src_node_id)
             if plan is None or msg.has_error():
                 reason = msg.error.reason if msg.has_error() else "unknown node"
-                log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason)
+                log.warning(
+                    "round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason
+                )
                 continue
             problem = _check_train_reply(msg.content, plan)
             if problem:
                 self.rejected.append(f"round {server_round} {plan.tenant_name}: {problem}")
-                log.error("round %d: rejected reply of %s: %s", server_round, plan.tenant_name, problem)
+                log.error(
+                    "round %d: rejected reply of %s: %s", server_round, plan.tenant_name, problem
+                )
                 continue
             metrics = msg.content["metrics"]
             self.sink(server_round, "train", plan, {k: float(v) for k, v in metrics.items()})  # type: ignore[arg-type]
             accepted.append(msg)
         if not accepted:
-            log.error("round %d: no valid training reply; the global model is unchanged", server_round)
+            log.error(
+                "round %d: no valid training reply; the global model is unchanged", server_round
+            )
             return None, None
         return super().aggregate_train(server_round, accepted)
 
@@ -104,7 +110,9 @@ class PrivateFedAvg(FedAvg):
             cfg = ConfigRecord({**self.train_config, "server-round": server_round})
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             messages.append(
-                Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=plan.node_id)
+                Message(
+                    content=content, message_type=MessageType.EVALUATE, dst_node_id=plan.node_id
+                )
             )
         return messages
 

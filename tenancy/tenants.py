@@ -38,6 +38,8 @@ def parse_scopes(scopes: Iterable[str] | str) -> list[Scope]:
     parsed: list[Scope] = []
     for raw in items:
         item = raw.strip()
+        if not item:
+            continue
         try:
             scope = Scope(item)
         except ValueError:

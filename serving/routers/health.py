@@ -24,5 +24,7 @@ def readyz(platform: PlatformDep) -> dict[str, str]:
     try:
         platform.keyring.provider.check()
     except KeyProviderError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "key provider unavailable") from exc
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "key provider unavailable"
+        ) from exc
     return {"status": "ready"}

@@ -32,7 +32,11 @@ def create(body: KeyCreate, caller: AdminCaller, session: SessionDep) -> KeyCrea
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "expires_at is in the past.")
     try:
         key, secret = create_api_key(
-            session=session, tenant=caller.tenant, scopes=body.scopes, name=body.name, expires_at=body.expires_at
+            session=session,
+            tenant=caller.tenant,
+            scopes=body.scopes,
+            name=body.name,
+            expires_at=body.expires_at,
         )
     except InvalidInput as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None

@@ -81,7 +81,9 @@ def list_versions(name: str, caller: AdminCaller, session: SessionDep) -> list[M
 def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) -> ModelVersionPublic:
     _versions(session, caller.tenant.id, name)
     try:
-        row = deploy_version(session=session, tenant_id=caller.tenant.id, name=name, version=version)
+        row = deploy_version(
+            session=session, tenant_id=caller.tenant.id, name=name, version=version
+        )
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     session.commit()
@@ -90,7 +92,12 @@ def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) ->
 
 @router.post("/{name}/predict", response_model=PredictResponse)
 async def predict(
-    name: str, body: PredictRequest, caller: PredictCaller, session: SessionDep, cache: CacheDep, config: ConfigDep
+    name: str,
+    body: PredictRequest,
+    caller: PredictCaller,
+    session: SessionDep,
+    cache: CacheDep,
+    config: ConfigDep,
 ) -> PredictResponse:
     if len(body.inputs) > config.max_predict_inputs:
         raise HTTPException(
@@ -123,5 +130,3 @@ async def predict(
         version=served.version,
         predictions=[[LabelScore(label=lab, score=s) for lab, s in row] for row in rows],
     )
-
-

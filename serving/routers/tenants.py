@@ -11,7 +11,9 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 
 @router.post("", response_model=TenantCreated, status_code=status.HTTP_201_CREATED)
-def create(body: TenantCreate, _: Operator, session: SessionDep, platform: PlatformDep) -> TenantCreated:
+def create(
+    body: TenantCreate, _operator: Operator, session: SessionDep, platform: PlatformDep
+) -> TenantCreated:
     try:
         tenant = create_tenant(
             session=session,
@@ -20,7 +22,9 @@ def create(body: TenantCreate, _: Operator, session: SessionDep, platform: Platf
             budget_epsilon=body.budget_epsilon,
             budget_delta=body.budget_delta,
         )
-        _, secret = create_api_key(session=session, tenant=tenant, scopes=[Scope.admin], name="first admin key")
+        _, secret = create_api_key(
+            session=session, tenant=tenant, scopes=[Scope.admin], name="first admin key"
+        )
     except InvalidInput as exc:
         session.rollback()
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
@@ -28,9 +32,13 @@ def create(body: TenantCreate, _: Operator, session: SessionDep, platform: Platf
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     session.commit()
-    return TenantCreated(tenant=TenantPublic.model_validate(tenant, from_attributes=True), admin_key=secret)
+    return TenantCreated(
+        tenant=TenantPublic.model_validate(tenant, from_attributes=True), admin_key=secret
+    )
 
 
 @router.get("", response_model=list[TenantPublic])
-def list_all(_: Operator, session: SessionDep) -> list[TenantPublic]:
-    return [TenantPublic.model_validate(t, from_attributes=True) for t in list_tenants(session=session)]
+def list_all(_operator: Operator, session: SessionDep) -> list[TenantPublic]:
+    return [
+        TenantPublic.model_validate(t, from_attributes=True) for t in list_tenants(session=session)
+    ]
