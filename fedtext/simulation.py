@@ -75,21 +75,25 @@ def simulate(
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    failure: BaseException | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=build_server_app(lambda: platform, server_overrides),
-            client_app=make_client_app(client_overrides),
-            num_supernodes=len(tenants),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"include_dashboard": False, "log_to_driver": False},
-            },
-        )
+        try:
+            run_simulation(
+                server_app=build_server_app(lambda: platform, server_overrides),
+                client_app=make_client_app(client_overrides),
+                num_supernodes=len(tenants),
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"include_dashboard": False, "log_to_driver": False},
+                },
+            )
+        except Exception as exc:  # the ServerApp's own error, re-raised by Flower
+            failure = exc
     with Session(platform.engine) as session:
         run = session.get(TrainingRun, run_id)
     if run is None:
-        raise SimulationFailed("The ServerApp never started; see the log above.")
+        raise SimulationFailed(f"The ServerApp never started: {failure or 'see the log above'}")
     if run.status != "completed":
         raise SimulationFailed(f"Run {run_id} {run.status}: {run.error or 'see the log above'}")
     return SimulationResult(run_id, json.loads(run.summary_json))
