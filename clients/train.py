@@ -103,7 +103,8 @@ def train_dp(
         torch.manual_seed(seed)
     model.to(device).train()
     loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
     engine, noise_generator = _privacy_engine(secure_mode, device)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,

@@ -14,12 +14,20 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from models.lstm import LSTMClassifier, LSTMConfig
+from models.transformer import (
+    MiniLMClassifier,
+    MiniLMConfig,
+    TransformerClassifier,
+    TransformerConfig,
+)
 
 SPEC_VERSION = 1
 
 # Family registry: name -> (config class, builder). Unknown names raise ValueError.
 _FAMILIES: dict[str, tuple[type, Callable[[Any, int], nn.Module]]] = {
     "lstm": (LSTMConfig, lambda cfg, n: LSTMClassifier(cfg, n)),
+    "transformer": (TransformerConfig, lambda cfg, n: TransformerClassifier(cfg, n)),
+    "minilm": (MiniLMConfig, lambda cfg, n: MiniLMClassifier(cfg, n)),
 }
 
 
@@ -95,16 +103,21 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's own tensors, each once: parameters plus persistent buffers.
 
     ``state_dict()`` lists aliased tensors twice (Opacus's DPLSTM does), which safetensors
-    refuses; named_parameters() yields each shared tensor once.
+    refuses; named_parameters() yields each shared tensor once. Tensors under the
+    model's ``public_prefixes`` (frozen public pretrained parts) are left out: they are
+    rebuilt from the public package, never shipped to the server nor stored.
     """
-    state = {k: v.detach() for k, v in model.named_parameters()}
+    public: tuple[str, ...] = tuple(getattr(model, "public_prefixes", ()))
+    state = {
+        k: v.detach() for k, v in model.named_parameters() if not (public and k.startswith(public))
+    }
     non_persistent = {
         f"{mod_name}.{b}" if mod_name else b
         for mod_name, mod in model.named_modules()
         for b in mod._non_persistent_buffers_set
     }
     for k, v in model.named_buffers():
-        if k not in non_persistent:
+        if k not in non_persistent and not (public and k.startswith(public)):
             state[k] = v.detach()
     return state
 

@@ -83,3 +83,16 @@ def toy_data(n: int) -> LabeledData:
         texts.append(f"{text} (note {i:04d})")
         labels.append(DEMO_LABELS.index(label))
     return LabeledData(tuple(texts), tuple(labels), DEMO_LABELS)
+
+
+TINY_FAMILIES: dict[str, dict[str, object]] = {
+    "lstm": TINY_LSTM,
+    "transformer": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+    "minilm": {"trainable_layers": 1},
+}
+
+
+def tiny_family_spec(family: str, max_seq_len: int = 16) -> ModelSpec:
+    return ModelSpec.create(
+        family, list(DEMO_LABELS), max_seq_len=max_seq_len, **TINY_FAMILIES[family]
+    )
