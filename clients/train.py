@@ -34,8 +34,14 @@ class EvalResult:
     macro_f1: float
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` ('cpu', 'cuda', 'cuda:1', 'auto' or None): CUDA when present by default."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {requested!r} was requested but CUDA is not available here.")
+    return device
 
 
 def secure_rng_available() -> bool:
@@ -85,11 +91,17 @@ def train_dp(
     secure_mode: bool = True,
     seed: int | None = None,
     device: torch.device | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place with DP-SGD at exactly the parameters in ``dp``.
 
     The caller's ``dp`` must match the Poisson schedule of this data; a mismatch is
     refused here rather than silently spending a different budget.
+
+    With ``proximal_mu`` > 0 (FedProx) each private step is followed by a step on
+    mu/2 * ||w - w_global||^2. That term does not touch the data, so applying it
+    after the noisy update costs no privacy; putting it in the loss would be wrong,
+    as Opacus replaces the gradient with the clipped per-example sum.
     """
     sample_rate, steps = poisson_schedule(len(data), batch_size, epochs)
     planned = DPParams(dp.noise_multiplier, sample_rate, steps, dp.clip_norm, dp.delta)
@@ -104,6 +116,7 @@ def train_dp(
     model.to(device).train()
     loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
     engine, noise_generator = _privacy_engine(secure_mode, device)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
@@ -133,6 +146,10 @@ def train_dp(
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             dp_optimizer.step()
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, p0 in zip(trainable, anchor, strict=True):
+                        p.sub_(learning_rate * proximal_mu * (p - p0))
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(-1) == labels).sum())
             seen += len(labels)

@@ -17,7 +17,7 @@ from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
-from fedtext.simulation import simulate
+from fedtext.simulation import SimulationConfig, simulate
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope
@@ -65,6 +65,8 @@ def run_demo(
     max_test_examples: int = 600,
     budget_epsilon: float = 8.0,
     secure_mode: bool = True,
+    personalize_epochs: int = 1,
+    partitioning: str = "topic",
     console: Console | None = None,
 ) -> DemoReport:
     """Run the whole path in ``data_dir`` (reset first: it is the demo's own directory)."""
@@ -93,13 +95,16 @@ def run_demo(
     started = time.monotonic()
     result = simulate(
         platform,
-        tenants=names,
-        rounds=rounds,
-        epsilon=epsilon,
-        max_train_examples=max_train_examples,
-        max_test_examples=max_test_examples,
-        secure_mode=secure_mode,
-        learning_rate=0.5,
+        SimulationConfig(
+            tenants=names,
+            rounds=rounds,
+            epsilon=epsilon,
+            max_train_examples=max_train_examples,
+            max_test_examples=max_test_examples,
+            secure_mode=secure_mode,
+            personalize_epochs=personalize_epochs,
+            partitioning=partitioning,
+        ),
     )
     seconds = time.monotonic() - started
     console.print(f"[bold]Federation[/bold] finished in {seconds:.0f} s (run {result.run_id})")

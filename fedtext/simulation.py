@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session
@@ -30,47 +31,109 @@ class SimulationResult:
     summary: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class SimulationConfig:
+    """A simulated federation: one virtual SuperNode per tenant on shares of the demo corpus."""
+
+    tenants: list[str]
+    rounds: int = 3
+    epsilon: float = 3.0
+    model: str = "lstm"
+    strategy: str = "fedavg"
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.5
+    clip_norm: float = 1.0
+    personalize_epochs: int = 1
+    fraction_train: float = 1.0
+    proximal_mu: float = 0.01
+    client_dp_noise: float = 0.0  # > 0 turns on Flower's server-side fixed-clipping wrapper
+    client_dp_clip: float = 10.0
+    partitioning: str = "iid"
+    alpha: float = 0.5
+    max_train_examples: int = 2000
+    max_test_examples: int = 500
+    seed: int = 7
+    secure_mode: bool = True
+    gpu_fraction: float = 0.0  # of one GPU per virtual client; 0 keeps clients on the CPU
+    inject_fault: str = ""  # "TENANT:ROUND": that client raises in that round (testing aid)
+    min_nodes: int = 2  # valid replies a round needs; fewer stops the run (resumable)
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if len(self.tenants) < 2:
+            raise ValueError("A federation needs at least two tenants.")
+        if len(set(self.tenants)) != len(self.tenants):
+            raise ValueError("Tenant names in a federation must be distinct.")
+        if not 0 <= self.gpu_fraction <= 1:
+            raise ValueError("gpu_fraction should be in [0, 1].")
+
+    def server_overrides(self, run_id: str) -> dict[str, Any]:
+        return {
+            "run-id": run_id,
+            "model": self.model,
+            "strategy": self.strategy,
+            "rounds": self.rounds,
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "learning-rate": self.learning_rate,
+            "epsilon": self.epsilon,
+            "clip-norm": self.clip_norm,
+            "min-nodes": self.min_nodes,
+            "fraction-train": self.fraction_train,
+            "personalize-epochs": self.personalize_epochs,
+            "proximal-mu": self.proximal_mu,
+            "client-dp": "fixed" if self.client_dp_noise > 0 else "off",
+            "client-dp-noise": self.client_dp_noise or 0.1,
+            "client-dp-clip": self.client_dp_clip,
+            "secure-mode": self.secure_mode,
+            "seed": self.seed,
+            "model-config": json.dumps(self.model_config),
+        }
+
+    def client_overrides(self) -> dict[str, Any]:
+        return {
+            "tenants": ",".join(self.tenants),
+            "max-train-examples": self.max_train_examples,
+            "max-test-examples": self.max_test_examples,
+            "partitioning": self.partitioning,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "inject-fault": self.inject_fault,
+        }
+
+
 def simulate(
-    platform: Platform,
-    *,
-    tenants: list[str],
-    rounds: int,
-    epsilon: float,
-    model: str = "lstm",
-    local_epochs: int = 1,
-    batch_size: int = 64,
-    learning_rate: float = 0.05,
-    clip_norm: float = 1.0,
-    max_train_examples: int = 2000,
-    max_test_examples: int = 500,
-    seed: int = 7,
-    secure_mode: bool = True,
-    run_id: str | None = None,
+    platform: Platform, config: SimulationConfig, run_id: str | None = None
 ) -> SimulationResult:
-    """Train ``tenants`` (one virtual SuperNode each) on IID shares of the demo corpus."""
-    if len(tenants) < 2:
-        raise ValueError("A federation needs at least two tenants.")
-    if len(set(tenants)) != len(tenants):
-        raise ValueError("Tenant names in a federation must be distinct.")
+    """Run ``config`` to completion; the run's record says what happened."""
+    config.validate()
     run_id = run_id or uuid.uuid4().hex
-    server_overrides = {
-        "run-id": run_id,
-        "model": model,
-        "rounds": rounds,
-        "local-epochs": local_epochs,
-        "batch-size": batch_size,
-        "learning-rate": learning_rate,
-        "epsilon": epsilon,
-        "clip-norm": clip_norm,
-        "min-nodes": len(tenants),
-        "secure-mode": secure_mode,
-    }
-    client_overrides = {
-        "tenants": ",".join(tenants),
-        "max-train-examples": max_train_examples,
-        "max-test-examples": max_test_examples,
-        "seed": seed,
-    }
+    with Session(platform.engine) as session:
+        run = session.get(TrainingRun, run_id) or TrainingRun(id=run_id)
+        run.simulation_json = json.dumps(dataclasses.asdict(config))
+        session.add(run)
+        session.commit()
+    return _launch(platform, config, config.server_overrides(run_id), run_id)
+
+
+def resume(platform: Platform, run_id: str) -> SimulationResult:
+    """Continue a killed simulated run from its last checkpoint."""
+    with Session(platform.engine) as session:
+        run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise SimulationFailed(f"No run {run_id}.")
+    if run.simulation_json is None:
+        raise SimulationFailed(f"Run {run_id} was not a simulation; resume it with flwr run.")
+    if run.status == "completed":
+        raise SimulationFailed(f"Run {run_id} already completed.")
+    config = SimulationConfig(**json.loads(run.simulation_json))
+    return _launch(platform, config, {"run-id": run_id, "resume": True}, run_id)
+
+
+def _launch(
+    platform: Platform, config: SimulationConfig, server_overrides: dict[str, Any], run_id: str
+) -> SimulationResult:
     from flwr.simulation import run_simulation  # heavy import (Ray), only when simulating
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -81,10 +144,10 @@ def simulate(
         try:
             run_simulation(
                 server_app=build_server_app(lambda: platform, server_overrides),
-                client_app=make_client_app(client_overrides),
-                num_supernodes=len(tenants),
+                client_app=make_client_app(config.client_overrides()),
+                num_supernodes=len(config.tenants),
                 backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "client_resources": {"num_cpus": 1, "num_gpus": config.gpu_fraction},
                     "init_args": {"include_dashboard": False, "log_to_driver": False},
                 },
             )
@@ -92,8 +155,8 @@ def simulate(
             failure = exc
     with Session(platform.engine) as session:
         run = session.get(TrainingRun, run_id)
-    if run is None:
-        raise SimulationFailed(f"The ServerApp never started: {failure or 'see the log above'}")
+    if run is None or (run.status in ("created", "running") and failure is not None):
+        raise SimulationFailed(f"The run did not finish: {failure or 'see the log above'}")
     if run.status != "completed":
         raise SimulationFailed(f"Run {run_id} {run.status}: {run.error or 'see the log above'}")
     return SimulationResult(run_id, json.loads(run.summary_json))

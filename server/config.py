@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from models import families
+from models import ModelSpec, families
+from server.strategy import strategy_names
 
 DEFAULTS: dict[str, Any] = {
     "run-id": "",
@@ -24,6 +26,17 @@ DEFAULTS: dict[str, Any] = {
     "secure-mode": True,
     "round-timeout": 3600.0,
     "labels": "negative,neutral,positive",
+    "strategy": "fedavg",
+    "proximal-mu": 0.01,
+    "server-learning-rate": 0.1,
+    "fraction-train": 1.0,
+    "personalize-epochs": 1,
+    "client-dp": "off",
+    "client-dp-noise": 0.1,
+    "client-dp-clip": 10.0,
+    "resume": False,
+    "seed": 7,
+    "model-config": "{}",
 }
 
 
@@ -43,6 +56,17 @@ class ServerRunConfig:
     secure_mode: bool
     round_timeout: float
     labels: tuple[str, ...]
+    strategy: str
+    proximal_mu: float
+    server_learning_rate: float
+    fraction_train: float
+    personalize_epochs: int
+    client_dp: str
+    client_dp_noise: float
+    client_dp_clip: float
+    resume: bool
+    seed: int
+    model_config: dict[str, Any]
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> ServerRunConfig:
@@ -67,6 +91,17 @@ class ServerRunConfig:
                 secure_mode=_as_bool(merged["secure-mode"]),
                 round_timeout=float(merged["round-timeout"]),
                 labels=tuple(s.strip() for s in str(merged["labels"]).split(",") if s.strip()),
+                strategy=str(merged["strategy"]).lower(),
+                proximal_mu=float(merged["proximal-mu"]),
+                server_learning_rate=float(merged["server-learning-rate"]),
+                fraction_train=float(merged["fraction-train"]),
+                personalize_epochs=int(merged["personalize-epochs"]),
+                client_dp=str(merged["client-dp"]).lower(),
+                client_dp_noise=float(merged["client-dp-noise"]),
+                client_dp_clip=float(merged["client-dp-clip"]),
+                resume=_as_bool(merged["resume"]),
+                seed=int(merged["seed"]),
+                model_config=_json_object(merged["model-config"]),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Invalid run configuration: {exc}") from None
@@ -92,11 +127,40 @@ class ServerRunConfig:
             raise ValueError("min-nodes should be a positive integer.")
         if len(self.labels) < 2:
             raise ValueError("labels should list at least two classes.")
+        self.spec()  # an invalid model configuration fails here, before any node is asked
+        if self.strategy not in strategy_names():
+            raise ValueError(f"Unknown strategy {self.strategy!r}; known: {strategy_names()}.")
+        if self.proximal_mu < 0:
+            raise ValueError("proximal-mu should be zero or positive.")
+        if not self.server_learning_rate > 0:
+            raise ValueError("server-learning-rate should be a positive value.")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError("fraction-train should be in (0, 1].")
+        if self.personalize_epochs < 0:
+            raise ValueError("personalize-epochs should be zero (off) or positive.")
+        if self.client_dp not in ("off", "fixed"):
+            raise ValueError("client-dp should be 'off' or 'fixed' (server-side fixed clipping).")
+        if self.client_dp == "fixed" and not (self.client_dp_noise > 0 and self.client_dp_clip > 0):
+            raise ValueError("client-dp-noise and client-dp-clip should be positive values.")
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.create(
+            self.model, list(self.labels), max_seq_len=self.max_seq_len, **self.model_config
+        )
 
     def public(self) -> dict[str, Any]:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    parsed = json.loads(str(value) or "{}")
+    if not isinstance(parsed, dict):
+        raise ValueError("model-config should be a JSON object")
+    return parsed
 
 
 def _as_bool(value: Any) -> bool:

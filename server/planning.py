@@ -19,6 +19,7 @@ class TenantPlan:
     round_params: DPParams  # charged once per dispatched round
     rounds: int
     budget: BudgetDecision
+    personal_params: DPParams | None = None  # the personalization fine-tune, if any
 
     @property
     def run_epsilon(self) -> float:
@@ -27,6 +28,10 @@ class TenantPlan:
 
 class PlanRefused(ValueError):
     """This tenant cannot take part in the run; the message says why."""
+
+
+# Beyond this much noise per step DP-SGD learns nothing useful: refuse instead of wasting budget.
+MAX_NOISE_MULTIPLIER = 20.0
 
 
 def plan_tenant(
@@ -44,28 +49,51 @@ def plan_tenant(
     rounds: int,
     budget_epsilon: float,
     spent_events: list[DPParams],
+    personalize_epochs: int = 0,
 ) -> TenantPlan:
-    """The noise that meets ``target_epsilon`` over all ``rounds``, checked against the budget."""
+    """The noise that meets ``target_epsilon`` over all rounds and personalization.
+
+    Every release of the run (``rounds`` federated rounds and the optional personal
+    fine-tune) shares one noise multiplier, computed before round 1, and the whole
+    run is checked against the tenant's budget.
+    """
     if num_train < 1:
         raise PlanRefused(f"tenant {tenant_name!r} reported no training examples")
+    if num_train < batch_size:
+        raise PlanRefused(
+            f"tenant {tenant_name!r} has {num_train} training examples, fewer than the "
+            f"batch size {batch_size}; lower the batch size or add data"
+        )
     if delta >= 1.0 / num_train:
         raise PlanRefused(
             f"tenant {tenant_name!r}: delta {delta:g} is not below 1/n = {1 / num_train:.3g} "
             f"for its {num_train} training examples; lower the tenant's budget delta"
         )
     sample_rate, steps = poisson_schedule(num_train, batch_size, local_epochs)
-    sigma = noise_for_target(target_epsilon, delta, sample_rate, steps * rounds)
+    personal_steps = 0
+    if personalize_epochs:
+        personal_steps = poisson_schedule(num_train, batch_size, personalize_epochs)[1]
+    total_steps = steps * rounds + personal_steps
+    sigma = noise_for_target(target_epsilon, delta, sample_rate, total_steps)
+    if sigma > MAX_NOISE_MULTIPLIER:
+        raise PlanRefused(
+            f"tenant {tenant_name!r}: epsilon {target_epsilon:g} over {total_steps} steps at "
+            f"sample rate {sample_rate:.3g} needs noise multiplier {sigma:.1f} "
+            f"(> {MAX_NOISE_MULTIPLIER:g}); raise epsilon or the batch size, or train fewer rounds"
+        )
     params = DPParams(sigma, sample_rate, steps, clip_norm, delta)
-    decision = check_budget(
-        spent_events, [params] * rounds, budget_epsilon=budget_epsilon, delta=delta
+    personal = (
+        DPParams(sigma, sample_rate, personal_steps, clip_norm, delta) if personal_steps else None
     )
+    releases = [params] * rounds + ([personal] if personal else [])
+    decision = check_budget(spent_events, releases, budget_epsilon=budget_epsilon, delta=delta)
     if not decision.allowed:
         raise PlanRefused(f"tenant {tenant_name!r} refused: {decision.reason}")
     return TenantPlan(
-        tenant_id, tenant_name, node_id, num_train, num_test, params, rounds, decision
+        tenant_id, tenant_name, node_id, num_train, num_test, params, rounds, decision, personal
     )
 
 
-def run_epsilon(plan: TenantPlan, rounds_done: int) -> float:
-    """Epsilon this run has charged after ``rounds_done`` dispatched rounds."""
-    return compose_epsilon([plan.round_params] * rounds_done, plan.round_params.delta)
+def charged_epsilon(events: list[DPParams], delta: float) -> float:
+    """Epsilon of the releases a run actually charged."""
+    return compose_epsilon(events, delta)

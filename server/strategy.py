@@ -1,14 +1,19 @@
-"""FedAvg with per-tenant DP instructions, a charge at dispatch and reply validation."""
+"""Flower strategies made private: per-tenant DP instructions, a charge at dispatch, reply checks.
+
+``create_strategy(name)`` mixes :class:`PrivateMixin` into Flower's FedAvg, FedProx or
+FedAdam, so aggregation stays Flower's own.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from privacy.params import DPParams
 from server.planning import TenantPlan
@@ -21,100 +26,134 @@ ChargeFn = Callable[[int, list[TenantPlan]], list[TenantPlan]]
 MetricsSink = Callable[[int, str, TenantPlan, dict[str, float]], None]
 
 
-class PrivateFedAvg(FedAvg):
-    """FedAvg over the nodes of planned tenants.
+class PrivateMixin:
+    """Private behaviour on top of a Flower strategy (which must derive from FedAvg).
 
-    Each node receives its own tenant's DP parameters; the round is charged to the
-    ledger before any message leaves (``charge``), and a reply whose applied DP
-    parameters differ from the plan is rejected and left out of the aggregate.
+    Each node receives its own tenant's DP parameters; a round is charged to the ledger
+    before any message leaves (``charge``); a reply whose applied DP parameters differ
+    from the plan is rejected and left out of the aggregate.
     """
 
-    def __init__(
+    plans: dict[int, TenantPlan]
+    train_config: dict[str, Any]
+    charge: ChargeFn
+    sink: MetricsSink
+    rejected: list[str]
+    failed: list[str]
+    last_accepted: int
+    fraction: float
+    min_nodes: int
+    rng: random.Random
+    arrayrecord_key: str
+    configrecord_key: str
+
+    def setup_private(
         self,
         *,
         plans: dict[int, TenantPlan],
         train_config: dict[str, Any],
         charge: ChargeFn,
         sink: MetricsSink,
+        fraction: float,
         min_nodes: int,
+        seed: int,
     ) -> None:
-        super().__init__(
-            min_train_nodes=min_nodes,
-            min_evaluate_nodes=min_nodes,
-            min_available_nodes=min_nodes,
-        )
         self.plans = plans
         self.train_config = train_config
         self.charge = charge
         self.sink = sink
-        self.rejected: list[str] = []
+        self.fraction = fraction
+        self.min_nodes = min_nodes
+        self.rng = random.Random(seed)
+        self.rejected = []
+        self.failed = []
+        self.last_accepted = 0
 
-    def _live_plans(self, grid: Grid) -> list[TenantPlan]:
+    def live_plans(self, grid: Grid) -> list[TenantPlan]:
         connected = set(grid.get_node_ids())
-        return [p for n, p in self.plans.items() if n in connected]
+        return [p for n, p in sorted(self.plans.items()) if n in connected]
+
+    def sample(self, grid: Grid) -> list[TenantPlan]:
+        live = self.live_plans(grid)
+        size = min(len(live), max(self.min_nodes, round(self.fraction * len(live))))
+        return sorted(self.rng.sample(live, size), key=lambda p: p.node_id)
+
+    def _messages(
+        self,
+        kind: str,
+        plans: list[TenantPlan],
+        arrays: ArrayRecord,
+        extra: Callable[[TenantPlan], dict[str, Any]],
+    ) -> list[Message]:
+        out = []
+        for plan in plans:
+            cfg = ConfigRecord({**self.train_config, **extra(plan)})
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            out.append(Message(content=content, message_type=kind, dst_node_id=plan.node_id))
+        return out
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        charged = self.charge(server_round, self._live_plans(grid))
-        messages = []
-        for plan in charged:
-            cfg = ConfigRecord(
-                {
-                    **self.train_config,
-                    **plan.round_params.to_config(),
-                    "server-round": server_round,
-                    "tenant": plan.tenant_name,
-                }
-            )
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-            messages.append(
-                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=plan.node_id)
-            )
-        return messages
+        # FedOpt-based strategies (FedAdam) keep the round's starting point themselves.
+        if hasattr(self, "current_arrays"):
+            self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+        charged = self.charge(server_round, self.sample(grid))
+        # FedProx's own configure_train is bypassed (this mixin comes first): pass mu on.
+        prox = {"proximal-mu": float(self.proximal_mu)} if hasattr(self, "proximal_mu") else {}
+        return self._messages(
+            MessageType.TRAIN,
+            charged,
+            arrays,
+            lambda p: {
+                **dict(config),
+                **prox,
+                **p.round_params.to_config(),
+                "server-round": server_round,
+                "tenant": p.tenant_name,
+            },
+        )
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = []
+    def accept_train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Replies that may be aggregated; failures and mismatches are logged and kept."""
+        accepted: list[Message] = []
         for msg in replies:
             plan = self.plans.get(msg.metadata.src_node_id)
             if plan is None or msg.has_error():
                 reason = msg.error.reason if msg.has_error() else "unknown node"
-                log.warning(
-                    "round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason
-                )
+                who = plan.tenant_name if plan else f"node {msg.metadata.src_node_id}"
+                self.failed.append(f"round {server_round} {who}: {reason}")
+                log.warning("round %d: %s failed: %s", server_round, who, reason)
                 continue
-            problem = _check_train_reply(msg.content, plan)
+            problem = check_train_reply(msg.content, plan, plan.round_params)
             if problem:
                 self.rejected.append(f"round {server_round} {plan.tenant_name}: {problem}")
-                log.error(
-                    "round %d: rejected reply of %s: %s", server_round, plan.tenant_name, problem
-                )
+                log.error("round %d: rejected %s: %s", server_round, plan.tenant_name, problem)
                 continue
             metrics = msg.content["metrics"]
-            self.sink(server_round, "train", plan, {k: float(v) for k, v in metrics.items()})  # type: ignore[arg-type]
+            self.sink(server_round, "train", plan, _floats(metrics))
             accepted.append(msg)
+        self.last_accepted = len(accepted)
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accept_train_replies(server_round, replies)
         if not accepted:
-            log.error(
-                "round %d: no valid training reply; the global model is unchanged", server_round
-            )
+            log.error("round %d: no valid training reply; the model is unchanged", server_round)
             return None, None
-        return super().aggregate_train(server_round, accepted)
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = []
-        for plan in self._live_plans(grid):
-            cfg = ConfigRecord({**self.train_config, "server-round": server_round})
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-            messages.append(
-                Message(
-                    content=content, message_type=MessageType.EVALUATE, dst_node_id=plan.node_id
-                )
-            )
-        return messages
+        return self._messages(
+            MessageType.EVALUATE,
+            self.live_plans(grid),
+            arrays,
+            lambda _plan: {**dict(config), "server-round": server_round},
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -124,14 +163,17 @@ class PrivateFedAvg(FedAvg):
             plan = self.plans.get(msg.metadata.src_node_id)
             if plan is None or msg.has_error():
                 continue
-            metrics = msg.content["metrics"]
-            self.sink(server_round, "evaluate", plan, {k: float(v) for k, v in metrics.items()})  # type: ignore[arg-type]
+            self.sink(server_round, "evaluate", plan, _floats(msg.content["metrics"]))
             accepted.append(msg)
-        return super().aggregate_evaluate(server_round, accepted) if accepted else None
+        return super().aggregate_evaluate(server_round, accepted) if accepted else None  # type: ignore[misc]
 
 
-def _check_train_reply(content: RecordDict, plan: TenantPlan) -> str | None:
-    """Why a training reply cannot be aggregated, or None when it is sound."""
+def _floats(record: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items()}
+
+
+def check_train_reply(content: RecordDict, plan: TenantPlan, asked: DPParams) -> str | None:
+    """Why a training reply cannot be used, or None when it is sound."""
     if "dp" not in content.config_records or "metrics" not in content.metric_records:
         return "reply lacks its DP record or metrics"
     dp = content.config_records["dp"]
@@ -141,6 +183,46 @@ def _check_train_reply(content: RecordDict, plan: TenantPlan) -> str | None:
         applied = DPParams.from_config(dp)
     except ValueError as exc:
         return str(exc)
-    if not plan.round_params.matches(applied):
-        return f"applied DP parameters {applied} differ from the requested {plan.round_params}"
+    if not asked.matches(applied):
+        return f"applied DP parameters {applied} differ from the requested {asked}"
     return None
+
+
+_BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+
+def strategy_names() -> list[str]:
+    return sorted(_BASES)
+
+
+def create_strategy(
+    name: str,
+    *,
+    min_nodes: int,
+    proximal_mu: float = 0.0,
+    server_learning_rate: float = 0.1,
+) -> FedAvg:
+    """A private variant of Flower's strategy ``name``; unknown names raise ValueError."""
+    if name not in _BASES:
+        raise ValueError(f"Unknown strategy {name!r}; known: {strategy_names()}.")
+    base = _BASES[name]
+    cls = type(f"Private{base.__name__}", (PrivateMixin, base), {})
+    kwargs: dict[str, Any] = {
+        "min_train_nodes": min_nodes,
+        "min_evaluate_nodes": min_nodes,
+        "min_available_nodes": min_nodes,
+    }
+    if name == "fedprox":
+        kwargs["proximal_mu"] = proximal_mu
+    if name == "fedadam":
+        kwargs["eta"] = server_learning_rate
+    strategy: FedAvg = cls(**kwargs)
+    return strategy
+
+
+def private_part(strategy: Strategy) -> PrivateMixin:
+    """The PrivateMixin inside ``strategy``, looking through Flower's DP wrappers."""
+    inner: Any = strategy
+    while not isinstance(inner, PrivateMixin):
+        inner = inner.strategy
+    return inner

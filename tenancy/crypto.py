@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tenancy.errors import DecryptionError
 
@@ -16,6 +18,14 @@ FORMAT_V1 = b"FTX1"  # blob header: lets a reader refuse a foreign file before t
 
 def generate_key() -> bytes:
     return AESGCM.generate_key(bit_length=KEY_BYTES * 8)
+
+
+def derive_key(master: bytes, purpose: str) -> bytes:
+    """A 256-bit key for one purpose from ``master`` (HKDF-SHA256); purposes never share keys."""
+    _check_key(master)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose.encode()
+    ).derive(master)
 
 
 def _check_key(key: bytes) -> None:

@@ -127,6 +127,14 @@ class Keyring:
         session.add(DataKey(tenant_id=tenant.id, wrapped=wrapped, kek_version=version))
         session.flush()
 
+    def platform_key(self, purpose: str) -> tuple[int, bytes]:
+        """(KEK version, key) for platform data such as run checkpoints, derived from the KEK."""
+        version = self.provider.current_version()
+        return version, crypto.derive_key(self.provider.get_kek(version), f"fedtext:{purpose}")
+
+    def platform_key_version(self, purpose: str, version: int) -> bytes:
+        return crypto.derive_key(self.provider.get_kek(version), f"fedtext:{purpose}")
+
     def data_key(self, session: Session, tenant_id: str) -> bytes:
         row = session.exec(
             select(DataKey)

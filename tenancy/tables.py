@@ -65,6 +65,8 @@ class ModelVersion(SQLModel, table=True):
     run_id: str | None = None
     metrics_json: str = "{}"
     deployed: bool = False
+    # Serving-time optimization chosen by the tenant admin (None: float32 as trained).
+    quantize: str | None = Field(default=None, max_length=32)
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -74,6 +76,12 @@ class TrainingRun(SQLModel, table=True):
     status: str = "created"  # created | running | completed | failed
     config_json: str = "{}"
     summary_json: str = "{}"
+    simulation_json: str | None = None  # how a simulated run's nodes get their data
+    plans_json: str = "{}"  # per-tenant DP plan, fixed before round 1 (reused on resume)
+    checkpoint_round: int = 0  # last round whose global model is checkpointed
+    checkpoint_blob: str | None = None
+    checkpoint_sha256: str | None = None
+    checkpoint_kek_version: int | None = None
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None

@@ -106,3 +106,34 @@ def test_iid_partition_covers_every_index_once() -> None:
     assert {len(p) for p in parts} <= {25, 26}
     with pytest.raises(ValueError, match="fewer examples than partitions"):
         iid_partition(2, 3)
+
+
+def test_topic_partition_gives_tenants_different_topics() -> None:
+    from clients.data import topic_of, topic_partition
+
+    corpus = load_demo_corpus()
+    parts = topic_partition(corpus.texts, 6, seed=1)
+    assert sorted(i for p in parts for i in p) == list(range(len(corpus)))
+    majors = []
+    for part in parts:
+        counts = Counter(topic_of(corpus.texts[i]) for i in part)
+        top, n = counts.most_common(1)[0]
+        assert n / len(part) > 0.85  # each tenant is dominated by one topic
+        majors.append(top)
+    assert len(set(majors)) == 6
+    assert topic_of("@united lost my bag") == "airlines"
+    assert topic_of("would you ride in a driverless car?") == "self-driving"
+
+
+def test_dirichlet_partition_skews_labels_and_keeps_everything() -> None:
+    from clients.data import dirichlet_partition, partition
+
+    labels = [i % 3 for i in range(3000)]
+    parts = dirichlet_partition(labels, 5, alpha=0.1, seed=2)
+    assert sorted(i for p in parts for i in p) == list(range(3000))
+    shares = [max(Counter(labels[i] for i in p).values()) / len(p) for p in parts]
+    assert max(shares) > 0.6  # strong skew at small alpha; IID would give about 1/3
+    with pytest.raises(ValueError, match="Unknown partitioning 'zipf'"):
+        partition(load_demo_corpus(), "zipf", 3)
+    with pytest.raises(ValueError, match="alpha should be a positive"):
+        dirichlet_partition(labels, 5, alpha=0)

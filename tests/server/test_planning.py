@@ -46,7 +46,24 @@ def test_a_tenant_over_budget_is_refused_before_anything_is_sent() -> None:
 
 def test_delta_must_be_below_one_over_n() -> None:
     with pytest.raises(PlanRefused, match="not below 1/n"):
-        plan(num_train=50, delta=0.05)
+        plan(num_train=50, delta=0.05, batch_size=16)
+
+
+def test_too_little_data_for_the_batch_is_refused() -> None:
+    with pytest.raises(PlanRefused, match="50 training examples, fewer than the batch size 64"):
+        plan(num_train=50)
+
+
+def test_an_unreachable_privacy_target_is_refused() -> None:
+    with pytest.raises(PlanRefused, match=r"needs noise multiplier .* raise epsilon"):
+        plan(target_epsilon=0.01, rounds=50)
+
+
+def test_personalization_is_planned_within_the_same_target() -> None:
+    p = plan(personalize_epochs=1)
+    assert p.personal_params is not None and p.personal_params.steps == 32
+    total = compose_epsilon([p.round_params] * 3 + [p.personal_params], 1e-5)
+    assert 2.9 <= total <= 3.0
 
 
 def test_run_config_reads_kebab_keys_and_validates() -> None:

@@ -1,0 +1,85 @@
+"""A live table of a running federation: rounds done and each tenant's latest metrics.
+
+The simulation runs in the calling thread (Ray and Flower want the main thread); a
+daemon thread polls the database, which the ServerApp writes after every round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from sqlmodel import Session, col, select
+
+from tenancy.platform import Platform
+from tenancy.tables import RoundMetric, Tenant, TrainingRun
+
+T = TypeVar("T")
+
+
+def _render(platform: Platform, run_id: str, progress: Progress, task: TaskID) -> Group:
+    with Session(platform.engine) as session:
+        run = session.get(TrainingRun, run_id)
+        metrics = session.exec(
+            select(RoundMetric).where(RoundMetric.run_id == run_id).order_by(col(RoundMetric.id))
+        ).all()
+        names = {t.id: t.name for t in session.exec(select(Tenant)).all()}
+    rounds = json.loads(run.config_json).get("rounds", 0) if run and run.config_json else 0
+    done = max((m.round for m in metrics if m.phase == "evaluate"), default=0)
+    progress.update(task, total=rounds or None, completed=done)
+    table = Table("tenant", "round", "train loss", "train acc", "test acc", "test macro-F1")
+    latest: dict[str, dict[str, RoundMetric]] = {}
+    for m in metrics:
+        latest.setdefault(m.tenant_id, {})[m.phase] = m
+    for tenant_id, phases in sorted(latest.items(), key=lambda kv: names.get(kv[0], kv[0])):
+        tr, ev = phases.get("train"), phases.get("evaluate")
+        table.add_row(
+            names.get(tenant_id, tenant_id[:8]),
+            str(max(p.round for p in phases.values())),
+            f"{tr.loss:.3f}" if tr else "",
+            f"{tr.accuracy:.3f}" if tr else "",
+            f"{ev.accuracy:.3f}" if ev else "",
+            f"{ev.macro_f1:.3f}" if ev and ev.macro_f1 is not None else "",
+        )
+    return Group(progress, table)
+
+
+def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: Console) -> T:
+    """Run ``work`` while showing the run's progress; returns what ``work`` returns."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    progress = Progress(
+        TextColumn(f"run {run_id[:8]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )
+    task = progress.add_task("rounds", total=None)
+    stop = threading.Event()
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+
+        def poll() -> None:
+            while not stop.wait(1.0):
+                try:
+                    live.update(_render(platform, run_id, progress, task))
+                except Exception:  # the DB may be mid-migration at start; try again
+                    continue
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            return work()
+        finally:
+            stop.set()
+            poller.join(timeout=5)
+            live.update(_render(platform, run_id, progress, task))

@@ -1,0 +1,141 @@
+"""The private strategies on real Flower messages: DP checks, charging, FedProx/FedAdam, client DP."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+from privacy.budget import check_budget
+from privacy.params import DPParams
+from server.planning import TenantPlan
+from server.strategy import create_strategy, private_part
+
+PARAMS = DPParams(1.2, 0.25, 4, 1.0, 1e-5)
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a running ServerApp process has: the identity its messages are stamped with."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def plan(node_id: int, name: str) -> TenantPlan:
+    budget = check_budget([], [PARAMS], budget_epsilon=10, delta=1e-5)
+    return TenantPlan(f"id-{name}", name, node_id, 16, 4, PARAMS, 2, budget, None)
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def reply(
+    node_id: int, tenant: str, value: float, dp: DPParams = PARAMS, examples: int = 16
+) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": torch.full((3,), value)}),
+            "metrics": MetricRecord({"num-examples": examples, "loss": 1.0, "accuracy": 0.5}),
+            "dp": ConfigRecord({**dp.to_config(), "tenant": tenant}),
+        }
+    )
+    meta = Metadata(
+        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    return Message(content=content, metadata=meta)
+
+
+def setup(name: str, **kwargs: Any):  # type: ignore[no-untyped-def]
+    charged: list[tuple[int, list[str]]] = []
+    metrics: list[tuple[int, str, str]] = []
+    strategy = create_strategy(name, min_nodes=2, **kwargs)
+    private_part(strategy).setup_private(
+        plans={1: plan(1, "acme"), 2: plan(2, "globex")},
+        train_config={"batch-size": 4},
+        charge=lambda r, plans: charged.append((r, [p.tenant_name for p in plans])) or plans,
+        sink=lambda r, phase, p, m: metrics.append((r, phase, p.tenant_name)),
+        fraction=1.0,
+        min_nodes=2,
+        seed=0,
+    )
+    return strategy, charged, metrics
+
+
+def test_each_node_gets_its_own_dp_parameters_and_the_round_is_charged_first() -> None:
+    strategy, charged, _ = setup("fedavg")
+    arrays = ArrayRecord({"w": torch.zeros(3)})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 99])))
+    assert charged == [(1, ["acme", "globex"])]  # node 99 has no plan: never dispatched
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2]
+    cfg = messages[0].content["config"]
+    assert DPParams.from_config(cfg) == PARAMS and cfg["tenant"] == "acme"
+
+
+def test_a_reply_with_other_dp_parameters_is_left_out() -> None:
+    strategy, _, metrics = setup("fedavg")
+    cheat = DPParams(0.5, 0.25, 4, 1.0, 1e-5)  # less noise than asked
+    arrays, _ = strategy.aggregate_train(1, [reply(1, "acme", 1.0), reply(2, "globex", 9.0, cheat)])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0)  # only acme's update counts
+    private = private_part(strategy)
+    assert private.last_accepted == 1
+    assert "differ from the requested" in private.rejected[0]
+    assert metrics == [(1, "train", "acme")]
+
+
+def test_a_reply_claiming_another_tenant_is_rejected() -> None:
+    strategy, _, _ = setup("fedavg")
+    strategy.aggregate_train(1, [reply(1, "globex", 1.0), reply(2, "globex", 2.0)])
+    assert "claims tenant 'globex'" in private_part(strategy).rejected[0]
+
+
+def test_fedprox_passes_mu_and_fedadam_moves_by_its_server_rate() -> None:
+    prox, _, _ = setup("fedprox", proximal_mu=0.3)
+    arrays = ArrayRecord({"w": torch.zeros(3)})
+    msgs = list(prox.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    assert msgs[0].content["config"]["proximal-mu"] == pytest.approx(0.3)
+
+    adam, _, _ = setup("fedadam", server_learning_rate=0.1)
+    list(adam.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    new, _ = adam.aggregate_train(1, [reply(1, "acme", 1.0), reply(2, "globex", 1.0)])
+    assert new is not None
+    w = new["w"].numpy()
+    assert np.all(w > 0) and np.all(w < 1.0)  # an Adam step towards the average, not a jump
+
+
+def test_client_level_dp_wrapper_clips_and_noises_updates() -> None:
+    strategy, _, _ = setup("fedavg")
+    wrapped = DifferentialPrivacyServerSideFixedClipping(strategy, 0.0001, 1.0, 2)
+    arrays = ArrayRecord({"w": torch.zeros(3)})
+    list(wrapped.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    new, _ = wrapped.aggregate_train(1, [reply(1, "acme", 100.0), reply(2, "globex", 100.0)])
+    assert new is not None
+    # Each update (norm ~173) is clipped to norm 1 before averaging.
+    assert np.linalg.norm(new["w"].numpy()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_unknown_strategy_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="Unknown strategy 'fedsgd'"):
+        create_strategy("fedsgd", min_nodes=2)
