@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from fedtext.settings import Settings
 
@@ -103,6 +104,46 @@ def tenant_list() -> None:
     console.print(table)
 
 
+@tenant_app.command("budget")
+def tenant_budget(
+    name: str,
+    epsilon: Annotated[float, typer.Option(help="The new epsilon budget (at the tenant's delta).")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the budget chain.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Budget one dataset on its own (default: whole tenant).")
+    ] = None,
+) -> None:
+    """Raise (or lower) a tenant's epsilon budget; the change is recorded and hash-chained."""
+    from privacy.budget import BudgetError, change_budget
+    from privacy.ledger import TENANT_WIDE
+    from tenancy.db import session_scope
+    from tenancy.errors import NotFound
+    from tenancy.tenants import get_tenant
+
+    if not reason.strip():
+        raise _fail("Give a --reason for the budget change; it is kept in the record.")
+    platform = _platform(_settings())
+    try:
+        with session_scope(platform.engine) as session:
+            row = get_tenant(session=session, name=name)
+            change = change_budget(
+                session,
+                tenant=row,
+                new_epsilon=epsilon,
+                actor=f"operator {os.environ.get('USER', 'cli')}",
+                reason=reason,
+                dataset=dataset or TENANT_WIDE,
+            )
+    except (NotFound, BudgetError) as exc:
+        raise _fail(str(exc)) from None
+    scope = "tenant" if change.dataset == TENANT_WIDE else f"dataset {change.dataset}"
+    old = "none" if change.old_epsilon is None else f"{change.old_epsilon:g}"
+    console.print(
+        f"Budget of {name} ({scope}) set from {old} to {change.new_epsilon:g} at delta "
+        f"{change.delta:g}; recorded as budget change {change.seq}."
+    )
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name.")],
@@ -126,25 +167,187 @@ def keys_create(
 
 @audit_app.command("verify")
 def audit_verify() -> None:
-    """Check every tenant's hash chain; exit 1 naming the first broken entry."""
-    from privacy.ledger import PrivacyEvent, tenant_events, verify_chain
+    """Check every tenant's ledger and budget chains; exit 1 naming the first broken entry."""
+    from privacy.ledger import all_tenant_ids, budget_changes, tenant_events, verify_chain
 
     platform = _platform(_settings())
+    problems = []
+    total = changes = 0
     with Session(platform.engine) as session:
-        tenant_ids = sorted(set(session.exec(select(PrivacyEvent.tenant_id)).all()))
-        problems = []
-        total = 0
+        tenant_ids = all_tenant_ids(session)
         for tenant_id in tenant_ids:
             events = tenant_events(session, tenant_id)
             total += len(events)
             problem = verify_chain(events)
             if problem:
-                problems.append(problem)
+                problems.append(("entry", problem))
+            budget = budget_changes(session, tenant_id)
+            changes += len(budget)
+            problem = verify_chain(budget)
+            if problem:
+                problems.append(("budget change", problem))
     if problems:
-        for p in problems:
-            err.print(f"[red]BROKEN[/red] tenant {p.tenant_id} entry {p.seq}: {p.reason}")
+        for what, p in problems:
+            err.print(f"[red]BROKEN[/red] tenant {p.tenant_id} {what} {p.seq}: {p.reason}")
         raise typer.Exit(1)
-    console.print(f"OK: {len(tenant_ids)} chain(s), {total} entries intact.")
+    console.print(
+        f"OK: {len(tenant_ids)} chain(s), {total} entries intact; "
+        f"{changes} budget change(s) intact."
+    )
+
+
+@audit_app.command("report")
+def audit_report(
+    tenant: Annotated[str, typer.Option(help="Tenant name.")],
+    out: Annotated[Path, typer.Option(help="File to write; '-' for standard output.")],
+    format: Annotated[
+        str | None, typer.Option(help="html or json (default: from the file extension, else html).")
+    ] = None,
+) -> None:
+    """Write a tenant's audit report (budget, runs, rounds, chain check, methodology)."""
+    from privacy.report import build_report, render
+    from tenancy.errors import NotFound
+    from tenancy.tenants import get_tenant
+
+    fmt = (format or ("json" if out.suffix.lower() == ".json" else "html")).lower()
+    if fmt not in ("html", "json"):
+        raise _fail(f"Unknown report format {fmt!r}; use html or json.")
+    platform = _platform(_settings())
+    with Session(platform.engine) as session:
+        try:
+            row = get_tenant(session=session, name=tenant)
+        except NotFound as exc:
+            raise _fail(str(exc)) from None
+        report = build_report(
+            session,
+            tenant_id=row.id,
+            tenant_name=row.name,
+            budget_epsilon=row.budget_epsilon,
+            delta=row.budget_delta,
+        )
+    text = render(report, fmt)  # type: ignore[arg-type]
+    if str(out) == "-":
+        console.out(text, end="", highlight=False)
+    else:
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise _fail(f"Cannot write {out}: {exc.strerror}.") from None
+        console.print(
+            f"Report for {tenant} written to {out}: spent {report.spent_epsilon:.4f} of "
+            f"{report.budget_epsilon:g} (PRV), independent {report.independent.epsilon:.4f}, "
+            f"chains {'intact' if report.chain_ok else 'BROKEN'}."
+        )
+    if not report.chain_ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Option(help="File to write; '-' for standard output.")],
+    tenant: Annotated[str | None, typer.Option(help="One tenant (default: all).")] = None,
+    format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
+) -> None:
+    """Export the ledger for an auditor (see docs/AUDIT.md)."""
+    from privacy.export import export_text
+    from privacy.ledger import all_tenant_ids, tenant_events
+    from tenancy.errors import NotFound
+    from tenancy.tenants import get_tenant
+
+    if format not in ("jsonl", "csv"):
+        raise _fail(f"Unknown export format {format!r}; use jsonl or csv.")
+    platform = _platform(_settings())
+    with Session(platform.engine) as session:
+        if tenant is None:
+            ids = all_tenant_ids(session)
+        else:
+            try:
+                ids = [get_tenant(session=session, name=tenant).id]
+            except NotFound as exc:
+                raise _fail(str(exc)) from None
+        events = [ev for tid in ids for ev in tenant_events(session, tid)]
+    body = export_text(events, format)  # type: ignore[arg-type]
+    if str(out) == "-":
+        console.out(body, end="", highlight=False)
+        return
+    try:
+        out.write_text(body, encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"Cannot write {out}: {exc.strerror}.") from None
+    console.print(f"{len(events)} entries of {len(ids)} tenant(s) written to {out}.")
+
+
+@audit_app.command("canary")
+def audit_canary(
+    canaries: Annotated[int, typer.Option(help="Canaries m; each is a member w.p. 1/2.")] = 64,
+    tenants: Annotated[int, typer.Option(help="Simulated tenants (canaries go to the first).")] = 2,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 2,
+    epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant for the run.")] = 4.0,
+    max_train_examples: Annotated[int, typer.Option(help="Demo examples per tenant.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
+    guesses: Annotated[
+        int | None, typer.Option(help="Canaries the attack guesses on (default m/2).")
+    ] = None,
+    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Canary seed (default: random).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Keep the scratch platform here (reset first).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="Turn secure_mode off (tests only).")] = False,
+) -> None:
+    """Train with canaries, attack the model, compare the empirical bound with accounting.
+
+    Exits 1 if the empirical lower bound on epsilon exceeds the accounted epsilon.
+    """
+    from fedtext.audit_canary import run_canary_audit
+    from fedtext.simulation import SimulationFailed
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        report = run_canary_audit(
+            data_dir=data_dir,
+            tenants=tenants,
+            rounds=rounds,
+            epsilon=epsilon,
+            canaries=canaries,
+            max_train_examples=max_train_examples,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            guesses=guesses,
+            confidence=confidence,
+            seed=seed,
+            secure_mode=not insecure,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except (SimulationFailed, RuntimeError) as exc:
+        raise _fail(f"the canary federation failed: {exc}", code=1) from None
+    o = report.outcome
+    table = Table("figure", "value", title=f"canary audit of tenant {report.tenant}")
+    table.add_row("run", report.run_id)
+    table.add_row("canaries (members)", f"{o.canaries} ({o.members})")
+    table.add_row("guesses, correct", f"{o.guesses}, {o.correct}")
+    table.add_row("mean loss members / non-members",
+                  f"{report.member_mean_loss:.4f} / {report.nonmember_mean_loss:.4f}")  # fmt: skip
+    table.add_row(
+        f"empirical epsilon lower bound ({o.confidence:.0%})", f"{report.lower_bound:.4f}"
+    )
+    table.add_row(f"accounted epsilon (PRV) at delta {report.delta:g}",
+                  f"{report.accounted_epsilon:.4f}")  # fmt: skip
+    table.add_row("accounted epsilon (RDP)", f"{report.accounted_epsilon_rdp:.4f}")
+    table.add_row("seconds", f"{report.seconds:.0f}")
+    console.print(table)
+    if not report.passed:
+        err.print(
+            f"[red]FAIL:[/red] the empirical lower bound {report.lower_bound:.4f} exceeds the "
+            f"accounted epsilon {report.accounted_epsilon:.4f}: the DP training or its "
+            f"accounting is broken (seed {report.seed}, run {report.run_id})."
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"OK: lower bound {report.lower_bound:.4f} <= accounted {report.accounted_epsilon:.4f}."
+    )
 
 
 @app.command()
@@ -152,73 +355,134 @@ def simulate(
     tenants: Annotated[int, typer.Option(help="Number of simulated tenants (one node each).")] = 3,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
     epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant for the run.")] = 3.0,
+    model: Annotated[str, typer.Option(help="lstm, transformer or minilm.")] = "lstm",
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    partitioning: Annotated[str, typer.Option(help="iid, dirichlet or topic.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (label skew).")] = 0.5,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    personalize_epochs: Annotated[int, typer.Option(help="DP fine-tune epochs; 0: off.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
+    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.5,
     clip_norm: Annotated[float, typer.Option(help="Per-example clipping norm.")] = 1.0,
+    fraction_train: Annotated[float, typer.Option(help="Share of tenants per round.")] = 1.0,
+    min_nodes: Annotated[int, typer.Option(help="Valid replies a round needs.")] = 2,
+    client_dp_noise: Annotated[
+        float, typer.Option(help="Client-level DP noise (Flower wrapper); 0: off.")
+    ] = 0.0,
+    client_dp_clip: Annotated[float, typer.Option(help="Client-level update clip.")] = 10.0,
     max_train_examples: Annotated[int, typer.Option(help="Cap per tenant (0: no cap).")] = 3000,
     max_test_examples: Annotated[int, typer.Option(help="Cap per tenant (0: no cap).")] = 600,
+    gpu_fraction: Annotated[float, typer.Option(help="GPU share per virtual client.")] = 0.0,
     prefix: Annotated[str, typer.Option(help="Tenant names are PREFIX-1..N.")] = "sim",
+    resume: Annotated[
+        str | None, typer.Option(help="Continue run RUN_ID from its last checkpoint.")
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="Turn secure_mode off (tests only).")] = False,
 ) -> None:
     """Run a simulated federation on the demo corpus; missing tenants are created."""
-    from fedtext.simulation import SimulationFailed
+    from fedtext.progress import watch_run
+    from fedtext.simulation import SimulationConfig, SimulationFailed
+    from fedtext.simulation import resume as resume_run
     from fedtext.simulation import simulate as run_sim
     from tenancy.db import session_scope
     from tenancy.errors import NotFound
     from tenancy.tenants import check_name, create_tenant, get_tenant
 
-    if tenants < 2:
-        raise _fail("--tenants should be at least 2.")
-    names = [f"{prefix}-{i}" for i in range(1, tenants + 1)]
-    try:
-        for n in names:
-            check_name(n)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
     platform = _platform(_settings())
-    with session_scope(platform.engine) as session:
-        for n in names:
-            try:
-                get_tenant(session=session, name=n)
-            except NotFound:
-                create_tenant(session=session, keyring=platform.keyring, name=n)
-                console.print(f"created tenant {n}")
     logging.basicConfig(level=logging.WARNING)
+    run_id = resume or uuid.uuid4().hex
     try:
-        result = run_sim(
-            platform,
-            tenants=names,
-            rounds=rounds,
-            epsilon=epsilon,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            clip_norm=clip_norm,
-            max_train_examples=max_train_examples,
-            max_test_examples=max_test_examples,
-            secure_mode=not insecure,
-        )
+        if resume:
+            result = watch_run(platform, run_id, lambda: resume_run(platform, run_id), console)
+        else:
+            if tenants < 2:
+                raise _fail("--tenants should be at least 2.")
+            names = [f"{prefix}-{i}" for i in range(1, tenants + 1)]
+            for n in names:
+                check_name(n)
+            config = SimulationConfig(
+                tenants=names,
+                rounds=rounds,
+                epsilon=epsilon,
+                model=model,
+                strategy=strategy,
+                partitioning=partitioning,
+                alpha=alpha,
+                local_epochs=local_epochs,
+                personalize_epochs=personalize_epochs,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                clip_norm=clip_norm,
+                fraction_train=fraction_train,
+                min_nodes=min_nodes,
+                client_dp_noise=client_dp_noise,
+                client_dp_clip=client_dp_clip,
+                max_train_examples=max_train_examples,
+                max_test_examples=max_test_examples,
+                gpu_fraction=gpu_fraction,
+                secure_mode=not insecure,
+            )
+            _validate_simulation(config)
+            with session_scope(platform.engine) as session:
+                for n in names:
+                    try:
+                        get_tenant(session=session, name=n)
+                    except NotFound:
+                        create_tenant(session=session, keyring=platform.keyring, name=n)
+                        console.print(f"created tenant {n}")
+            result = watch_run(platform, run_id, lambda: run_sim(platform, config, run_id), console)
     except (SimulationFailed, ValueError) as exc:
         raise _fail(str(exc), code=1) from None
     table = Table(
-        "tenant", "train", "test", "accuracy", "macro-F1", "run epsilon", "noise", "version"
-    )
+        "tenant", "train", "test", "global acc", "global F1", "personal acc", "personal F1",
+        "run epsilon", "noise", "version",
+    )  # fmt: skip
     for name, t in result.summary["tenants"].items():
         table.add_row(
             name,
             str(t["train_examples"]),
             str(t["test_examples"]),
-            f"{t['accuracy']:.3f}" if t["accuracy"] is not None else "n/a",
-            f"{t['macro_f1']:.3f}" if t["macro_f1"] is not None else "n/a",
+            _num(t["global_accuracy"]),
+            _num(t["global_macro_f1"]),
+            _num(t["personalized_accuracy"]),
+            _num(t["personalized_macro_f1"]),
             f"{t['run_epsilon']:.3f}",
             f"{t['noise_multiplier']:.3f}",
             f"{t['model']} v{t['version']}",
         )
     console.print(f"Run {result.run_id} completed.")
     console.print(table)
-    for reason in result.summary.get("refused", []):
-        console.print(f"[yellow]refused:[/yellow] {reason}")
+    for key in ("refused", "failed", "rejected"):
+        for reason in result.summary.get(key, []):
+            console.print(f"[yellow]{key}:[/yellow] {reason}")
+    if "client_level_dp" in result.summary:
+        c = result.summary["client_level_dp"]
+        console.print(f"client-level DP: epsilon {c['epsilon']:.3f} at delta {c['delta']:g}")
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _validate_simulation(config: Any) -> None:
+    """Refuse bad options before anything starts, with the option's own words."""
+    from clients.data import PARTITIONERS
+    from models import families
+    from server.strategy import strategy_names
+
+    config.validate()
+    if config.model not in families():
+        raise ValueError(f"Unknown model family {config.model!r}; known: {', '.join(families())}.")
+    if config.strategy not in strategy_names():
+        raise ValueError(
+            f"Unknown strategy {config.strategy!r}; known: {', '.join(strategy_names())}."
+        )
+    if config.partitioning not in PARTITIONERS:
+        raise ValueError(
+            f"Unknown partitioning {config.partitioning!r}; known: {', '.join(PARTITIONERS)}."
+        )
+    if config.rounds < 1 or config.epsilon <= 0:
+        raise ValueError("--rounds should be positive and --epsilon a positive value.")
 
 
 @app.command()
@@ -230,7 +494,8 @@ def serve(
     import uvicorn
 
     from serving.app import create_app
-    from serving.config import ServingConfig
+    from serving.config import ServingConfig, default_inference_threads
+    from serving.logs import configure_json_logging
 
     settings = _settings()
     if settings.operator_token is None:
@@ -242,15 +507,29 @@ def serve(
         console.print(f"dev mode: operator token for this process: {token}")
     else:
         token = settings.operator_token
+    configure_json_logging(settings.log_level)
     app_ = create_app(
         _platform(settings),
         ServingConfig(
             operator_token=token,
             max_predict_inputs=settings.max_predict_inputs,
             max_input_chars=settings.max_input_chars,
+            cache_models=settings.serve_cache_models,
+            cache_bytes=settings.serve_cache_mb * 2**20,
+            max_batch=settings.serve_max_batch,
+            max_wait_ms=settings.serve_max_wait_ms,
+            inference_threads=settings.serve_inference_threads or default_inference_threads(),
+            torch_threads=settings.serve_torch_threads,
         ),
     )
-    uvicorn.run(app_, host=host or settings.api_host, port=port or settings.api_port)
+    # Our middleware writes one JSON line per request; uvicorn's own access log would repeat it.
+    uvicorn.run(
+        app_,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_config=None,
+        access_log=False,
+    )
 
 
 @app.command()
