@@ -167,6 +167,43 @@ def train_dp(
     )
 
 
+def train_plain(
+    model: nn.Module,
+    data: LabeledData,
+    spec: ModelSpec,
+    *,
+    batch_size: int,
+    epochs: int,
+    learning_rate: float,
+    seed: int | None = None,
+    device: torch.device | None = None,
+) -> float:
+    """Non-private training, for reference benchmarks only (never used by the ClientApp).
+
+    Returns the mean training loss of the last epoch.
+    """
+    device = device or pick_device()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to(device).train()
+    loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    last = 0.0
+    for _ in range(epochs):
+        total, seen = 0.0, 0
+        for ids, mask, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(ids.to(device), mask.to(device)), labels.to(device))
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(labels)
+            seen += len(labels)
+        last = total / max(seen, 1)
+    return last
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Macro-averaged F1 over the classes present in truth or prediction."""
     scores = []

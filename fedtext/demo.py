@@ -38,6 +38,8 @@ class TenantReport:
     test_examples: int
     accuracy: float | None
     macro_f1: float | None
+    global_accuracy: float | None
+    global_macro_f1: float | None
     spent_epsilon: float
     budget_epsilon: float
     version: int
@@ -90,7 +92,8 @@ def run_demo(
     console.print(f"[bold]Tenants[/bold] {', '.join(names)} created in {data_dir}")
     console.print(
         f"[bold]Federation[/bold] {len(names)} simulated nodes, {rounds} rounds, "
-        f"target epsilon {epsilon} per tenant (Opacus DP-SGD) ..."
+        f"target epsilon {epsilon} per tenant (Opacus DP-SGD), {partitioning} partition, "
+        "then a DP personalization ..."
     )
     started = time.monotonic()
     result = simulate(
@@ -133,6 +136,8 @@ def run_demo(
                     test_examples=info["test_examples"],
                     accuracy=info["accuracy"],
                     macro_f1=info["macro_f1"],
+                    global_accuracy=info["global_accuracy"],
+                    global_macro_f1=info["global_macro_f1"],
                     spent_epsilon=budget["spent_epsilon"],
                     budget_epsilon=budget["budget_epsilon"],
                     version=body["version"],
@@ -165,8 +170,12 @@ def print_report(report: DemoReport, console: Console) -> None:
         table.add_column("value")
         table.add_row("training examples", str(t.train_examples))
         table.add_row("test examples", str(t.test_examples))
-        table.add_row("test accuracy", _fmt(t.accuracy))
-        table.add_row("test macro-F1", _fmt(t.macro_f1))
+        table.add_row(
+            "test accuracy: global / personal", f"{_fmt(t.global_accuracy)} / {_fmt(t.accuracy)}"
+        )
+        table.add_row(
+            "test macro-F1: global / personal", f"{_fmt(t.global_macro_f1)} / {_fmt(t.macro_f1)}"
+        )
         table.add_row("epsilon spent / budget", f"{t.spent_epsilon:.2f} / {t.budget_epsilon:.2f}")
         table.add_row("model version", f"lstm v{t.version}")
         for text, label, score in t.predictions:

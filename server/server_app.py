@@ -299,9 +299,14 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
     except Exception as exc:
         _update_run(platform, cfg.run_id, status="failed", error=str(exc), finished_at=utcnow())
         raise
+    # A completed run needs no checkpoint: its models are released.
+    finished = _get_run(platform, cfg.run_id)
+    if finished is not None and finished.checkpoint_blob:
+        platform.store.delete(finished.checkpoint_blob)
     _update_run(
         platform,
         cfg.run_id,
+        checkpoint_blob=None,
         status="completed",
         summary_json=json.dumps(outcome.summary),
         finished_at=utcnow(),

@@ -12,7 +12,7 @@ from fedtext.demo import DEMO_SENTENCES, print_report, run_demo
 from fedtext.plaintext_scan import find_plaintext_weights, looks_like_safetensors
 from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
-from fedtext.simulation import SimulationFailed, simulate
+from fedtext.simulation import SimulationConfig, SimulationFailed, simulate
 from privacy.ledger import PrivacyEvent, verify_chain
 from tenancy.tables import ModelVersion, Tenant
 
@@ -56,7 +56,8 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     platform = platform_from_settings(Settings(data_dir=data_dir))
     with Session(platform.engine) as session:
         events = session.exec(select(PrivacyEvent)).all()
-        assert len(events) == 3 * 2  # each tenant charged once per dispatched round
+        # each tenant charged once per dispatched round, and once for personalization
+        assert len(events) == 3 * (2 + 1)
         for tenant in session.exec(select(Tenant)).all():
             chain = sorted((e for e in events if e.tenant_id == tenant.id), key=lambda e: e.seq)
             assert verify_chain(chain) is None
@@ -67,12 +68,14 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     with pytest.raises(SimulationFailed, match=r"would exceed budget: budget epsilon 2\.200"):
         simulate(
             platform,
-            tenants=["acme", "globex", "initech"],
-            rounds=2,
-            epsilon=2.0,
-            max_train_examples=96,
-            max_test_examples=32,
-            secure_mode=False,
+            SimulationConfig(
+                tenants=["acme", "globex", "initech"],
+                rounds=2,
+                epsilon=2.0,
+                max_train_examples=96,
+                max_test_examples=32,
+                secure_mode=False,
+            ),
         )
     with Session(platform.engine) as session:
-        assert len(session.exec(select(PrivacyEvent)).all()) == 6
+        assert len(session.exec(select(PrivacyEvent)).all()) == 9
