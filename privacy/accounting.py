@@ -22,14 +22,35 @@ DEFAULT_ACCOUNTANT = "prv"
 
 
 def accountant_version() -> str:
+    """The accountant library and its version, as recorded in each ledger entry."""
     return f"opacus-{version('opacus')}"
 
 
 def create_accountant(name: str) -> IAccountant:
+    """A fresh Opacus accountant by registry name; ``ValueError`` on an unknown name."""
     try:
         return _ACCOUNTANTS[name]()
     except KeyError:
         raise ValueError(f"Unknown accountant {name!r}; known: {sorted(_ACCOUNTANTS)}.") from None
+
+
+def merge_history(
+    events: Iterable[DPParams] | Sequence[tuple[float, float, int]],
+) -> list[tuple[float, float, int]]:
+    """``(noise multiplier, sample rate, steps)`` with equal mechanisms merged, in first-seen order.
+
+    Composition is commutative and k steps then m steps of one mechanism are k + m
+    steps of it, so merging changes no epsilon; it keeps PRV fast (one PRV per
+    distinct mechanism instead of one per round).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for ev in events:
+        if isinstance(ev, DPParams):
+            key, steps = (ev.noise_multiplier, ev.sample_rate), ev.steps
+        else:
+            key, steps = (float(ev[0]), float(ev[1])), int(ev[2])
+        merged[key] = merged.get(key, 0) + steps
+    return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
 
 
 def compose_epsilon(
@@ -37,13 +58,18 @@ def compose_epsilon(
     delta: float,
     accountant: str = DEFAULT_ACCOUNTANT,
 ) -> float:
-    """Cumulative epsilon at ``delta`` of the composition of ``events`` (0.0 for none)."""
-    history: list[tuple[float, float, int]] = []
-    for ev in events:
-        if isinstance(ev, DPParams):
-            history.append((ev.noise_multiplier, ev.sample_rate, ev.steps))
-        else:
-            history.append((float(ev[0]), float(ev[1]), int(ev[2])))
+    """Cumulative epsilon at ``delta`` of the composition of ``events`` (0.0 for none).
+
+    Parameters
+    ----------
+    events
+        Releases as ``DPParams`` or ``(noise multiplier, sample rate, steps)``.
+    delta
+        The delta at which epsilon is reported.
+    accountant
+        ``"prv"`` (figure of record) or ``"rdp"`` (cross-check).
+    """
+    history = merge_history(events)
     if not history:
         return 0.0
     if not 0 < delta < 1:

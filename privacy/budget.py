@@ -1,12 +1,41 @@
-"""The budget gate: would these releases push a tenant past its epsilon budget?"""
+"""The budget gate: would these releases push a tenant (or a dataset) past its budget?
+
+A tenant has one epsilon budget at a fixed delta (kept on the tenant row); a dataset
+of that tenant may have a tighter budget of its own. Every change of either is an
+entry in the tenant's budget chain (``privacy.ledger.BudgetChange``).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from sqlmodel import Session
 
 from privacy.accounting import DEFAULT_ACCOUNTANT, compose_epsilon
+from privacy.ledger import (
+    TENANT_WIDE,
+    BudgetChange,
+    budget_changes,
+    check_dataset,
+    record_budget_change,
+    tenant_events,
+)
 from privacy.params import DPParams
+
+
+class BudgetError(ValueError):
+    """A budget change that cannot be made; the message says why."""
+
+
+class HasBudget(Protocol):
+    """What the gate needs of a tenant (privacy/ does not import tenancy/)."""
+
+    id: str
+    budget_epsilon: float
+    budget_delta: float
 
 
 @dataclass(frozen=True)
@@ -17,12 +46,14 @@ class BudgetDecision:
     requested: float  # the increase these releases would cause
     after: float
     delta: float
+    scope: str = TENANT_WIDE  # TENANT_WIDE, or the dataset whose own budget decided
 
     @property
     def reason(self) -> str:
         verdict = "within" if self.allowed else "would exceed"
+        what = "budget" if self.scope == TENANT_WIDE else f"the budget of dataset {self.scope!r}"
         return (
-            f"{verdict} budget: budget epsilon {self.budget:.3f} at delta {self.delta:g}, "
+            f"{verdict} {what}: budget epsilon {self.budget:.3f} at delta {self.delta:g}, "
             f"spent {self.spent:.3f}, requested {self.requested:.3f} "
             f"(total {self.after:.3f})"
         )
@@ -35,6 +66,7 @@ def check_budget(
     budget_epsilon: float,
     delta: float,
     accountant: str = DEFAULT_ACCOUNTANT,
+    scope: str = TENANT_WIDE,
 ) -> BudgetDecision:
     """Compose past and prospective releases and compare with the budget."""
     spent = compose_epsilon(spent_events, delta, accountant)
@@ -47,4 +79,104 @@ def check_budget(
         requested=after - spent,
         after=after,
         delta=delta,
+        scope=scope,
     )
+
+
+def dataset_budgets(session: Session, tenant_id: str) -> dict[str, float]:
+    """The current own budget of each dataset that has one (the latest change wins)."""
+    current: dict[str, float] = {}
+    for change in budget_changes(session, tenant_id):
+        if change.dataset != TENANT_WIDE:
+            current[change.dataset] = change.new_epsilon
+    return current
+
+
+def check_release(
+    session: Session,
+    *,
+    tenant: HasBudget,
+    dataset: str,
+    new_events: Sequence[DPParams],
+) -> BudgetDecision:
+    """The gate before dispatch: the tenant's budget and, if it has one, the dataset's.
+
+    The tenant figure composes every release of the tenant, whatever its dataset:
+    datasets of one tenant may hold the same people, so no parallel composition is
+    assumed. Returns the first refusal, else the tenant-wide decision.
+    """
+    past = tenant_events(session, tenant.id)
+    decision = check_budget(
+        [e.params() for e in past],
+        new_events,
+        budget_epsilon=tenant.budget_epsilon,
+        delta=tenant.budget_delta,
+    )
+    if not decision.allowed:
+        return decision
+    own = dataset_budgets(session, tenant.id).get(dataset)
+    if own is not None:
+        in_dataset = check_budget(
+            [e.params() for e in past if e.dataset == dataset],
+            new_events,
+            budget_epsilon=own,
+            delta=tenant.budget_delta,
+            scope=dataset,
+        )
+        if not in_dataset.allowed:
+            return in_dataset
+    return decision
+
+
+def change_budget(
+    session: Session,
+    *,
+    tenant: HasBudget,
+    new_epsilon: float,
+    actor: str,
+    reason: str = "",
+    dataset: str = TENANT_WIDE,
+) -> BudgetChange:
+    """Set the tenant's (or one dataset's) epsilon budget and record the change.
+
+    The delta stays the tenant's: a budget is an epsilon at a fixed delta, and
+    moving delta would silently change what every past figure means. The caller
+    commits; the tenant row and the chain entry change in the same transaction.
+
+    Raises
+    ------
+    BudgetError
+        If ``new_epsilon`` is not a positive finite number, ``dataset`` is not a
+        valid name, or ``actor`` is empty.
+    """
+    if not (isinstance(new_epsilon, int | float) and math.isfinite(new_epsilon)):
+        raise BudgetError("The new epsilon budget should be a finite number.")
+    if new_epsilon <= 0:
+        raise BudgetError("The new epsilon budget should be a positive value.")
+    if not actor.strip():
+        raise BudgetError("A budget change needs the actor who makes it.")
+    if len(reason) > 500:
+        raise BudgetError("The reason should be at most 500 characters.")
+    old: float | None
+    if dataset == TENANT_WIDE:
+        old = tenant.budget_epsilon
+    else:
+        try:
+            check_dataset(dataset)
+        except ValueError as exc:
+            raise BudgetError(str(exc)) from None
+        old = dataset_budgets(session, tenant.id).get(dataset)
+    change = record_budget_change(
+        session,
+        tenant_id=tenant.id,
+        dataset=dataset,
+        old_epsilon=old,
+        new_epsilon=float(new_epsilon),
+        delta=tenant.budget_delta,
+        actor=actor.strip(),
+        reason=reason,
+    )
+    if dataset == TENANT_WIDE:
+        tenant.budget_epsilon = float(new_epsilon)
+        session.add(tenant)
+    return change

@@ -1,36 +1,104 @@
 """Append-only privacy ledger: one row per DP release, hash-chained per tenant.
 
 Rows keep the raw mechanism parameters, never only an epsilon, so an auditor can
-recompute every figure with an independent accountant.
+recompute every figure with an independent accountant. Budget changes are kept in
+a second chain per tenant (``BudgetChange``), so raising a budget is as
+tamper-evident as spending it. Nothing here updates or deletes a row; the ORM
+refuses to (``AppendOnlyViolation``), and an edit made behind its back (raw SQL)
+breaks the chain, which ``verify_chain`` reports.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
+from typing import Any, ClassVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, UniqueConstraint, event
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, compose_epsilon
 from privacy.params import DPParams
 
 GENESIS = "0" * 64
+DEFAULT_DATASET = "default"
+PRIVACY_UNIT = "example"  # one training example of one tenant's dataset
+_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class LedgerError(Exception):
+    """Base class for ledger errors."""
+
+
+class AppendOnlyViolation(LedgerError):
+    """Something tried to update or delete a ledger row through the ORM."""
+
+
+def check_dataset(name: str) -> str:
+    """``name`` if it is a valid dataset name, else ``ValueError`` saying what is allowed."""
+    if not isinstance(name, str) or not _DATASET.match(name):
+        raise ValueError(
+            f"Invalid dataset name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def utc_seconds(moment: datetime) -> datetime:
+    """Aware UTC to the second: what SQLite and PostgreSQL both store and return unchanged."""
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return aware.replace(microsecond=0)
+
+
+def canonical_time(moment: datetime) -> str:
+    """ISO 8601 in UTC with ``+00:00``; a naive value is UTC (never local time)."""
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return aware.isoformat()
+
+
+def canonical_digest(data: dict[str, Any]) -> str:
+    """SHA-256 hex of ``data`` as canonical JSON (sorted keys, no spaces).
+
+    Floats are hashed as ``repr`` strings (shortest round-trip form) and datetimes as
+    ``canonical_time``, so an auditor recomputes the same bytes from an export.
+    """
+    norm: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, datetime):
+            value = canonical_time(value)
+        elif isinstance(value, float):
+            value = repr(value)
+        norm[name] = value
+    canonical = json.dumps(norm, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class PrivacyEvent(SQLModel, table=True):
+    """One DP release (one round of one tenant), as charged at dispatch."""
+
     __tablename__ = "privacy_event"
+    # A second writer racing for the same seq fails instead of forking the chain.
+    __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
+    HASHED: ClassVar[tuple[str, ...]] = (
+        "tenant_id", "dataset", "seq", "run_id", "round", "created_at", "privacy_unit",
+        "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta",
+        "accountant", "accountant_version", "fedtext_version", "spec_sha256", "prev_hash",
+    )  # fmt: skip
+
     id: int | None = Field(default=None, primary_key=True)
     # No foreign key: the ledger outlives a deleted tenant (auditors keep reading it).
     tenant_id: str = Field(index=True, max_length=64)
+    dataset: str = Field(default=DEFAULT_DATASET, max_length=63)
     seq: int  # position in this tenant's chain, from 1
     run_id: str = Field(index=True, max_length=64)
     round: int
     created_at: datetime
-    privacy_unit: str = "example"
+    privacy_unit: str = PRIVACY_UNIT
     mechanism: str
     noise_multiplier: float
     sample_rate: float
@@ -55,37 +123,82 @@ class PrivacyEvent(SQLModel, table=True):
         )
 
 
-_HASHED = (
-    "tenant_id", "seq", "run_id", "round", "created_at", "privacy_unit", "mechanism",
-    "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "accountant",
-    "accountant_version", "fedtext_version", "spec_sha256", "prev_hash",
-)  # fmt: skip
+TENANT_WIDE = "*"  # the dataset field of a budget change that applies to the whole tenant
 
 
-def entry_digest(ev: PrivacyEvent) -> str:
-    """SHA-256 over the canonical JSON of the entry's fields (floats as repr)."""
-    data = {}
-    for name in _HASHED:
-        value = getattr(ev, name)
-        if isinstance(value, datetime):
-            value = value.astimezone(UTC).isoformat()
-        elif isinstance(value, float):
-            value = repr(value)
-        data[name] = value
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+class BudgetChange(SQLModel, table=True):
+    """An epsilon budget set or changed by an admin; its own hash chain per tenant."""
+
+    __tablename__ = "privacy_budget_change"
+    __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
+    HASHED: ClassVar[tuple[str, ...]] = (
+        "tenant_id", "dataset", "seq", "created_at", "actor", "old_epsilon", "new_epsilon",
+        "delta", "reason", "prev_hash",
+    )  # fmt: skip
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    dataset: str = Field(max_length=63)  # TENANT_WIDE or a dataset name
+    seq: int
+    created_at: datetime
+    actor: str = Field(max_length=100)  # who did it: an admin key prefix, or the operator CLI
+    old_epsilon: float | None  # None: the dataset had no budget of its own before
+    new_epsilon: float
+    delta: float
+    reason: str = Field(default="", max_length=500)
+    prev_hash: str = Field(max_length=64)
+    entry_hash: str = Field(max_length=64)
+
+
+def entry_digest(row: PrivacyEvent | BudgetChange) -> str:
+    """SHA-256 over the canonical JSON of the row's hashed fields (see ``canonical_digest``)."""
+    return canonical_digest({name: getattr(row, name) for name in row.HASHED})
+
+
+def _refuse_change(_mapper: Any, _connection: Any, target: Any) -> None:
+    raise AppendOnlyViolation(
+        f"The privacy ledger is append-only: refusing to change {type(target).__name__} "
+        f"{getattr(target, 'seq', '?')} of tenant {getattr(target, 'tenant_id', '?')}."
+    )
+
+
+for _table in (PrivacyEvent, BudgetChange):
+    event.listen(_table, "before_update", _refuse_change)
+    event.listen(_table, "before_delete", _refuse_change)
 
 
 def create_tables(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine, tables=[PrivacyEvent.__table__])  # type: ignore[attr-defined]
+    """Create the ledger's tables where they are missing."""
+    SQLModel.metadata.create_all(
+        engine,
+        tables=[PrivacyEvent.__table__, BudgetChange.__table__],  # type: ignore[attr-defined]
+    )
 
 
-def tenant_events(session: Session, tenant_id: str) -> list[PrivacyEvent]:
+def tenant_events(
+    session: Session, tenant_id: str, dataset: str | None = None
+) -> list[PrivacyEvent]:
+    """A tenant's releases in chain order; only ``dataset``'s when given."""
+    query = select(PrivacyEvent).where(PrivacyEvent.tenant_id == tenant_id)
+    if dataset is not None:
+        query = query.where(PrivacyEvent.dataset == dataset)
+    return list(session.exec(query.order_by(col(PrivacyEvent.seq))))
+
+
+def all_tenant_ids(session: Session) -> list[str]:
+    """Every tenant id that has a ledger or budget chain, sorted."""
+    ids = set(session.exec(select(PrivacyEvent.tenant_id)).all())
+    ids |= set(session.exec(select(BudgetChange.tenant_id)).all())
+    return sorted(ids)
+
+
+def budget_changes(session: Session, tenant_id: str) -> list[BudgetChange]:
+    """A tenant's budget changes in chain order."""
     return list(
         session.exec(
-            select(PrivacyEvent)
-            .where(PrivacyEvent.tenant_id == tenant_id)
-            .order_by(col(PrivacyEvent.seq))
+            select(BudgetChange)
+            .where(BudgetChange.tenant_id == tenant_id)
+            .order_by(col(BudgetChange.seq))
         )
     )
 
@@ -98,8 +211,10 @@ def record_event(
     round: int,
     params: DPParams,
     spec_sha256: str,
+    dataset: str = DEFAULT_DATASET,
 ) -> PrivacyEvent:
     """Append one charge to the tenant's chain (the caller commits)."""
+    check_dataset(dataset)
     last = session.exec(
         select(PrivacyEvent)
         .where(PrivacyEvent.tenant_id == tenant_id)
@@ -107,10 +222,12 @@ def record_event(
     ).first()
     ev = PrivacyEvent(
         tenant_id=tenant_id,
+        dataset=dataset,
         seq=(last.seq + 1) if last else 1,
         run_id=run_id,
         round=round,
-        created_at=datetime.now(UTC).replace(microsecond=0),  # stable across DBs
+        created_at=utc_seconds(datetime.now(UTC)),
+        privacy_unit=PRIVACY_UNIT,
         mechanism=params.mechanism,
         noise_multiplier=params.noise_multiplier,
         sample_rate=params.sample_rate,
@@ -130,12 +247,54 @@ def record_event(
     return ev
 
 
+def record_budget_change(
+    session: Session,
+    *,
+    tenant_id: str,
+    dataset: str,
+    old_epsilon: float | None,
+    new_epsilon: float,
+    delta: float,
+    actor: str,
+    reason: str = "",
+) -> BudgetChange:
+    """Append one budget change to the tenant's budget chain (the caller commits)."""
+    if dataset != TENANT_WIDE:
+        check_dataset(dataset)
+    last = session.exec(
+        select(BudgetChange)
+        .where(BudgetChange.tenant_id == tenant_id)
+        .order_by(col(BudgetChange.seq).desc())
+    ).first()
+    row = BudgetChange(
+        tenant_id=tenant_id,
+        dataset=dataset,
+        seq=(last.seq + 1) if last else 1,
+        created_at=utc_seconds(datetime.now(UTC)),
+        actor=actor,
+        old_epsilon=old_epsilon,
+        new_epsilon=new_epsilon,
+        delta=delta,
+        reason=reason,
+        prev_hash=last.entry_hash if last else GENESIS,
+        entry_hash="",
+    )
+    row.entry_hash = entry_digest(row)
+    session.add(row)
+    session.flush()
+    return row
+
+
 def spent_epsilon(
-    session: Session, tenant_id: str, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+    session: Session,
+    tenant_id: str,
+    delta: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
+    dataset: str | None = None,
 ) -> float:
-    """Cumulative epsilon of all of a tenant's recorded releases at ``delta``."""
+    """Cumulative epsilon of a tenant's recorded releases (of one dataset) at ``delta``."""
     return compose_epsilon(
-        [e.params() for e in tenant_events(session, tenant_id)], delta, accountant
+        [e.params() for e in tenant_events(session, tenant_id, dataset)], delta, accountant
     )
 
 
@@ -146,8 +305,11 @@ class ChainProblem:
     reason: str
 
 
-def verify_chain(events: list[PrivacyEvent]) -> ChainProblem | None:
-    """The first broken link of one tenant's chain (ordered by seq), or None."""
+def verify_chain(events: Sequence[PrivacyEvent | BudgetChange]) -> ChainProblem | None:
+    """The first broken link of one tenant's chain (ordered by seq), or None.
+
+    Works for both chains: releases (``PrivacyEvent``) and budget changes.
+    """
     prev = GENESIS
     for expected_seq, ev in enumerate(events, start=1):
         if ev.seq != expected_seq:
