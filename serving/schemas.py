@@ -6,6 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from privacy.report import AuditReport
 from tenancy.tables import TenantBase
 
 
@@ -86,9 +87,39 @@ class BudgetPublic(BaseModel):
     remaining_epsilon: float
     accountant: str
     events: int
+    dataset_budgets: dict[str, float] = Field(
+        default_factory=dict, description="Datasets with a budget of their own."
+    )
+
+
+class BudgetChangeRequest(BaseModel):
+    epsilon: float = Field(gt=0, description="The new epsilon budget, at the tenant's delta.")
+    dataset: str | None = Field(
+        default=None, description="A dataset to budget on its own; omit for the whole tenant."
+    )
+    reason: str = Field(default="", max_length=500)
+
+
+class BudgetChangePublic(BaseModel):
+    seq: int
+    dataset: str = Field(description='"*" for the whole tenant, else the dataset name.')
+    created_at: datetime
+    actor: str
+    old_epsilon: float | None
+    new_epsilon: float
+    delta: float
+    reason: str
+    prev_hash: str
+    entry_hash: str
+
+
+class PrivacyReportPublic(AuditReport):
+    """The audit report as JSON; the same fields the HTML page shows."""
 
 
 class LedgerEntryPublic(BaseModel):
+    tenant_id: str
+    dataset: str
     seq: int
     run_id: str
     round: int

@@ -1,0 +1,664 @@
+"""The audit report of one tenant: budget, spend per run and round, chain check, methodology.
+
+Every epsilon here is recomposed from the raw ledger entries at report time (nothing
+stored is trusted): PRV (Opacus) is the figure of record, RDP (Opacus) an upper-bound
+cross-check, and PLD (Google's dp-accounting) an independent recomputation.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib.metadata import version
+from typing import Literal
+
+from pydantic import BaseModel
+from sqlmodel import Session
+
+from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, merge_history
+from privacy.accounting import compose_epsilon as _compose
+from privacy.budget import dataset_budgets
+from privacy.independent import cross_check
+from privacy.ledger import (
+    GENESIS,
+    PRIVACY_UNIT,
+    TENANT_WIDE,
+    PrivacyEvent,
+    budget_changes,
+    tenant_events,
+    verify_chain,
+)
+from privacy.params import DPParams
+
+# Beyond this many entries the curve is composed at run ends and evenly spaced points
+# only: each PRV composition costs a fraction of a second.
+MAX_CURVE_POINTS = 60
+CROSS_CHECK_ACCOUNTANT = "rdp"
+
+
+class RoundRow(BaseModel):
+    """One ledger entry (one round of one run) with the tenant's cumulative epsilon after it."""
+
+    seq: int
+    dataset: str
+    run_id: str
+    round: int
+    created_at: datetime
+    privacy_unit: str
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    delta: float
+    accountant: str
+    accountant_version: str
+    fedtext_version: str
+    spec_sha256: str
+    entry_hash: str
+    cumulative_epsilon: float | None  # PRV; None where the curve was thinned out
+    cumulative_epsilon_rdp: float | None
+
+
+class RunRow(BaseModel):
+    """The releases of one run: its own epsilon, composed over its rounds."""
+
+    run_id: str
+    datasets: list[str]
+    rounds: int
+    first_at: datetime
+    last_at: datetime
+    epsilon: float
+    epsilon_rdp: float
+
+
+class DatasetRow(BaseModel):
+    dataset: str
+    events: int
+    budget_epsilon: float | None  # None: only the tenant budget applies
+    spent_epsilon: float
+    spent_epsilon_rdp: float
+    remaining_epsilon: float | None
+
+
+class BudgetChangeRow(BaseModel):
+    seq: int
+    dataset: str  # "*" for the whole tenant
+    created_at: datetime
+    actor: str
+    old_epsilon: float | None
+    new_epsilon: float
+    delta: float
+    reason: str
+    entry_hash: str
+
+
+class ChainCheck(BaseModel):
+    """Result of re-hashing both of the tenant's chains."""
+
+    ledger_ok: bool
+    ledger_entries: int
+    ledger_problem: str | None
+    ledger_head: str  # keep it: a deleted tail is detectable only against a known head
+    budget_chain_ok: bool
+    budget_changes: int
+    budget_problem: str | None
+    budget_head: str
+    budget_matches_tenant: bool  # the last tenant-wide change equals the budget in force
+
+    @property
+    def ok(self) -> bool:
+        return self.ledger_ok and self.budget_chain_ok and self.budget_matches_tenant
+
+
+class IndependentCheck(BaseModel):
+    library: str
+    method: str
+    epsilon: float
+    of_record: float
+    abs_diff: float
+    agrees: bool
+
+
+class MethodologyItem(BaseModel):
+    question: str
+    answer: str
+
+
+class AuditReport(BaseModel):
+    """Everything an auditor needs about one tenant's privacy spend."""
+
+    tenant: str
+    tenant_id: str
+    generated_at: datetime
+    fedtext_version: str
+    accountant: str
+    accountant_version: str
+    cross_check_accountant: str
+    budget_epsilon: float
+    delta: float
+    spent_epsilon: float
+    spent_epsilon_rdp: float
+    remaining_epsilon: float
+    events: int
+    datasets: list[DatasetRow]
+    runs: list[RunRow]
+    rounds: list[RoundRow]
+    budget_changes: list[BudgetChangeRow]
+    chain: ChainCheck
+    chain_ok: bool
+    independent: IndependentCheck
+    methodology: list[MethodologyItem]
+
+
+def _curve_points(events: Sequence[PrivacyEvent]) -> set[int]:
+    """Indices at which the cumulative curve is composed."""
+    n = len(events)
+    if n <= MAX_CURVE_POINTS:
+        return set(range(n))
+    ends = {i for i in range(n) if i == n - 1 or events[i + 1].run_id != events[i].run_id}
+    step = max(1, n // (MAX_CURVE_POINTS // 2))
+    return ends | set(range(0, n, step)) | {n - 1}
+
+
+def methodology(delta: float) -> list[MethodologyItem]:
+    """Answers to the questions of NIST SP 800-226 for how fedtext trains and accounts."""
+    qa = [
+        (
+            "What is the unit of privacy?",
+            "One training example (one text with its label) of one tenant's dataset "
+            f"(privacy unit '{PRIVACY_UNIT}'). A person who contributed k examples is "
+            "protected only by group privacy, which degrades roughly as k times epsilon; "
+            "the unit is not a person and not a whole tenant.",
+        ),
+        (
+            "What is the neighbouring relation?",
+            "Add-or-remove one example (unbounded DP), the relation under which Opacus "
+            "analyses Poisson-subsampled DP-SGD and under which dp-accounting's PLD "
+            "accountant is run (NeighboringRelation.ADD_OR_REMOVE_ONE).",
+        ),
+        (
+            "Which variant of DP, with which epsilon and delta?",
+            f"Approximate (epsilon, delta)-DP with delta fixed at {delta:g} for this tenant; "
+            "every epsilon in this report is at that delta. A run is refused when delta is "
+            "not below 1/n for the tenant's n training examples.",
+        ),
+        (
+            "Which mechanism is accounted?",
+            "DP-SGD (Opacus): Poisson sampling at rate q, per-example gradient clipping to "
+            "norm C, Gaussian noise of standard deviation sigma*C per step. Each ledger "
+            "entry is one round: 'steps' such steps with the recorded sigma and q.",
+        ),
+        (
+            "How are releases composed?",
+            "Sequentially over every entry of the tenant, across runs and datasets, without "
+            "assuming datasets are disjoint. The figure of record is Opacus's PRV "
+            "accountant; RDP (Opacus) is shown as an upper-bound cross-check, and the total "
+            "is recomputed independently with the PLD accountant of Google's dp-accounting. "
+            "A dataset's own budget is checked against the composition of that dataset's "
+            "entries only; the tenant budget against all of them.",
+        ),
+        (
+            "When is a release charged?",
+            "When a round is dispatched, before any message leaves the coordinator: a "
+            "round that fails afterwards, or a reply that is rejected, stays charged "
+            "(over-counting, never under-counting). A round that would pass the tenant's "
+            "or the dataset's budget is not dispatched.",
+        ),
+        (
+            "What is protected?",
+            "The model updates each client sends (DP-SGD is applied on the tenant's own "
+            "machine, so the coordinator only ever sees noised updates) and everything "
+            "computed from them: the global model and every stored model version, as "
+            "post-processing.",
+        ),
+        (
+            "What is NOT covered by this guarantee?",
+            "Metrics that clients report in the clear: training loss and accuracy per "
+            "round, and federated evaluation loss, accuracy and macro-F1 on each tenant's "
+            "held-out split; the number of training and test examples of each tenant; "
+            "which tenants took part and when. Hyperparameter search done outside the "
+            "platform is not accounted. Client-level DP, when a run enables it, is "
+            "accounted by Flower's own accountant and is not part of this ledger.",
+        ),
+        (
+            "What trust is placed in whom?",
+            "Each tenant's client node is trusted to run DP-SGD with the parameters it "
+            "was sent; it reports the parameters it applied and a mismatch is rejected. "
+            "The coordinator is trusted to write the ledger; the hash chains make an "
+            "edit, deletion or reordering of entries detectable, but a deleted tail or a "
+            "wholesale rewrite is detectable only against a head hash kept elsewhere "
+            "(each report prints the heads: keep them).",
+        ),
+        (
+            "Implementation caveats?",
+            "Noise is sampled in floating point (no defence against floating-point "
+            "attacks on the Gaussian sampler). In secure mode Opacus would use "
+            "torchcsprng, which has no build for current torch; fedtext then draws noise "
+            "from a torch generator seeded with 63 bits of OS entropy per release, which "
+            "is not a cryptographically secure generator. Runs with secure mode off "
+            "(tests only) use torch's default generator.",
+        ),
+        (
+            "Is there an empirical check?",
+            "`fedtext audit canary` trains a small federation with canary sentences in "
+            "one tenant's data and derives a statistical lower bound on epsilon from a "
+            "membership-inference test (one-run auditing, Steinke, Nasr and Jagielski "
+            "2023). It can reveal a broken implementation; it cannot prove the upper "
+            "bound, and on small federations the bound is far below the accounted epsilon.",
+        ),
+    ]
+    return [MethodologyItem(question=q, answer=a) for q, a in qa]
+
+
+def build_report(
+    session: Session,
+    *,
+    tenant_id: str,
+    tenant_name: str,
+    budget_epsilon: float,
+    delta: float,
+) -> AuditReport:
+    """Recompose every figure of one tenant from its ledger and budget chain.
+
+    Parameters
+    ----------
+    session
+        An open database session.
+    tenant_id, tenant_name
+        Whose report it is.
+    budget_epsilon, delta
+        The tenant's budget in force (kept on the tenant row).
+    """
+    events = tenant_events(session, tenant_id)
+    changes = budget_changes(session, tenant_id)
+    params = [e.params() for e in events]
+    cache: dict[tuple[object, ...], float] = {}
+
+    def compose_epsilon(items: Sequence[DPParams], delta: float, acc: str = "prv") -> float:
+        # A run, a dataset and a prefix often hold the same releases: compose each once.
+        key = (tuple(merge_history(items)), delta, acc)
+        if key not in cache:
+            cache[key] = _compose(items, delta, acc)
+        return cache[key]
+
+    spent = compose_epsilon(params, delta)
+    spent_rdp = compose_epsilon(params, delta, CROSS_CHECK_ACCOUNTANT)
+
+    points = _curve_points(events)
+    rows = []
+    for i, ev in enumerate(events):
+        prefix = params[: i + 1]
+        at = i in points
+        rows.append(
+            RoundRow(
+                **{f: getattr(ev, f) for f in RoundRow.model_fields if hasattr(ev, f)},
+                cumulative_epsilon=compose_epsilon(prefix, delta) if at else None,
+                cumulative_epsilon_rdp=(
+                    compose_epsilon(prefix, delta, CROSS_CHECK_ACCOUNTANT) if at else None
+                ),
+            )
+        )
+
+    runs: dict[str, list[PrivacyEvent]] = {}
+    for ev in events:
+        runs.setdefault(ev.run_id, []).append(ev)
+    run_rows = []
+    for run_id, evs in runs.items():
+        run_params = [e.params() for e in evs]
+        run_rows.append(
+            RunRow(
+                run_id=run_id,
+                datasets=sorted({e.dataset for e in evs}),
+                rounds=len(evs),
+                first_at=evs[0].created_at,
+                last_at=evs[-1].created_at,
+                epsilon=compose_epsilon(run_params, delta),
+                epsilon_rdp=compose_epsilon(run_params, delta, CROSS_CHECK_ACCOUNTANT),
+            )
+        )
+
+    own = dataset_budgets(session, tenant_id)
+    dataset_rows = []
+    for name in sorted({e.dataset for e in events} | set(own)):
+        ds_params = [e.params() for e in events if e.dataset == name]
+        ds_spent = compose_epsilon(ds_params, delta)
+        budget = own.get(name)
+        dataset_rows.append(
+            DatasetRow(
+                dataset=name,
+                events=len(ds_params),
+                budget_epsilon=budget,
+                spent_epsilon=ds_spent,
+                spent_epsilon_rdp=compose_epsilon(ds_params, delta, CROSS_CHECK_ACCOUNTANT),
+                remaining_epsilon=None if budget is None else max(0.0, budget - ds_spent),
+            )
+        )
+
+    ledger_problem = verify_chain(events)
+    budget_problem = verify_chain(changes)
+    tenant_wide = [c for c in changes if c.dataset == TENANT_WIDE]
+    chain = ChainCheck(
+        ledger_ok=ledger_problem is None,
+        ledger_entries=len(events),
+        ledger_problem=(
+            None
+            if ledger_problem is None
+            else f"entry {ledger_problem.seq}: {ledger_problem.reason}"
+        ),
+        ledger_head=events[-1].entry_hash if events else GENESIS,
+        budget_chain_ok=budget_problem is None,
+        budget_changes=len(changes),
+        budget_problem=(
+            None
+            if budget_problem is None
+            else f"change {budget_problem.seq}: {budget_problem.reason}"
+        ),
+        budget_head=changes[-1].entry_hash if changes else GENESIS,
+        budget_matches_tenant=(
+            not tenant_wide or math.isclose(tenant_wide[-1].new_epsilon, budget_epsilon)
+        ),
+    )
+    agreement = cross_check(params, delta, spent)
+    return AuditReport(
+        tenant=tenant_name,
+        tenant_id=tenant_id,
+        generated_at=datetime.now(UTC).replace(microsecond=0),
+        fedtext_version=version("fedtext"),
+        accountant=DEFAULT_ACCOUNTANT,
+        accountant_version=accountant_version(),
+        cross_check_accountant=CROSS_CHECK_ACCOUNTANT,
+        budget_epsilon=budget_epsilon,
+        delta=delta,
+        spent_epsilon=spent,
+        spent_epsilon_rdp=spent_rdp,
+        remaining_epsilon=max(0.0, budget_epsilon - spent),
+        events=len(events),
+        datasets=dataset_rows,
+        runs=run_rows,
+        rounds=rows,
+        budget_changes=[
+            BudgetChangeRow(**{f: getattr(c, f) for f in BudgetChangeRow.model_fields})
+            for c in changes
+        ],
+        chain=chain,
+        chain_ok=chain.ok,
+        independent=IndependentCheck(
+            library=agreement.library,
+            method=agreement.method,
+            epsilon=agreement.independent,
+            of_record=agreement.of_record,
+            abs_diff=agreement.abs_diff,
+            agrees=agreement.agrees,
+        ),
+        methodology=methodology(delta),
+    )
+
+
+# --- HTML -------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
+table{border-collapse:collapse;margin:.5rem 0 1.5rem}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right;font-size:.85rem}
+th{background:#f3f3f3}td.l,th.l{text-align:left}
+.ok{color:#0a0;font-weight:bold}.bad{color:#c00;font-weight:bold}
+code{font-size:.8rem;word-break:break-all}dt{font-weight:bold;margin-top:.6rem}
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def epsilon_svg(report: AuditReport, width: int = 720, height: int = 300) -> str:
+    """Cumulative epsilon (PRV solid, RDP dashed) after each ledger entry, budget dashed red."""
+    pts = [
+        (r.seq, r.cumulative_epsilon, r.cumulative_epsilon_rdp)
+        for r in report.rounds
+        if r.cumulative_epsilon is not None
+    ]
+    left, right, top, bottom = 56, 16, 24, 48
+    plot_w, plot_h = width - left - right, height - top - bottom
+    n = max(len(report.rounds), 1)
+    y_max = max([report.budget_epsilon, *[p[1] or 0 for p in pts], *[p[2] or 0 for p in pts]])
+    y_max = (y_max or 1.0) * 1.1
+
+    def x(seq: float) -> float:
+        return left + plot_w * (seq / n)
+
+    def y(eps: float) -> float:
+        return top + plot_h * (1 - eps / y_max)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="cumulative epsilon over time">',
+        f"<title>Cumulative epsilon of tenant {_e(report.tenant)} "
+        f"at delta {report.delta:g}</title>",
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" '
+        'stroke="#999"/>',
+    ]
+    for k in range(5):
+        val = y_max * k / 4
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y(val):.1f}" y2="{y(val):.1f}" '
+            f'stroke="#e4e4e4"/><text x="{left - 6}" y="{y(val) + 4:.1f}" font-size="11" '
+            f'text-anchor="end">{val:.2f}</text>'
+        )
+    if pts:
+        prv_style = 'stroke="#1f5fbf" stroke-width="2"'
+        rdp_style = 'stroke="#888" stroke-width="1.5" stroke-dasharray="5 3"'
+        for key, style in ((1, prv_style), (2, rdp_style)):
+            path = f"M {x(0):.1f} {y(0):.1f}"
+            for p in pts:
+                path += f" L {x(p[0]):.1f} {y(p[key] or 0):.1f}"
+            parts.append(f'<path d="{path}" fill="none" {style}/>')
+        for p in pts:
+            parts.append(
+                f'<circle class="point" cx="{x(p[0]):.1f}" cy="{y(p[1] or 0):.1f}" r="3" '
+                f'fill="#1f5fbf"><title>entry {p[0]}: epsilon {p[1]:.3f}</title></circle>'
+            )
+    parts.append(
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{y(report.budget_epsilon):.1f}" '
+        f'y2="{y(report.budget_epsilon):.1f}" stroke="#c00" stroke-dasharray="6 4"/>'
+        f'<text x="{left + plot_w - 4}" y="{y(report.budget_epsilon) - 5:.1f}" font-size="11" '
+        f'fill="#c00" text-anchor="end">budget {report.budget_epsilon:g}</text>'
+    )
+    if report.rounds:
+        first, last = report.rounds[0].created_at, report.rounds[-1].created_at
+        parts.append(
+            f'<text x="{left}" y="{height - 26}" font-size="11">{_e(first.isoformat())}</text>'
+            f'<text x="{left + plot_w}" y="{height - 26}" font-size="11" text-anchor="end">'
+            f"{_e(last.isoformat())}</text>"
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2}" y="{height - 8}" font-size="12" text-anchor="middle">'
+        "ledger entry (time order): PRV solid, RDP dashed</text>"
+        f'<text x="14" y="{top + plot_h / 2}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot_h / 2})">epsilon</text></svg>'
+    )
+    return "".join(parts)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
+    head = "".join(
+        f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(headers)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _verdict(ok: bool, good: str = "OK", bad: str = "FAILED") -> str:
+    return f'<span class="ok">{good}</span>' if ok else f'<span class="bad">{bad}</span>'
+
+
+def render_html(report: AuditReport) -> str:
+    """A self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
+    r = report
+    c = r.chain
+    summary = _table(
+        ["figure", "value"],
+        [
+            ["budget epsilon", f"{r.budget_epsilon:g}"],
+            ["delta", f"{r.delta:g}"],
+            [f"spent epsilon ({r.accountant}, of record)", _f(r.spent_epsilon, 4)],
+            [
+                f"spent epsilon ({r.cross_check_accountant}, upper-bound cross-check)",
+                _f(r.spent_epsilon_rdp, 4),
+            ],
+            [f"spent epsilon ({r.independent.library}, PLD)", _f(r.independent.epsilon, 4)],
+            ["remaining epsilon", _f(r.remaining_epsilon, 4)],
+            ["ledger entries", r.events],
+        ],
+    )
+    datasets = _table(
+        ["dataset", "entries", "own budget", "spent (PRV)", "spent (RDP)", "remaining"],
+        [
+            [
+                d.dataset,
+                d.events,
+                _f(d.budget_epsilon),
+                _f(d.spent_epsilon, 4),
+                _f(d.spent_epsilon_rdp, 4),
+                _f(d.remaining_epsilon, 4),
+            ]
+            for d in r.datasets
+        ],
+    )
+    runs = _table(
+        ["run", "datasets", "rounds", "first", "last", "run epsilon (PRV)", "run epsilon (RDP)"],
+        [
+            [
+                u.run_id,
+                ", ".join(u.datasets),
+                u.rounds,
+                u.first_at.isoformat(),
+                u.last_at.isoformat(),
+                _f(u.epsilon, 4),
+                _f(u.epsilon_rdp, 4),
+            ]
+            for u in r.runs
+        ],
+    )
+    rounds = _table(
+        [
+            "#",
+            "run",
+            "round",
+            "dataset",
+            "time (UTC)",
+            "unit",
+            "mechanism",
+            "noise multiplier",
+            "sample rate",
+            "steps",
+            "clip norm",
+            "delta",
+            "accountant",
+            "cumulative epsilon (PRV)",
+            "cumulative (RDP)",
+        ],
+        [
+            [
+                w.seq,
+                w.run_id[:12],
+                w.round,
+                w.dataset,
+                w.created_at.isoformat(),
+                w.privacy_unit,
+                w.mechanism,
+                f"{w.noise_multiplier:.6g}",
+                f"{w.sample_rate:.6g}",
+                w.steps,
+                f"{w.clip_norm:g}",
+                f"{w.delta:g}",
+                f"{w.accountant} ({w.accountant_version})",
+                _f(w.cumulative_epsilon, 4),
+                _f(w.cumulative_epsilon_rdp, 4),
+            ]
+            for w in r.rounds
+        ],
+        left=4,
+    )
+    changes = _table(
+        ["#", "scope", "time (UTC)", "actor", "old epsilon", "new epsilon", "delta", "reason"],
+        [
+            [
+                b.seq,
+                "tenant" if b.dataset == TENANT_WIDE else f"dataset {b.dataset}",
+                b.created_at.isoformat(),
+                b.actor,
+                _f(b.old_epsilon),
+                _f(b.new_epsilon),
+                f"{b.delta:g}",
+                b.reason,
+            ]
+            for b in r.budget_changes
+        ],
+        left=4,
+    )
+    chain_rows = [
+        [
+            "ledger chain",
+            c.ledger_entries,
+            "intact" if c.ledger_ok else c.ledger_problem,
+            c.ledger_head,
+        ],
+        [
+            "budget chain",
+            c.budget_changes,
+            "intact" if c.budget_chain_ok else c.budget_problem,
+            c.budget_head,
+        ],
+    ]
+    method = "".join(f"<dt>{_e(m.question)}</dt><dd>{_e(m.answer)}</dd>" for m in r.methodology)
+    ind = r.independent
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>fedtext privacy audit report: {_e(r.tenant)}</title><style>{_CSS}</style></head>
+<body>
+<h1>Privacy audit report: tenant {_e(r.tenant)}</h1>
+<p>Tenant id <code>{_e(r.tenant_id)}</code>. Generated {_e(r.generated_at.isoformat())} by
+fedtext {_e(r.fedtext_version)}; accountant of record {_e(r.accountant)}
+({_e(r.accountant_version)}). Every figure is recomposed from the raw ledger entries.</p>
+<h2>Budget</h2>{summary}
+<h2>Chain check: {_verdict(c.ok)}</h2>
+{_table(["chain", "entries", "result", "head hash (keep it)"], chain_rows)}
+<p>Budget in force matches the last recorded tenant-wide change:
+{_verdict(c.budget_matches_tenant, "yes", "NO: the budget was changed outside the record")}.</p>
+<h2>Independent recomputation: {_verdict(ind.agrees, "agrees", "DISAGREES")}</h2>
+<p>{_e(ind.library)}, {_e(ind.method)}: epsilon {ind.epsilon:.4f} against {ind.of_record:.4f}
+of record (difference {ind.abs_diff:.4f}).</p>
+<h2>Epsilon over time</h2>
+<figure>{epsilon_svg(r)}<figcaption>Cumulative epsilon at delta {r.delta:g} after each
+ledger entry; the dashed red line is the budget in force.</figcaption></figure>
+<h2>Datasets</h2>{datasets}
+<h2>Runs</h2>{runs}
+<h2>Rounds (every ledger entry, all DP parameters)</h2>{rounds}
+<h2>Budget changes</h2>{changes if r.budget_changes else "<p>None recorded.</p>"}
+<h2>Methodology (after the questions of NIST SP 800-226)</h2><dl>{method}</dl>
+</body></html>
+"""
+
+
+ReportFormat = Literal["json", "html"]
+
+
+def render(report: AuditReport, fmt: ReportFormat) -> str:
+    """The report as JSON (every field) or HTML."""
+    if fmt == "json":
+        return report.model_dump_json(indent=2)
+    if fmt == "html":
+        return render_html(report)
+    raise ValueError(f"Unknown report format {fmt!r}; known: json, html.")
