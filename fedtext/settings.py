@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_predict_inputs: int = 64
     max_input_chars: int = 2000
+    serve_cache_models: int = Field(default=32, description="Decrypted models kept in memory.")
+    serve_cache_mb: int = Field(default=512, description="Bytes bound of that cache, in MiB.")
+    serve_max_batch: int = Field(default=64, description="Inputs per forward; 1: no batching.")
+    serve_max_wait_ms: float = Field(default=2.0, description="Longest wait to fill a batch.")
+    serve_inference_threads: int | None = Field(
+        default=None, description="Forward-pass threads; default half the cores."
+    )
+    serve_torch_threads: int = Field(default=1, description="torch intra-op threads.")
+    log_level: str = "INFO"
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -12,27 +13,37 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
-from serving.registry import ModelCache
+from serving.metrics import ServingMetrics
+from serving.registry import ModelCache, ModelLoadError, NotDeployed, ServedModel, UnknownModel
 from tenancy.platform import Platform
 from tenancy.tables import ApiKey, Tenant
 from tenancy.tenants import Scope, authenticate, has_scope
 
 _bearer = HTTPBearer(auto_error=False)
+log = logging.getLogger("fedtext.serving")
+
+# Dependencies that do no I/O are ``async def``: FastAPI runs every plain ``def`` dependency
+# in its thread pool, and on the predict path those hops cost more than the work itself.
 
 
-def get_platform(request: Request) -> Platform:
+async def get_platform(request: Request) -> Platform:
     platform: Platform = request.app.state.platform
     return platform
 
 
-def get_config(request: Request) -> ServingConfig:
+async def get_config(request: Request) -> ServingConfig:
     config: ServingConfig = request.app.state.config
     return config
 
 
-def get_cache(request: Request) -> ModelCache:
+async def get_cache(request: Request) -> ModelCache:
     cache: ModelCache = request.app.state.cache
     return cache
+
+
+async def get_metrics(request: Request) -> ServingMetrics:
+    metrics: ServingMetrics = request.app.state.metrics
+    return metrics
 
 
 def get_session(platform: Annotated[Platform, Depends(get_platform)]) -> Iterator[Session]:
@@ -43,6 +54,7 @@ def get_session(platform: Annotated[Platform, Depends(get_platform)]) -> Iterato
 PlatformDep = Annotated[Platform, Depends(get_platform)]
 ConfigDep = Annotated[ServingConfig, Depends(get_config)]
 CacheDep = Annotated[ModelCache, Depends(get_cache)]
+MetricsDep = Annotated[ServingMetrics, Depends(get_metrics)]
 SessionDep = Annotated[Session, Depends(get_session)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -59,8 +71,7 @@ class Caller:
     tenant: Tenant
 
 
-def get_caller(session: SessionDep, credentials: Credentials) -> Caller:
-    """The tenant comes from the credential only, never from the request."""
+def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _UNAUTHORIZED
     found = authenticate(session=session, presented=credentials.credentials)
@@ -69,13 +80,74 @@ def get_caller(session: SessionDep, credentials: Credentials) -> Caller:
     return Caller(*found)
 
 
+def get_caller(session: SessionDep, credentials: Credentials) -> Caller:
+    """The tenant comes from the credential only, never from the request."""
+    return _authenticate(session, credentials)
+
+
+def _check_scope(caller: Caller, scope: Scope) -> Caller:
+    if not has_scope(caller.key, scope):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"This key lacks the {scope} scope.")
+    return caller
+
+
 def _require(scope: Scope):  # type: ignore[no-untyped-def]
-    def check(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
-        if not has_scope(caller.key, scope):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"This key lacks the {scope} scope.")
-        return caller
+    async def check(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+        return _check_scope(caller, scope)
 
     return check
+
+
+@dataclass(frozen=True)
+class PredictTarget:
+    caller: Caller
+    served: ServedModel
+
+
+_LOAD_FAILED = {
+    "integrity": "The stored model failed its integrity check; the operator has been alerted.",
+    "decryption": "The stored model failed its integrity check; the operator has been alerted.",
+    "missing": "The stored model is missing; the operator has been alerted.",
+    "format": "The stored model cannot be rebuilt; the operator has been alerted.",
+}
+
+
+def get_predict_target(
+    name: str, platform: PlatformDep, cache: CacheDep, credentials: Credentials
+) -> PredictTarget:
+    """Authenticate, check the scope and find (or load) the deployed model: one thread hop.
+
+    The predict path does all its database work here and closes the session before the
+    request waits in a batch, so a parked request never holds a pooled connection (with
+    one hop per step, 64 waiting requests could hold the pool while the threads that
+    would release it wait for a connection).
+    """
+    with Session(platform.engine, expire_on_commit=False) as session:
+        caller = _check_scope(_authenticate(session, credentials), Scope.predict)
+        try:
+            served = cache.get_deployed(session, caller.tenant.id, name)
+        except UnknownModel as exc:
+            # Another tenant's model and a missing one look the same: 404.
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        except NotDeployed as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        except ModelLoadError as exc:
+            # The reason and the blob's identity; never key material nor request content.
+            log.error(
+                "stored model failed to load",
+                extra={
+                    "fields": {
+                        "tenant": caller.tenant.id,
+                        "model": name,
+                        "reason": exc.reason,
+                        "detail": str(exc),
+                    }
+                },
+            )
+            raise HTTPException(
+                status.HTTP_500_INTERNAL_SERVER_ERROR, _LOAD_FAILED[exc.reason]
+            ) from None
+    return PredictTarget(caller, served)
 
 
 def require_operator(config: ConfigDep, credentials: Credentials) -> None:
@@ -95,4 +167,5 @@ def require_operator(config: ConfigDep, credentials: Credentials) -> None:
 
 AdminCaller = Annotated[Caller, Depends(_require(Scope.admin))]
 PredictCaller = Annotated[Caller, Depends(_require(Scope.predict))]
+PredictTargetDep = Annotated[PredictTarget, Depends(get_predict_target)]
 Operator = Annotated[None, Depends(require_operator)]

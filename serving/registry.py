@@ -1,77 +1,271 @@
-"""Served models: decrypt in memory on first use, keep an LRU of them per tenant/model/version."""
+"""Served models: decrypted in memory on first use, kept in an LRU bounded by count and bytes.
+
+The encrypted blobs sit behind ``tenancy.blobs.BlobStore``; ``tenancy.registry`` checks
+each blob's SHA-256 (recorded in the database) before it decrypts, in memory only. Here a
+decrypted model lives exactly as long as its cache entry: eviction drops the last
+reference to its tensors.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from models import ModelSpec, PublicTokenizer, build_model, load_tokenizer, load_weights
-from tenancy.errors import NotFound
+from serving.batching import MicroBatcher, Rows
+from serving.metrics import ServingMetrics
+from serving.optimize import prepare_for_inference, resident_bytes
+from tenancy.errors import DecryptionError, IntegrityError, NotFound
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, read_model_weights
 from tenancy.tables import ModelVersion
+
+log = logging.getLogger("fedtext.serving.registry")
+
+CacheKey = tuple[str, str, int]  # (tenant id, model name, version)
+
+
+class UnknownModel(NotFound):
+    """The tenant has no model of that name (another tenant's model looks the same)."""
 
 
 class NotDeployed(NotFound):
     """The model exists but no version of it is deployed."""
 
 
-@dataclass
+class ModelLoadError(Exception):
+    """A stored model could not be loaded; ``reason`` is safe to log and to count."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # integrity | decryption | missing | format
+
+
+def run_batch(
+    model: torch.nn.Module, tokenizer: PublicTokenizer, max_seq_len: int, texts: list[str]
+) -> Rows:
+    """Class probabilities for ``texts`` in one forward pass (blocking; call off the loop).
+
+    Every input is padded to ``max_seq_len`` as in training, so an input's scores do not
+    depend on which other inputs share its batch.
+    """
+    enc = tokenizer.encode(texts, max_seq_len)
+    with torch.inference_mode():
+        probs = torch.softmax(model(enc.input_ids, enc.attention_mask), dim=-1)
+    rows: Rows = probs.tolist()
+    return rows
+
+
+@dataclass(eq=False)
 class ServedModel:
+    tenant_id: str
     name: str
     version: int
     spec: ModelSpec
     model: torch.nn.Module
     tokenizer: PublicTokenizer
+    quantize: str | None
+    nbytes: int  # decrypted float weights; the LRU's byte bound counts these
+    load_seconds: float
+    batcher: MicroBatcher | None = field(default=None, repr=False)
 
-    @torch.no_grad()
+    @property
+    def key(self) -> CacheKey:
+        return (self.tenant_id, self.name, self.version)
+
+    def infer(self, texts: list[str]) -> Rows:
+        """Blocking forward pass over ``texts`` (no batching with other requests)."""
+        return run_batch(self.model, self.tokenizer, self.spec.max_seq_len, texts)
+
+    async def predict_rows(self, texts: list[str]) -> Rows:
+        """Probability rows, through the micro-batcher when there is one."""
+        if self.batcher is None:
+            return self.infer(texts)
+        return await self.batcher.submit(texts)
+
     def predict(self, texts: list[str], top_k: int) -> list[list[tuple[str, float]]]:
-        enc = self.tokenizer.encode(texts, self.spec.max_seq_len)
-        probs = torch.softmax(self.model(enc.input_ids, enc.attention_mask), dim=-1)
-        k = min(top_k, len(self.spec.labels))
-        scores, idx = probs.topk(k, dim=-1)
-        return [
-            [(self.spec.labels[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
-            for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
-        ]
+        """Top-``top_k`` (label, score) pairs per input (blocking)."""
+        return [top_labels(self.spec.labels, row, top_k) for row in self.infer(texts)]
+
+
+def top_labels(labels: tuple[str, ...], row: list[float], top_k: int) -> list[tuple[str, float]]:
+    order = sorted(range(len(row)), key=row.__getitem__, reverse=True)[: min(top_k, len(row))]
+    return [(labels[i], row[i]) for i in order]
+
+
+def load_served_model(session: Session, platform: Platform, row: ModelVersion) -> ServedModel:
+    """Fetch, check, decrypt and rebuild one model version, in memory only (no cache)."""
+    started = time.perf_counter()
+    try:
+        weights = read_model_weights(
+            session=session, keyring=platform.keyring, store=platform.store, row=row
+        )
+    except IntegrityError as exc:
+        raise ModelLoadError(str(exc), "integrity") from None
+    except DecryptionError as exc:
+        raise ModelLoadError(str(exc), "decryption") from None
+    except NotFound as exc:  # the blob, or the tenant's data key, is gone
+        raise ModelLoadError(str(exc), "missing") from None
+    try:
+        spec = ModelSpec.from_json(row.spec_json)
+        model = load_weights(build_model(spec), weights)
+    except ValueError as exc:
+        raise ModelLoadError(f"{row.name} v{row.version}: {exc}", "format") from None
+    del weights  # the plaintext bytes; only the model's tensors hold the weights now
+    nbytes = resident_bytes(model)
+    model = prepare_for_inference(model, row.quantize)
+    return ServedModel(
+        tenant_id=row.tenant_id,
+        name=row.name,
+        version=row.version,
+        spec=spec,
+        model=model,
+        tokenizer=load_tokenizer(),
+        quantize=row.quantize,
+        nbytes=nbytes,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def find_deployed(session: Session, tenant_id: str, name: str) -> ModelVersion:
+    """The deployed version row; UnknownModel or NotDeployed otherwise (one query when found)."""
+    row = deployed_version(session=session, tenant_id=tenant_id, name=name)
+    if row is not None:
+        return row
+    exists = session.exec(
+        select(ModelVersion.id).where(
+            ModelVersion.tenant_id == tenant_id, ModelVersion.name == name
+        )
+    ).first()
+    if exists is None:
+        raise UnknownModel(f"No model named {name!r}.")
+    raise NotDeployed(f"Model {name!r} has no deployed version.")
 
 
 class ModelCache:
-    """LRU of decrypted models keyed by (tenant, name, version); plaintext only in memory."""
+    """LRU of decrypted models keyed by (tenant, name, version), bounded by count and bytes.
 
-    def __init__(self, platform: Platform, capacity: int = 32) -> None:
+    Thread-safe. Concurrent lookups of a model that is not in memory wait for one load
+    (single flight); the lock is never held while a model loads, so other models stay
+    served meanwhile. A model larger than ``max_bytes`` on its own is still served, alone.
+    """
+
+    def __init__(
+        self,
+        platform: Platform,
+        *,
+        max_models: int = 32,
+        max_bytes: int = 512 * 2**20,
+        metrics: ServingMetrics | None = None,
+        make_batcher: Callable[[ServedModel], MicroBatcher] | None = None,
+    ) -> None:
+        if max_models < 1:
+            raise ValueError("max_models should be at least 1.")
+        if max_bytes < 1:
+            raise ValueError("max_bytes should be positive.")
         self.platform = platform
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, int], ServedModel] = OrderedDict()
+        self.max_models = max_models
+        self.max_bytes = max_bytes
+        self.metrics = metrics or ServingMetrics()
+        self._make_batcher = make_batcher
+        self._items: OrderedDict[CacheKey, ServedModel] = OrderedDict()
+        self._bytes = 0
+        self._loading: dict[
+            tuple[CacheKey, str | None], concurrent.futures.Future[ServedModel]
+        ] = {}
         self._lock = threading.Lock()
 
-    def _load(self, session: Session, row: ModelVersion) -> ServedModel:
-        spec = ModelSpec.from_json(row.spec_json)
-        weights = read_model_weights(
-            session=session, keyring=self.platform.keyring, store=self.platform.store, row=row
-        )
-        model = load_weights(build_model(spec), weights).eval()
-        return ServedModel(row.name, row.version, spec, model, load_tokenizer())
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def cached_keys(self) -> list[CacheKey]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
 
     def get_deployed(self, session: Session, tenant_id: str, name: str) -> ServedModel:
-        row = deployed_version(session=session, tenant_id=tenant_id, name=name)
-        if row is None:
-            raise NotDeployed(f"Model {name!r} has no deployed version.")
-        key = (tenant_id, name, row.version)
+        """The deployed version of ``name`` for ``tenant_id``, loading it on first use."""
+        return self.get(session, find_deployed(session, tenant_id, name))
+
+    def get(self, session: Session, row: ModelVersion) -> ServedModel:
+        """The model for ``row`` from memory, or loaded once however many callers ask."""
+        key: CacheKey = (row.tenant_id, row.name, row.version)
+        flight = (key, row.quantize)
         with self._lock:
-            if key in self._items:
+            served = self._items.get(key)
+            if served is not None and served.quantize == row.quantize:
                 self._items.move_to_end(key)
-                return self._items[key]
-            served = self._load(session, row)
+                self.metrics.cache_hits.inc()
+                return served
+            pending = self._loading.get(flight)
+            leader = pending is None
+            if pending is None:
+                pending = self._loading[flight] = concurrent.futures.Future()
+                self.metrics.cache_misses.inc()
+        if not leader:
+            return pending.result()  # re-raises the leader's error: no retry storm
+        try:
+            served = load_served_model(session, self.platform, row)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[flight]
+            if isinstance(exc, ModelLoadError):
+                self.metrics.load_failures.labels(exc.reason).inc()
+            pending.set_exception(exc)
+            raise
+        self.metrics.load_seconds.labels(served.spec.family, str(served.quantize)).observe(
+            served.load_seconds
+        )
+        if self._make_batcher is not None:
+            served.batcher = self._make_batcher(served)
+        with self._lock:
+            del self._loading[flight]
+            self._drop(key)  # a stale entry (other quantization) of the same version
             self._items[key] = served
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-            return served
+            self._bytes += served.nbytes
+            while len(self._items) > 1 and (
+                len(self._items) > self.max_models or self._bytes > self.max_bytes
+            ):
+                self._drop(next(iter(self._items)))
+            self._publish()
+        pending.set_result(served)
+        return served
+
+    def evict(self, key: CacheKey) -> bool:
+        """Drop ``key`` from memory; True if it was there."""
+        with self._lock:
+            found = self._drop(key)
+            self._publish()
+            return found
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
+            for key in list(self._items):
+                self._drop(key)
+            self._publish()
+
+    def _drop(self, key: CacheKey) -> bool:
+        served = self._items.pop(key, None)
+        if served is None:
+            return False
+        self._bytes -= served.nbytes
+        self.metrics.cache_evictions.inc()
+        # Requests already holding the model finish with it; then nothing references it.
+        log.info(
+            "model evicted",
+            extra={"fields": {"tenant": key[0], "model": key[1], "version": key[2]}},
+        )
+        return True
+
+    def _publish(self) -> None:
+        self.metrics.cache_models.set(len(self._items))
+        self.metrics.cache_bytes.set(self._bytes)

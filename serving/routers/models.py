@@ -1,3 +1,5 @@
+"""Model versions (admin) and predictions (predict keys)."""
+
 from __future__ import annotations
 
 import json
@@ -5,10 +7,10 @@ import logging
 
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, func, select
-from starlette.concurrency import run_in_threadpool
 
-from serving.deps import AdminCaller, CacheDep, ConfigDep, PredictCaller, SessionDep
-from serving.registry import NotDeployed
+from serving.deps import AdminCaller, ConfigDep, PredictTargetDep, SessionDep
+from serving.model_options import ServingOptions, ServingOptionsPublic
+from serving.registry import top_labels
 from serving.schemas import (
     LabelScore,
     ModelPublic,
@@ -16,8 +18,8 @@ from serving.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from tenancy.errors import DecryptionError, IntegrityError, NotFound
-from tenancy.registry import deploy_version
+from tenancy.errors import NotFound
+from tenancy.registry import deploy_version, get_version
 from tenancy.tables import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -90,15 +92,43 @@ def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) ->
     return _version_public(row)
 
 
+@router.get("/{name}/versions/{version}/serving", response_model=ServingOptionsPublic)
+def get_serving_options(
+    name: str, version: int, caller: AdminCaller, session: SessionDep
+) -> ServingOptionsPublic:
+    row = _version(session, caller.tenant.id, name, version)
+    return ServingOptionsPublic(
+        name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize
+    )
+
+
+@router.put("/{name}/versions/{version}/serving", response_model=ServingOptionsPublic)
+def set_serving_options(
+    name: str, version: int, body: ServingOptions, caller: AdminCaller, session: SessionDep
+) -> ServingOptionsPublic:
+    """Choose how a version is served (e.g. dynamic int8); the next request reloads it."""
+    row = _version(session, caller.tenant.id, name, version)
+    row.quantize = body.quantize
+    session.add(row)
+    session.commit()
+    return ServingOptionsPublic(
+        name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize
+    )
+
+
+def _version(session: SessionDep, tenant_id: str, name: str, version: int) -> ModelVersion:
+    _versions(session, tenant_id, name)
+    try:
+        return get_version(session=session, tenant_id=tenant_id, name=name, version=version)
+    except NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+
 @router.post("/{name}/predict", response_model=PredictResponse)
 async def predict(
-    name: str,
-    body: PredictRequest,
-    caller: PredictCaller,
-    session: SessionDep,
-    cache: CacheDep,
-    config: ConfigDep,
+    body: PredictRequest, target: PredictTargetDep, config: ConfigDep
 ) -> PredictResponse:
+    """Top-k labels per input; the forward pass is shared with concurrent requests."""
     if len(body.inputs) > config.max_predict_inputs:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -112,21 +142,16 @@ async def predict(
             )
         if not text.strip():
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"inputs[{i}] is empty.")
-    _versions(session, caller.tenant.id, name)
-    try:
-        served = await run_in_threadpool(cache.get_deployed, session, caller.tenant.id, name)
-    except NotDeployed as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-    except (DecryptionError, IntegrityError) as exc:
-        log.error("model %s of tenant %s failed its check: %s", name, caller.tenant.id, exc)
-        raise HTTPException(
-            status.HTTP_500_INTERNAL_SERVER_ERROR,
-            "The stored model failed its integrity check; the operator has been alerted.",
-        ) from None
-    top_k = min(body.top_k, len(served.spec.labels))
-    rows = await run_in_threadpool(served.predict, body.inputs, top_k)
+    served = target.served
+    rows = await served.predict_rows(body.inputs)
     return PredictResponse(
         model=served.name,
         version=served.version,
-        predictions=[[LabelScore(label=lab, score=s) for lab, s in row] for row in rows],
+        predictions=[
+            [
+                LabelScore(label=lab, score=s)
+                for lab, s in top_labels(served.spec.labels, r, body.top_k)
+            ]
+            for r in rows
+        ],
     )
