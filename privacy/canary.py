@@ -27,6 +27,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from scipy.stats import binom
 
 # A fixed, public word list: canaries are random sentences over it, unlikely in real data.
@@ -85,10 +86,11 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
         raise ValueError("Need epsilon >= 0 and delta in [0, 1].")
     q = 1.0 / (1.0 + math.exp(-epsilon))
     beta = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
-    alpha, mass = 0.0, 0.0
-    for i in range(1, v + 1):
-        mass += float(binom.pmf(v - i, r, q))
-        alpha = max(alpha, mass / i)
+    if v == 0:
+        return min(1.0, beta)
+    # alpha = max over i in 1..v of P[v - i <= Binomial(r, q) < v] / i
+    i = np.arange(1, v + 1)
+    alpha = float(np.max(np.cumsum(binom.pmf(v - i, r, q)) / i))
     return min(1.0, beta + alpha * delta * 2 * m)
 
 
