@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlmodel import Session
 
+from fedtext.deploy_cli import federation_app
 from fedtext.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Federated, differentially private text classifiers.")
@@ -26,6 +27,7 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
+app.add_typer(federation_app, name="federation")
 
 console = Console(soft_wrap=True)  # never wrap a key or an error across lines
 err = Console(stderr=True, soft_wrap=True)
