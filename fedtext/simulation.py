@@ -58,6 +58,7 @@ class SimulationConfig:
     gpu_fraction: float = 0.0  # of one GPU per virtual client; 0 keeps clients on the CPU
     inject_fault: str = ""  # "TENANT:ROUND": that client raises in that round (testing aid)
     min_nodes: int = 2  # valid replies a round needs; fewer stops the run (resumable)
+    dataset: str = "default"  # the ledger's dataset name, for per-dataset budgets
     model_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -89,6 +90,7 @@ class SimulationConfig:
             "secure-mode": self.secure_mode,
             "seed": self.seed,
             "model-config": json.dumps(self.model_config),
+            "dataset": self.dataset,
         }
 
     def client_overrides(self) -> dict[str, Any]:

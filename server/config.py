@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from models import ModelSpec, families
+from privacy.ledger import check_dataset
 from server.strategy import strategy_names
 
 DEFAULTS: dict[str, Any] = {
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "resume": False,
     "seed": 7,
     "model-config": "{}",
+    "dataset": "default",
 }
 
 
@@ -67,6 +69,7 @@ class ServerRunConfig:
     resume: bool
     seed: int
     model_config: dict[str, Any]
+    dataset: str
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> ServerRunConfig:
@@ -102,6 +105,7 @@ class ServerRunConfig:
                 resume=_as_bool(merged["resume"]),
                 seed=int(merged["seed"]),
                 model_config=_json_object(merged["model-config"]),
+                dataset=check_dataset(str(merged["dataset"])),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Invalid run configuration: {exc}") from None

@@ -141,6 +141,16 @@ def plan_run(
             )
         except PlanRefused as exc:
             refused.append(str(exc))
+            continue
+        # A dataset with its own budget is checked for the whole run too, before round 1.
+        p = plans[node.node_id]
+        releases = [p.round_params] * cfg.rounds + (
+            [p.personal_params] if p.personal_params else []
+        )
+        decision = check_release(session, tenant=tenant, dataset=cfg.dataset, new_events=releases)
+        if not decision.allowed:
+            del plans[node.node_id]
+            refused.append(f"tenant {tenant.name!r} refused: {decision.reason}")
     return plans, refused
 
 
@@ -367,7 +377,7 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
     private.setup_private(
         plans=plans,
         train_config=train_config,
-        charge=make_charge(platform, cfg.run_id, spec, lambda p: p.round_params),
+        charge=make_charge(platform, cfg.run_id, spec, lambda p: p.round_params, cfg.dataset),
         sink=make_sink(platform, cfg.run_id),
         fraction=cfg.fraction_train,
         min_nodes=min_nodes,
@@ -450,7 +460,7 @@ def _personalize(
 ) -> dict[str, Personalized]:
     """Each tenant fine-tunes the global model under DP, charged like any release."""
     phase_round = cfg.rounds + 1
-    charge = make_charge(platform, cfg.run_id, spec, lambda p: p.personal_params)
+    charge = make_charge(platform, cfg.run_id, spec, lambda p: p.personal_params, cfg.dataset)
     plans = charge(phase_round, private.live_plans(grid))
     messages = private._messages(
         MessageType.TRAIN,
