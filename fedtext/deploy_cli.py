@@ -543,13 +543,21 @@ def register(
 
 @federation_app.command()
 def node(
-    tenant: Annotated[str, typer.Option(help="The tenant this site trains for.")],
-    data: Annotated[Path, typer.Option(help="The tenant's CSV or JSONL file (text, label).")],
+    tenant: Annotated[
+        str, typer.Option(envvar="FEDTEXT_NODE_TENANT", help="The tenant this site trains for.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            envvar="FEDTEXT_NODE_DATA", help="The tenant's CSV or JSONL file (text, label)."
+        ),
+    ],
     superlink: SuperlinkOpt,
     credentials_dir: Annotated[
         Path | None,
         typer.Option(
             "--credentials",
+            envvar="FEDTEXT_NODE_CREDENTIALS",
             help="This node's bundle (node.key, ca.crt), e.g. OUT/nodes/TENANT.",
         ),
     ] = None,
@@ -558,7 +566,11 @@ def node(
     ] = None,
     ca: CaOpt = None,
     device: Annotated[
-        str, typer.Option(help="'auto' (a GPU when present), 'cpu', 'cuda' or 'cuda:N'.")
+        str,
+        typer.Option(
+            envvar="FEDTEXT_NODE_DEVICE",
+            help="'auto' (a GPU when present), 'cpu', 'cuda' or 'cuda:N'.",
+        ),
     ] = "auto",
     port: Annotated[
         int, typer.Option(help="Local port of the node's ClientApp API (one per node).")
@@ -612,11 +624,13 @@ def node(
         code, first = supervise(
             [("supernode", cmd)],
             flower_env(),
-            watch=("Failed to activate SuperNode", "CERTIFICATE_VERIFY_FAILED", "SSL"),
+            watch=("Failed to activate SuperNode", "CERTIFICATE_VERIFY_FAILED", "Exit Code: 305"),
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if code == SUPERNODE_CONNECTION_ERROR:
+    # Flower logs "Exit Code: 305" for both refusals, but the process may still exit 1
+    # (its signal handler races the exit), so the log decides, not the exit code.
+    if code:
         if "Failed to activate SuperNode" in first.seen:
             raise _fail(
                 f"The SuperLink refused this node: its key {key_path} is not registered. "
@@ -627,8 +641,8 @@ def node(
                 f"The SuperLink's certificate does not verify against {ca_path}: "
                 "wrong CA, or the address is not one of the certificate's hosts."
             )
-        raise _fail(f"Could not connect to the SuperLink at {superlink} (Flower exit code 305).")
-    if code:
+        if code == SUPERNODE_CONNECTION_ERROR or "Exit Code: 305" in first.seen:
+            raise _fail(f"Could not connect to the SuperLink at {superlink} (Flower exit 305).")
         raise _fail(f"flower-supernode exited with code {code}; see its output above", code)
 
 
@@ -719,6 +733,7 @@ class RunStatus:
     platform_status: str | None
     platform_error: str | None
     summary: dict[str, Any]
+    platform_note: str = "(no platform database here)"
 
     @property
     def completed(self) -> bool:
@@ -754,15 +769,23 @@ def platform_record(run_id: str) -> tuple[str | None, str | None, dict[str, Any]
     except Exception:  # no such table, unreachable server: not this machine's database
         return None
     if row is None:
-        return (None, None, {})
+        return (None, f"not recorded in {_redacted(url)}", {})
     return row.status, row.error, json.loads(row.summary_json or "{}")
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def read_status(connection: str, flower_run_id: int, run_id: str) -> RunStatus:
     status, details = flower_run_status(connection, flower_run_id)
     record = platform_record(run_id)
-    p_status, p_error, summary = record if record else (None, None, {})
-    return RunStatus(flower_run_id, status, details, run_id, p_status, p_error, summary)
+    if record is None:
+        return RunStatus(flower_run_id, status, details, run_id, None, None, {})
+    p_status, p_error, summary = record
+    if p_status is None:  # this database does not know the run: say so, do not fail on it
+        return RunStatus(flower_run_id, status, details, run_id, None, None, {}, p_error or "")
+    return RunStatus(flower_run_id, status, details, run_id, p_status, p_error, summary, "")
 
 
 def _print_status(st: RunStatus) -> None:
@@ -774,7 +797,7 @@ def _print_status(st: RunStatus) -> None:
         + (f" ({st.flower_details})" if st.flower_details not in ("", "N/A") else ""),
     )
     table.add_row("platform run", st.platform_run_id)
-    table.add_row("platform status", st.platform_status or "(no platform database here)")
+    table.add_row("platform status", st.platform_status or st.platform_note)
     if st.platform_error:
         table.add_row("error", st.platform_error)
     for name, t in sorted(st.summary.get("tenants", {}).items()):

@@ -74,7 +74,7 @@ def test_credentials_keep_existing_keys_and_refuse_a_cert_without_the_host(tmp_p
     again = create_credentials(tmp_path, hosts=["127.0.0.1"], tenants=["acme", "globex"])
     assert first.layout.node("acme").private_key.read_bytes() == key
     assert first.layout.node("acme").private_key in again.kept
-    with pytest.raises(CredentialsError, match="does not name link.example.org"):
+    with pytest.raises(CredentialsError, match=r"does not name link\.example\.org"):
         create_credentials(tmp_path, hosts=["127.0.0.1", "link.example.org"], tenants=[])
     renewed = create_credentials(
         tmp_path, hosts=["link.example.org"], tenants=[], renew_server_cert=True
@@ -105,13 +105,17 @@ def test_node_refuses_missing_files_and_an_unreachable_superlink(tmp_path: Path)
     creds = create_credentials(tmp_path / "creds", hosts=["127.0.0.1"], tenants=["acme"]).layout
     data = tmp_path / "acme.csv"
     data.write_text(
-        "text,label\n" + "".join(f"row {i},{'negative' if i % 2 else 'positive'}\n" for i in range(8))
+        "text,label\n"
+        + "".join(f"row {i},{'negative' if i % 2 else 'positive'}\n" for i in range(8))
     )
     base = ["federation", "node", "--tenant", "acme", "--superlink"]
     closed = f"127.0.0.1:{_free_port()}"
     bundle = str(creds.node("acme").directory)
     cases = [
-        ([*base, closed, "--data", str(tmp_path / "nope.csv"), "--credentials", bundle], "not found"),
+        (
+            [*base, closed, "--data", str(tmp_path / "nope.csv"), "--credentials", bundle],
+            "not found",
+        ),
         ([*base, closed, "--data", str(data), "--key", str(tmp_path / "x.key")], "does not exist"),
         ([*base, closed, "--data", str(data), "--credentials", bundle], "unreachable"),
         ([*base, "no-port", "--data", str(data), "--credentials", bundle], "host:port"),
