@@ -9,14 +9,18 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from sqlmodel import Session
 
 from serving.batching import MicroBatcher
 from serving.config import ServingConfig
+from serving.launcher import RunLauncher
+from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
 from serving.metrics import ServingMetrics
 from serving.observability import ObservabilityMiddleware
 from serving.registry import ModelCache, ServedModel, run_batch
-from serving.routers import health, keys, models, privacy, tenants
+from serving.routers import health, keys, model_admin, models, privacy, runs, tenants
 from tenancy.platform import Platform
+from tenancy.runs import reap_orphaned_runs
 
 
 def _init_inference_thread(torch_threads: int | None) -> None:
@@ -25,8 +29,16 @@ def _init_inference_thread(torch_threads: int | None) -> None:
         torch.set_num_threads(torch_threads)
 
 
-def create_app(platform: Platform, config: ServingConfig | None = None) -> FastAPI:
+def create_app(
+    platform: Platform,
+    config: ServingConfig | None = None,
+    *,
+    limits: Limits | None = None,
+    run_launcher: RunLauncher | None = None,
+) -> FastAPI:
+    """The API; ``run_launcher`` (from ``fedtext``) lets ``POST /v1/runs`` start runs."""
     config = config or ServingConfig()
+    limits = limits or Limits()
     metrics = ServingMetrics()
     # Forward passes run here, off the event loop; torch releases the GIL inside them.
     executor = ThreadPoolExecutor(
@@ -59,6 +71,9 @@ def create_app(platform: Platform, config: ServingConfig | None = None) -> FastA
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
+        # Runs whose worker died while no API was up are marked interrupted (resumable).
+        with Session(platform.engine) as session:
+            reap_orphaned_runs(session)
         yield
         app.state.cache.clear()
         executor.shutdown(wait=True)
@@ -74,7 +89,17 @@ def create_app(platform: Platform, config: ServingConfig | None = None) -> FastA
         metrics=metrics,
         make_batcher=make_batcher,
     )
+    app.state.run_launcher = run_launcher
+    # Inside the observability middleware, so 413 and 429 are logged and counted too.
+    if limits.rate_per_second is not None:
+        app.add_middleware(
+            RateLimitMiddleware,
+            rate=limits.rate_per_second,
+            burst=limits.burst,
+            max_buckets=limits.max_buckets,
+        )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
-    for module in (health, tenants, keys, models, privacy):
+    for module in (health, tenants, keys, model_admin, models, privacy, runs):
         app.include_router(module.router)
     return app

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
+from serving.launcher import RunLauncher
 from serving.metrics import ServingMetrics
 from serving.registry import ModelCache, ModelLoadError, NotDeployed, ServedModel, UnknownModel
 from tenancy.platform import Platform
@@ -44,6 +45,15 @@ async def get_cache(request: Request) -> ModelCache:
 async def get_metrics(request: Request) -> ServingMetrics:
     metrics: ServingMetrics = request.app.state.metrics
     return metrics
+
+
+async def get_run_launcher(request: Request) -> RunLauncher:
+    launcher: RunLauncher | None = request.app.state.run_launcher
+    if launcher is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "This server starts no training runs."
+        )
+    return launcher
 
 
 def get_session(platform: Annotated[Platform, Depends(get_platform)]) -> Iterator[Session]:
@@ -169,3 +179,4 @@ AdminCaller = Annotated[Caller, Depends(_require(Scope.admin))]
 PredictCaller = Annotated[Caller, Depends(_require(Scope.predict))]
 PredictTargetDep = Annotated[PredictTarget, Depends(get_predict_target)]
 Operator = Annotated[None, Depends(require_operator)]
+RunLauncherDep = Annotated[RunLauncher, Depends(get_run_launcher)]

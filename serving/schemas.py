@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.report import AuditReport
 from tenancy.tables import TenantBase
@@ -17,6 +18,14 @@ class TenantCreate(TenantBase):
 class TenantPublic(TenantBase):
     id: str
     created_at: datetime
+    deleted_at: datetime | None = None
+
+
+class TenantDeleted(BaseModel):
+    tenant: TenantPublic
+    revoked_keys: int
+    destroyed_data_keys: int
+    removed_blobs: int
 
 
 class TenantCreated(BaseModel):
@@ -43,6 +52,60 @@ class KeyPublic(BaseModel):
 class KeyCreated(BaseModel):
     key: KeyPublic
     secret: str = Field(description="Shown once; store it now.")
+
+
+class RunCreate(BaseModel):
+    """A simulated federation of the calling tenant and the tenants it names."""
+
+    participants: list[str] = Field(
+        default_factory=list,
+        max_length=15,
+        description="Other existing tenants (by name) that train with the caller.",
+    )
+    rounds: int = Field(default=3, ge=1, le=100)
+    epsilon: float = Field(default=3.0, gt=0, le=100)
+    model: Literal["lstm", "transformer", "minilm"] = "lstm"
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    local_epochs: int = Field(default=1, ge=1, le=20)
+    batch_size: int = Field(default=64, ge=1, le=1024)
+    learning_rate: float = Field(default=0.5, gt=0, le=100)
+    clip_norm: float = Field(default=1.0, gt=0, le=1000)
+    personalize_epochs: int = Field(default=1, ge=0, le=20)
+    partitioning: Literal["iid", "dirichlet", "topic"] = "iid"
+    max_train_examples: int = Field(default=2000, ge=8, le=100_000)
+    max_test_examples: int = Field(default=500, ge=8, le=100_000)
+    dataset: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    secure_mode: bool = True
+    # JSON key "model_config", as on the CLI (the attribute name avoids pydantic's own).
+    family_config: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, alias="model_config", max_length=32
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class RoundMetricPublic(BaseModel):
+    round: int
+    phase: str
+    examples: int
+    loss: float
+    accuracy: float
+    macro_f1: float | None
+
+
+class RunPublic(BaseModel):
+    id: str
+    status: str = Field(
+        description="created | running | completed | failed | cancelled | interrupted"
+    )
+    participants: list[str]
+    rounds: int
+    checkpoint_round: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    metrics: list[RoundMetricPublic] = Field(description="The calling tenant's own metrics.")
 
 
 class ModelVersionPublic(BaseModel):

@@ -31,6 +31,18 @@ class KeyProvider(ABC):
         """Raise KeyProviderError when the current KEK is unreadable."""
         self.get_kek(self.current_version())
 
+    def versions(self) -> list[int]:
+        """Every KEK version this provider can still read."""
+        return [self.current_version()]
+
+    def add_version(self) -> int:
+        """Make a new KEK version current (older ones stay readable); return its number."""
+        raise KeyProviderError(f"The {self.name} key provider cannot rotate its KEK itself.")
+
+    def retire_version(self, version: int) -> None:
+        """Forget an old KEK version (the caller checks that nothing uses it)."""
+        raise KeyProviderError(f"The {self.name} key provider cannot retire KEK versions.")
+
 
 def _decode_key(text: str, where: str) -> bytes:
     try:
@@ -78,6 +90,37 @@ class FileKeyProvider(KeyProvider):
         if version not in keys:
             raise KeyProviderError(f"KEK version {version} is not in {self.path}.")
         return keys[version]
+
+    def versions(self) -> list[int]:
+        return sorted(self._load())
+
+    def _write(self, keys: dict[int, bytes]) -> None:
+        # Write a sibling 0600 file, then rename: a reader sees the old or the new file, whole.
+        data = {
+            "current": max(keys),
+            "keys": {str(v): base64.b64encode(k).decode() for v, k in sorted(keys.items())},
+        }
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def add_version(self) -> int:
+        keys = self._load()
+        version = max(keys) + 1
+        keys[version] = crypto.generate_key()
+        self._write(keys)
+        return version
+
+    def retire_version(self, version: int) -> None:
+        keys = self._load()
+        if version == max(keys):
+            raise KeyProviderError(f"KEK version {version} is current; it cannot be retired.")
+        if keys.pop(version, None) is not None:
+            self._write(keys)
 
 
 class EnvKeyProvider(KeyProvider):
@@ -135,17 +178,66 @@ class Keyring:
     def platform_key_version(self, purpose: str, version: int) -> bytes:
         return crypto.derive_key(self.provider.get_kek(version), f"fedtext:{purpose}")
 
-    def data_key(self, session: Session, tenant_id: str) -> bytes:
+    def _data_key_row(self, session: Session, tenant_id: str) -> DataKey:
         row = session.exec(
             select(DataKey)
             .where(DataKey.tenant_id == tenant_id)
             .order_by(col(DataKey.created_at).desc())
+            .execution_options(populate_existing=True)
         ).first()
         if row is None:
             raise NotFound("This tenant has no data key (deleted or never created).")
+        return row
+
+    def data_key(self, session: Session, tenant_id: str) -> bytes:
+        row = self._data_key_row(session, tenant_id)
+        try:
+            return self._unwrap(row)
+        except KeyProviderError:
+            # A KEK rotation rewrapped the row after we read it and retired the old
+            # version: read the row again (its committed state) and unwrap that.
+            return self._unwrap(self._data_key_row(session, tenant_id))
+
+    def _unwrap(self, row: DataKey) -> bytes:
         return crypto.decrypt(
             self.provider.get_kek(row.kek_version),
             row.wrapped,
-            _wrap_aad(tenant_id, row.kek_version),
+            _wrap_aad(row.tenant_id, row.kek_version),
             what="wrapped data key",
         )
+
+    def replace_data_key(self, session: Session, tenant_id: str) -> tuple[bytes, bytes]:
+        """A new data key for the tenant: returns (old key, new key), both unwrapped.
+
+        The old row is deleted in the same transaction; the caller re-encrypts the
+        tenant's blobs with the new key before committing.
+        """
+        old_rows = list(session.exec(select(DataKey).where(DataKey.tenant_id == tenant_id)))
+        old = self.data_key(session, tenant_id)
+        new = crypto.generate_key()
+        version = self.provider.current_version()
+        for row in old_rows:
+            session.delete(row)
+        session.flush()
+        wrapped = crypto.encrypt(self.provider.get_kek(version), new, _wrap_aad(tenant_id, version))
+        session.add(DataKey(tenant_id=tenant_id, wrapped=wrapped, kek_version=version))
+        session.flush()
+        return old, new
+
+    def destroy_data_keys(self, session: Session, tenant_id: str) -> int:
+        """Delete every wrapped data key of the tenant (crypto-shredding); returns how many."""
+        rows = list(session.exec(select(DataKey).where(DataKey.tenant_id == tenant_id)))
+        for row in rows:
+            session.delete(row)
+        session.flush()
+        return len(rows)
+
+    def rewrap_one(self, session: Session, row: DataKey, version: int) -> None:
+        """Rewrap one data key under KEK ``version``; the row changes in one UPDATE."""
+        key = self._unwrap(row)
+        row.wrapped = crypto.encrypt(
+            self.provider.get_kek(version), key, _wrap_aad(row.tenant_id, version)
+        )
+        row.kek_version = version
+        session.add(row)
+        session.flush()

@@ -73,7 +73,8 @@ class ModelVersion(SQLModel, table=True):
 class TrainingRun(SQLModel, table=True):
     __tablename__ = "training_run"
     id: str = Field(default_factory=new_id, primary_key=True)
-    status: str = "created"  # created | running | completed | failed
+    # created | running | completed | failed | cancelled | interrupted (worker gone; resumable)
+    status: str = "created"
     config_json: str = "{}"
     summary_json: str = "{}"
     simulation_json: str | None = None  # how a simulated run's nodes get their data
@@ -85,6 +86,12 @@ class TrainingRun(SQLModel, table=True):
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    # Runs started over HTTP: the tenant whose admin created it (the only one that sees it),
+    # and the background worker that runs it (its liveness decides "interrupted" at startup).
+    owner_tenant_id: str | None = Field(default=None, index=True, max_length=64)
+    worker_pid: int | None = None
+    worker_host: str | None = Field(default=None, max_length=255)
+    heartbeat_at: datetime | None = None
 
 
 class RoundMetric(SQLModel, table=True):

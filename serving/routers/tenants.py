@@ -1,10 +1,15 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from typing import Annotated
 
-from serving.deps import Operator, PlatformDep, SessionDep
-from serving.schemas import TenantCreate, TenantCreated, TenantPublic
-from tenancy.errors import Conflict, InvalidInput
+from fastapi import APIRouter, HTTPException, Query, status
+from sqlmodel import Session
+
+from serving.deps import CacheDep, Operator, PlatformDep, SessionDep
+from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
+from tenancy.errors import Conflict, InvalidInput, NotFound
+from tenancy.rotation import delete_tenant, deleted_tenants
+from tenancy.tables import Tenant
 from tenancy.tenants import Scope, create_api_key, create_tenant, list_tenants
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
@@ -38,7 +43,34 @@ def create(
 
 
 @router.get("", response_model=list[TenantPublic])
-def list_all(_operator: Operator, session: SessionDep) -> list[TenantPublic]:
-    return [
-        TenantPublic.model_validate(t, from_attributes=True) for t in list_tenants(session=session)
-    ]
+def list_all(
+    _operator: Operator,
+    session: SessionDep,
+    include_deleted: Annotated[bool, Query(description="Also deleted tenants.")] = False,
+) -> list[TenantPublic]:
+    rows = list_tenants(session=session)
+    if include_deleted:
+        rows += deleted_tenants(session)
+    return [TenantPublic.model_validate(t, from_attributes=True) for t in rows]
+
+
+@router.delete("/{tenant_id}", response_model=TenantDeleted)
+def delete(
+    tenant_id: str, _operator: Operator, platform: PlatformDep, cache: CacheDep
+) -> TenantDeleted:
+    """Crypto-shred a tenant: data key destroyed, blobs removed, keys revoked; ledger kept."""
+    try:
+        done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
+    except NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    for key in cache.cached_keys():
+        if key[0] == tenant_id:
+            cache.evict(key)  # no decrypted copy outlives the key
+    with Session(platform.engine) as session:
+        row = session.get(Tenant, tenant_id)
+    return TenantDeleted(
+        tenant=TenantPublic.model_validate(row, from_attributes=True),
+        revoked_keys=done.revoked_keys,
+        destroyed_data_keys=done.destroyed_data_keys,
+        removed_blobs=done.removed_blobs,
+    )

@@ -1,0 +1,171 @@
+"""Background worker of a training run started over HTTP, and the launcher that starts it.
+
+``python -m fedtext.runs_worker RUN_ID`` runs the simulated federation recorded on the
+run (``simulation_json``). The worker is its own session leader, so it survives an API
+restart, and cancel stops it with everything it started (Ray) by process group. It
+records its PID and host and beats every few seconds; an API that starts while the
+worker is gone marks the run interrupted, resumable with ``fedtext simulate --resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from tenancy.blobs import LocalBlobStore
+from tenancy.keyring import EnvKeyProvider, FileKeyProvider
+from tenancy.platform import Platform
+from tenancy.runs import HEARTBEAT_SECONDS, beat, claim_run, pid_alive
+from tenancy.tables import TrainingRun, utcnow
+
+CANCEL_GRACE_SECONDS = 5.0
+
+
+def _engine_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+class LocalRunLauncher:
+    """Starts run workers on this machine for the platform the API serves."""
+
+    def __init__(self, platform: Platform, log_dir: Path) -> None:
+        if not isinstance(platform.store, LocalBlobStore):
+            raise ValueError("The local run launcher needs a local blob store.")
+        provider = platform.keyring.provider
+        # Secrets (a database password, an env KEK) go through the environment, never argv.
+        self.env = {
+            "FEDTEXT_WORKER_DATABASE_URL": _engine_url(platform.engine),
+            "FEDTEXT_WORKER_BLOB_DIR": str(platform.store.root.resolve()),
+            "FEDTEXT_WORKER_KEY_PROVIDER": provider.name,
+        }
+        if isinstance(provider, FileKeyProvider):
+            self.env["FEDTEXT_WORKER_KEK_FILE"] = str(provider.path.resolve())
+        elif isinstance(provider, EnvKeyProvider):
+            self.env["FEDTEXT_WORKER_KEK_ENV"] = provider.variable
+        self.log_dir = log_dir
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def check(self, config: dict[str, Any]) -> None:
+        from fedtext.simulation import SimulationConfig
+        from server.strategy import strategy_names
+
+        try:
+            parsed = SimulationConfig(**config)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        parsed.validate()
+        if parsed.strategy not in strategy_names():
+            raise ValueError(f"Unknown strategy {parsed.strategy!r}.")
+
+    def launch(self, run_id: str) -> int:
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = open(self.log_dir / f"{run_id}.log", "ab")  # noqa: SIM115 - the child owns it
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtext.runs_worker", run_id],
+                env={**os.environ, **self.env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._children[run_id] = proc
+        # Reap the child when it exits, so its PID never lingers as a zombie.
+        threading.Thread(target=proc.wait, daemon=True, name=f"reap-{run_id[:8]}").start()
+        return proc.pid
+
+    def cancel(self, run_id: str, pid: int | None) -> None:
+        child = self._children.pop(run_id, None)
+        pid = pid or (child.pid if child else None)
+        if pid is None or not pid_alive(pid):
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while time.monotonic() < deadline and pid_alive(pid):
+                time.sleep(0.1)
+            if not pid_alive(pid):
+                return
+
+
+def _platform_from_env() -> Platform:
+    from tenancy.keyring import create_key_provider
+
+    env = os.environ
+    provider = create_key_provider(
+        env["FEDTEXT_WORKER_KEY_PROVIDER"],
+        kek_file=Path(env.get("FEDTEXT_WORKER_KEK_FILE", "kek.key")),
+        kek_env=env.get("FEDTEXT_WORKER_KEK_ENV", "FEDTEXT_KEK"),
+    )
+    from tenancy.db import get_engine
+    from tenancy.keyring import Keyring
+
+    return Platform(
+        get_engine(env["FEDTEXT_WORKER_DATABASE_URL"]),
+        Keyring(provider),
+        LocalBlobStore(Path(env["FEDTEXT_WORKER_BLOB_DIR"])),
+    )
+
+
+def _heartbeat(engine: Engine, run_id: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            with Session(engine) as session:
+                beat(session, run_id)
+        except Exception:  # a missed beat is not fatal; a long silence marks the run
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_id")
+    args = parser.parse_args(argv)
+    from fedtext.simulation import SimulationConfig, SimulationFailed, simulate
+
+    platform = _platform_from_env()
+    with Session(platform.engine, expire_on_commit=False) as session:
+        run = claim_run(session, args.run_id)
+    if run is None or run.simulation_json is None:
+        print(f"No simulated run {args.run_id}.", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    threading.Thread(
+        target=_heartbeat, args=(platform.engine, args.run_id, stop), daemon=True
+    ).start()
+    try:
+        config = SimulationConfig(**json.loads(run.simulation_json))
+        simulate(platform, config, args.run_id)
+    except (SimulationFailed, ValueError, TypeError) as exc:
+        print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
+        with Session(platform.engine) as session:
+            row = session.get(TrainingRun, args.run_id)
+            if row is not None and row.status in ("created", "running"):
+                row.status, row.error, row.finished_at = "failed", str(exc), utcnow()
+                session.add(row)
+                session.commit()
+        return 1
+    finally:
+        stop.set()
+    print(f"Run {args.run_id} completed: {dataclasses.asdict(config)['rounds']} round(s).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Training runs (admin): start a simulated federation, follow it, cancel it.
+
+The tenant that creates a run is its owner and the only tenant that sees it; the run
+trains the caller together with the tenants it names (``participants``), which must
+exist. Each participant's privacy budget is still gated by the ServerApp before round 1.
+Metrics shown are the caller's own: another tenant's accuracy is not the caller's to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+from sqlmodel import Session, col, select
+
+from serving.deps import AdminCaller, RunLauncherDep, SessionDep
+from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
+from tenancy.runs import FINISHED, reap_orphaned_runs
+from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+log = logging.getLogger("fedtext.serving.runs")
+
+
+def _public(session: Session, run: TrainingRun, tenant_id: str) -> RunPublic:
+    config = json.loads(run.simulation_json or "{}")
+    metrics = session.exec(
+        select(RoundMetric)
+        .where(RoundMetric.run_id == run.id, RoundMetric.tenant_id == tenant_id)
+        .order_by(col(RoundMetric.round), col(RoundMetric.phase))
+    )
+    return RunPublic(
+        id=run.id,
+        status=run.status,
+        participants=list(config.get("tenants", [])),
+        rounds=int(config.get("rounds", 0)),
+        checkpoint_round=run.checkpoint_round,
+        error=run.error,
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+        heartbeat_at=run.heartbeat_at,
+        metrics=[RoundMetricPublic.model_validate(m, from_attributes=True) for m in metrics],
+    )
+
+
+def _own_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
+    run = session.get(TrainingRun, run_id)
+    if run is None or run.owner_tenant_id != tenant_id:
+        # Another tenant's run and a missing one look the same.
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such run.")
+    return run
+
+
+@router.post("", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED)
+def create(
+    body: RunCreate, caller: AdminCaller, session: SessionDep, launcher: RunLauncherDep
+) -> RunPublic:
+    """Start a simulated federation of the caller and ``participants`` in a worker process."""
+    names = [caller.tenant.name]
+    for name in body.participants:
+        if name in names:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"Tenant {name!r} is named twice."
+            )
+        names.append(name)
+    found = set(
+        session.exec(
+            select(Tenant.name).where(col(Tenant.name).in_(names), col(Tenant.deleted_at).is_(None))
+        )
+    )
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"Unknown tenant(s): {', '.join(missing)}; participants must be existing tenants.",
+        )
+    if len(names) < 2:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "A federation needs at least two tenants: name at least one participant.",
+        )
+    config = body.model_dump(exclude={"participants", "family_config"})
+    config["tenants"] = names
+    config["model_config"] = body.family_config
+    try:
+        launcher.check(config)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    run = TrainingRun(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
+    session.add(run)
+    session.commit()
+    try:
+        launcher.launch(run.id)
+    except OSError as exc:
+        run.status, run.error, run.finished_at = "failed", f"Could not start: {exc}", utcnow()
+        session.add(run)
+        session.commit()
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "The run's worker could not be started."
+        ) from None
+    session.refresh(run)
+    return _public(session, run, caller.tenant.id)
+
+
+@router.get("", response_model=list[RunPublic])
+def list_runs(
+    caller: AdminCaller,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> list[RunPublic]:
+    reap_orphaned_runs(session)
+    rows = session.exec(
+        select(TrainingRun)
+        .where(TrainingRun.owner_tenant_id == caller.tenant.id)
+        .order_by(col(TrainingRun.created_at).desc())
+        .limit(limit)
+    )
+    return [_public(session, r, caller.tenant.id) for r in rows]
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+def get_run(run_id: str, caller: AdminCaller, session: SessionDep) -> RunPublic:
+    _own_run(session, run_id, caller.tenant.id)
+    reap_orphaned_runs(session)
+    return _public(session, _own_run(session, run_id, caller.tenant.id), caller.tenant.id)
+
+
+@router.post("/{run_id}/cancel", response_model=RunPublic)
+def cancel(
+    run_id: str, caller: AdminCaller, session: SessionDep, launcher: RunLauncherDep
+) -> RunPublic:
+    """Stop the run's worker; the rounds already dispatched stay charged to the ledger."""
+    run = _own_run(session, run_id, caller.tenant.id)
+    if run.status in FINISHED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"Run {run_id} is already {run.status}.")
+    launcher.cancel(run.id, run.worker_pid)
+    session.refresh(run)
+    run.status = "cancelled"
+    run.error = f"Cancelled by admin key {caller.key.prefix}."
+    run.finished_at = utcnow()
+    session.add(run)
+    session.commit()
+    log.info("run cancelled", extra={"fields": {"run": run.id, "tenant": caller.tenant.id}})
+    return _public(session, run, caller.tenant.id)

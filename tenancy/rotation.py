@@ -1,0 +1,189 @@
+"""Key lifecycle: KEK rotation, data-key rotation and tenant deletion (crypto-shredding)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from tenancy import crypto
+from tenancy.blobs import BlobStore
+from tenancy.db import session_scope
+from tenancy.errors import IntegrityError, NotFound
+from tenancy.keyring import Keyring
+from tenancy.registry import model_aad
+from tenancy.tables import ApiKey, DataKey, ModelVersion, Tenant, TrainingRun, utcnow
+
+
+@dataclass(frozen=True)
+class KekRotation:
+    new_version: int
+    rewrapped: int
+    retired: list[int]
+    kept: list[int]  # old versions still in use (e.g. by a run checkpoint)
+
+
+def kek_versions_in_use(session: Session) -> set[int]:
+    """KEK versions something still needs: wrapped data keys and run checkpoints."""
+    used = set(session.exec(select(DataKey.kek_version).distinct()))
+    used |= {
+        v
+        for v in session.exec(
+            select(TrainingRun.checkpoint_kek_version).where(
+                col(TrainingRun.checkpoint_blob).is_not(None)
+            )
+        )
+        if v is not None
+    }
+    return used
+
+
+def rotate_kek(engine: Engine, keyring: Keyring, *, grace_seconds: float = 1.0) -> KekRotation:
+    """New KEK version; every data key rewrapped; unused old versions retired.
+
+    Each data key is rewrapped in its own short transaction (one UPDATE of the wrapped
+    bytes and their KEK version together), so a reader sees the old or the new pair and
+    both KEK versions are readable meanwhile. Old versions are retired only after
+    ``grace_seconds``, so a reader that fetched a row just before its rewrap still finds
+    the KEK it was wrapped with.
+    """
+    provider = keyring.provider
+    new_version = provider.add_version()
+    with Session(engine) as session:
+        ids = list(session.exec(select(DataKey.id).where(DataKey.kek_version != new_version)))
+    rewrapped = 0
+    for key_id in ids:
+        with session_scope(engine) as session:
+            row = session.exec(
+                select(DataKey).where(DataKey.id == key_id).with_for_update()
+            ).first()
+            if row is None or row.kek_version == new_version:
+                continue  # deleted or rotated meanwhile
+            keyring.rewrap_one(session, row, new_version)
+            rewrapped += 1
+    time.sleep(grace_seconds)
+    with Session(engine) as session:
+        used = kek_versions_in_use(session)
+    retired, kept = [], []
+    for version in provider.versions():
+        if version == new_version:
+            continue
+        if version in used:
+            kept.append(version)
+        else:
+            provider.retire_version(version)
+            retired.append(version)
+    return KekRotation(new_version, rewrapped, retired, kept)
+
+
+@dataclass(frozen=True)
+class DekRotation:
+    tenant: str
+    reencrypted: int
+
+
+def rotate_dek(engine: Engine, keyring: Keyring, store: BlobStore, *, tenant: str) -> DekRotation:
+    """A new data key for ``tenant``; its blobs re-encrypted; the old key destroyed.
+
+    New ciphertexts go to new blob keys; the database switches rows and keys in one
+    transaction; the old blobs are deleted after the commit. A failure before the commit
+    leaves the old key and blobs as they were (and removes the new blobs).
+    """
+    written: list[str] = []
+    old_blobs: list[str] = []
+    try:
+        with session_scope(engine) as session:
+            row = session.exec(
+                select(Tenant).where(Tenant.name == tenant, col(Tenant.deleted_at).is_(None))
+            ).first()
+            if row is None:
+                raise NotFound(f"No tenant named {tenant!r}.")
+            old_key, new_key = keyring.replace_data_key(session, row.id)
+            versions = list(
+                session.exec(select(ModelVersion).where(ModelVersion.tenant_id == row.id))
+            )
+            for mv in versions:
+                blob = store.get(mv.blob_key)
+                if hashlib.sha256(blob).hexdigest() != mv.sha256:
+                    raise IntegrityError(
+                        f"The stored blob of {mv.name} v{mv.version} does not match its SHA-256; "
+                        "nothing was rotated."
+                    )
+                aad = model_aad(row.id, mv.name, mv.version)
+                plaintext = crypto.decrypt(
+                    old_key, blob, aad, what=f"model {mv.name} v{mv.version}"
+                )
+                fresh = crypto.encrypt(new_key, plaintext, aad)
+                del plaintext
+                new_blob_key = f"{row.id}/{mv.name}/v{mv.version}.{secrets.token_hex(4)}.ftx"
+                store.put(new_blob_key, fresh)
+                written.append(new_blob_key)
+                old_blobs.append(mv.blob_key)
+                mv.blob_key = new_blob_key
+                mv.sha256 = hashlib.sha256(fresh).hexdigest()
+                mv.size_bytes = len(fresh)
+                session.add(mv)
+            session.flush()
+    except BaseException:
+        for key in written:
+            store.delete(key)
+        raise
+    for key in old_blobs:
+        store.delete(key)
+    return DekRotation(tenant, len(written))
+
+
+@dataclass(frozen=True)
+class TenantDeletion:
+    tenant_id: str
+    name: str
+    revoked_keys: int
+    destroyed_data_keys: int
+    removed_blobs: int
+
+
+def delete_tenant(
+    engine: Engine, keyring: Keyring, store: BlobStore, *, tenant_id: str
+) -> TenantDeletion:
+    """Crypto-shred a tenant: destroy its data key, remove its blobs, revoke its keys.
+
+    The tenant row stays, marked deleted (``deleted_at``), so its privacy ledger (kept by
+    ``privacy``, which has no foreign key to the tenant) still names whom it belonged to.
+    The database commits first: once the wrapped data key is gone the blobs are
+    unreadable, and removing the files afterwards cannot leave a readable half-state.
+    """
+    now = utcnow()
+    with session_scope(engine) as session:
+        tenant = session.get(Tenant, tenant_id)
+        if tenant is None or tenant.deleted_at is not None:
+            raise NotFound("No such tenant.")
+        revoked = 0
+        for key in session.exec(select(ApiKey).where(ApiKey.tenant_id == tenant_id)):
+            if key.revoked_at is None:
+                key.revoked_at = now
+                session.add(key)
+                revoked += 1
+        blobs = []
+        for mv in session.exec(select(ModelVersion).where(ModelVersion.tenant_id == tenant_id)):
+            blobs.append(mv.blob_key)
+            session.delete(mv)
+        destroyed = keyring.destroy_data_keys(session, tenant_id)
+        tenant.deleted_at = now
+        session.add(tenant)
+        name = tenant.name
+    for blob_key in blobs:
+        store.delete(blob_key)
+    return TenantDeletion(tenant_id, name, revoked, destroyed, len(blobs))
+
+
+def deleted_tenants(session: Session) -> list[Tenant]:
+    """Tenants that were deleted; their ledgers remain for auditors."""
+    return list(
+        session.exec(
+            select(Tenant).where(col(Tenant.deleted_at).is_not(None)).order_by(Tenant.name)
+        )
+    )
