@@ -122,8 +122,9 @@ class MiniLMClassifier(nn.Module):
         super().__init__()
         self.encoder = _load_minilm()
         frozen = MINILM_LAYERS - config.trainable_layers
-        self.public_prefixes = ("encoder.embeddings.",) + tuple(
-            f"encoder.encoder.layer.{i}." for i in range(frozen)
+        self.public_prefixes = (
+            "encoder.embeddings.",
+            *(f"encoder.encoder.layer.{i}." for i in range(frozen)),
         )
         for name, param in self.encoder.named_parameters(prefix="encoder"):
             if name.startswith(self.public_prefixes):

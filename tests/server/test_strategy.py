@@ -1,4 +1,4 @@
-"""The private strategies on real Flower messages: DP checks, charging, FedProx/FedAdam, client DP."""
+"""Private strategies on real Flower messages: DP checks, charging, FedProx/FedAdam, client DP."""
 
 from __future__ import annotations
 
