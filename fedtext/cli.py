@@ -167,6 +167,117 @@ def keys_create(
     console.print(f"Key {key.prefix} ({key.scopes}) for {tenant} (shown once): {secret}")
 
 
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str, typer.Option(help="Tenant name.")]) -> None:
+    """List a tenant's API keys (prefixes and scopes; never secrets)."""
+    from sqlmodel import col, select
+
+    from tenancy.errors import TenancyError
+    from tenancy.tables import ApiKey
+    from tenancy.tenants import get_tenant
+
+    platform = _platform(_settings())
+    table = Table("prefix", "scopes", "name", "created", "expires", "revoked")
+    try:
+        with Session(platform.engine) as session:
+            row = get_tenant(session=session, name=tenant)
+            for k in session.exec(
+                select(ApiKey).where(ApiKey.tenant_id == row.id).order_by(col(ApiKey.created_at))
+            ):
+                table.add_row(
+                    k.prefix, k.scopes, k.name, str(k.created_at), str(k.expires_at or ""),
+                    str(k.revoked_at or ""),
+                )  # fmt: skip
+    except TenancyError as exc:
+        raise _fail(str(exc)) from None
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix.")]) -> None:
+    """Revoke an API key at once (by its prefix)."""
+    from sqlmodel import select
+
+    from tenancy.db import session_scope
+    from tenancy.tables import ApiKey, utcnow
+
+    platform = _platform(_settings())
+    with session_scope(platform.engine) as session:
+        key = session.exec(select(ApiKey).where(ApiKey.prefix == prefix)).first()
+        if key is None:
+            raise _fail(f"No key with prefix {prefix!r}.")
+        if key.revoked_at is None:
+            key.revoked_at = utcnow()
+            session.add(key)
+    console.print(f"Key {prefix} revoked.")
+
+
+@keys_app.command("rotate-kek")
+def keys_rotate_kek(
+    grace: Annotated[
+        float, typer.Option(help="Seconds before unused old KEK versions are retired.")
+    ] = 1.0,
+) -> None:
+    """New key-encryption key version; every data key rewrapped; unused old versions retired."""
+    from tenancy.errors import TenancyError
+    from tenancy.rotation import rotate_kek
+
+    platform = _platform(_settings())
+    try:
+        done = rotate_kek(platform.engine, platform.keyring, grace_seconds=grace)
+    except TenancyError as exc:
+        raise _fail(str(exc)) from None
+    kept = ", ".join(map(str, done.kept)) or "none"
+    retired = ", ".join(map(str, done.retired)) or "none"
+    console.print(
+        f"KEK version {done.new_version} is current; {done.rewrapped} data key(s) rewrapped; "
+        f"retired: {retired}; kept (still used by run checkpoints): {kept}."
+    )
+
+
+@keys_app.command("rotate-dek")
+def keys_rotate_dek(tenant: Annotated[str, typer.Option(help="Tenant name.")]) -> None:
+    """New data key for a tenant; its model blobs re-encrypted; the old data key destroyed."""
+    from tenancy.errors import TenancyError
+    from tenancy.rotation import rotate_dek
+
+    platform = _platform(_settings())
+    try:
+        done = rotate_dek(platform.engine, platform.keyring, platform.store, tenant=tenant)
+    except TenancyError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"Tenant {tenant}: new data key; {done.reencrypted} blob(s) re-encrypted; "
+        "the old data key is destroyed."
+    )
+
+
+@tenant_app.command("delete")
+def tenant_delete(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: this cannot be undone.")] = False,
+) -> None:
+    """Crypto-shred a tenant: data key destroyed, blobs removed, keys revoked; ledger kept."""
+    from tenancy.errors import TenancyError
+    from tenancy.rotation import delete_tenant
+    from tenancy.tenants import get_tenant
+
+    if not yes:
+        raise _fail(f"Deleting {name} destroys its models for good; repeat with --yes.")
+    platform = _platform(_settings())
+    try:
+        with Session(platform.engine) as session:
+            tenant_id = get_tenant(session=session, name=name).id
+        done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
+    except TenancyError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"Tenant {name} deleted: {done.destroyed_data_keys} data key(s) destroyed, "
+        f"{done.removed_blobs} blob(s) removed, {done.revoked_keys} key(s) revoked; "
+        f"its privacy ledger is kept for auditors (tenant id {done.tenant_id})."
+    )
+
+
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Check every tenant's ledger and budget chains; exit 1 naming the first broken entry."""
@@ -510,8 +621,12 @@ def serve(
     else:
         token = settings.operator_token
     configure_json_logging(settings.log_level)
+    from fedtext.runs_worker import LocalRunLauncher
+    from serving.limits import Limits
+
+    platform = _platform(settings)
     app_ = create_app(
-        _platform(settings),
+        platform,
         ServingConfig(
             operator_token=token,
             max_predict_inputs=settings.max_predict_inputs,
@@ -523,6 +638,12 @@ def serve(
             inference_threads=settings.serve_inference_threads or default_inference_threads(),
             torch_threads=settings.serve_torch_threads,
         ),
+        limits=Limits(
+            max_body_bytes=settings.max_body_bytes,
+            rate_per_second=settings.rate_limit_per_second,
+            burst=settings.rate_limit_burst,
+        ),
+        run_launcher=LocalRunLauncher(platform, settings.data_dir / "runs"),
     )
     # Our middleware writes one JSON line per request; uvicorn's own access log would repeat it.
     uvicorn.run(

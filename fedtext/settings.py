@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     )
     serve_torch_threads: int = Field(default=1, description="torch intra-op threads.")
     log_level: str = "INFO"
+    max_body_bytes: int = Field(default=1 << 20, description="Larger request bodies get 413.")
+    rate_limit_per_second: float | None = Field(
+        default=100.0, description="Requests per second per API key (429 beyond); unset: off."
+    )
+    rate_limit_burst: int = Field(default=200, description="Requests a key may send at once.")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
