@@ -1,0 +1,420 @@
+"""A real federation on 127.0.0.1: Flower's SuperLink and SuperNodes, TLS, node authentication.
+
+Everything goes through the commands a user types (`fedtext federation ...`); nothing is
+mocked. Each process is started in its own session and torn down by PID, nodes before the
+SuperLink; the test then checks that no process and no port is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from clients.data import DEMO_LABELS
+from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.settings import Settings
+from privacy.ledger import PrivacyEvent, verify_chain
+from tenancy.db import session_scope
+from tenancy.platform import Platform
+from tenancy.tables import ModelVersion, Tenant, TrainingRun
+from tenancy.tenants import create_tenant
+from tests.factories import toy_data
+
+pytestmark = pytest.mark.slow
+TENANTS = ("acme", "globex")
+FEDTEXT = [sys.executable, "-m", "fedtext.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` (closed connections in TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, including those Flower detaches into new sessions."""
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    known: set[int] = field(default_factory=set)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def remember(self) -> None:
+        self.known |= descendants(self.popen.pid)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM to its process group (the CLI passes it on), then SIGKILL by PID."""
+        self.remember()
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        deadline = time.monotonic() + grace
+        while any(alive(p) for p in self.known) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.known:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Federation:
+    root: Path
+    env: dict[str, str]
+    platform: Platform
+    superlink: str
+    ports: list[int]
+    creds: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, *args: str) -> Proc:
+        log = self.root / f"{name}.log"
+        popen = subprocess.Popen(
+            [*FEDTEXT, "federation", *args],
+            env=self.env,
+            cwd=self.root,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*FEDTEXT, *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def node(self, tenant: str, *extra: str, data: str | None = None) -> Proc:
+        port = free_port()
+        self.ports.append(port)
+        return self.start(
+            f"node-{tenant}",
+            "node",
+            "--tenant",
+            tenant,
+            "--data",
+            str(self.root / "data" / f"{data or tenant}.csv"),
+            "--superlink",
+            self.superlink,
+            "--credentials",
+            str(self.creds / "nodes" / tenant),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--max-wait",
+            "60",
+            *extra,
+        )
+
+
+def write_tenant_data(directory: Path) -> None:
+    """60 labelled rows per tenant (48 train / 12 test), distinct per tenant."""
+    directory.mkdir()
+    for i, tenant in enumerate(TENANTS):
+        data = toy_data(60 + 6 * i)
+        with (directory / f"{tenant}.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            for text, label in zip(data.texts, data.labels, strict=True):
+                writer.writerow([f"{text} at {tenant}", DEMO_LABELS[label]])
+
+
+def wait_for(predicate: object, timeout: float, what: str, procs: list[Proc]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        for p in procs:
+            assert p.popen.poll() is None, f"{p.name} exited early:\n{p.output()[-3000:]}"
+        time.sleep(0.5)
+    logs = "\n".join(f"--- {p.name}\n{p.output()[-2000:]}" for p in procs)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    env = {
+        **os.environ,
+        # As in an activated venv: Flower's executables start their siblings by name.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(root / "flwr"),
+        "RAY_TMPDIR": str(root / "ray"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "FEDTEXT_DATA_DIR": str(root / "var"),
+        "FEDTEXT_OPERATOR_TOKEN": secrets.token_urlsafe(32),
+    }
+    for key in ("FEDTEXT_DATABASE_URL", "FEDTEXT_KEK_FILE", "FEDTEXT_KEY_PROVIDER"):
+        env.pop(key, None)
+    platform = platform_from_settings(Settings(data_dir=root / "var"))
+    upgrade_schema(platform)
+    with session_scope(platform.engine) as session:
+        for name in TENANTS:
+            create_tenant(session=session, keyring=platform.keyring, name=name)
+    write_tenant_data(root / "data")
+    link_port, api_port = free_port(), free_port()
+    fed = Federation(
+        root, env, platform, f"127.0.0.1:{link_port}", [link_port, api_port], root / "creds"
+    )
+    made = fed.cli(
+        "federation",
+        "credentials",
+        "--out",
+        str(fed.creds),
+        "--host",
+        "127.0.0.1",
+        "--host",
+        "localhost",
+        *[a for t in (*TENANTS, "rogue") for a in ("--tenant", t)],
+    )
+    assert made.returncode == 0, made.stderr
+    coordinator = fed.start(
+        "coordinator",
+        "coordinator",
+        "--credentials",
+        str(fed.creds),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(link_port),
+        "--api-host",
+        "127.0.0.1",
+        "--api-port",
+        str(api_port),
+    )
+    try:
+        wait_for(lambda: not port_is_free(link_port), 120, "the SuperLink", [coordinator])
+        wait_for(lambda: not port_is_free(api_port), 120, "the API", [coordinator])
+        registered = fed.cli(
+            "federation",
+            "register",
+            "--superlink",
+            fed.superlink,
+            "--credentials",
+            str(fed.creds),
+            *[a for t in TENANTS for a in ("--tenant", t)],
+        )
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        assert registered.stdout.count("registered") == len(TENANTS)
+        yield fed
+    finally:
+        nodes = [p for p in fed.procs if p is not coordinator]
+        for p in nodes:  # nodes before the SuperLink
+            p.stop()
+        coordinator.stop()
+        leftover = [pid for p in fed.procs for pid in p.known | {p.popen.pid} if alive(pid)]
+        busy = [port for port in fed.ports if not port_is_free(port)]
+        assert not leftover, f"processes left behind: {leftover}"
+        assert not busy, f"ports left bound: {busy}"
+
+
+def test_nodes_without_a_registered_key_or_the_ca_are_refused(federation: Federation) -> None:
+    other_ca = federation.root / "other-ca"
+    made = federation.cli(
+        "federation", "credentials", "--out", str(other_ca), "--host", "127.0.0.1"
+    )
+    assert made.returncode == 0, made.stderr
+    # A valid key pair that the operator never registered.
+    rogue = federation.node("rogue", data="acme")
+    wrong_ca = federation.node(
+        "acme", "--ca", str(other_ca / "ca" / "ca.crt")
+    )  # registered key, but the node cannot verify the SuperLink
+    # The bare Flower executable without any CA certificate: Flower's own refusal.
+    port = free_port()
+    federation.ports.append(port)
+    log = federation.root / "bare-node.log"
+    bare = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--superlink",
+            federation.superlink,
+            "--auth-supernode-private-key",
+            str(federation.creds / "nodes" / "acme" / "node.key"),
+            "--port",
+            str(port),
+            "--max-wait-time",
+            "30",
+        ],
+        env=federation.env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    bare_node = Proc("bare-node", bare, log)
+    federation.procs.append(bare_node)
+    for proc in (rogue, wrong_ca, bare_node):
+        proc.remember()
+        proc.popen.wait(120)
+    assert rogue.popen.returncode == 2, rogue.output()
+    assert "Failed to activate SuperNode" in rogue.output()
+    assert "its key" in rogue.output() and "is not registered" in rogue.output()
+    assert wrong_ca.popen.returncode == 2, wrong_ca.output()
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.output()
+    assert "does not verify against" in wrong_ca.output()
+    # Flower logs exit code 305; the process itself may exit 1 (its exit handler races).
+    assert bare.returncode != 0, log.read_text()
+    assert "Exit Code: 305" in log.read_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in log.read_text()
+
+
+def test_two_tenant_dp_federation_completes_with_ledger_and_encrypted_models(
+    federation: Federation,
+) -> None:
+    nodes = [federation.node(t) for t in TENANTS]
+    started = time.monotonic()
+    result = federation.cli(
+        "federation",
+        "run",
+        "--superlink",
+        federation.superlink,
+        "--ca",
+        str(federation.creds / "ca" / "ca.crt"),
+        "--rounds",
+        "2",
+        "--epsilon",
+        "3.0",
+        "--batch-size",
+        "16",
+        "--personalize-epochs",
+        "1",
+        "--model-config",
+        json.dumps({"proj_dim": 8, "hidden_dim": 8}),
+        "--config",
+        "secure-mode=false",
+        "--config",
+        "round-timeout=600",
+        "--poll",
+        "5",
+        timeout=900,
+    )
+    elapsed = time.monotonic() - started
+    for node in nodes:
+        assert node.popen.poll() is None, node.output()[-3000:]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "finished:completed" in result.stdout
+    submitted = re.search(r"Submitted: Flower run (\d+), platform run (\S+)", result.stdout)
+    assert submitted, result.stdout
+    flower_run_id = int(submitted.group(1))
+    assert submitted.group(2) == f"flwr-{flower_run_id}"
+    run_id = f"flwr-{flower_run_id}"
+    print(f"deployment run: {elapsed:.1f} s for 2 rounds + personalization")
+
+    with Session(federation.platform.engine) as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and run.status == "completed", run
+        names = {t.id: t.name for t in session.exec(select(Tenant)).all()}
+        events = session.exec(
+            select(PrivacyEvent).where(PrivacyEvent.run_id == run_id).order_by(PrivacyEvent.seq)
+        ).all()
+        by_tenant: dict[str, list[PrivacyEvent]] = {}
+        for ev in events:
+            by_tenant.setdefault(names[ev.tenant_id], []).append(ev)
+        # Two rounds and one personalization each, charged in order, chains intact.
+        assert {n: [e.round for e in evs] for n, evs in by_tenant.items()} == {
+            t: [1, 2, 3] for t in TENANTS
+        }
+        for evs in by_tenant.values():
+            assert verify_chain(evs) is None
+            assert all(e.noise_multiplier > 0 for e in evs)
+        versions = session.exec(select(ModelVersion)).all()
+        assert sorted(names[v.tenant_id] for v in versions) == sorted(TENANTS)
+        blobs = [federation.platform.store.get(v.blob_key) for v in versions]
+    summary = json.loads(run.summary_json)
+    assert set(summary["tenants"]) == set(TENANTS)
+    for tenant in TENANTS:
+        assert summary["tenants"][tenant]["personalized"] is True
+        assert 0 < summary["tenants"][tenant]["run_epsilon"] <= 3.0
+    for raw in blobs:  # encrypted at rest: no safetensors header, no tensor names
+        assert b"dtype" not in raw and b"weight" not in raw
+
+    status = federation.cli(
+        "federation",
+        "status",
+        str(flower_run_id),
+        "--superlink",
+        federation.superlink,
+        "--ca",
+        str(federation.creds / "ca" / "ca.crt"),
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "completed" in status.stdout
+
+    # The coordinator's API serves the same platform.
+    with urllib.request.urlopen(f"http://127.0.0.1:{federation.ports[1]}/readyz", timeout=10) as r:
+        assert r.status == 200
