@@ -10,9 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from clients import fastdp
 from clients.data import LabeledData
 from models import ModelSpec, load_tokenizer
 from privacy.params import DPParams, poisson_schedule
@@ -79,6 +82,9 @@ def encode(data: LabeledData, spec: ModelSpec) -> TensorDataset:
     return TensorDataset(enc.input_ids, enc.attention_mask, torch.tensor(data.labels))
 
 
+ENGINES = ("fast", "opacus")
+
+
 def train_dp(
     model: nn.Module,
     data: LabeledData,
@@ -92,17 +98,25 @@ def train_dp(
     seed: int | None = None,
     device: torch.device | None = None,
     proximal_mu: float = 0.0,
+    engine: str = "fast",
 ) -> TrainResult:
     """Train ``model`` in place with DP-SGD at exactly the parameters in ``dp``.
 
     The caller's ``dp`` must match the Poisson schedule of this data; a mismatch is
     refused here rather than silently spending a different budget.
 
+    ``engine`` picks how the clipped sum of per-example gradients is computed: "fast"
+    (clients/fastdp.py: one backward, per-example norms from layer inputs and output
+    gradients) or "opacus" (Opacus's per-example gradient hooks, the reference). Both use
+    Opacus's Poisson sampler, noise, and PRV accountant, so the mechanism is the same.
+
     With ``proximal_mu`` > 0 (FedProx) each private step is followed by a step on
     mu/2 * ||w - w_global||^2. That term does not touch the data, so applying it
     after the noisy update costs no privacy; putting it in the loss would be wrong,
-    as Opacus replaces the gradient with the clipped per-example sum.
+    as the gradient is replaced by the clipped per-example sum.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown DP engine {engine!r}; known: {list(ENGINES)}.")
     sample_rate, steps = poisson_schedule(len(data), batch_size, epochs)
     planned = DPParams(dp.noise_multiplier, sample_rate, steps, dp.clip_norm, dp.delta)
     if not planned.matches(dp):
@@ -118,53 +132,129 @@ def train_dp(
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
-    engine, noise_generator = _privacy_engine(secure_mode, device)
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.clip_norm,
-        poisson_sampling=True,
-        noise_generator=noise_generator,
-    )
-    criterion = nn.CrossEntropyLoss()
+    privacy_engine, noise_generator = _privacy_engine(secure_mode, device)
+    step: _Step
+    if engine == "opacus":
+        dp_model, dp_optimizer, dp_loader = privacy_engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.clip_norm,
+            poisson_sampling=True,
+            noise_generator=noise_generator,
+        )
+        step = _OpacusStep(dp_model, dp_optimizer)
+    else:
+        dp_optimizer, dp_loader = fastdp.make_private(
+            privacy_engine,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.clip_norm,
+            noise_generator=noise_generator,
+        )
+        step = _FastStep(fastdp.FastClipper(model, dp.clip_norm), model)
     total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(epochs):
-        for ids, mask, labels in dp_loader:
-            dp_optimizer.zero_grad(set_to_none=True)
-            if len(labels) == 0:
-                # An empty Poisson batch still takes a (pure noise) step, as accounted.
+    with step:
+        for _ in range(epochs):
+            for ids, mask, labels in dp_loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(labels) == 0:
+                    # An empty Poisson batch still takes a (pure noise) step, as accounted.
+                    step.empty()
+                    dp_optimizer.step()
+                    continue
+                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                logits, loss = step.backward(ids, mask, labels)
                 dp_optimizer.step()
-                continue
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-            logits = dp_model(ids, mask)
-            loss = criterion(logits, labels)
-            with warnings.catch_warnings():
-                # The frozen embedding means no input needs a gradient; Opacus's hooks
-                # still fire correctly, torch only notes it.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            dp_optimizer.step()
-            if anchor is not None:
-                with torch.no_grad():
-                    for p, p0 in zip(trainable, anchor, strict=True):
-                        p.sub_(learning_rate * proximal_mu * (p - p0))
-            total_loss += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += len(labels)
-    (noise, rate, taken), *rest = engine.accountant.history
+                if anchor is not None:
+                    with torch.no_grad():
+                        for p, p0 in zip(trainable, anchor, strict=True):
+                            p.sub_(learning_rate * proximal_mu * (p - p0))
+                total_loss += float(loss) * len(labels)
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += len(labels)
+    (noise, rate, taken), *rest = privacy_engine.accountant.history
     if rest:
         raise RuntimeError("Opacus recorded more than one DP event for one release.")
     applied = DPParams(float(noise), float(rate), int(taken), dp_optimizer.max_grad_norm, dp.delta)
-    if hasattr(dp_model, "remove_hooks"):
-        dp_model.remove_hooks()  # leave the caller's model a plain nn.Module
     return TrainResult(
         examples=len(data),
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
         applied=applied,
     )
+
+
+class _Step:
+    """One DP-SGD step's gradient: sets ``p.grad`` as its engine's optimizer expects."""
+
+    def __enter__(self) -> _Step:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def backward(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def empty(self) -> None:
+        raise NotImplementedError
+
+
+class _OpacusStep(_Step):
+    """Opacus's hooks: per-example gradients in ``p.grad_sample``, clipped by the optimizer."""
+
+    def __init__(self, dp_model: nn.Module, dp_optimizer: DPOptimizer) -> None:
+        self.model, self.optimizer = dp_model, dp_optimizer
+
+    def __exit__(self, *exc: object) -> None:
+        remove_hooks = getattr(self.model, "remove_hooks", None)
+        if callable(remove_hooks):
+            remove_hooks()  # leave the caller's model a plain nn.Module
+
+    def backward(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        logits = self.model(ids, mask)
+        loss = F.cross_entropy(logits, labels)
+        with warnings.catch_warnings():
+            # The frozen embedding means no input needs a gradient; Opacus's hooks
+            # still fire correctly, torch only notes it.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        return logits.detach(), float(loss.detach())
+
+    def empty(self) -> None:
+        # No forward ran, so no hook set grad_sample; Opacus clips an empty batch to zero.
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+
+class _FastStep(_Step):
+    def __init__(self, clipper: fastdp.FastClipper, model: nn.Module) -> None:
+        self.clipper, self.model = clipper, model
+
+    def __enter__(self) -> _Step:
+        self.clipper.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clipper.__exit__(*exc)
+
+    def backward(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        logits = self.model(ids, mask)
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        self.clipper.backward(losses)
+        return logits.detach(), float(losses.detach().mean())
+
+    def empty(self) -> None:
+        self.clipper.zero_batch()
 
 
 def train_plain(

@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from opacus.layers import DPLSTM
 
-from clients.train import evaluate, macro_f1, train_dp
+from clients.train import ENGINES, evaluate, macro_f1, train_dp
 from models import build_model, model_state
 from privacy.params import DPParams, poisson_schedule
 from tests.factories import tiny_spec, toy_data
@@ -15,19 +16,68 @@ def plan(n: int, batch: int, epochs: int, sigma: float = 1.0) -> DPParams:
     return DPParams(sigma, rate, steps, 1.0, 1e-3)
 
 
-def test_train_applies_exactly_the_requested_dp_parameters() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_applies_exactly_the_requested_dp_parameters(engine: str) -> None:
     spec, data = tiny_spec(), toy_data(48)
     model = build_model(spec)
     before = {k: v.clone() for k, v in model_state(model).items()}
     dp = plan(len(data), 16, 2)
     result = train_dp(
-        model, data, spec, dp, batch_size=16, epochs=2, learning_rate=0.1, secure_mode=False
+        model,
+        data,
+        spec,
+        dp,
+        batch_size=16,
+        epochs=2,
+        learning_rate=0.1,
+        secure_mode=False,
+        engine=engine,
     )
     assert result.applied == dp
     assert result.examples == 48
     assert any(not torch.equal(before[k], v) for k, v in model_state(model).items())
-    # Opacus hooks are gone: the model is a plain module again.
+    # No hooks left behind: the model is the plain module it was, DPLSTM included.
     assert not hasattr(model, "_module")
+    assert isinstance(model.get_submodule("lstm"), DPLSTM)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_empty_poisson_batches_still_take_accounted_noise_steps(engine: str) -> None:
+    # 3 examples at batch 1: q = 1/3 and 12 steps, each empty with probability (2/3)^3;
+    # with this seed several are (the Opacus path used to crash on them).
+    spec, data = tiny_spec(), toy_data(3)
+    dp = plan(len(data), 1, 4)
+    model = build_model(spec)
+    result = train_dp(
+        model,
+        data,
+        spec,
+        dp,
+        batch_size=1,
+        epochs=4,
+        learning_rate=0.1,
+        secure_mode=False,
+        seed=3,
+        engine=engine,
+    )
+    assert result.applied == dp
+    assert all(torch.isfinite(v).all() for v in model_state(model).values())
+
+
+def test_unknown_engine_is_refused() -> None:
+    spec, data = tiny_spec(), toy_data(16)
+    with pytest.raises(ValueError, match="Unknown DP engine 'jax'"):
+        train_dp(
+            build_model(spec),
+            data,
+            spec,
+            plan(16, 8, 1),
+            batch_size=8,
+            epochs=1,
+            learning_rate=0.1,
+            engine="jax",
+        )
 
 
 def test_a_plan_that_does_not_fit_the_local_data_is_refused() -> None:
