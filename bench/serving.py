@@ -1,0 +1,548 @@
+"""Serving benchmark: the real fedtext server against a naive one, over HTTP on 127.0.0.1.
+
+    .venv/bin/python bench/serving.py --quick     # under 5 minutes on 2 cores
+
+What it does, all in a fresh temporary data directory:
+
+1. Trains one ``lstm`` model (default config) briefly, without DP, on the public demo
+   corpus, and stores it, encrypted under each tenant's own data key, for 20 tenants.
+2. Quantization report (in process): the same version served float32 and dynamic int8:
+   accuracy on a held-out test split and forward throughput at batch 64 and batch 1.
+3. Starts ``fedtext serve`` (uvicorn, one process) and a naive baseline server, each in its
+   own process, and drives each at concurrency 1, 16 and 64 for a fixed time from a
+   separate load process (httpx.AsyncClient; one input per request, tenants round-robin).
+   The naive baseline: per request it authenticates the same way, then fetches, checks and
+   decrypts the blob, rebuilds the model as trained (Opacus DPLSTM) and runs one forward
+   pass: no cache, no batching. An ablation run serves fedtext with batching off
+   (max batch 1) to show what batching alone buys.
+4. Soak: fedtext with a cache of 5 models, concurrency 64 over the 20 tenants (evictions
+   on most requests' model switches) for 60 s: errors and resident memory.
+
+The last line printed is one JSON object (keys: runs, cold_load_ms, rss_mb, ablation,
+quantization, soak, settings).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TENANTS = 20
+CONCURRENCY = (1, 16, 64)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (noise-robust on a shared machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _log(msg: str) -> None:
+    print(f"[bench/serving] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _train_model(train_texts: list[str], train_labels: list[int], examples: int) -> Any:
+    """A briefly trained lstm (non-private; the benchmark needs sensible weights only)."""
+    import torch
+
+    from clients.data import DEMO_LABELS
+    from models import ModelSpec, build_model, load_tokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # 2 OpenMP threads on 2 shared cores ran ~10x slower here
+    spec = ModelSpec.create("lstm", list(DEMO_LABELS))
+    model = build_model(spec).train()
+    tok = load_tokenizer()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    order = list(range(len(train_texts)))
+    random.Random(0).shuffle(order)
+    started, seen = time.monotonic(), 0
+    for i in range(0, len(order), 64):
+        idx = order[i : i + 64]
+        enc = tok.encode([train_texts[j] for j in idx], spec.max_seq_len)
+        y = torch.tensor([train_labels[j] for j in idx])
+        loss = torch.nn.functional.cross_entropy(model(enc.input_ids, enc.attention_mask), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(idx)
+        if seen >= examples:
+            break
+    _log(f"trained on {seen} examples in {time.monotonic() - started:.1f} s")
+    return spec, model.eval()
+
+
+def setup(data_dir: Path, train_examples: int) -> dict[str, Any]:
+    """Tenants, keys and encrypted model versions in ``data_dir``; returns what the load needs."""
+    from clients.data import load_demo_corpus, train_test_split
+    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.settings import Settings
+    from models import save_weights
+    from tenancy.db import session_scope
+    from tenancy.registry import store_model_version
+    from tenancy.tenants import Scope, create_api_key, create_tenant
+
+    corpus = load_demo_corpus()
+    train, test = train_test_split(corpus, test_fraction=0.1, seed=0)
+    spec, model = _train_model(list(train.texts), list(train.labels), train_examples)
+    weights = save_weights(model)
+    settings = Settings(data_dir=data_dir, database_url=None, key_provider="file", kek_file=None)
+    platform = platform_from_settings(settings)
+    upgrade_schema(platform)
+    keys: list[str] = []
+    with session_scope(platform.engine) as session:
+        for i in range(TENANTS):
+            tenant = create_tenant(session=session, keyring=platform.keyring, name=f"t{i:02d}")
+            _, key = create_api_key(session=session, tenant=tenant, scopes=[Scope.predict])
+            keys.append(key)
+            store_model_version(
+                session=session,
+                keyring=platform.keyring,
+                store=platform.store,
+                tenant=tenant,
+                name="sentiment",
+                spec_json=spec.to_json(),
+                weights=weights,
+                deploy=True,
+            )
+    return {
+        "platform": platform,
+        "keys": keys,
+        "test_texts": list(test.texts),
+        "test_labels": list(test.labels),
+    }
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def quantization_report(platform: Any, test_texts: list[str], test_labels: list[int]) -> dict:
+    """Float32 vs dynamic int8 of one stored version: accuracy and forward speed."""
+    import torch
+    from sqlmodel import Session, select
+
+    from serving.registry import load_served_model
+    from tenancy.tables import ModelVersion
+
+    torch.set_num_threads(1)  # as the server runs its forward threads
+    with Session(platform.engine) as session:
+        row = session.exec(select(ModelVersion)).first()
+        assert row is not None
+        out: dict[str, Any] = {"test_examples": len(test_texts)}
+        for mode in (None, "dynamic-int8"):
+            row.quantize = mode
+            served = load_served_model(session, platform, row)
+            correct = 0
+            started = time.perf_counter()
+            for i in range(0, len(test_texts), 64):
+                rows = served.infer(test_texts[i : i + 64])
+                correct += sum(
+                    max(range(len(r)), key=r.__getitem__) == y
+                    for r, y in zip(rows, test_labels[i : i + 64], strict=True)
+                )
+            batch64 = len(test_texts) / (time.perf_counter() - started)
+            started = time.perf_counter()
+            for text in test_texts[:300]:
+                served.infer([text])
+            batch1 = 300 / (time.perf_counter() - started)
+            out[str(mode or "float32")] = {
+                "accuracy": round(correct / len(test_texts), 4),
+                "pps_batch64": round(batch64, 1),
+                "pps_batch1": round(batch1, 1),
+                "load_ms": round(served.load_seconds * 1000, 2),
+            }
+    f, q = out["float32"], out["dynamic-int8"]
+    out["speedup_batch64"] = round(q["pps_batch64"] / f["pps_batch64"], 3)
+    out["speedup_batch1"] = round(q["pps_batch1"] / f["pps_batch1"], 3)
+    out["accuracy_change"] = round(q["accuracy"] - f["accuracy"], 4)
+    return out
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class Server:
+    """A server process on 127.0.0.1; stopped by its PID."""
+
+    def __init__(self, kind: str, data_dir: Path, log_path: Path, **opts: Any) -> None:
+        self.kind = kind
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, FEDTEXT_DATA_DIR=str(data_dir), FEDTEXT_LOG_LEVEL="INFO")
+        env.pop("FEDTEXT_DATABASE_URL", None)
+        if kind == "fedtext":
+            env["FEDTEXT_OPERATOR_TOKEN"] = secrets.token_urlsafe(32)
+            for name, value in opts.items():
+                env[f"FEDTEXT_SERVE_{name.upper()}"] = str(value)
+            cmd = [str(Path(sys.executable).parent / "fedtext"), "serve", "--port", str(self.port)]
+        else:
+            cmd = [sys.executable, __file__, "_baseline", str(data_dir), str(self.port)]
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log, cwd=ROOT)
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"{self.kind} server did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def rss_mb(self) -> float:
+        return _rss_mb(self.proc.pid)
+
+    def drive(self, tmp: Path, keys: list[str], texts: list[str], concurrency: int,
+              seconds: float, warmup: float) -> dict[str, Any]:  # fmt: skip
+        """One load run; adds the server's CPU milliseconds per prediction served."""
+        cpu = _cpu_s(self.proc.pid)
+        run = drive(tmp, self.url, keys, texts, concurrency, seconds, warmup)
+        used = _cpu_s(self.proc.pid) - cpu
+        run["server_cpu_ms_per_prediction"] = round(1000 * used / max(run.pop("all_inputs"), 1), 3)
+        return run
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of /metrics as {"name{labels}": value} (fedtext only)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}"] = s.value
+        return out
+
+
+def baseline_main(data_dir: str, port: int) -> None:
+    """The naive server: per request decrypt + rebuild (DPLSTM as trained) + one forward."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Header, HTTPException
+    from sqlmodel import Session
+
+    from fedtext.platform import platform_from_settings
+    from fedtext.settings import Settings
+    from models import ModelSpec, build_model, load_tokenizer, load_weights
+    from serving.schemas import LabelScore, PredictRequest, PredictResponse
+    from tenancy.registry import deployed_version, read_model_weights
+    from tenancy.tenants import authenticate
+
+    torch.set_num_threads(1)  # same as the fedtext server's forward threads
+    platform = platform_from_settings(Settings(data_dir=Path(data_dir)))
+    tok = load_tokenizer()
+    app = FastAPI()
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse)
+    def predict(name: str, body: PredictRequest, authorization: str = Header()) -> Any:
+        with Session(platform.engine) as session:
+            found = authenticate(session=session, presented=authorization.removeprefix("Bearer "))
+            if found is None:
+                raise HTTPException(401, "bad key")
+            row = deployed_version(session=session, tenant_id=found[1].id, name=name)
+            if row is None:
+                raise HTTPException(404, "no model")
+            weights = read_model_weights(
+                session=session, keyring=platform.keyring, store=platform.store, row=row
+            )
+        spec = ModelSpec.from_json(row.spec_json)
+        model = load_weights(build_model(spec), weights).eval()
+        enc = tok.encode(body.inputs, spec.max_seq_len)
+        with torch.inference_mode():
+            probs = torch.softmax(model(enc.input_ids, enc.attention_mask), -1)
+        top = probs.topk(min(body.top_k, len(spec.labels)), -1)
+        return PredictResponse(
+            model=name,
+            version=row.version,
+            predictions=[
+                [LabelScore(label=spec.labels[i], score=s) for s, i in zip(ss, ii, strict=True)]
+                for ss, ii in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ],
+        )
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def _drive(url: str, keys: list[str], texts: list[str], concurrency: int, seconds: float,
+                 warmup: float, per_request: int) -> dict[str, Any]:  # fmt: skip
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    done_inputs = 0
+    all_inputs = 0  # warm-up included, to divide the server's CPU time by
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        t0 = time.perf_counter()
+        measure_from, stop_at = t0 + warmup, t0 + warmup + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal errors, done_inputs, all_inputs
+            i = w
+            while True:
+                start = time.perf_counter()
+                if start >= stop_at:
+                    return
+                key = keys[i % len(keys)]
+                inputs = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
+                i += concurrency
+                ok = False
+                try:
+                    r = await client.post(
+                        "/v1/models/sentiment/predict",
+                        json={"inputs": inputs, "top_k": 1},
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                    ok = r.status_code == 200 and len(r.json()["predictions"]) == per_request
+                except httpx.HTTPError:
+                    ok = False
+                end = time.perf_counter()
+                all_inputs += per_request if ok else 0
+                if start >= measure_from:
+                    if ok:
+                        latencies.append(end - start)
+                        done_inputs += per_request
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = max(time.perf_counter(), stop_at) - measure_from
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        if not latencies:
+            return float("nan")
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
+
+    return {
+        "concurrency": concurrency,
+        "rps": round(len(latencies) / elapsed, 1),
+        "pps": round(done_inputs / elapsed, 1),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "errors": errors,
+        "requests": len(latencies) + errors,
+        "all_inputs": all_inputs,
+    }
+
+
+def load_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = asyncio.run(
+        _drive(spec["url"], spec["keys"], spec["texts"], spec["concurrency"], spec["seconds"],
+               spec["warmup"], spec["per_request"])
+    )  # fmt: skip
+    print(json.dumps(result))
+
+
+def drive(tmp: Path, url: str, keys: list[str], texts: list[str], concurrency: int,
+          seconds: float, warmup: float, per_request: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Run the load generator in its own process and return its numbers."""
+    spec_path = tmp / f"load-{concurrency}.json"
+    spec_path.write_text(json.dumps({
+        "url": url, "keys": keys, "texts": texts, "concurrency": concurrency,
+        "seconds": seconds, "warmup": warmup, "per_request": per_request,
+    }))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "_load", str(spec_path)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (under 5 minutes)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per run")
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--no-soak", action="store_true")
+    parser.add_argument("--no-ablation", action="store_true")
+    args = parser.parse_args()
+    seconds = args.seconds or (8.0 if args.quick else 20.0)
+    warmup = 2.0 if args.quick else 5.0
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="fedtext-bench-serving-"))
+    try:
+        result = _run(tmp, args, seconds, warmup, started)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result))
+
+
+def _record(result: dict[str, Any], where: str, server: str, run: dict[str, Any]) -> None:
+    """Runs keep exactly the issue's keys; request counts and server CPU go under "extra"."""
+    extra = {k: run.pop(k) for k in ("requests", "server_cpu_ms_per_prediction")}
+    result["extra"][f"{server}@{run['concurrency']}"] = extra
+    result[where].append({"server": server, **run})
+
+
+def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
+         started: float) -> dict[str, Any]:  # fmt: skip
+    data_dir = tmp / "data"
+    state = setup(data_dir, train_examples=1600 if args.quick else 6400)
+    keys, texts = state["keys"], state["test_texts"]
+    log_path = tmp / "server.log"
+    _log("quantization report ...")
+    quant = quantization_report(state["platform"], texts[:1000], state["test_labels"][:1000])
+    result: dict[str, Any] = {"runs": [], "ablation": [], "extra": {}, "quantization": quant}
+    load_texts = texts[:2000]
+
+    _log("fedtext server ...")
+    with Server("fedtext", data_dir, log_path) as server:
+        result["rss_mb"] = {"start": server.rss_mb()}
+        # Cold loads: first request of each tenant (decrypt + deserialize + prepare).
+        import httpx
+
+        for key in keys:
+            r = httpx.post(
+                f"{server.url}/v1/models/sentiment/predict",
+                json={"inputs": [texts[0]]},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            r.raise_for_status()
+        m = server.metrics()
+        total = sum(
+            v for k, v in m.items() if k.startswith("fedtext_model_load_duration_seconds_sum")
+        )
+        count = sum(
+            v for k, v in m.items() if k.startswith("fedtext_model_load_duration_seconds_count")
+        )
+        result["cold_load_ms"] = {"lstm": round(1000 * total / count, 2)}
+        for c in CONCURRENCY:
+            run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
+            _record(result, "runs", "fedtext", run)
+            _log(f"fedtext c={c}: {run}")
+        m = server.metrics()
+        bsum = m.get("fedtext_batch_size_sum{}", 0.0)
+        bcount = m.get("fedtext_batch_size_count{}", 1.0)
+        result["fedtext_mean_batch"] = round(bsum / max(bcount, 1.0), 2)
+        result["rss_mb"]["end"] = server.rss_mb()
+
+    _log("baseline server ...")
+    with Server("baseline", data_dir, log_path) as server:
+        for c in CONCURRENCY:
+            run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
+            _record(result, "runs", "baseline", run)
+            _log(f"baseline c={c}: {run}")
+
+    if not args.no_ablation:
+        _log("ablation: fedtext without batching ...")
+        with Server("fedtext", data_dir, log_path, max_batch=1) as server:
+            for c in (16, 64):
+                run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
+                _record(result, "ablation", "fedtext-no-batching", run)
+                _log(f"no-batching c={c}: {run}")
+
+    soak_budget = 300 - (time.monotonic() - started) - 25
+    if args.no_soak or (args.quick and soak_budget < args.soak_seconds + 10):
+        result["soak"] = {"skipped": True, "reason": "--no-soak or not enough of the --quick 5 min"}
+    else:
+        _log(f"soak {args.soak_seconds:.0f} s, cache of 5 models ...")
+        with Server("fedtext", data_dir, log_path, cache_models=5) as server:
+            server.drive(tmp, keys, load_texts, 64, 5.0, 0.0)  # warm up to a steady state
+            rss_start = server.rss_mb()
+            run = server.drive(tmp, keys, load_texts, 64, args.soak_seconds, 0.0)
+            rss_end = server.rss_mb()
+            m = server.metrics()
+            result["soak"] = {
+                "seconds": args.soak_seconds,
+                "concurrency": 64,
+                "tenants": TENANTS,
+                "cache_models": 5,
+                "errors": run["errors"],
+                "rps": run["rps"],
+                "p99_ms": run["p99_ms"],
+                "evictions": m.get("fedtext_model_cache_evictions_total{}", 0.0),
+                "loads": m.get("fedtext_model_cache_misses_total{}", 0.0),
+                "rss_mb": {"start": rss_start, "end": rss_end},
+                "rss_change": round(rss_end / rss_start - 1, 3),
+            }
+    # No request text may appear in the servers' logs.
+    logged = log_path.read_text(errors="replace")
+    result["log_lines"] = logged.count("\n")
+    result["log_has_request_text"] = any(t in logged for t in load_texts[:200] if len(t) > 20)
+    result["settings"] = {
+        "seconds_per_run": seconds,
+        "warmup_s": warmup,
+        "inputs_per_request": 1,
+        "tenants": TENANTS,
+        "cores": len(os.sched_getaffinity(0)),
+        "baseline": "per request: auth, SHA-256 check, decrypt, rebuild DPLSTM model, 1 forward",
+    }
+    by = {(r["server"], r["concurrency"]): r for r in result["runs"]}
+    result["pps_ratio_c64"] = round(
+        by["fedtext", 64]["pps"] / max(by["baseline", 64]["pps"], 1e-9), 2
+    )
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_baseline":
+        baseline_main(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_load":
+        load_main(sys.argv[2])
+    else:
+        # SIGTERM runs the finally blocks too: servers stopped, temporary directory removed.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        main()
