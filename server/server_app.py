@@ -428,7 +428,8 @@ def _train_round(
             f"round {server_round}: {private.last_accepted} valid replies of {len(messages)} "
             f"({len(messages) - len(replies)} timed out), fewer than min-nodes "
             f"{private.min_nodes}; the dispatched round stays charged; "
-            f"continue with: fedtext simulate --resume {cfg.run_id}"
+            f"continue with `fedtext simulate --resume {cfg.run_id}` (simulation) or "
+            f"`fedtext federation run --run-id {cfg.run_id} --config resume=true`"
         )
     evaluations = grid.send_and_receive(
         list(strategy.configure_evaluate(server_round, aggregated, ConfigRecord(), grid)),
