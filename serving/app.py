@@ -6,6 +6,7 @@ import functools
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -102,4 +103,30 @@ def create_app(
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     for module in (health, tenants, keys, model_admin, models, privacy, runs):
         app.include_router(module.router)
+    _document_string_details(app)
     return app
+
+
+def _document_string_details(app: FastAPI) -> None:
+    """Say in /openapi.json that a 422's ``detail`` may be a message (our limits) or a list.
+
+    Routes answer 422 with a sentence naming the limit; FastAPI documents only its own
+    validation list, so a client generated from the schema would reject our messages.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        props = schema.get("components", {}).get("schemas", {}).get("HTTPValidationError", {})
+        detail = props.get("properties", {}).get("detail")
+        if detail is not None and "anyOf" not in detail:
+            listed = {k: v for k, v in detail.items() if k != "title"}
+            props["properties"]["detail"] = {
+                "title": "Detail",
+                "anyOf": [{"type": "string"}, listed],
+            }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

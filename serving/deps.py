@@ -47,8 +47,13 @@ async def get_metrics(request: Request) -> ServingMetrics:
     return metrics
 
 
-async def get_run_launcher(request: Request) -> RunLauncher:
+async def get_optional_run_launcher(request: Request) -> RunLauncher | None:
     launcher: RunLauncher | None = request.app.state.run_launcher
+    return launcher
+
+
+async def get_run_launcher(request: Request) -> RunLauncher:
+    launcher = await get_optional_run_launcher(request)
     if launcher is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "This server starts no training runs."
@@ -180,3 +185,4 @@ PredictCaller = Annotated[Caller, Depends(_require(Scope.predict))]
 PredictTargetDep = Annotated[PredictTarget, Depends(get_predict_target)]
 Operator = Annotated[None, Depends(require_operator)]
 RunLauncherDep = Annotated[RunLauncher, Depends(get_run_launcher)]
+OptionalRunLauncherDep = Annotated[RunLauncher | None, Depends(get_optional_run_launcher)]

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session, col, select
 
-from serving.deps import AdminCaller, RunLauncherDep, SessionDep
+from serving.deps import AdminCaller, OptionalRunLauncherDep, RunLauncherDep, SessionDep
 from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
 from tenancy.runs import FINISHED, reap_orphaned_runs
 from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
@@ -129,12 +129,16 @@ def get_run(run_id: str, caller: AdminCaller, session: SessionDep) -> RunPublic:
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)
 def cancel(
-    run_id: str, caller: AdminCaller, session: SessionDep, launcher: RunLauncherDep
+    run_id: str, caller: AdminCaller, session: SessionDep, launcher: OptionalRunLauncherDep
 ) -> RunPublic:
     """Stop the run's worker; the rounds already dispatched stay charged to the ledger."""
     run = _own_run(session, run_id, caller.tenant.id)
     if run.status in FINISHED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"Run {run_id} is already {run.status}.")
+    if launcher is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "This server cannot stop run workers."
+        )
     launcher.cancel(run.id, run.worker_pid)
     session.refresh(run)
     run.status = "cancelled"
