@@ -65,9 +65,7 @@ def row(
     return {"training": training, "model": model, "epsilon": eps, "stage": stage, **m}
 
 
-def federated_dp(
-    eps: float, sim: dict[str, Any], test: Any, spec: Any, workdir: Path
-) -> list[dict[str, Any]]:
+def federated_dp(eps: float, sim: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
     from fedtext.platform import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from fedtext.simulation import SimulationConfig, simulate
