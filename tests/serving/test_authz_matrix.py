@@ -19,7 +19,7 @@ from serving.limits import Limits
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import ApiKey, TrainingRun
-from tenancy.tenants import Scope, create_api_key
+from tenancy.tenants import create_api_key
 from tests.factories import make_tenant, store_tiny_model
 
 OPERATOR = "op-" + "m" * 40
@@ -94,14 +94,20 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
     routes = [
         Route("POST", "/v1/tenants", "/v1/tenants", "operator", 201, {"name": "initech"}),
         Route("GET", "/v1/tenants", "/v1/tenants", "operator", 200),
-        Route("DELETE", "/v1/tenants/{tenant_id}", f"/v1/tenants/{acme.tenant.id}", "operator", 200),
+        Route(
+            "DELETE", "/v1/tenants/{tenant_id}", f"/v1/tenants/{acme.tenant.id}", "operator", 200
+        ),
         Route("POST", "/v1/keys", "/v1/keys", "collection", 201, {"scopes": ["predict"]}),
         Route("GET", "/v1/keys", "/v1/keys", "collection", 200),
         Route("DELETE", "/v1/keys/{key_id}", f"/v1/keys/{victim_id}", "object", 200),
         Route("GET", "/v1/models", "/v1/models", "collection", 200),
         Route("GET", "/v1/models/{name}/versions", "/v1/models/lstm/versions", "object", 200),
         Route(
-            "GET", "/v1/models/{name}/versions/{version}", "/v1/models/lstm/versions/2", "object", 200
+            "GET",
+            "/v1/models/{name}/versions/{version}",
+            "/v1/models/lstm/versions/2",
+            "object",
+            200,
         ),
         Route(
             "POST",

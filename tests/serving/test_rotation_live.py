@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlmodel import Session, select
 
 from fedtext.server_thread import BackgroundServer
@@ -35,6 +36,7 @@ def _cli(platform: Platform, tmp_path: Path, *args: str) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow
 def test_predictions_keep_succeeding_while_the_kek_rotates(
     platform: Platform, tmp_path: Path
 ) -> None:
