@@ -47,6 +47,23 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
+def _prepare(
+    model: nn.Module,
+    data: LabeledData,
+    spec: ModelSpec,
+    batch_size: int,
+    seed: int | None,
+    device: torch.device | None,
+) -> tuple[torch.device, DataLoader, list[nn.Parameter]]:
+    """Device, shuffled loader and trainable parameters, shared by both training paths."""
+    device = device or pick_device()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to(device).train()
+    loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
+    return device, loader, [p for p in model.parameters() if p.requires_grad]
+
+
 def secure_rng_available() -> bool:
     return importlib.util.find_spec("torchcsprng") is not None
 
@@ -124,12 +141,7 @@ def train_dp(
             f"DP plan does not fit the local data: asked sample rate {dp.sample_rate:.6g} and "
             f"{dp.steps} steps, local schedule gives {sample_rate:.6g} and {steps}."
         )
-    device = device or pick_device()
-    if seed is not None:
-        torch.manual_seed(seed)
-    model.to(device).train()
-    loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
     privacy_engine, noise_generator = _privacy_engine(secure_mode, device)
@@ -272,12 +284,7 @@ def train_plain(
 
     Returns the mean training loss of the last epoch.
     """
-    device = device or pick_device()
-    if seed is not None:
-        torch.manual_seed(seed)
-    model.to(device).train()
-    loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
     optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
     last = 0.0

@@ -45,8 +45,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     SQLModel.metadata.drop_all(engine)
 
 
-@pytest.fixture
-def platform(database_url: str, tmp_path: Path) -> Platform:
+def _make_platform(database_url: str, tmp_path: Path) -> Platform:
     p = Platform.create(
         database_url=database_url,
         blob_dir=tmp_path / "blobs",
@@ -59,14 +58,19 @@ def platform(database_url: str, tmp_path: Path) -> Platform:
 
 
 @pytest.fixture
+def platform(database_url: str, tmp_path: Path) -> Platform:
+    return _make_platform(database_url, tmp_path)
+
+
+@pytest.fixture
 def sqlite_platform(tmp_path: Path) -> Platform:
     """SQLite only, for tests about something other than the database."""
-    p = Platform.create(
-        database_url=f"sqlite:///{tmp_path / 'fedtext.db'}",
-        blob_dir=tmp_path / "blobs",
-        key_provider="file",
-        kek_file=tmp_path / "keys" / "kek.key",
-    )
-    create_tables(p.engine)
-    create_ledger_tables(p.engine)
-    return p
+    return _make_platform(f"sqlite:///{tmp_path / 'fedtext.db'}", tmp_path)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private FEDTEXT_DATA_DIR with its own SQLite database, for CLI tests."""
+    monkeypatch.setenv("FEDTEXT_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("FEDTEXT_DATABASE_URL", raising=False)
+    return tmp_path

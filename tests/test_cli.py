@@ -18,13 +18,6 @@ from tenancy.db import session_scope
 runner = CliRunner()
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("FEDTEXT_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("FEDTEXT_DATABASE_URL", raising=False)
-    return tmp_path
-
-
 def test_tenant_create_prints_the_key_once_and_refuses_bad_names(data_dir: Path) -> None:
     ok = runner.invoke(app, ["tenant", "create", "acme"])
     assert ok.exit_code == 0, ok.output

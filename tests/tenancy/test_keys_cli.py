@@ -12,13 +12,6 @@ from fedtext.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("FEDTEXT_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("FEDTEXT_DATABASE_URL", raising=False)
-    return tmp_path
-
-
 def test_rotate_and_delete_through_the_cli(data_dir: Path) -> None:
     assert runner.invoke(app, ["tenant", "create", "acme"]).exit_code == 0
     r = runner.invoke(app, ["keys", "rotate-kek", "--grace", "0"])
