@@ -174,7 +174,7 @@ def main() -> None:
 
     size = (600, 200, 3) if args.quick else (3000, 600, 5)
     max_train, max_test, rounds = size
-    lr = 0.5
+    lr = 0.01
     data_cfg = {
         "partitioning": "topic",
         "max-train-examples": max_train,

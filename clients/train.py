@@ -47,6 +47,13 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
+def make_optimizer(params: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+    """Adam. Under DP it sees only the clipped, noised gradient (post-processing, no
+    privacy cost); its per-coordinate scaling is what lets the LSTM learn from MiniLM's
+    small frozen embeddings, where SGD with momentum stayed at the majority class."""
+    return torch.optim.Adam(params, lr=learning_rate)
+
+
 def _prepare(
     model: nn.Module,
     data: LabeledData,
@@ -143,7 +150,7 @@ def train_dp(
         )
     device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
-    optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
+    optimizer = make_optimizer(trainable, learning_rate)
     privacy_engine, noise_generator = _privacy_engine(secure_mode, device)
     step: _Step
     if engine == "opacus":
@@ -285,7 +292,7 @@ def train_plain(
     Returns the mean training loss of the last epoch.
     """
     device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
-    optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9)
+    optimizer = make_optimizer(trainable, learning_rate)
     criterion = nn.CrossEntropyLoss()
     last = 0.0
     for _ in range(epochs):

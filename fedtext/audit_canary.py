@@ -111,7 +111,7 @@ def run_canary_audit(
     max_train_examples: int = 128,
     max_test_examples: int = 32,
     batch_size: int = 32,
-    learning_rate: float = 0.5,
+    learning_rate: float = 0.01,
     personalize_epochs: int = 1,
     guesses: int | None = None,
     confidence: float = 0.95,

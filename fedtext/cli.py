@@ -398,7 +398,7 @@ def audit_canary(
     epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant for the run.")] = 4.0,
     max_train_examples: Annotated[int, typer.Option(help="Demo examples per tenant.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
+    learning_rate: Annotated[float, typer.Option(help="Client Adam learning rate.")] = 0.01,
     guesses: Annotated[
         int | None, typer.Option(help="Canaries the attack guesses on (default m/2).")
     ] = None,
@@ -474,8 +474,8 @@ def simulate(
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (label skew).")] = 0.5,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
     personalize_epochs: Annotated[int, typer.Option(help="DP fine-tune epochs; 0: off.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 128,
+    learning_rate: Annotated[float, typer.Option(help="Client Adam learning rate.")] = 0.01,
     clip_norm: Annotated[float, typer.Option(help="Per-example clipping norm.")] = 1.0,
     fraction_train: Annotated[float, typer.Option(help="Share of tenants per round.")] = 1.0,
     min_nodes: Annotated[int, typer.Option(help="Valid replies a round needs.")] = 2,

@@ -69,6 +69,7 @@ def run_demo(
     secure_mode: bool = True,
     personalize_epochs: int = 1,
     partitioning: str = "topic",
+    batch_size: int = 128,
     console: Console | None = None,
 ) -> DemoReport:
     """Run the whole path in ``data_dir`` (reset first: it is the demo's own directory)."""
@@ -107,6 +108,7 @@ def run_demo(
             secure_mode=secure_mode,
             personalize_epochs=personalize_epochs,
             partitioning=partitioning,
+            batch_size=batch_size,
         ),
     )
     seconds = time.monotonic() - started

@@ -41,8 +41,8 @@ class SimulationConfig:
     model: str = "lstm"
     strategy: str = "fedavg"
     local_epochs: int = 1
-    batch_size: int = 64
-    learning_rate: float = 0.5
+    batch_size: int = 128
+    learning_rate: float = 0.01
     clip_norm: float = 1.0
     personalize_epochs: int = 1
     fraction_train: float = 1.0

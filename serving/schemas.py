@@ -67,8 +67,8 @@ class RunCreate(BaseModel):
     model: Literal["lstm", "transformer", "minilm"] = "lstm"
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     local_epochs: int = Field(default=1, ge=1, le=20)
-    batch_size: int = Field(default=64, ge=1, le=1024)
-    learning_rate: float = Field(default=0.5, gt=0, le=100)
+    batch_size: int = Field(default=128, ge=1, le=1024)
+    learning_rate: float = Field(default=0.01, gt=0, le=100)
     clip_norm: float = Field(default=1.0, gt=0, le=1000)
     personalize_epochs: int = Field(default=1, ge=0, le=20)
     partitioning: Literal["iid", "dirichlet", "topic"] = "iid"

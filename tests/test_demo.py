@@ -29,6 +29,7 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
         max_train_examples=96,
         max_test_examples=32,
         budget_epsilon=2.2,
+        batch_size=32,
         secure_mode=False,
         console=console,
     )
@@ -74,6 +75,7 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
                 epsilon=2.0,
                 max_train_examples=96,
                 max_test_examples=32,
+                batch_size=32,
                 secure_mode=False,
             ),
         )
