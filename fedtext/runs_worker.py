@@ -93,16 +93,33 @@ class LocalRunLauncher:
         pid = pid or (child.pid if child else None)
         if pid is None or not pid_alive(pid):
             return
+        # The whole group, not just its leader: Ray's processes may outlive the worker.
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:
                 return
             deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-            while time.monotonic() < deadline and pid_alive(pid):
+            while time.monotonic() < deadline and _group_alive(pid):
                 time.sleep(0.1)
-            if not pid_alive(pid):
+            if not _group_alive(pid):
                 return
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid`` (Linux)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, pgrp, ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def _platform_from_env() -> Platform:
