@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlmodel import SQLModel
+from sqlalchemy import text
 
 from privacy.ledger import create_tables as create_ledger_tables
 from tenancy.db import create_tables, get_engine
@@ -39,10 +39,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if PG_URL is None:
         pytest.fail("CI must set FEDTEXT_TEST_DATABASE_URL to the local PostgreSQL")
-    engine = get_engine(PG_URL)
-    SQLModel.metadata.drop_all(engine)
+    _empty_postgres(PG_URL)
     yield PG_URL
-    SQLModel.metadata.drop_all(engine)
+    _empty_postgres(PG_URL)
+
+
+def _empty_postgres(url: str) -> None:
+    """Drop every object, Alembic's version table included, whatever state a test left.
+
+    ``metadata.drop_all`` only knows the current tables and fails on drift (a table a
+    migration test removed, a stamp without tables); a fresh schema never does.
+    """
+    engine = get_engine(url)
+    engine.dispose()  # no pooled connection may hold a lock on what is dropped
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
 
 
 def _make_platform(database_url: str, tmp_path: Path) -> Platform:
