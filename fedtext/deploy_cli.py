@@ -43,6 +43,7 @@ from rich.table import Table
 from fedtext.credentials import (
     CredentialLayout,
     CredentialsError,
+    certificate_hosts,
     check_certificate,
     check_name,
     check_node_private_key,
@@ -158,7 +159,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _existing_file(path: Path | None, what: str, hint: str = "") -> Path:
+def existing_file(path: Path | None, what: str, hint: str = "") -> Path:
     if path is None:
         raise UserError(f"Give the {what}{hint}.")
     path = path.expanduser()
@@ -172,14 +173,15 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
 
 
-def write_connection(name: str, address: str, ca: Path) -> Path:
-    """Add or replace SuperLink connection ``name`` in ``$FLWR_HOME/config.toml``.
+def write_connection(name: str, address: str, ca: Path, home: Path | None = None) -> Path:
+    """Add or replace SuperLink connection ``name`` in ``HOME/config.toml`` (default
+    ``$FLWR_HOME``).
 
     ``flwr`` commands then reach the federation as ``flwr ls <name>`` etc.; the file is
     private (0600 in a 0700 directory) and other connections in it are kept.
     """
     parse_address(address)
-    home = flwr_home()
+    home = home or flwr_home()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = home / "config.toml"
     config: dict[str, Any] = {}
@@ -199,7 +201,7 @@ def write_connection(name: str, address: str, ca: Path) -> Path:
 
 
 def _connect(superlink: str, ca: Path | None, connection: str) -> str:
-    ca_path = _existing_file(ca, "CA certificate", " (--ca or FEDTEXT_SUPERLINK_CA)")
+    ca_path = existing_file(ca, "CA certificate", " (--ca or FEDTEXT_SUPERLINK_CA)")
     check_certificate(ca_path, "CA certificate")
     check_reachable(superlink)
     write_connection(connection, superlink, ca_path)
@@ -213,12 +215,14 @@ class FlwrResult:
     message: str
 
 
-def flwr_json(args: Sequence[str], timeout: float = 300.0) -> FlwrResult:
-    """Run ``flwr ARGS --format json``; its exit code is 0 even on failure, so read the JSON."""
+def flwr_json(args: Sequence[str], timeout: float = 300.0, home: Path | None = None) -> FlwrResult:
+    """Run ``flwr ARGS --format json`` (with ``FLWR_HOME=home`` when given); its exit code
+    is 0 even on failure, so read the JSON."""
     cmd = [flower_executable("flwr"), *args, "--format", "json"]
+    env = flower_env({"FLWR_HOME": str(home)} if home else None)
     try:
         proc = subprocess.run(
-            cmd, env=flower_env(), capture_output=True, text=True, timeout=timeout, check=False
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired:
         return FlwrResult(False, {}, f"`flwr {args[0]}` did not answer within {timeout:.0f} s")
@@ -402,7 +406,8 @@ def coordinator(
 
     The ServerApp runs in a subprocess of the SuperLink and inherits the platform settings
     (FEDTEXT_DATA_DIR, FEDTEXT_DATABASE_URL, key provider), which this command resolves
-    to absolute paths. Stops both on SIGTERM/Ctrl-C.
+    to absolute paths. The API's `POST /v1/runs` submits runs to this SuperLink (unless
+    FEDTEXT_SUPERLINK names another). Stops both on SIGTERM/Ctrl-C.
     """
     with _user_errors():
         if credentials_dir is not None:
@@ -411,9 +416,9 @@ def coordinator(
             ssl_keyfile = ssl_keyfile or layout.server_key
             ssl_ca_certfile = ssl_ca_certfile or layout.superlink_ca_cert
         hint = " (--credentials DIR, or --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile)"
-        cert = _existing_file(ssl_certfile, "SuperLink certificate", hint)
-        key = _existing_file(ssl_keyfile, "SuperLink private key", hint)
-        ca = _existing_file(ssl_ca_certfile, "CA certificate", hint)
+        cert = existing_file(ssl_certfile, "SuperLink certificate", hint)
+        key = existing_file(ssl_keyfile, "SuperLink private key", hint)
+        ca = existing_file(ssl_ca_certfile, "CA certificate", hint)
         check_certificate(cert, "SuperLink certificate")
         check_certificate(ca, "CA certificate")
         settings = _settings()
@@ -423,6 +428,8 @@ def coordinator(
                 "or start with --no-api."
             )
         env = flower_env(_platform_env(settings))
+        if api:
+            env.update(_api_superlink_env(settings, host, port, cert, ca))
         state_db = (state or settings.data_dir / "superlink" / "state.db").expanduser()
         state_db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         superlink = [
@@ -455,6 +462,30 @@ def coordinator(
     code, first = supervise(commands, env)
     if code:
         raise _fail(f"the {first.name} exited with code {code}; see its output above", code)
+
+
+def _api_superlink_env(
+    settings: Settings, bind_host: str, port: int, cert: Path, ca: Path
+) -> dict[str, str]:
+    """FEDTEXT_SUPERLINK(_CA) for the API: this SuperLink, by a name its certificate covers
+    (TLS verification checks the name), unless the operator chose one."""
+    if settings.superlink:
+        return {}
+    hosts = certificate_hosts(cert)
+    if bind_host in ("0.0.0.0", "::", ""):
+        # Every interface: loopback reaches it; otherwise a name of this machine.
+        loopback = [h for h in ("127.0.0.1", "localhost", "::1") if h in hosts]
+        choice = (loopback or hosts or [None])[0]
+    else:
+        choice = bind_host if bind_host in hosts else None
+    if choice is None:
+        err.print(
+            f"[yellow]warning:[/yellow] {cert} names none of the SuperLink's addresses "
+            f"({bind_host}); the API will simulate runs unless FEDTEXT_SUPERLINK is set."
+        )
+        return {}
+    address = f"[{choice}]:{port}" if ":" in choice else f"{choice}:{port}"
+    return {"FEDTEXT_SUPERLINK": address, "FEDTEXT_SUPERLINK_CA": str(settings.superlink_ca or ca)}
 
 
 def _platform_env(settings: Settings) -> dict[str, str]:
@@ -518,7 +549,7 @@ def register(
                 nodes = [n for n in nodes if n.tenant in tenant]
             keys += [(n.tenant, n.public_key) for n in nodes]
         for path in key or []:
-            keys.append((path.parent.name, _existing_file(path, "public key")))
+            keys.append((path.parent.name, existing_file(path, "public key")))
         if not keys:
             raise UserError("No node key to register: give --credentials DIR or --key FILE.")
         conn = _connect(superlink, ca, connection)
@@ -590,8 +621,8 @@ def node(
             key = key or bundle / "node.key"
             ca = ca or bundle / "ca.crt"
         hint = " (--credentials DIR, or --key and --ca)"
-        key_path = _existing_file(key, "node private key", hint)
-        ca_path = _existing_file(ca, "CA certificate", hint)
+        key_path = existing_file(key, "node private key", hint)
+        ca_path = existing_file(ca, "CA certificate", hint)
         check_node_private_key(key_path)
         check_certificate(ca_path, "CA certificate")
         data_path = _check_data(data, labels)
@@ -672,7 +703,7 @@ def _check_device(device: str) -> str:
 # -------------------------------------------------------------------------- run/status
 
 
-def _app_dir(app: Path | None) -> Path:
+def find_app_dir(app: Path | None) -> Path:
     """The Flower app: ``app``, else the current directory or fedtext's source tree."""
     candidates = [app] if app else [Path.cwd(), Path(__file__).resolve().parents[1]]
     for candidate in candidates:
@@ -684,7 +715,7 @@ def _app_dir(app: Path | None) -> Path:
     )
 
 
-def _app_config_keys(app_dir: Path) -> dict[str, Any]:
+def app_config_keys(app_dir: Path) -> dict[str, Any]:
     pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
     return dict(pyproject["tool"]["flwr"]["app"].get("config", {}))
 
@@ -741,8 +772,34 @@ class RunStatus:
         return flower_ok and self.platform_status in (None, "completed")
 
 
-def flower_run_status(connection: str, flower_run_id: int) -> tuple[str, str]:
-    res = flwr_json(["ls", connection, "--run-id", str(flower_run_id)], timeout=120)
+def submit_run(
+    app_dir: Path, connection: str, overrides: dict[str, Any], home: Path | None = None
+) -> int:
+    """``flwr run APP_DIR CONNECTION --run-config FILE``; returns Flower's run id."""
+    with tempfile.TemporaryDirectory(prefix="fedtext-run-") as scratch:
+        # A TOML file: flwr's inline KEY=VALUE syntax cannot carry a JSON string.
+        run_config = Path(scratch) / "run-config.toml"
+        run_config.write_bytes(tomli_w.dumps(overrides).encode())
+        res = flwr_json(
+            ["run", str(app_dir), connection, "--run-config", str(run_config)], home=home
+        )
+    if not res.ok:
+        raise UserError(f"The SuperLink did not accept the run: {res.message}")
+    return int(res.data["run-id"])
+
+
+def stop_run(connection: str, flower_run_id: int, home: Path | None = None) -> None:
+    """``flwr stop``; a run that has already finished counts as stopped."""
+    res = flwr_json(["stop", str(flower_run_id), connection], timeout=120, home=home)
+    if not res.ok and "already finished" not in res.message:
+        raise UserError(f"Cannot stop Flower run {flower_run_id}: {res.message}")
+
+
+def flower_run_status(
+    connection: str, flower_run_id: int, home: Path | None = None
+) -> tuple[str, str]:
+    """Flower's ``(status, details)`` of a run, e.g. ``("finished:failed", "...")``."""
+    res = flwr_json(["ls", connection, "--run-id", str(flower_run_id)], timeout=120, home=home)
     if not res.ok:
         raise UserError(f"Cannot read run {flower_run_id}: {res.message}")
     runs = res.data.get("runs") or []
@@ -843,7 +900,7 @@ def run(
     (when this machine sees the platform database) is completed; 1 when the run failed.
     """
     with _user_errors():
-        app_dir = _app_dir(app)
+        app_dir = find_app_dir(app)
         if model_config is not None:
             try:
                 if not isinstance(json.loads(model_config), dict):
@@ -851,7 +908,7 @@ def run(
             except ValueError:
                 raise UserError(f"--model-config {model_config!r} is not a JSON object.") from None
         overrides = build_run_config(
-            _app_config_keys(app_dir),
+            app_config_keys(app_dir),
             {
                 "rounds": rounds,
                 "epsilon": epsilon,
@@ -864,16 +921,9 @@ def run(
             },
             config or [],
         )
-        _validate_server_config(overrides)
+        validate_server_config(overrides)
         conn = _connect(superlink, ca, connection)
-        with tempfile.TemporaryDirectory(prefix="fedtext-run-") as scratch:
-            # A TOML file: flwr's inline KEY=VALUE syntax cannot carry a JSON string.
-            run_config = Path(scratch) / "run-config.toml"
-            run_config.write_bytes(tomli_w.dumps(overrides).encode())
-            res = flwr_json(["run", str(app_dir), conn, "--run-config", str(run_config)])
-        if not res.ok:
-            raise UserError(f"The SuperLink did not accept the run: {res.message}")
-        flower_run_id = int(res.data["run-id"])
+        flower_run_id = submit_run(app_dir, conn, overrides)
         platform_id = str(overrides.get("run-id") or _platform_run_id(flower_run_id))
         console.print(f"Submitted: Flower run {flower_run_id}, platform run {platform_id}")
         console.print(f"Follow its log with: flwr log {flower_run_id} {conn}")
@@ -912,7 +962,7 @@ def _platform_run_id(flower_run_id: int) -> str:
     return platform_run_id(flower_run_id)
 
 
-def _validate_server_config(overrides: dict[str, Any]) -> None:
+def validate_server_config(overrides: dict[str, Any]) -> None:
     """The ServerApp's own validation, here, before anything is submitted."""
     from server.config import ServerRunConfig
 

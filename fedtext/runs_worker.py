@@ -33,48 +33,26 @@ from tenancy.tables import TrainingRun, utcnow
 CANCEL_GRACE_SECONDS = 5.0
 
 
-def _engine_url(engine: Engine) -> str:
+def engine_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=False)
 
 
-class LocalRunLauncher:
-    """Starts run workers on this machine for the platform the API serves."""
+class WorkerLauncher:
+    """Starts ``python -m MODULE RUN_ID`` as its own session; stops it by process group."""
 
-    def __init__(self, platform: Platform, log_dir: Path) -> None:
-        if not isinstance(platform.store, LocalBlobStore):
-            raise ValueError("The local run launcher needs a local blob store.")
-        provider = platform.keyring.provider
-        # Secrets (a database password, an env KEK) go through the environment, never argv.
-        self.env = {
-            "FEDTEXT_WORKER_DATABASE_URL": _engine_url(platform.engine),
-            "FEDTEXT_WORKER_BLOB_DIR": str(platform.store.root.resolve()),
-            "FEDTEXT_WORKER_KEY_PROVIDER": provider.name,
-        }
-        if isinstance(provider, FileKeyProvider):
-            self.env["FEDTEXT_WORKER_KEK_FILE"] = str(provider.path.resolve())
-        elif isinstance(provider, EnvKeyProvider):
-            self.env["FEDTEXT_WORKER_KEK_ENV"] = provider.variable
+    module = "fedtext.runs_worker"
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env  # secrets (a database password, an env KEK) never go through argv
         self.log_dir = log_dir
         self._children: dict[str, subprocess.Popen[bytes]] = {}
-
-    def check(self, config: dict[str, Any]) -> None:
-        from fedtext.simulation import SimulationConfig
-        from server.strategy import strategy_names
-
-        try:
-            parsed = SimulationConfig(**config)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-        parsed.validate()
-        if parsed.strategy not in strategy_names():
-            raise ValueError(f"Unknown strategy {parsed.strategy!r}.")
 
     def launch(self, run_id: str) -> int:
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = open(self.log_dir / f"{run_id}.log", "ab")  # noqa: SIM115 - the child owns it
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtext.runs_worker", run_id],
+                [sys.executable, "-m", self.module, run_id],
                 env={**os.environ, **self.env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -88,7 +66,8 @@ class LocalRunLauncher:
         threading.Thread(target=proc.wait, daemon=True, name=f"reap-{run_id[:8]}").start()
         return proc.pid
 
-    def cancel(self, run_id: str, pid: int | None) -> None:
+    def stop_worker(self, run_id: str, pid: int | None) -> None:
+        """Stop the worker's whole group (by the PID on the run: after an API restart too)."""
         child = self._children.pop(run_id, None)
         pid = pid or (child.pid if child else None)
         if pid is None or not pid_alive(pid):
@@ -104,6 +83,40 @@ class LocalRunLauncher:
                 time.sleep(0.1)
             if not _group_alive(pid):
                 return
+
+
+class LocalRunLauncher(WorkerLauncher):
+    """Starts simulated runs' workers on this machine for the platform the API serves."""
+
+    def __init__(self, platform: Platform, log_dir: Path) -> None:
+        if not isinstance(platform.store, LocalBlobStore):
+            raise ValueError("The local run launcher needs a local blob store.")
+        provider = platform.keyring.provider
+        env = {
+            "FEDTEXT_WORKER_DATABASE_URL": engine_url(platform.engine),
+            "FEDTEXT_WORKER_BLOB_DIR": str(platform.store.root.resolve()),
+            "FEDTEXT_WORKER_KEY_PROVIDER": provider.name,
+        }
+        if isinstance(provider, FileKeyProvider):
+            env["FEDTEXT_WORKER_KEK_FILE"] = str(provider.path.resolve())
+        elif isinstance(provider, EnvKeyProvider):
+            env["FEDTEXT_WORKER_KEK_ENV"] = provider.variable
+        super().__init__(env, log_dir)
+
+    def check(self, config: dict[str, Any]) -> None:
+        from fedtext.simulation import SimulationConfig
+        from server.strategy import strategy_names
+
+        try:
+            parsed = SimulationConfig(**config)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        parsed.validate()
+        if parsed.strategy not in strategy_names():
+            raise ValueError(f"Unknown strategy {parsed.strategy!r}.")
+
+    def cancel(self, run_id: str, pid: int | None) -> None:
+        self.stop_worker(run_id, pid)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -150,6 +163,13 @@ def _heartbeat(engine: Engine, run_id: str, stop: threading.Event) -> None:
             pass
 
 
+def start_heartbeat(engine: Engine, run_id: str) -> threading.Event:
+    """Beat on the run every few seconds until the returned event is set."""
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(engine, run_id, stop), daemon=True).start()
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_id")
@@ -162,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if run is None or run.simulation_json is None:
         print(f"No simulated run {args.run_id}.", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    threading.Thread(
-        target=_heartbeat, args=(platform.engine, args.run_id, stop), daemon=True
-    ).start()
+    stop = start_heartbeat(platform.engine, args.run_id)
     try:
         config = SimulationConfig(**json.loads(run.simulation_json))
         simulate(platform, config, args.run_id)

@@ -37,12 +37,26 @@ class Settings(BaseSettings):
         default=None, description="Forward-pass threads; default half the cores."
     )
     serve_torch_threads: int = Field(default=1, description="torch intra-op threads.")
+    serve_lookup_ttl_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Seconds the predict path reuses a key's and a deployment's database answer "
+        "(changes through the API apply at once; from other processes within this); 0: off.",
+    )
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=1 << 20, description="Larger request bodies get 413.")
     rate_limit_per_second: float | None = Field(
         default=100.0, description="Requests per second per API key (429 beyond); unset: off."
     )
     rate_limit_burst: int = Field(default=200, description="Requests a key may send at once.")
+    superlink: str | None = Field(
+        default=None,
+        description="host:port of a SuperLink: `POST /v1/runs` then runs on that federation "
+        "instead of a local simulation.",
+    )
+    superlink_ca: Path | None = Field(
+        default=None, description="The CA certificate of that SuperLink's TLS certificate."
+    )
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
@@ -54,6 +68,11 @@ class Settings(BaseSettings):
         if token is not None and len(token) < 32 and not self.dev_mode:
             raise ValueError(
                 "FEDTEXT_OPERATOR_TOKEN must be at least 32 characters outside dev mode."
+            )
+        if self.superlink and self.superlink_ca is None:
+            raise ValueError(
+                "FEDTEXT_SUPERLINK needs FEDTEXT_SUPERLINK_CA (the federation's ca.crt): "
+                "the SuperLink only speaks TLS."
             )
         return self
 

@@ -125,7 +125,7 @@ def resume(platform: Platform, run_id: str) -> SimulationResult:
         run = session.get(TrainingRun, run_id)
     if run is None:
         raise SimulationFailed(f"No run {run_id}.")
-    if run.simulation_json is None:
+    if run.simulation_json is None or "superlink" in json.loads(run.simulation_json):
         raise SimulationFailed(f"Run {run_id} was not a simulation; resume it with flwr run.")
     if run.status == "completed":
         raise SimulationFailed(f"Run {run_id} already completed.")

@@ -39,6 +39,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 7,
     "model-config": "{}",
     "dataset": "default",
+    # Tenants (comma-separated names) that may train in this run; empty: every tenant
+    # whose node connects. Nodes of other tenants are refused.
+    "participants": "",
 }
 
 
@@ -70,6 +73,7 @@ class ServerRunConfig:
     seed: int
     model_config: dict[str, Any]
     dataset: str
+    participants: tuple[str, ...]
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> ServerRunConfig:
@@ -106,6 +110,9 @@ class ServerRunConfig:
                 seed=int(merged["seed"]),
                 model_config=_json_object(merged["model-config"]),
                 dataset=check_dataset(str(merged["dataset"])),
+                participants=tuple(
+                    s.strip() for s in str(merged["participants"]).split(",") if s.strip()
+                ),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Invalid run configuration: {exc}") from None
@@ -144,6 +151,12 @@ class ServerRunConfig:
             raise ValueError("personalize-epochs should be zero (off) or positive.")
         if self.client_dp not in ("off", "fixed"):
             raise ValueError("client-dp should be 'off' or 'fixed' (server-side fixed clipping).")
+        if len(set(self.participants)) != len(self.participants):
+            raise ValueError("participants should name each tenant once.")
+        if self.participants and len(self.participants) < self.min_nodes:
+            raise ValueError(
+                f"{len(self.participants)} participant(s) cannot meet min-nodes {self.min_nodes}."
+            )
         if self.client_dp == "fixed" and not (self.client_dp_noise > 0 and self.client_dp_clip > 0):
             raise ValueError("client-dp-noise and client-dp-clip should be positive values.")
 

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from models import ModelSpec, build_model, load_model_state, load_weights, model_state, save_weights
@@ -63,8 +64,13 @@ class RunOutcome:
 def discover_nodes(grid: Grid, cfg: ServerRunConfig) -> tuple[list[NodeInfo], list[str]]:
     """Ask every connected node which tenant it serves and how much data it holds."""
     deadline = time.monotonic() + cfg.round_timeout
-    while len(node_ids := list(grid.get_node_ids())) < cfg.min_nodes:
+    # Named participants get until the timeout to connect; the run then goes on with
+    # those present if they are enough (planning reports who is missing).
+    wanted = max(cfg.min_nodes, len(cfg.participants))
+    while len(node_ids := list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
+            if len(node_ids) >= cfg.min_nodes:
+                break
             raise RunFailed(
                 f"only {len(node_ids)} node(s) connected; the run needs {cfg.min_nodes}"
             )
@@ -115,12 +121,34 @@ def _unique_known_tenants(
     return found, refused
 
 
+def _participating(
+    nodes: list[NodeInfo], participants: tuple[str, ...]
+) -> tuple[list[NodeInfo], list[str]]:
+    """The nodes of the run's participants (all nodes when it names none)."""
+    if not participants:
+        return nodes, []
+    listed = ", ".join(participants)
+    kept = [n for n in nodes if n.tenant in participants]
+    refused = [
+        f"node {n.node_id} serves tenant {n.tenant!r}, not a participant of this run ({listed})"
+        for n in nodes
+        if n.tenant not in participants
+    ]
+    present = {n.tenant for n in kept}
+    refused += [
+        f"participant {p!r} has no connected node" for p in participants if p not in present
+    ]
+    return kept, refused
+
+
 def plan_run(
     session: Session, nodes: list[NodeInfo], cfg: ServerRunConfig
 ) -> tuple[dict[int, TenantPlan], list[str]]:
     """One plan per eligible node; every refusal comes with its reason."""
     plans: dict[int, TenantPlan] = {}
+    nodes, outsiders = _participating(nodes, cfg.participants)
     found, refused = _unique_known_tenants(session, nodes)
+    refused = outsiders + refused
     for node, tenant in found:
         try:
             plans[node.node_id] = plan_tenant(
@@ -284,6 +312,25 @@ def _update_run(platform: Platform, run_id: str, **fields: Any) -> None:
         session.add(run)
 
 
+def _fail_run(platform: Platform, run_id: str, error: str) -> None:
+    """Record the failure, unless the run was cancelled (a stopped run fails by design);
+    one conditional UPDATE, so a cancel committed meanwhile is not overwritten."""
+    with platform.engine.begin() as connection:
+        connection.execute(
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status) != "cancelled")
+            .values(status="failed", error=error, finished_at=utcnow())
+        )
+
+
+def _stand_down_if_cancelled(platform: Platform, run_id: str, when: str) -> None:
+    """Stop a run cancelled on the platform (the API's cancel also stops the Flower run;
+    this covers a cancel that raced the submission)."""
+    run = _get_run(platform, run_id)
+    if run is not None and run.status == "cancelled":
+        raise RunFailed(f"Run {run_id} was cancelled {when}.")
+
+
 def _get_run(platform: Platform, run_id: str) -> TrainingRun | None:
     with Session(platform.engine, expire_on_commit=False) as session:
         return session.get(TrainingRun, run_id)
@@ -301,13 +348,16 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
             raise RunFailed(f"Run {cfg.run_id} already completed; nothing to resume.")
         # The stored configuration wins: a resumed run is the same run.
         cfg = ServerRunConfig.from_mapping(_kebab(json.loads(stored.config_json)), {"resume": True})
+    else:
+        # Cancelled over HTTP while `flwr run` was submitting it: stand down.
+        _stand_down_if_cancelled(platform, cfg.run_id, "before it started")
     _update_run(
         platform, cfg.run_id, status="running", error=None, config_json=json.dumps(cfg.public())
     )
     try:
         outcome = _run(grid, cfg, platform)
     except Exception as exc:
-        _update_run(platform, cfg.run_id, status="failed", error=str(exc), finished_at=utcnow())
+        _fail_run(platform, cfg.run_id, str(exc))
         raise
     # A completed run needs no checkpoint: its models are released.
     finished = _get_run(platform, cfg.run_id)
@@ -392,10 +442,12 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
 
     arrays = ArrayRecord(model_state(model))
     for server_round in range(start, cfg.rounds + 1):
+        _stand_down_if_cancelled(platform, cfg.run_id, f"before round {server_round}")
         arrays = _train_round(grid, cfg, platform, outer, private, server_round, arrays, model)
 
     load_model_state(model, _torch_state(arrays))
     outcome = RunOutcome(cfg.run_id, plans, refused)
+    _stand_down_if_cancelled(platform, cfg.run_id, "before its models were released")
     personal = (
         _personalize(grid, cfg, platform, private, spec, arrays) if cfg.personalize_epochs else {}
     )

@@ -55,7 +55,8 @@ class KeyCreated(BaseModel):
 
 
 class RunCreate(BaseModel):
-    """A simulated federation of the calling tenant and the tenants it names."""
+    """A training run of the calling tenant and the tenants it names: simulated on the
+    server, or on the server's federation (SuperLink) when it has one."""
 
     participants: list[str] = Field(
         default_factory=list,
@@ -71,9 +72,17 @@ class RunCreate(BaseModel):
     learning_rate: float = Field(default=0.01, gt=0, le=100)
     clip_norm: float = Field(default=1.0, gt=0, le=1000)
     personalize_epochs: int = Field(default=1, ge=0, le=20)
-    partitioning: Literal["iid", "dirichlet", "topic"] = "iid"
-    max_train_examples: int = Field(default=2000, ge=8, le=100_000)
-    max_test_examples: int = Field(default=500, ge=8, le=100_000)
+    # Simulation only (how simulated nodes share the demo corpus); a federation's nodes
+    # train on their own files, so a server with a SuperLink refuses them (422).
+    partitioning: Literal["iid", "dirichlet", "topic"] | None = Field(
+        default=None, description="Simulation only; default iid."
+    )
+    max_train_examples: int | None = Field(
+        default=None, ge=8, le=100_000, description="Simulation only; default 2000."
+    )
+    max_test_examples: int | None = Field(
+        default=None, ge=8, le=100_000, description="Simulation only; default 500."
+    )
     dataset: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     secure_mode: bool = True
     # JSON key "model_config", as on the CLI (the attribute name avoids pydantic's own).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from datetime import UTC, datetime, timedelta
@@ -65,12 +66,27 @@ def reap_orphaned_runs(session: Session) -> list[str]:
         if reason is None:
             continue
         run.status = "interrupted"
-        run.error = f"Interrupted: {reason}. Resume it with: fedtext simulate --resume {run.id}"
+        run.error = f"Interrupted: {reason}. {_what_now(run)}"
         run.finished_at = now
         session.add(run)
         reaped.append(run.id)
     session.commit()
     return reaped
+
+
+def _what_now(run: TrainingRun) -> str:
+    request = json.loads(run.simulation_json or "{}")
+    if "superlink" not in request:
+        return f"Resume it with: fedtext simulate --resume {run.id}"
+    # A federation run: the ServerApp on the SuperLink may still finish (and record) it.
+    flower = request.get("flower_run_id")
+    if flower is None:
+        return "It was never submitted to the SuperLink; start a new run."
+    return (
+        f"Its Flower run {flower} may still be running on {request['superlink']}: "
+        f"`fedtext federation status {flower} --run-id {run.id}`; "
+        f"stop it with `flwr stop {flower}`."
+    )
 
 
 def claim_run(session: Session, run_id: str) -> TrainingRun | None:

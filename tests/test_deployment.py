@@ -17,22 +17,26 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import Session, select
 
 from clients.data import DEMO_LABELS
+from fedtext.credentials import create_credentials
+from fedtext.deploy_cli import _api_superlink_env
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from privacy.ledger import PrivacyEvent, verify_chain
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import ModelVersion, Tenant, TrainingRun
-from tenancy.tenants import create_tenant
+from tenancy.tenants import Scope, create_api_key, create_tenant, get_tenant
 from tests.factories import toy_data
 
 pytestmark = pytest.mark.slow
@@ -130,12 +134,14 @@ class Federation:
     ports: list[int]
     creds: Path
     procs: list[Proc] = field(default_factory=list)
+    nodes: dict[str, Proc] = field(default_factory=dict)
 
-    def start(self, name: str, *args: str) -> Proc:
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+        """``cmd`` in its own session, logged to ROOT/NAME.log, stopped at teardown."""
         log = self.root / f"{name}.log"
         popen = subprocess.Popen(
-            [*FEDTEXT, "federation", *args],
-            env=self.env,
+            cmd,
+            env=env or self.env,
             cwd=self.root,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -144,6 +150,9 @@ class Federation:
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
+
+    def start(self, name: str, *args: str) -> Proc:
+        return self.spawn(name, [*FEDTEXT, "federation", *args])
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -154,6 +163,18 @@ class Federation:
             text=True,
             timeout=timeout,
             check=False,
+        )
+
+    def status(self, flower_run_id: int) -> subprocess.CompletedProcess[str]:
+        """`fedtext federation status`: the run as Flower and the platform record it."""
+        return self.cli(
+            "federation",
+            "status",
+            str(flower_run_id),
+            "--superlink",
+            self.superlink,
+            "--ca",
+            str(self.creds / "ca" / "ca.crt"),
         )
 
     def node(self, tenant: str, *extra: str, data: str | None = None) -> Proc:
@@ -178,6 +199,35 @@ class Federation:
             "60",
             *extra,
         )
+
+    def tenant_nodes(self) -> list[Proc]:
+        """One SuperNode per tenant, started on first use and kept for the module."""
+        for tenant in TENANTS:
+            if tenant not in self.nodes:
+                self.nodes[tenant] = self.node(tenant)
+        return [self.nodes[t] for t in TENANTS]
+
+    def admin_key(self, tenant: str) -> str:
+        with session_scope(self.platform.engine) as session:
+            owner = get_tenant(session=session, name=tenant)
+            _, secret = create_api_key(session=session, tenant=owner, scopes=[Scope.admin])
+        return secret
+
+    def api(
+        self, method: str, path: str, key: str, body: object = None, port: int | None = None
+    ) -> tuple[int, Any]:
+        """A JSON request to the coordinator's API (or the API on ``port``)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port or self.ports[1]}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
 
 def write_tenant_data(directory: Path) -> None:
@@ -298,8 +348,8 @@ def test_nodes_without_a_registered_key_or_the_ca_are_refused(federation: Federa
     # The bare Flower executable without any CA certificate: Flower's own refusal.
     port = free_port()
     federation.ports.append(port)
-    log = federation.root / "bare-node.log"
-    bare = subprocess.Popen(
+    bare_node = federation.spawn(
+        "bare-node",
         [
             str(Path(sys.executable).parent / "flower-supernode"),
             "--superlink",
@@ -311,13 +361,8 @@ def test_nodes_without_a_registered_key_or_the_ca_are_refused(federation: Federa
             "--max-wait-time",
             "30",
         ],
-        env=federation.env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
-    bare_node = Proc("bare-node", bare, log)
-    federation.procs.append(bare_node)
+    bare, log = bare_node.popen, bare_node.log
     for proc in (rogue, wrong_ca, bare_node):
         proc.remember()
         proc.popen.wait(120)
@@ -336,7 +381,7 @@ def test_nodes_without_a_registered_key_or_the_ca_are_refused(federation: Federa
 def test_two_tenant_dp_federation_completes_with_ledger_and_encrypted_models(
     federation: Federation,
 ) -> None:
-    nodes = [federation.node(t) for t in TENANTS]
+    nodes = federation.tenant_nodes()
     started = time.monotonic()
     result = federation.cli(
         "federation",
@@ -403,18 +448,146 @@ def test_two_tenant_dp_federation_completes_with_ledger_and_encrypted_models(
     for raw in blobs:  # encrypted at rest: no safetensors header, no tensor names
         assert b"dtype" not in raw and b"weight" not in raw
 
-    status = federation.cli(
-        "federation",
-        "status",
-        str(flower_run_id),
-        "--superlink",
-        federation.superlink,
-        "--ca",
-        str(federation.creds / "ca" / "ca.crt"),
-    )
+    status = federation.status(flower_run_id)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "completed" in status.stdout
 
     # The coordinator's API serves the same platform.
     with urllib.request.urlopen(f"http://127.0.0.1:{federation.ports[1]}/readyz", timeout=10) as r:
         assert r.status == 200
+
+
+# ------------------------------------------------------------ runs started over the API
+
+API_RUN = {
+    "participants": ["globex"],
+    "rounds": 1,
+    "epsilon": 8.0,
+    "batch_size": 16,
+    "personalize_epochs": 0,
+    "secure_mode": False,
+    "model_config": {"proj_dim": 8, "hidden_dim": 8},
+}
+
+
+def _follow(
+    federation: Federation, run_id: str, key: str, until: Any, timeout: float, **kw: Any
+) -> tuple[dict[str, Any], set[str]]:
+    """Poll GET /v1/runs/{id} until ``until(body)``; also return the statuses seen."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = federation.api("GET", f"/v1/runs/{run_id}", key, **kw)
+        assert code == 200, body
+        seen.add(body["status"])
+        if until(body):
+            return body, seen
+        assert time.monotonic() < deadline, f"timed out; last: {body}"
+        time.sleep(1)
+
+
+def _flower_status(federation: Federation, flower_run_id: int) -> str:
+    result = federation.status(flower_run_id)
+    found = re.search(r"finished:\w+|running|pending|starting", result.stdout)
+    assert found, result.stdout + result.stderr
+    return found.group(0)
+
+
+def _worker(federation: Federation, run_id: str) -> tuple[int, int]:
+    """The run's worker PID and the Flower run id it recorded."""
+    with Session(federation.platform.engine) as session:
+        row = session.get(TrainingRun, run_id)
+        assert row is not None and row.worker_pid is not None
+        return row.worker_pid, int(json.loads(row.simulation_json or "{}")["flower_run_id"])
+
+
+def test_a_run_started_over_the_api_trains_on_the_superlink(federation: Federation) -> None:
+    nodes = federation.tenant_nodes()
+    admin = federation.admin_key("acme")
+    started = time.monotonic()
+    code, run = federation.api("POST", "/v1/runs", admin, API_RUN)
+    assert code == 202, run
+    assert run["participants"] == ["acme", "globex"]
+    done, seen = _follow(
+        federation, run["id"], admin, lambda b: b["status"] not in ("created", "running"), 420
+    )
+    print(f"API run on the SuperLink: {time.monotonic() - started:.1f} s for 1 round")
+    for node in nodes:
+        assert node.popen.poll() is None, node.output()[-3000:]
+    assert done["status"] == "completed", done
+    assert "running" in seen  # the ServerApp's status is readable while it runs
+    assert {(m["round"], m["phase"]) for m in done["metrics"]} == {(1, "train"), (1, "evaluate")}
+    assert all(m["examples"] > 0 for m in done["metrics"])
+    pid, flower_run_id = _worker(federation, run["id"])
+    assert _flower_status(federation, flower_run_id) == "finished:completed"
+    with Session(federation.platform.engine) as session:
+        row = session.get(TrainingRun, run["id"])
+        assert row is not None
+        # The ServerApp ran this platform run, with exactly the caller and its participant.
+        assert json.loads(row.config_json)["participants"] == ["acme", "globex"]
+        assert set(json.loads(row.summary_json)["tenants"]) == {"acme", "globex"}
+    wait_for(lambda: not alive(pid), 30, "the worker to exit", [])
+
+
+def test_a_restarted_api_follows_and_cancels_a_run_on_the_superlink(
+    federation: Federation,
+) -> None:
+    federation.tenant_nodes()
+    admin = federation.admin_key("acme")
+    code, run = federation.api("POST", "/v1/runs", admin, {**API_RUN, "rounds": 20})
+    assert code == 202, run
+    _follow(federation, run["id"], admin, lambda b: b["status"] == "running", 180)
+    pid, flower_run_id = _worker(federation, run["id"])
+    assert os.getsid(pid) == pid  # its own session: an API restart does not take it down
+    # Another API process on the same platform, as after a restart: it knows nothing of
+    # the worker but what the run's row says.
+    port = free_port()
+    federation.ports.append(port)
+    restarted = federation.spawn(
+        "api-restarted",
+        [*FEDTEXT, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env={
+            **federation.env,
+            "FEDTEXT_SUPERLINK": federation.superlink,
+            "FEDTEXT_SUPERLINK_CA": str(federation.creds / "ca" / "ca.crt"),
+        },
+    )
+    try:
+        wait_for(lambda: not port_is_free(port), 120, "the restarted API", [restarted])
+        body, _ = _follow(federation, run["id"], admin, lambda b: True, 10, port=port)
+        assert body["status"] == "running", body
+        code, body = federation.api("POST", f"/v1/runs/{run['id']}/cancel", admin, port=port)
+        assert code == 200, body
+        assert body["status"] == "cancelled"
+        assert not alive(pid)
+        group = subprocess.run(
+            ["ps", "-o", "stat=", "-s", str(pid)], capture_output=True, text=True, check=False
+        )
+        assert [st for st in group.stdout.split() if not st.startswith("Z")] == []
+        assert _flower_status(federation, flower_run_id) == "finished:stopped"
+        # The stopped ServerApp's own failure does not overwrite the cancel.
+        time.sleep(5)
+        code, body = federation.api("GET", f"/v1/runs/{run['id']}", admin)
+        assert body["status"] == "cancelled" and "Cancelled by admin key" in body["error"], body
+    finally:
+        restarted.stop()
+
+
+def test_the_coordinators_api_reaches_its_superlink_by_a_certified_name(tmp_path: Path) -> None:
+    made = create_credentials(tmp_path / "creds", hosts=["fl.example.org", "127.0.0.1"], tenants=[])
+    cert, ca = made.layout.server_cert, made.layout.ca_cert
+    settings = Settings(data_dir=tmp_path, superlink=None, superlink_ca=None)
+    # Bound to every interface: loopback reaches it, and the certificate names 127.0.0.1.
+    assert _api_superlink_env(settings, "0.0.0.0", 9092, cert, ca) == {
+        "FEDTEXT_SUPERLINK": "127.0.0.1:9092",
+        "FEDTEXT_SUPERLINK_CA": str(ca),
+    }
+    named = _api_superlink_env(settings, "fl.example.org", 9092, cert, ca)
+    assert named["FEDTEXT_SUPERLINK"] == "fl.example.org:9092"
+    # An address the certificate does not name would fail TLS verification: none is set.
+    assert _api_superlink_env(settings, "10.1.2.3", 9092, cert, ca) == {}
+    # The operator's own choice is kept.
+    chosen = Settings(data_dir=tmp_path, superlink="other.example.org:443", superlink_ca=ca)
+    assert _api_superlink_env(chosen, "0.0.0.0", 9092, cert, ca) == {}
+    with pytest.raises(ValueError, match="FEDTEXT_SUPERLINK needs FEDTEXT_SUPERLINK_CA"):
+        Settings(data_dir=tmp_path, superlink="other.example.org:443", superlink_ca=None)

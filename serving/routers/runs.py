@@ -1,9 +1,13 @@
-"""Training runs (admin): start a simulated federation, follow it, cancel it.
+"""Training runs (admin): start one, follow it, cancel it.
 
 The tenant that creates a run is its owner and the only tenant that sees it; the run
 trains the caller together with the tenants it names (``participants``), which must
 exist. Each participant's privacy budget is still gated by the ServerApp before round 1.
 Metrics shown are the caller's own: another tenant's accuracy is not the caller's to read.
+
+Where it runs is the server's choice: a simulated federation on this machine, or, when
+the server has a SuperLink (``FEDTEXT_SUPERLINK``), that federation, whose connected
+nodes train on their own data.
 """
 
 from __future__ import annotations
@@ -57,7 +61,16 @@ def _own_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
 def create(
     body: RunCreate, caller: AdminCaller, session: SessionDep, launcher: RunLauncherDep
 ) -> RunPublic:
-    """Start a simulated federation of the caller and ``participants`` in a worker process."""
+    """Start a run of the caller and ``participants`` in a worker process.
+
+    Simulated (no SuperLink): each tenant is a virtual node on a share of the demo corpus
+    (``partitioning``, ``max_train_examples``, ``max_test_examples``).
+
+    On a SuperLink: the run is submitted with ``flwr run``; only the nodes of the caller
+    and the participants train, each on its own data file, and the run fails if fewer
+    than two of them connect and pass the budget gate. The simulation-only fields do
+    not apply there and are refused (422) when given.
+    """
     names = [caller.tenant.name]
     for name in body.participants:
         if name in names:
@@ -81,7 +94,8 @@ def create(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "A federation needs at least two tenants: name at least one participant.",
         )
-    config = body.model_dump(exclude={"participants", "family_config"})
+    # Unset simulation-only fields stay out: the simulation's defaults apply.
+    config = body.model_dump(exclude={"participants", "family_config"}, exclude_none=True)
     config["tenants"] = names
     config["model_config"] = body.family_config
     try:
@@ -131,7 +145,8 @@ def get_run(run_id: str, caller: AdminCaller, session: SessionDep) -> RunPublic:
 def cancel(
     run_id: str, caller: AdminCaller, session: SessionDep, launcher: OptionalRunLauncherDep
 ) -> RunPublic:
-    """Stop the run's worker; the rounds already dispatched stay charged to the ledger."""
+    """Stop the run's worker (and, on a SuperLink, its Flower run); the rounds already
+    dispatched stay charged to the ledger."""
     run = _own_run(session, run_id, caller.tenant.id)
     if run.status in FINISHED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"Run {run_id} is already {run.status}.")
@@ -139,7 +154,10 @@ def cancel(
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "This server cannot stop run workers."
         )
-    launcher.cancel(run.id, run.worker_pid)
+    try:
+        launcher.cancel(run.id, run.worker_pid)
+    except OSError as exc:  # the federation did not confirm the stop: the run goes on
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     session.refresh(run)
     run.status = "cancelled"
     run.error = f"Cancelled by admin key {caller.key.prefix}."

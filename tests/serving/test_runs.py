@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from fedtext.credentials import create_credentials
+from fedtext.deploy_cli import UserError, app_config_keys, find_app_dir
+from fedtext.federation_runs import (
+    FederationRunLauncher,
+    end_if_active,
+    federation_run_config,
+    follow,
+)
 from fedtext.runs_worker import LocalRunLauncher
+from server.config import ServerRunConfig
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform
@@ -61,28 +73,41 @@ def test_participants_must_exist_and_the_caller_is_always_in(
         assert r.status_code == 422 and "named twice" in r.json()["detail"]
 
 
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def _running(platform: Platform, owner: str, runs: dict[str, tuple[int, dict[str, Any]]]) -> None:
+    """Rows of runs in progress, each with its worker's PID and stored request."""
+    with Session(platform.engine) as session:
+        for run_id, (pid, request) in runs.items():
+            session.add(
+                TrainingRun(
+                    id=run_id,
+                    owner_tenant_id=owner,
+                    status="running",
+                    worker_pid=pid,
+                    worker_host=os.uname().nodename,
+                    heartbeat_at=utcnow(),
+                    simulation_json=json.dumps(request),
+                )
+            )
+        session.commit()
+
+
 def test_a_run_whose_worker_died_is_marked_interrupted_at_startup(
     platform: Platform, tmp_path: Path
 ) -> None:
     acme = make_tenant(platform, "acme")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    dead = _dead_pid()
     alive = subprocess.Popen(["sleep", "60"])
     try:
-        with Session(platform.engine) as session:
-            for run_id, pid in (("gone", dead.pid), ("alive", alive.pid)):
-                session.add(
-                    TrainingRun(
-                        id=run_id,
-                        owner_tenant_id=acme.tenant.id,
-                        status="running",
-                        worker_pid=pid,
-                        worker_host=os.uname().nodename,
-                        heartbeat_at=utcnow(),
-                        simulation_json=json.dumps({"tenants": ["acme", "globex"], "rounds": 2}),
-                    )
-                )
-            session.commit()
+        request = {"tenants": ["acme", "globex"], "rounds": 2}
+        _running(platform, acme.tenant.id, {"gone": (dead, request)})
+        _running(platform, acme.tenant.id, {"alive": (alive.pid, request)})
         with _app(platform, tmp_path) as c:  # the API (re)starts
             gone = c.get("/v1/runs/gone", headers=acme.admin).json()
             kept = c.get("/v1/runs/alive", headers=acme.admin).json()
@@ -134,3 +159,139 @@ def test_cancel_stops_the_worker_and_its_children(platform: Platform, tmp_path: 
         assert c.post(f"{url}/cancel", headers=acme.admin).status_code == 409
         time.sleep(1)
         assert c.get(url, headers=acme.admin).json()["status"] == "cancelled"
+
+
+# ------------------------------------------------------------------ runs on a SuperLink
+
+
+@pytest.fixture
+def ca_cert(tmp_path: Path) -> Path:
+    made = create_credentials(tmp_path / "creds", hosts=["127.0.0.1"], tenants=[])
+    return made.layout.ca_cert
+
+
+def _unreachable() -> str:
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _federation_app(platform: Platform, tmp_path: Path, ca: Path) -> TestClient:
+    launcher = FederationRunLauncher(platform, tmp_path / "runs", _unreachable(), ca)
+    return TestClient(create_app(platform, ServingConfig(), run_launcher=launcher))
+
+
+def test_a_request_maps_to_the_serverapps_run_config() -> None:
+    known = app_config_keys(find_app_dir(None))
+    request = {
+        "tenants": ["acme", "globex"],
+        "rounds": 2,
+        "epsilon": 4.0,
+        "strategy": "fedprox",
+        "batch_size": 16,
+        "personalize_epochs": 0,
+        "secure_mode": False,
+        "dataset": "tweets",
+        "model_config": {"proj_dim": 8, "hidden_dim": 8},
+    }
+    config = federation_run_config(request, "run-1", known)
+    assert set(config) <= set(known)
+    assert config["run-id"] == "run-1" and config["participants"] == "acme,globex"
+    assert (config["rounds"], config["epsilon"], config["strategy"]) == (2, 4.0, "fedprox")
+    assert (config["batch-size"], config["personalize-epochs"]) == (16, 0)
+    assert config["secure-mode"] is False and config["dataset"] == "tweets"
+    assert json.loads(config["model-config"]) == {"proj_dim": 8, "hidden_dim": 8}
+    # What the ServerApp reads back is the request.
+    cfg = ServerRunConfig.from_mapping(config)
+    assert cfg.participants == ("acme", "globex") and cfg.model_config["proj_dim"] == 8
+    assert "tenants" not in config  # the simulated nodes' key: a real node has its own tenant
+
+
+def test_simulation_only_and_invalid_requests_are_refused() -> None:
+    known = app_config_keys(find_app_dir(None))
+    base = {"tenants": ["acme", "globex"]}
+    with pytest.raises(ValueError, match="max_train_examples, max_test_examples: only for sim"):
+        federation_run_config(
+            {**base, "max_train_examples": 48, "max_test_examples": 16}, "r", known
+        )
+    with pytest.raises(ValueError, match="Unknown strategy 'krum-ish'"):
+        federation_run_config({**base, "strategy": "krum-ish"}, "r", known)
+    with pytest.raises(ValueError, match="Unknown model family 'cnn'"):
+        federation_run_config({**base, "model": "cnn"}, "r", known)
+    with pytest.raises(ValueError, match="at least two tenants"):
+        federation_run_config({"tenants": ["acme"]}, "r", known)
+
+
+def test_the_launcher_refuses_a_bad_address_or_ca(platform: Platform, tmp_path: Path) -> None:
+    not_a_cert = tmp_path / "ca.crt"
+    not_a_cert.write_text("hello")
+    with pytest.raises(UserError, match="not an address of the form host:port"):
+        FederationRunLauncher(platform, tmp_path / "runs", "superlink", not_a_cert)
+    with pytest.raises(UserError, match=r"CA certificate .* does not exist"):
+        FederationRunLauncher(platform, tmp_path / "runs", "127.0.0.1:9092", tmp_path / "no.crt")
+    with pytest.raises(ValueError, match="CA certificate"):
+        FederationRunLauncher(platform, tmp_path / "runs", "127.0.0.1:9092", not_a_cert)
+
+
+def test_over_http_simulation_fields_are_422_and_an_unreachable_superlink_503(
+    platform: Platform, tmp_path: Path, ca_cert: Path
+) -> None:
+    acme, _ = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    with _federation_app(platform, tmp_path, ca_cert) as c:
+        r = c.post(
+            "/v1/runs",
+            json={"participants": ["globex"], "partitioning": "topic"},
+            headers=acme.admin,
+        )
+        assert r.status_code == 422 and "partitioning: only for simulated runs" in r.text
+        r = c.post("/v1/runs", json={"participants": ["globex"]}, headers=acme.admin)
+        assert r.status_code == 503, r.text
+        [run] = c.get("/v1/runs", headers=acme.admin).json()
+    assert run["status"] == "failed" and run["participants"] == ["acme", "globex"]
+    assert "Could not start" in run["error"] and "is unreachable" in run["error"]
+    # The connection is the API's own, not the operator's ~/.flwr.
+    assert "127.0.0.1" in (tmp_path / "runs" / "flwr" / "config.toml").read_text()
+
+
+def test_a_federation_run_whose_worker_died_points_at_its_flower_run(
+    platform: Platform, tmp_path: Path
+) -> None:
+    acme = make_tenant(platform, "acme")
+    dead = _dead_pid()
+    request = {"tenants": ["acme", "globex"], "rounds": 2, "superlink": "127.0.0.1:9092"}
+    _running(
+        platform,
+        acme.tenant.id,
+        {"submitted": (dead, {**request, "flower_run_id": 42}), "never": (dead, request)},
+    )
+    with _app(platform, tmp_path) as c:
+        submitted = c.get("/v1/runs/submitted", headers=acme.admin).json()
+        never = c.get("/v1/runs/never", headers=acme.admin).json()
+    assert submitted["status"] == "interrupted"
+    assert "Flower run 42 may still be running on 127.0.0.1:9092" in submitted["error"]
+    assert "simulate --resume" not in submitted["error"]
+    assert never["status"] == "interrupted" and "never submitted" in never["error"]
+
+
+def test_the_worker_follows_the_serverapps_record_of_the_run(platform: Platform) -> None:
+    with Session(platform.engine) as session:
+        session.add(TrainingRun(id="r1", status="running"))
+        session.commit()
+
+    def serverapp_completes() -> None:
+        with Session(platform.engine) as session:
+            row = session.get(TrainingRun, "r1")
+            assert row is not None
+            row.status = "completed"
+            session.add(row)
+            session.commit()
+
+    timer = threading.Timer(0.5, serverapp_completes)
+    timer.start()
+    started = time.monotonic()
+    # Flower is not asked within the hour: the row alone ends the wait.
+    assert follow(platform.engine, "r1", 7, poll=0.1, flower_every=3600) == "completed"
+    assert time.monotonic() - started < 5
+    timer.join()
+    # An end that is already recorded is kept: a late failure does not overwrite a cancel.
+    assert end_if_active(platform.engine, "r1", "failed", "late") is False

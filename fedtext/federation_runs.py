@@ -1,0 +1,262 @@
+"""Runs started over HTTP on a real federation (a SuperLink), and their worker.
+
+With ``FEDTEXT_SUPERLINK`` set, ``fedtext serve`` gives the API a
+:class:`FederationRunLauncher`. Its worker, ``python -m fedtext.federation_runs RUN_ID``,
+is a session leader like the simulation worker (it survives an API restart; cancel stops
+its process group), records its PID and beats on the run. It submits the run with
+``flwr run`` (run-config ``run-id`` = the platform run id, so the ServerApp records status
+and per-round metrics on that row of the shared database), stores Flower's run id on the
+row, polls Flower until the run finishes and marks the row failed, with Flower's reason,
+when the ServerApp could not record an end itself.
+
+The request is kept in ``simulation_json`` like a simulated run's, with ``superlink`` (the
+mark of a federation run), ``run_config`` (what ``flwr run`` gets) and ``flower_run_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col
+
+from fedtext.deploy_cli import (
+    UserError,
+    app_config_keys,
+    build_run_config,
+    check_reachable,
+    existing_file,
+    find_app_dir,
+    flower_run_status,
+    parse_address,
+    stop_run,
+    submit_run,
+    validate_server_config,
+    write_connection,
+)
+from fedtext.runs_worker import WorkerLauncher, engine_url, start_heartbeat
+from tenancy.platform import Platform
+from tenancy.runs import ACTIVE, claim_run
+from tenancy.tables import TrainingRun, utcnow
+
+CONNECTION = "fedtext-api"
+# RunCreate fields that only pick a simulated node's share of the demo corpus; a real
+# node trains on its own data file (`fedtext federation node --data`).
+SIMULATION_ONLY = ("partitioning", "max_train_examples", "max_test_examples")
+POLL_SECONDS = 2.0
+FLOWER_POLL_SECONDS = 30.0
+# How long the worker keeps trying when Flower cannot tell a run's status (SuperLink down).
+STATUS_PATIENCE_SECONDS = 600.0
+
+
+def federation_run_config(
+    config: dict[str, Any], run_id: str, known: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``flwr run --run-config`` overrides of an API request (``RunCreate`` fields plus
+    ``tenants``, the caller first); ValueError, with a message for the user, if it cannot run.
+
+    ``known`` is the app's ``[tool.flwr.app.config]``: flwr accepts no other key.
+    """
+    from fedtext.simulation import SimulationConfig
+
+    given = [k for k in SIMULATION_ONLY if config.get(k) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: only for simulated runs; this server runs training on its "
+            "federation, where each tenant's node trains on its own data file."
+        )
+    try:
+        request = SimulationConfig(**{k: v for k, v in config.items() if k not in SIMULATION_ONLY})
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    request.validate()
+    # The same mapping as a simulation's ServerApp gets; the nodes that connect decide
+    # who could train, so the named tenants become the ServerApp's participants.
+    overrides = {**request.server_overrides(run_id), "participants": ",".join(request.tenants)}
+    try:
+        overrides = build_run_config(known, overrides, [])
+        validate_server_config(overrides)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+    return overrides
+
+
+def flower_run_id(run: TrainingRun) -> int | None:
+    value = json.loads(run.simulation_json or "{}").get("flower_run_id")
+    return int(value) if value is not None else None
+
+
+def _record(engine: Engine, run_id: str, **fields: Any) -> None:
+    """Add ``fields`` to the run's stored request."""
+    with Session(engine) as session:
+        run = session.get(TrainingRun, run_id)
+        if run is None:
+            raise LookupError(f"No run {run_id}.")
+        run.simulation_json = json.dumps({**json.loads(run.simulation_json or "{}"), **fields})
+        session.add(run)
+        session.commit()
+
+
+def end_if_active(engine: Engine, run_id: str, status: str, error: str) -> bool:
+    """Set an end status unless the run already has one (the ServerApp's or a cancel):
+    one conditional UPDATE, so a concurrent cancel is never overwritten."""
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status).in_(ACTIVE))
+            .values(status=status, error=error, finished_at=utcnow())
+        )
+    return bool(result.rowcount)
+
+
+class FederationRunLauncher(WorkerLauncher):
+    """Submits runs to a SuperLink (TLS) through a detached worker per run."""
+
+    module = "fedtext.federation_runs"
+
+    def __init__(self, platform: Platform, log_dir: Path, superlink: str, ca: Path | None) -> None:
+        """Raises UserError when the address or the CA certificate is not usable."""
+        from fedtext.credentials import check_certificate
+
+        parse_address(superlink)
+        ca_path = existing_file(ca, "CA certificate", " (FEDTEXT_SUPERLINK_CA)")
+        check_certificate(ca_path, "CA certificate")
+        self.platform = platform
+        self.superlink = superlink
+        self.app_dir = find_app_dir(None)
+        self.known = app_config_keys(self.app_dir)
+        # A private FLWR_HOME: the operator's own flwr connections are left alone, and the
+        # file is written once here, never concurrently by workers.
+        self.flwr_home = log_dir / "flwr"
+        write_connection(CONNECTION, superlink, ca_path, home=self.flwr_home)
+        super().__init__(
+            {
+                "FEDTEXT_WORKER_DATABASE_URL": engine_url(platform.engine),
+                "FEDTEXT_WORKER_APP": str(self.app_dir),
+                "FLWR_HOME": str(self.flwr_home.resolve()),
+            },
+            log_dir,
+        )
+
+    def check(self, config: dict[str, Any]) -> None:
+        federation_run_config(config, "check", self.known)
+
+    def launch(self, run_id: str) -> int:
+        try:
+            check_reachable(self.superlink)
+        except UserError as exc:
+            raise ConnectionError(str(exc)) from None
+        with Session(self.platform.engine) as session:
+            run = session.get(TrainingRun, run_id)
+            request = json.loads(run.simulation_json or "{}") if run is not None else {}
+        # Computed here (the API has it all imported), so the worker starts light.
+        run_config = federation_run_config(request, run_id, self.known)
+        _record(self.platform.engine, run_id, superlink=self.superlink, run_config=run_config)
+        return super().launch(run_id)
+
+    def cancel(self, run_id: str, pid: int | None) -> None:
+        """``flwr stop`` the run and stop its worker; ConnectionError if Flower refuses."""
+        flower_id = self._flower_id(run_id)
+        if flower_id is None:
+            # Not submitted yet, or being submitted: mark it first (a ServerApp that starts
+            # now stands down), then stop the worker and the `flwr run` it may be in.
+            end_if_active(self.platform.engine, run_id, "cancelled", "Cancelled before it ran.")
+            self.stop_worker(run_id, pid)
+            flower_id = self._flower_id(run_id)
+        if flower_id is not None:
+            try:
+                stop_run(CONNECTION, flower_id, home=self.flwr_home)
+            except UserError as exc:
+                raise ConnectionError(str(exc)) from None
+        self.stop_worker(run_id, pid)
+
+    def _flower_id(self, run_id: str) -> int | None:
+        with Session(self.platform.engine) as session:
+            run = session.get(TrainingRun, run_id)
+            return flower_run_id(run) if run is not None else None
+
+
+def _status(engine: Engine, run_id: str) -> str:
+    with Session(engine) as session:
+        run = session.get(TrainingRun, run_id)
+        return run.status if run is not None else "missing"
+
+
+def follow(
+    engine: Engine,
+    run_id: str,
+    flower_id: int,
+    poll: float = POLL_SECONDS,
+    flower_every: float = FLOWER_POLL_SECONDS,
+) -> str:
+    """Wait until the run ends; returns its final status.
+
+    The ServerApp records the end on the row (read every ``poll`` seconds). Flower's own
+    status, asked every ``flower_every`` seconds (each ``flwr ls`` is a process: not more
+    often), covers a ServerApp that never started or died: the row is then failed with
+    Flower's reason.
+    """
+    last_seen = time.monotonic()
+    next_flower = last_seen + flower_every
+    while (status := _status(engine, run_id)) in ACTIVE:
+        now = time.monotonic()
+        if now >= next_flower:
+            next_flower = now + flower_every
+            try:
+                flower_status, details = flower_run_status(CONNECTION, flower_id)
+                last_seen = now
+            except UserError as exc:
+                if now - last_seen > STATUS_PATIENCE_SECONDS:
+                    end_if_active(engine, run_id, "failed", f"Lost track of the run: {exc}")
+                    continue
+                print(f"Flower run {flower_id}: status unreadable, retrying: {exc}", flush=True)
+            else:
+                if flower_status.startswith("finished"):
+                    reason = f"Flower run {flower_id} ended {flower_status}"
+                    if details and details != "N/A":
+                        reason += f": {details}"
+                    # Conditional: a ServerApp that recorded its end meanwhile keeps it.
+                    end_if_active(engine, run_id, "failed", reason)
+                    continue
+        time.sleep(poll)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_id")
+    args = parser.parse_args(argv)
+    from tenancy.db import get_engine
+
+    engine = get_engine(os.environ["FEDTEXT_WORKER_DATABASE_URL"])
+    with Session(engine, expire_on_commit=False) as session:
+        run = claim_run(session, args.run_id)
+    request = json.loads(run.simulation_json or "{}") if run is not None else {}
+    if "run_config" not in request:
+        print(f"No federation run {args.run_id}.", file=sys.stderr)
+        return 2
+    stop = start_heartbeat(engine, args.run_id)
+    try:
+        app_dir = Path(os.environ["FEDTEXT_WORKER_APP"])
+        flower_id = submit_run(app_dir, CONNECTION, request["run_config"])
+        _record(engine, args.run_id, flower_run_id=flower_id)
+        print(f"Run {args.run_id}: Flower run {flower_id} on {request['superlink']}", flush=True)
+        status = follow(engine, args.run_id, flower_id)
+    except UserError as exc:
+        print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
+        end_if_active(engine, args.run_id, "failed", str(exc))
+        return 1
+    finally:
+        stop.set()
+    print(f"Run {args.run_id}: {status}.", flush=True)
+    return 0 if status == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

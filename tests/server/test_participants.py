@@ -1,0 +1,89 @@
+"""A run's participants: who may train when the nodes that connect decide who is there."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import Session
+
+from server.config import ServerRunConfig
+from server.server_app import NodeInfo, RunFailed, _fail_run, plan_run, run_federation
+from tenancy.db import session_scope
+from tenancy.platform import Platform
+from tenancy.tables import TrainingRun
+from tests.factories import make_tenant
+
+
+def _nodes(*tenants: str) -> list[NodeInfo]:
+    return [
+        NodeInfo(node_id=i + 1, tenant=t, num_train=2000, num_test=500)
+        for i, t in enumerate(tenants)
+    ]
+
+
+def test_participants_parse_and_validate() -> None:
+    cfg = ServerRunConfig.from_mapping({"participants": " acme, globex ,"})
+    assert cfg.participants == ("acme", "globex")
+    assert ServerRunConfig.from_mapping({}).participants == ()
+    with pytest.raises(ValueError, match="name each tenant once"):
+        ServerRunConfig.from_mapping({"participants": "acme,acme"})
+    with pytest.raises(ValueError, match="1 participant\\(s\\) cannot meet min-nodes 2"):
+        ServerRunConfig.from_mapping({"participants": "acme"})
+
+
+def test_nodes_of_other_tenants_are_refused_and_missing_participants_reported(
+    sqlite_platform: Platform,
+) -> None:
+    for name in ("acme", "globex", "initech", "umbrella"):
+        make_tenant(sqlite_platform, name)
+    cfg = ServerRunConfig.from_mapping(
+        {"participants": "acme,globex,umbrella", "batch-size": 64, "personalize-epochs": 0}
+    )
+    with session_scope(sqlite_platform.engine) as session:
+        plans, refused = plan_run(session, _nodes("acme", "initech", "globex"), cfg)
+    assert sorted(p.tenant_name for p in plans.values()) == ["acme", "globex"]
+    assert refused == [
+        "node 2 serves tenant 'initech', not a participant of this run (acme, globex, umbrella)",
+        "participant 'umbrella' has no connected node",
+    ]
+
+
+def test_without_participants_every_known_node_trains(sqlite_platform: Platform) -> None:
+    for name in ("acme", "globex"):
+        make_tenant(sqlite_platform, name)
+    cfg = ServerRunConfig.from_mapping({"batch-size": 64, "personalize-epochs": 0})
+    with session_scope(sqlite_platform.engine) as session:
+        plans, refused = plan_run(session, _nodes("acme", "globex"), cfg)
+    assert len(plans) == 2 and refused == []
+
+
+def test_a_run_cancelled_before_its_serverapp_started_stands_down(
+    sqlite_platform: Platform,
+) -> None:
+    with session_scope(sqlite_platform.engine) as session:
+        session.add(TrainingRun(id="r1", status="cancelled", error="Cancelled by admin key x."))
+    cfg = ServerRunConfig.from_mapping({"run-id": "r1"})
+    # The grid is never reached: the ServerApp stops before it asks any node.
+    with pytest.raises(RunFailed, match="r1 was cancelled before it started"):
+        run_federation(None, cfg, sqlite_platform)  # type: ignore[arg-type]
+    with Session(sqlite_platform.engine) as session:
+        row = session.get(TrainingRun, "r1")
+        assert row is not None and row.status == "cancelled" and row.config_json == "{}"
+
+
+def test_a_failure_does_not_overwrite_a_cancel(sqlite_platform: Platform) -> None:
+    with session_scope(sqlite_platform.engine) as session:
+        session.add(TrainingRun(id="stopped", status="cancelled", error="Cancelled."))
+        session.add(TrainingRun(id="broken", status="running"))
+    for run_id in ("stopped", "broken"):
+        _fail_run(sqlite_platform, run_id, "the run was stopped")
+    with Session(sqlite_platform.engine) as session:
+        stopped, broken = session.get(TrainingRun, "stopped"), session.get(TrainingRun, "broken")
+        assert stopped is not None and (stopped.status, stopped.error) == (
+            "cancelled",
+            "Cancelled.",
+        )
+        assert broken is not None and (broken.status, broken.error) == (
+            "failed",
+            "the run was stopped",
+        )
+        assert broken.finished_at is not None
