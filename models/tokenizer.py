@@ -35,15 +35,20 @@ class PublicTokenizer:
         """Encode ``texts`` to ``(len(texts), max_len)`` tensors, truncating long inputs."""
         if max_len < 3:
             raise ValueError("max_len must be at least 3 ([CLS], one token, [SEP]).")
-        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), max_len), dtype=torch.long)
-        for i, enc in enumerate(self._tok.encode_batch(list(texts))):
-            row = enc.ids[:max_len]
-            if len(enc.ids) > max_len:
-                row[-1] = enc.ids[-1]  # keep [SEP] at the end of a truncated input
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        return Encoded(ids, mask)
+        pad = self.pad_id
+        id_rows, mask_rows = [], []
+        # Plain lists, one tensor at the end: per-row tensor writes cost more than the
+        # tokenizer itself on the serving path.
+        for enc in self._tok.encode_batch(list(texts)):
+            row = enc.ids
+            if len(row) > max_len:
+                row = row[: max_len - 1] + row[-1:]  # keep [SEP] at the end of a long input
+            fill = max_len - len(row)
+            id_rows.append(row + [pad] * fill)
+            mask_rows.append([1] * len(row) + [0] * fill)
+        return Encoded(
+            torch.tensor(id_rows, dtype=torch.long), torch.tensor(mask_rows, dtype=torch.long)
+        )
 
     def tokens(self, text: str) -> list[str]:
         return list(self._tok.encode(text).tokens)

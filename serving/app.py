@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -10,12 +12,15 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
 from serving.batching import MicroBatcher
 from serving.config import ServingConfig
+from serving.fastlane import PREDICT_ROUTE, PredictFastLane
 from serving.launcher import RunLauncher
 from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
+from serving.lookups import PredictLookups
 from serving.metrics import ServingMetrics
 from serving.observability import ObservabilityMiddleware
 from serving.registry import ModelCache, ServedModel, run_batch
@@ -23,11 +28,28 @@ from serving.routers import health, keys, model_admin, models, privacy, runs, te
 from tenancy.platform import Platform
 from tenancy.runs import reap_orphaned_runs
 
+log = logging.getLogger("fedtext.serving")
+
 
 def _init_inference_thread(torch_threads: int | None) -> None:
     # OpenMP thread counts are per thread: set it where the forward passes run.
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
+
+
+async def _refresh_lookups(platform: Platform, lookups: PredictLookups) -> None:
+    """Re-read the predict path's memo every ``ttl`` seconds (two queries, off the loop)."""
+
+    def refresh() -> None:
+        with Session(platform.engine, expire_on_commit=False) as session:
+            lookups.refresh(session)
+
+    while True:
+        await asyncio.sleep(lookups.ttl)
+        try:
+            await run_in_threadpool(refresh)
+        except Exception:  # the database is away: entries age out, requests ask it directly
+            log.warning("refreshing the predict lookups failed", exc_info=True)
 
 
 def create_app(
@@ -75,7 +97,12 @@ def create_app(
         # Runs whose worker died while no API was up are marked interrupted (resumable).
         with Session(platform.engine) as session:
             reap_orphaned_runs(session)
+        refresher = (
+            asyncio.create_task(_refresh_lookups(platform, lookups)) if lookups.ttl > 0 else None
+        )
         yield
+        if refresher is not None:
+            refresher.cancel()
         app.state.cache.clear()
         executor.shutdown(wait=True)
 
@@ -90,7 +117,17 @@ def create_app(
         metrics=metrics,
         make_batcher=make_batcher,
     )
+    app.state.lookups = lookups = PredictLookups(config.lookup_ttl_s)
     app.state.run_launcher = run_launcher
+    for module in (health, tenants, keys, model_admin, models, privacy, runs):
+        app.include_router(module.router)
+    app.add_middleware(
+        PredictFastLane,
+        route=next(r for r in models.router.routes if getattr(r, "path", "") == PREDICT_ROUTE),
+        config=config,
+        lookups=app.state.lookups,
+        cache=app.state.cache,
+    )
     # Inside the observability middleware, so 413 and 429 are logged and counted too.
     if limits.rate_per_second is not None:
         app.add_middleware(
@@ -101,8 +138,6 @@ def create_app(
         )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
-    for module in (health, tenants, keys, model_admin, models, privacy, runs):
-        app.include_router(module.router)
     _document_string_details(app)
     return app
 

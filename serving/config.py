@@ -35,6 +35,9 @@ class ServingConfig:
     inference_threads: int = 1
     # torch intra-op threads per process; None leaves torch's setting alone (tests, demo).
     torch_threads: int | None = None
+    # Seconds the predict path reuses a credential's and a deployment's database answer
+    # (serving/lookups.py); 0 asks the database on every request.
+    lookup_ttl_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.cache_models < 1 or self.cache_bytes < 1:
@@ -45,5 +48,7 @@ class ServingConfig:
             raise ValueError("max_wait_ms should be zero or positive.")
         if self.inference_threads < 1:
             raise ValueError("inference_threads should be at least 1.")
+        if self.lookup_ttl_s < 0:
+            raise ValueError("lookup_ttl_s should be zero or positive.")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads should be at least 1.")

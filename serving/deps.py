@@ -9,13 +9,22 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
 from serving.launcher import RunLauncher
+from serving.lookups import PredictLookups
 from serving.metrics import ServingMetrics
-from serving.registry import ModelCache, ModelLoadError, NotDeployed, ServedModel, UnknownModel
+from serving.registry import (
+    ModelCache,
+    ModelLoadError,
+    NotDeployed,
+    ServedModel,
+    UnknownModel,
+    find_deployed,
+)
 from tenancy.platform import Platform
 from tenancy.tables import ApiKey, Tenant
 from tenancy.tenants import Scope, authenticate, has_scope
@@ -40,6 +49,11 @@ async def get_config(request: Request) -> ServingConfig:
 async def get_cache(request: Request) -> ModelCache:
     cache: ModelCache = request.app.state.cache
     return cache
+
+
+async def get_lookups(request: Request) -> PredictLookups:
+    lookups: PredictLookups = request.app.state.lookups
+    return lookups
 
 
 async def get_metrics(request: Request) -> ServingMetrics:
@@ -70,6 +84,7 @@ PlatformDep = Annotated[Platform, Depends(get_platform)]
 ConfigDep = Annotated[ServingConfig, Depends(get_config)]
 CacheDep = Annotated[ModelCache, Depends(get_cache)]
 MetricsDep = Annotated[ServingMetrics, Depends(get_metrics)]
+LookupsDep = Annotated[PredictLookups, Depends(get_lookups)]
 SessionDep = Annotated[Session, Depends(get_session)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -127,20 +142,52 @@ _LOAD_FAILED = {
 }
 
 
-def get_predict_target(
-    name: str, platform: PlatformDep, cache: CacheDep, credentials: Credentials
+async def get_predict_target(
+    name: str,
+    platform: PlatformDep,
+    cache: CacheDep,
+    lookups: LookupsDep,
+    credentials: Credentials,
 ) -> PredictTarget:
-    """Authenticate, check the scope and find (or load) the deployed model: one thread hop.
+    """Authenticate, check the scope and find the deployed model.
 
-    The predict path does all its database work here and closes the session before the
-    request waits in a batch, so a parked request never holds a pooled connection (with
-    one hop per step, 64 waiting requests could hold the pool while the threads that
-    would release it wait for a connection).
+    On the event loop when the memo knows the caller and the deployed version and the model
+    is in memory (the steady state); otherwise one thread hop does all the database work.
     """
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        known = lookups.caller(credentials.credentials)
+        if known is not None:
+            caller = _check_scope(Caller(known.key, known.tenant), Scope.predict)
+            row = lookups.deployed(caller.tenant.id, name)
+            served = cache.cached(row) if row is not None else None
+            if served is not None:
+                return PredictTarget(caller, served)
+    return await run_in_threadpool(
+        _find_predict_target, name, platform, cache, lookups, credentials
+    )
+
+
+def _find_predict_target(
+    name: str,
+    platform: Platform,
+    cache: ModelCache,
+    lookups: PredictLookups,
+    credentials: HTTPAuthorizationCredentials | None,
+) -> PredictTarget:
+    """The predict path's database work (loading the model if needed), in a worker thread.
+
+    The session is closed before the request waits in a batch, so a parked request never
+    holds a pooled connection (64 waiting requests could otherwise hold the pool while the
+    threads that would release it wait for a connection).
+    """
+    generation = lookups.generation
     with Session(platform.engine, expire_on_commit=False) as session:
         caller = _check_scope(_authenticate(session, credentials), Scope.predict)
+        assert credentials is not None  # _authenticate refused a missing credential
+        lookups.put_caller(credentials.credentials, caller.key, caller.tenant, generation)
         try:
-            served = cache.get_deployed(session, caller.tenant.id, name)
+            row = find_deployed(session, caller.tenant.id, name)
+            served = cache.get(session, row)
         except UnknownModel as exc:
             # Another tenant's model and a missing one look the same: 404.
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
@@ -162,6 +209,7 @@ def get_predict_target(
             raise HTTPException(
                 status.HTTP_500_INTERNAL_SERVER_ERROR, _LOAD_FAILED[exc.reason]
             ) from None
+        lookups.put_deployed(row, generation)
     return PredictTarget(caller, served)
 
 

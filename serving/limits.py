@@ -35,12 +35,19 @@ class Limits:
             raise ValueError("burst and max_buckets should be at least 1.")
 
 
-async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def send_json(
+    send: Send, status: int, content: object, headers: dict[str, str] | None = None
+) -> None:
+    """A whole JSON response through a raw ASGI ``send``."""
+    body = json.dumps(content).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
+    await send_json(send, status, {"detail": detail}, headers)
 
 
 class BodySizeLimitMiddleware:

@@ -201,10 +201,8 @@ class ModelCache:
         key: CacheKey = (row.tenant_id, row.name, row.version)
         flight = (key, row.quantize)
         with self._lock:
-            served = self._items.get(key)
-            if served is not None and served.quantize == row.quantize:
-                self._items.move_to_end(key)
-                self.metrics.cache_hits.inc()
+            served = self._hit(key, row.quantize)
+            if served is not None:
                 return served
             pending = self._loading.get(flight)
             leader = pending is None
@@ -238,6 +236,19 @@ class ModelCache:
                 self._drop(next(iter(self._items)))
             self._publish()
         pending.set_result(served)
+        return served
+
+    def cached(self, row: ModelVersion) -> ServedModel | None:
+        """The model for ``row`` if it is in memory (a cache hit), else None; never loads."""
+        with self._lock:
+            return self._hit((row.tenant_id, row.name, row.version), row.quantize)
+
+    def _hit(self, key: CacheKey, quantize: str | None) -> ServedModel | None:
+        served = self._items.get(key)
+        if served is None or served.quantize != quantize:
+            return None
+        self._items.move_to_end(key)
+        self.metrics.cache_hits.inc()
         return served
 
     def evict(self, key: CacheKey) -> bool:

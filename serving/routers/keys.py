@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, SessionDep
+from serving.deps import AdminCaller, LookupsDep, SessionDep
 from serving.schemas import KeyCreate, KeyCreated, KeyPublic
 from tenancy.errors import InvalidInput
 from tenancy.tables import ApiKey, utcnow
@@ -53,7 +53,7 @@ def list_keys(caller: AdminCaller, session: SessionDep) -> list[KeyPublic]:
 
 
 @router.delete("/{key_id}", response_model=KeyPublic)
-def revoke(key_id: str, caller: AdminCaller, session: SessionDep) -> KeyPublic:
+def revoke(key_id: str, caller: AdminCaller, session: SessionDep, lookups: LookupsDep) -> KeyPublic:
     key = session.get(ApiKey, key_id)
     if key is None or key.tenant_id != caller.tenant.id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such key.")
@@ -61,4 +61,5 @@ def revoke(key_id: str, caller: AdminCaller, session: SessionDep) -> KeyPublic:
         key.revoked_at = utcnow()
         session.add(key)
         session.commit()
+        lookups.clear()  # the revocation holds from the next request on
     return _public(key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, SessionDep
+from serving.deps import AdminCaller, LookupsDep, SessionDep
 from serving.routers.models import _version, _version_public, _versions
 from serving.schemas import ModelVersionPublic
 from tenancy.registry import deploy_version
@@ -22,7 +22,9 @@ def get_one(
 
 
 @router.post("/{name}/rollback", response_model=ModelVersionPublic)
-def rollback(name: str, caller: AdminCaller, session: SessionDep) -> ModelVersionPublic:
+def rollback(
+    name: str, caller: AdminCaller, session: SessionDep, lookups: LookupsDep
+) -> ModelVersionPublic:
     """Deploy the newest version older than the deployed one."""
     rows = _versions(session, caller.tenant.id, name)
     current = next((r for r in rows if r.deployed), None)
@@ -44,4 +46,5 @@ def rollback(name: str, caller: AdminCaller, session: SessionDep) -> ModelVersio
         )
     row = deploy_version(session=session, tenant_id=caller.tenant.id, name=name, version=earlier)
     session.commit()
+    lookups.clear()
     return _version_public(row)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 from sqlmodel import col, func, select
 
-from serving.deps import AdminCaller, ConfigDep, PredictTargetDep, SessionDep
+from serving.deps import AdminCaller, ConfigDep, LookupsDep, PredictTargetDep, SessionDep
+from serving.fastlane import input_problem, prediction_body
 from serving.model_options import ServingOptions, ServingOptionsPublic
-from serving.registry import top_labels
 from serving.schemas import (
-    LabelScore,
     ModelPublic,
     ModelVersionPublic,
     PredictRequest,
@@ -80,7 +79,9 @@ def list_versions(name: str, caller: AdminCaller, session: SessionDep) -> list[M
 
 
 @router.post("/{name}/versions/{version}/deploy", response_model=ModelVersionPublic)
-def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) -> ModelVersionPublic:
+def deploy(
+    name: str, version: int, caller: AdminCaller, session: SessionDep, lookups: LookupsDep
+) -> ModelVersionPublic:
     _versions(session, caller.tenant.id, name)
     try:
         row = deploy_version(
@@ -89,6 +90,7 @@ def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) ->
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     session.commit()
+    lookups.clear()
     return _version_public(row)
 
 
@@ -104,13 +106,19 @@ def get_serving_options(
 
 @router.put("/{name}/versions/{version}/serving", response_model=ServingOptionsPublic)
 def set_serving_options(
-    name: str, version: int, body: ServingOptions, caller: AdminCaller, session: SessionDep
+    name: str,
+    version: int,
+    body: ServingOptions,
+    caller: AdminCaller,
+    session: SessionDep,
+    lookups: LookupsDep,
 ) -> ServingOptionsPublic:
     """Choose how a version is served (e.g. dynamic int8); the next request reloads it."""
     row = _version(session, caller.tenant.id, name, version)
     row.quantize = body.quantize
     session.add(row)
     session.commit()
+    lookups.clear()
     return ServingOptionsPublic(
         name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize
     )
@@ -125,33 +133,18 @@ def _version(session: SessionDep, tenant_id: str, name: str, version: int) -> Mo
 
 
 @router.post("/{name}/predict", response_model=PredictResponse)
-async def predict(
-    body: PredictRequest, target: PredictTargetDep, config: ConfigDep
-) -> PredictResponse:
-    """Top-k labels per input; the forward pass is shared with concurrent requests."""
-    if len(body.inputs) > config.max_predict_inputs:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"At most {config.max_predict_inputs} inputs per request; got {len(body.inputs)}.",
-        )
-    for i, text in enumerate(body.inputs):
-        if len(text) > config.max_input_chars:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                f"inputs[{i}] has {len(text)} characters; the limit is {config.max_input_chars}.",
-            )
-        if not text.strip():
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"inputs[{i}] is empty.")
+async def predict(body: PredictRequest, target: PredictTargetDep, config: ConfigDep) -> Response:
+    """Top-k labels per input; the forward pass is shared with concurrent requests.
+
+    Warm requests are answered by serving/fastlane.py before they get here; this route
+    answers the rest (first requests, refreshes) and every error.
+    """
+    problem = input_problem(body.inputs, config)
+    if problem is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
     served = target.served
     rows = await served.predict_rows(body.inputs)
-    return PredictResponse(
-        model=served.name,
-        version=served.version,
-        predictions=[
-            [
-                LabelScore(label=lab, score=s)
-                for lab, s in top_labels(served.spec.labels, r, body.top_k)
-            ]
-            for r in rows
-        ],
-    )
+    # Serialized here, not through response_model: FastAPI would validate and dump every
+    # LabelScore again, which cost more than the batched forward pass per request.
+    content = prediction_body(served, rows, body.top_k)
+    return Response(json.dumps(content).encode(), media_type="application/json")

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session
 
-from serving.deps import CacheDep, Operator, PlatformDep, SessionDep
+from serving.deps import CacheDep, LookupsDep, Operator, PlatformDep, SessionDep
 from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.rotation import delete_tenant, deleted_tenants
@@ -56,13 +56,18 @@ def list_all(
 
 @router.delete("/{tenant_id}", response_model=TenantDeleted)
 def delete(
-    tenant_id: str, _operator: Operator, platform: PlatformDep, cache: CacheDep
+    tenant_id: str,
+    _operator: Operator,
+    platform: PlatformDep,
+    cache: CacheDep,
+    lookups: LookupsDep,
 ) -> TenantDeleted:
     """Crypto-shred a tenant: data key destroyed, blobs removed, keys revoked; ledger kept."""
     try:
         done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    lookups.clear()
     for key in cache.cached_keys():
         if key[0] == tenant_id:
             cache.evict(key)  # no decrypted copy outlives the key
