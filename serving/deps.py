@@ -187,7 +187,7 @@ def _find_predict_target(
         lookups.put_caller(credentials.credentials, caller.key, caller.tenant, generation)
         try:
             row = find_deployed(session, caller.tenant.id, name)
-            served = cache.get(session, row)
+            served, row = cache.get_current(session, row)
         except UnknownModel as exc:
             # Another tenant's model and a missing one look the same: 404.
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

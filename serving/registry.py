@@ -196,6 +196,28 @@ class ModelCache:
         """The deployed version of ``name`` for ``tenant_id``, loading it on first use."""
         return self.get(session, find_deployed(session, tenant_id, name))
 
+    def get_current(self, session: Session, row: ModelVersion) -> tuple[ServedModel, ModelVersion]:
+        """The model for ``row``; if ``row`` went stale while it loaded, the current one.
+
+        A data-key rotation re-encrypts a tenant's blobs under new blob keys and deletes
+        the old ones: a row read just before it commits names a blob that is gone (or a
+        data key that is). The row is then read again, once, and loaded as it is now.
+        """
+        stale_blob = row.blob_key  # the re-read below updates ``row`` itself if it is in session
+        try:
+            return self.get(session, row), row
+        except ModelLoadError as exc:
+            if exc.reason == "format":
+                raise
+            current = session.exec(
+                select(ModelVersion)
+                .where(ModelVersion.id == row.id)
+                .execution_options(populate_existing=True)
+            ).first()
+            if current is None or current.blob_key == stale_blob:
+                raise  # not a rotation: the stored model itself is at fault
+            return self.get(session, current), current
+
     def get(self, session: Session, row: ModelVersion) -> ServedModel:
         """The model for ``row`` from memory, or loaded once however many callers ask."""
         key: CacheKey = (row.tenant_id, row.name, row.version)

@@ -149,3 +149,23 @@ def test_a_tampered_blob_fails_every_waiter_and_is_not_cached(platform: Platform
         assert info.value.reason == "integrity"
     assert cache.cached_keys() == []
     assert _value(metrics, "fedtext_model_load_failures_total", {"reason": "integrity"}) == 2
+
+
+def test_a_row_made_stale_by_a_data_key_rotation_loads_as_it_is_now(platform: Platform) -> None:
+    from serving.registry import find_deployed
+    from tenancy.rotation import rotate_dek
+
+    t = make_tenant(platform, "acme")
+    store_tiny_model(platform, t.tenant)
+    cache = ModelCache(platform)
+    with Session(platform.engine) as session:
+        stale = find_deployed(session, t.tenant.id, "lstm")
+        old_blob = stale.blob_key
+        # Another process rotates the data key between our read and our load.
+        rotate_dek(platform.engine, platform.keyring, platform.store, tenant="acme")
+        with pytest.raises(ModelLoadError) as raised:
+            cache.get(session, stale)  # the old blob is gone: this is the race's 500
+        assert raised.value.reason == "missing"
+        served, current = cache.get_current(session, stale)
+    assert current.blob_key != old_blob
+    assert served.predict(["hello there"], top_k=1)[0][0][0] in served.spec.labels
