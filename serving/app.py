@@ -24,7 +24,16 @@ from serving.lookups import PredictLookups
 from serving.metrics import ServingMetrics
 from serving.observability import ObservabilityMiddleware
 from serving.registry import ModelCache, ServedModel, run_batch
-from serving.routers import health, keys, model_admin, models, privacy, runs, tenants
+from serving.routers import (
+    health,
+    keys,
+    model_admin,
+    models,
+    partners,
+    privacy,
+    runs,
+    tenants,
+)
 from tenancy.platform import Platform
 from tenancy.runs import reap_orphaned_runs
 
@@ -119,7 +128,7 @@ def create_app(
     )
     app.state.lookups = lookups = PredictLookups(config.lookup_ttl_s)
     app.state.run_launcher = run_launcher
-    for module in (health, tenants, keys, model_admin, models, privacy, runs):
+    for module in (health, tenants, keys, model_admin, models, partners, privacy, runs):
         app.include_router(module.router)
     app.add_middleware(
         PredictFastLane,

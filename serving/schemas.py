@@ -93,6 +93,12 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
 
+class Partners(BaseModel):
+    """Tenants (by name) that may start training runs including the caller's tenant."""
+
+    tenants: list[str] = Field(max_length=100)
+
+
 class RoundMetricPublic(BaseModel):
     round: int
     phase: str

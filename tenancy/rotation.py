@@ -17,6 +17,7 @@ from tenancy.errors import IntegrityError, NotFound
 from tenancy.keyring import Keyring
 from tenancy.registry import model_aad
 from tenancy.tables import ApiKey, DataKey, ModelVersion, Tenant, TrainingRun, utcnow
+from tenancy.tenants import forget_partners
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def delete_tenant(
             blobs.append(mv.blob_key)
             session.delete(mv)
         destroyed = keyring.destroy_data_keys(session, tenant_id)
+        forget_partners(session=session, tenant_id=tenant_id)
         tenant.deleted_at = now
         session.add(tenant)
         name = tenant.name

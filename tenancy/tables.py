@@ -108,4 +108,18 @@ class RoundMetric(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-TABLES = [Tenant, ApiKey, DataKey, ModelVersion, TrainingRun, RoundMetric]
+class FederationPartner(SQLModel, table=True):
+    """Consent: tenant ``tenant_id`` lets ``partner_id`` start runs that include it.
+
+    A run spends every participant's privacy budget (and, on a federation, trains on the
+    participant's own data), so a tenant is named in another tenant's run only if its
+    admin said so.
+    """
+
+    __tablename__ = "federation_partner"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True)
+    partner_id: str = Field(foreign_key="tenant.id", primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+TABLES = [Tenant, ApiKey, DataKey, ModelVersion, TrainingRun, RoundMetric, FederationPartner]

@@ -10,11 +10,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, delete, or_, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.keyring import Keyring
-from tenancy.tables import ApiKey, Tenant, utcnow
+from tenancy.tables import ApiKey, FederationPartner, Tenant, utcnow
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 KEY_PREFIX = "ftk"
@@ -145,3 +145,61 @@ def has_scope(key: ApiKey, needed: Scope) -> bool:
     """Admin keys may also predict; a predict key may only predict."""
     scopes = key_scopes(key)
     return needed in scopes or Scope.admin in scopes
+
+
+# ---------------------------------------------------------------- consent between tenants
+
+
+def partner_names(*, session: Session, tenant_id: str) -> list[str]:
+    """Tenants that ``tenant_id`` lets start runs including it, by name (live ones only)."""
+    return list(
+        session.exec(
+            select(Tenant.name)
+            .join(FederationPartner, col(FederationPartner.partner_id) == col(Tenant.id))
+            .where(FederationPartner.tenant_id == tenant_id, col(Tenant.deleted_at).is_(None))
+            .order_by(Tenant.name)
+        )
+    )
+
+
+def set_partners(*, session: Session, tenant: Tenant, names: Iterable[str]) -> list[str]:
+    """Replace the tenants that may start runs including ``tenant``; their names, sorted."""
+    wanted = sorted(set(names))
+    if tenant.name in wanted:
+        raise InvalidInput("A tenant is always part of its own runs; do not list it.")
+    found = {
+        t.name: t
+        for t in session.exec(
+            select(Tenant).where(col(Tenant.name).in_(wanted), col(Tenant.deleted_at).is_(None))
+        )
+    }
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise InvalidInput(f"Unknown tenant(s): {', '.join(missing)}.")
+    session.exec(delete(FederationPartner).where(col(FederationPartner.tenant_id) == tenant.id))  # type: ignore[call-overload]
+    for name in wanted:
+        session.add(FederationPartner(tenant_id=tenant.id, partner_id=found[name].id))
+    session.flush()
+    return wanted
+
+
+def without_consent(*, session: Session, owner_id: str, participants: list[Tenant]) -> list[str]:
+    """Names of ``participants`` that have not let ``owner_id`` include them in its runs."""
+    agreed = set(
+        session.exec(
+            select(FederationPartner.tenant_id).where(FederationPartner.partner_id == owner_id)
+        )
+    )
+    return sorted(t.name for t in participants if t.id != owner_id and t.id not in agreed)
+
+
+def forget_partners(*, session: Session, tenant_id: str) -> None:
+    """Drop every consent given by or to ``tenant_id`` (its deletion)."""
+    session.exec(  # type: ignore[call-overload]
+        delete(FederationPartner).where(
+            or_(
+                col(FederationPartner.tenant_id) == tenant_id,
+                col(FederationPartner.partner_id) == tenant_id,
+            )
+        )
+    )

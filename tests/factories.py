@@ -12,7 +12,7 @@ from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import store_model_version
 from tenancy.tables import ModelVersion, Tenant
-from tenancy.tenants import Scope, create_api_key, create_tenant
+from tenancy.tenants import Scope, create_api_key, create_tenant, set_partners
 
 TINY_LSTM = {"proj_dim": 8, "hidden_dim": 8, "dropout": 0.0}
 
@@ -40,6 +40,12 @@ def make_tenant(platform: Platform, name: str, budget_epsilon: float = 10.0) -> 
         _, admin = create_api_key(session=session, tenant=tenant, scopes=[Scope.admin])
         _, predict = create_api_key(session=session, tenant=tenant, scopes=[Scope.predict])
     return TenantFixture(tenant, admin, predict)
+
+
+def agree(platform: Platform, tenant: TenantFixture, *partners: str) -> None:
+    """``tenant`` lets ``partners`` start runs that include it (PUT /v1/partners)."""
+    with session_scope(platform.engine) as session:
+        set_partners(session=session, tenant=tenant.tenant, names=partners)
 
 
 def tiny_spec(max_seq_len: int = 16) -> ModelSpec:

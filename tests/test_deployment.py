@@ -504,6 +504,12 @@ def _worker(federation: Federation, run_id: str) -> tuple[int, int]:
 def test_a_run_started_over_the_api_trains_on_the_superlink(federation: Federation) -> None:
     nodes = federation.tenant_nodes()
     admin = federation.admin_key("acme")
+    # globex's node would train on globex's data: its admin has to agree first.
+    code, refused = federation.api("POST", "/v1/runs", admin, API_RUN)
+    assert code == 403 and "globex" in refused["detail"], refused
+    globex = federation.admin_key("globex")
+    code, agreed = federation.api("PUT", "/v1/partners", globex, {"tenants": ["acme"]})
+    assert code == 200 and agreed == {"tenants": ["acme"]}, agreed
     started = time.monotonic()
     code, run = federation.api("POST", "/v1/runs", admin, API_RUN)
     assert code == 202, run
@@ -534,6 +540,8 @@ def test_a_restarted_api_follows_and_cancels_a_run_on_the_superlink(
 ) -> None:
     federation.tenant_nodes()
     admin = federation.admin_key("acme")
+    globex = federation.admin_key("globex")
+    assert federation.api("PUT", "/v1/partners", globex, {"tenants": ["acme"]})[0] == 200
     code, run = federation.api("POST", "/v1/runs", admin, {**API_RUN, "rounds": 20})
     assert code == 202, run
     _follow(federation, run["id"], admin, lambda b: b["status"] == "running", 180)

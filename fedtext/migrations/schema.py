@@ -14,6 +14,7 @@ TABLES = (
     "model_version",
     "training_run",
     "round_metric",
+    "federation_partner",
     privacy.ledger.PrivacyEvent.__tablename__,
     privacy.ledger.BudgetChange.__tablename__,
 )

@@ -2,7 +2,9 @@
 
 The tenant that creates a run is its owner and the only tenant that sees it; the run
 trains the caller together with the tenants it names (``participants``), which must
-exist. Each participant's privacy budget is still gated by the ServerApp before round 1.
+exist and must have agreed (each one's admin lists the caller with ``PUT /v1/partners``:
+a run spends the participant's privacy budget and, on a federation, trains on its data).
+Each participant's privacy budget is still gated by the ServerApp before round 1.
 Metrics shown are the caller's own: another tenant's accuracy is not the caller's to read.
 
 Where it runs is the server's choice: a simulated federation on this machine, or, when
@@ -23,6 +25,7 @@ from serving.deps import AdminCaller, OptionalRunLauncherDep, RunLauncherDep, Se
 from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
 from tenancy.runs import FINISHED, reap_orphaned_runs
 from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
+from tenancy.tenants import without_consent
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 log = logging.getLogger("fedtext.serving.runs")
@@ -78,11 +81,12 @@ def create(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"Tenant {name!r} is named twice."
             )
         names.append(name)
-    found = set(
+    tenants = list(
         session.exec(
-            select(Tenant.name).where(col(Tenant.name).in_(names), col(Tenant.deleted_at).is_(None))
+            select(Tenant).where(col(Tenant.name).in_(names), col(Tenant.deleted_at).is_(None))
         )
     )
+    found = {t.name for t in tenants}
     missing = [n for n in names if n not in found]
     if missing:
         raise HTTPException(
@@ -93,6 +97,14 @@ def create(
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "A federation needs at least two tenants: name at least one participant.",
+        )
+    refused = without_consent(session=session, owner_id=caller.tenant.id, participants=tenants)
+    if refused:
+        # A run spends each participant's budget (and trains on its data): its admin decides.
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"Tenant(s) {', '.join(refused)} have not agreed to train with "
+            f"{caller.tenant.name!r}: each one's admin adds it with PUT /v1/partners.",
         )
     # Unset simulation-only fields stay out: the simulation's defaults apply.
     config = body.model_dump(exclude={"participants", "family_config"}, exclude_none=True)

@@ -151,6 +151,8 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         # without starting a federation (tests/serving/test_runs.py starts a real one).
         Route("POST", "/v1/runs", "/v1/runs", "collection", 422, run_body),
         Route("GET", "/v1/runs", "/v1/runs", "collection", 200),
+        Route("GET", "/v1/partners", "/v1/partners", "collection", 200),
+        Route("PUT", "/v1/partners", "/v1/partners", "collection", 200, {"tenants": []}),
         Route("GET", "/v1/runs/{run_id}", f"/v1/runs/{run_id}", "object", 200),
         Route("POST", "/v1/runs/{run_id}/cancel", f"/v1/runs/{run_id}/cancel", "object", 200),
     ]

@@ -30,7 +30,7 @@ from serving.config import ServingConfig
 from tenancy.platform import Platform
 from tenancy.runs import pid_alive
 from tenancy.tables import TrainingRun, utcnow
-from tests.factories import make_tenant
+from tests.factories import agree, make_tenant
 
 TINY_RUN = {
     "participants": ["globex"],
@@ -71,6 +71,38 @@ def test_participants_must_exist_and_the_caller_is_always_in(
         assert r.status_code == 422 and "at least two tenants" in r.json()["detail"]
         r = c.post("/v1/runs", json={"participants": ["acme"]}, headers=acme.admin)
         assert r.status_code == 422 and "named twice" in r.json()["detail"]
+
+
+def test_a_participant_is_named_only_with_its_admins_consent(
+    platform: Platform, tmp_path: Path
+) -> None:
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    initech = make_tenant(platform, "initech")
+    body = {**TINY_RUN, "participants": ["globex", "initech"]}
+    with _app(platform, tmp_path) as c:
+        r = c.post("/v1/runs", json=body, headers=acme.admin)
+        assert r.status_code == 403
+        assert "globex, initech have not agreed to train with 'acme'" in r.json()["detail"]
+        # globex agrees; initech agrees with someone else only.
+        assert c.put("/v1/partners", json={"tenants": ["acme"]}, headers=globex.admin).json() == {
+            "tenants": ["acme"]
+        }
+        r = c.put("/v1/partners", json={"tenants": ["globex"]}, headers=initech.admin)
+        assert r.status_code == 200
+        r = c.post("/v1/runs", json=body, headers=acme.admin)
+        assert r.status_code == 403 and "initech have not" in r.json()["detail"]
+        # Consent is the admin's: a predict key cannot give it, nor can a tenant list itself
+        # or an unknown tenant, and nothing is stored by a refused request.
+        r = c.put("/v1/partners", json={"tenants": ["acme"]}, headers=initech.predict)
+        assert r.status_code == 403
+        for names, message in ((["initech"], "its own runs"), (["ghost"], "Unknown tenant")):
+            r = c.put("/v1/partners", json={"tenants": names}, headers=initech.admin)
+            assert r.status_code == 422 and message in r.json()["detail"]
+        assert c.get("/v1/partners", headers=initech.admin).json() == {"tenants": ["globex"]}
+        # Withdrawn consent holds for the next run.
+        assert c.put("/v1/partners", json={"tenants": []}, headers=globex.admin).status_code == 200
+        r = c.post("/v1/runs", json={**TINY_RUN}, headers=acme.admin)
+        assert r.status_code == 403 and "globex" in r.json()["detail"]
 
 
 def _dead_pid() -> int:
@@ -121,7 +153,8 @@ def test_a_run_whose_worker_died_is_marked_interrupted_at_startup(
 
 @pytest.mark.slow
 def test_a_run_starts_reports_metrics_and_completes(platform: Platform, tmp_path: Path) -> None:
-    acme, _ = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    agree(platform, globex, "acme")
     with _app(platform, tmp_path) as c:
         r = c.post("/v1/runs", json=TINY_RUN, headers=acme.admin)
         assert r.status_code == 202, r.text
@@ -137,7 +170,8 @@ def test_a_run_starts_reports_metrics_and_completes(platform: Platform, tmp_path
 
 @pytest.mark.slow
 def test_cancel_stops_the_worker_and_its_children(platform: Platform, tmp_path: Path) -> None:
-    acme, _ = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    agree(platform, globex, "acme")
     with _app(platform, tmp_path) as c:
         run = c.post("/v1/runs", json={**TINY_RUN, "rounds": 20}, headers=acme.admin).json()
         url = f"/v1/runs/{run['id']}"
@@ -236,7 +270,8 @@ def test_the_launcher_refuses_a_bad_address_or_ca(platform: Platform, tmp_path: 
 def test_over_http_simulation_fields_are_422_and_an_unreachable_superlink_503(
     platform: Platform, tmp_path: Path, ca_cert: Path
 ) -> None:
-    acme, _ = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    agree(platform, globex, "acme")
     with _federation_app(platform, tmp_path, ca_cert) as c:
         r = c.post(
             "/v1/runs",

@@ -109,3 +109,19 @@ def test_tenant_names_are_validated_and_unique(platform: Platform) -> None:
                 create_tenant(session=session, keyring=platform.keyring, name=bad)
         with pytest.raises(InvalidInput, match="epsilon budget should be a positive"):
             create_tenant(session=session, keyring=platform.keyring, name="zed", budget_epsilon=0)
+
+
+def test_deleting_a_tenant_withdraws_every_consent_given_by_or_to_it(platform: Platform) -> None:
+    from tenancy.rotation import delete_tenant
+    from tenancy.tenants import partner_names, set_partners
+
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    initech = make_tenant(platform, "initech")
+    with session_scope(platform.engine) as session:
+        set_partners(session=session, tenant=acme.tenant, names=["globex", "initech"])
+        set_partners(session=session, tenant=globex.tenant, names=["acme"])
+    delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=globex.tenant.id)
+    with Session(platform.engine) as session:
+        assert partner_names(session=session, tenant_id=acme.tenant.id) == ["initech"]
+        assert partner_names(session=session, tenant_id=globex.tenant.id) == []
+        assert partner_names(session=session, tenant_id=initech.tenant.id) == []
