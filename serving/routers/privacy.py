@@ -61,7 +61,7 @@ def set_budget(
             dataset=body.dataset or TENANT_WIDE,
         )
     except BudgetError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     session.commit()
     return BudgetChangePublic.model_validate(change, from_attributes=True)
 
