@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,9 +14,11 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import Histogram
 from sqlmodel import Session
 
-from serving.batching import MicroBatcher
+from models import PublicTokenizer
+from serving.batching import MicroBatcher, Rows
 from serving.config import ServingConfig
 from serving.fastlane import PREDICT_ROUTE, PredictFastLane
 from serving.launcher import RunLauncher
@@ -44,6 +47,19 @@ def _init_inference_thread(torch_threads: int | None) -> None:
     # OpenMP thread counts are per thread: set it where the forward passes run.
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
+
+
+def _timed_batch(
+    histogram: Histogram,
+    model: torch.nn.Module,
+    tokenizer: PublicTokenizer,
+    max_seq_len: int,
+    texts: list[str],
+) -> Rows:
+    started = time.perf_counter()
+    rows = run_batch(model, tokenizer, max_seq_len, texts)
+    histogram.observe(time.perf_counter() - started)
+    return rows
 
 
 async def _refresh_lookups(platform: Platform, lookups: PredictLookups) -> None:
@@ -88,7 +104,11 @@ def create_app(
         # The batcher holds the model's tensors, not the ServedModel: no reference cycle,
         # so an evicted model's plaintext is freed as soon as its last request is done.
         infer = functools.partial(
-            run_batch, served.model, served.tokenizer, served.spec.max_seq_len
+            _timed_batch,
+            metrics.inference,
+            served.model,
+            served.tokenizer,
+            served.spec.max_seq_len,
         )
         return MicroBatcher(
             infer,

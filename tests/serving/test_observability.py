@@ -65,6 +65,9 @@ def test_metrics_parse_as_prometheus_text(platform: Platform, acme: TenantFixtur
     assert samples[("fedtext_model_cache_misses_total", ())] == 1
     assert samples[("fedtext_model_cache_hits_total", ())] == 2
     assert samples[("fedtext_batch_size_sum", ())] == 3
+    batches = samples[("fedtext_batch_size_count", ())]
+    assert samples[("fedtext_inference_duration_seconds_count", ())] == batches >= 1
+    assert samples[("fedtext_inference_duration_seconds_sum", ())] > 0
     load = ("fedtext_model_load_duration_seconds_count", (("family", "lstm"), ("quantize", "None")))
     assert samples[load] == 1
     # No tenant id or model name leaks into labels.
