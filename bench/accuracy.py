@@ -101,7 +101,7 @@ def federated_dp(eps: float, sim: dict[str, Any], workdir: Path) -> list[dict[st
 
 
 def federated_plain(
-    parts: list[Any], spec: Any, rounds: int, lr: float, test: Any
+    parts: list[Any], spec: Any, rounds: int, lr: float, test: Any, local_epochs: int
 ) -> list[dict[str, Any]]:
     from clients.train import train_plain
     from models import build_model, load_model_state, model_state
@@ -113,7 +113,9 @@ def federated_plain(
         for part in parts:
             local = build_model(spec)
             load_model_state(local, model_state(global_model))
-            train_plain(local, part.train, spec, batch_size=64, epochs=1, learning_rate=lr)
+            train_plain(
+                local, part.train, spec, batch_size=64, epochs=local_epochs, learning_rate=lr
+            )
             states.append(model_state(local))
             weights.append(len(part.train))
         total = sum(weights)
@@ -165,6 +167,12 @@ def central(train: Any, test: Any, spec: Any, epochs: int, lr: float) -> list[di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, fewer rounds")
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=3,
+        help="local epochs per round (1 left the federated models near the majority class)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -186,13 +194,14 @@ def main() -> None:
     spec = ModelSpec.create("lstm", list(DEMO_LABELS))
     started = time.monotonic()
     results = central(train, test, spec, epochs=rounds, lr=lr)
-    results += federated_plain(parts, spec, rounds, lr, test)
+    results += federated_plain(parts, spec, rounds, lr, test, args.local_epochs)
     sim = {
         "rounds": rounds,
         "partitioning": "topic",
         "max_train_examples": max_train,
         "max_test_examples": max_test,
         "learning_rate": lr,
+        "local_epochs": args.local_epochs,
         "personalize_epochs": 1,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,6 +214,7 @@ def main() -> None:
         "train_per_tenant": max_train,
         "test_per_tenant": max_test,
         "rounds": rounds,
+        "local_epochs": args.local_epochs,
         "delta": 1e-5,
         "seconds": round(time.monotonic() - started, 1),
         "notes": "federated without DP runs the same client code in-process (no Flower); "
