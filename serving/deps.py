@@ -14,8 +14,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
+from serving.fastlane import warm_target
 from serving.launcher import RunLauncher
-from serving.lookups import PredictLookups
+from serving.lookups import Caller, PredictLookups
 from serving.metrics import ServingMetrics
 from serving.registry import (
     ModelCache,
@@ -23,10 +24,8 @@ from serving.registry import (
     NotDeployed,
     ServedModel,
     UnknownModel,
-    find_deployed,
 )
 from tenancy.platform import Platform
-from tenancy.tables import ApiKey, Tenant
 from tenancy.tenants import Scope, authenticate, has_scope
 
 _bearer = HTTPBearer(auto_error=False)
@@ -95,12 +94,6 @@ _UNAUTHORIZED = HTTPException(
 )
 
 
-@dataclass(frozen=True)
-class Caller:
-    key: ApiKey
-    tenant: Tenant
-
-
 def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _UNAUTHORIZED
@@ -155,13 +148,9 @@ async def get_predict_target(
     is in memory (the steady state); otherwise one thread hop does all the database work.
     """
     if credentials is not None and credentials.scheme.lower() == "bearer":
-        known = lookups.caller(credentials.credentials)
-        if known is not None:
-            caller = _check_scope(Caller(known.key, known.tenant), Scope.predict)
-            row = lookups.deployed(caller.tenant.id, name)
-            served = cache.cached(row) if row is not None else None
-            if served is not None:
-                return PredictTarget(caller, served)
+        warm = warm_target(lookups, cache, credentials.credentials, name)
+        if warm is not None:
+            return PredictTarget(*warm)
     return await run_in_threadpool(
         _find_predict_target, name, platform, cache, lookups, credentials
     )
@@ -186,8 +175,7 @@ def _find_predict_target(
         assert credentials is not None  # _authenticate refused a missing credential
         lookups.put_caller(credentials.credentials, caller.key, caller.tenant, generation)
         try:
-            row = find_deployed(session, caller.tenant.id, name)
-            served, row = cache.get_current(session, row)
+            served, row = cache.get_deployed(session, caller.tenant.id, name)
         except UnknownModel as exc:
             # Another tenant's model and a missing one look the same: 404.
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import ServingConfig
 from serving.limits import send_json
-from serving.lookups import PredictLookups
+from serving.lookups import Caller, PredictLookups
 from serving.registry import ModelCache, ServedModel, top_labels
 from serving.schemas import PredictRequest
 from tenancy.tenants import Scope as KeyScope
@@ -29,6 +29,19 @@ from tenancy.tenants import has_scope
 
 PREDICT_ROUTE = "/v1/models/{name}/predict"
 _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
+
+
+def warm_target(
+    lookups: PredictLookups, cache: ModelCache, credential: str, name: str
+) -> tuple[Caller, ServedModel] | None:
+    """The caller and model of a prediction when the memo and the cache hold both, else None
+    (the request then asks the database, which also gives every refusal its status)."""
+    caller = lookups.caller(credential)
+    if caller is None or not has_scope(caller.key, KeyScope.predict):
+        return None
+    row = lookups.deployed(caller.tenant.id, name)
+    served = cache.cached(row) if row is not None else None
+    return (caller, served) if served is not None else None
 
 
 def input_problem(inputs: list[str], config: ServingConfig) -> str | None:
@@ -84,11 +97,8 @@ class PredictFastLane:
         scheme, _, credential = token.partition(" ")
         if scheme.lower() != "bearer":
             return None
-        known = self.lookups.caller(credential)
-        if known is None or not has_scope(known.key, KeyScope.predict):
-            return None
-        row = self.lookups.deployed(known.tenant.id, match.group(1))
-        return self.cache.cached(row) if row is not None else None
+        warm = warm_target(self.lookups, self.cache, credential, match.group(1))
+        return warm[1] if warm is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":

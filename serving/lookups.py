@@ -28,7 +28,9 @@ from tenancy.tenants import hash_key
 
 
 @dataclass(frozen=True)
-class CachedCaller:
+class Caller:
+    """Who a request comes from: a live key and its tenant (from the credential only)."""
+
     key: ApiKey
     tenant: Tenant
 
@@ -48,7 +50,7 @@ class PredictLookups:
         self.ttl = ttl
         self.max_entries = max_entries
         self._lock = threading.Lock()  # filled from worker threads, read on the event loop
-        self._callers: dict[str, tuple[float, CachedCaller]] = {}
+        self._callers: dict[str, tuple[float, Caller]] = {}
         self._deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
         # Bumped by clear(): an answer read before a change must not be kept after it.
         self.generation = 0
@@ -56,7 +58,7 @@ class PredictLookups:
     def _fresh(self, stamped: tuple[float, object] | None) -> bool:
         return stamped is not None and time.monotonic() - stamped[0] < 2 * self.ttl
 
-    def caller(self, presented: str) -> CachedCaller | None:
+    def caller(self, presented: str) -> Caller | None:
         with self._lock:
             stamped = self._callers.get(hash_key(presented))
         if stamped is None or not self._fresh(stamped):
@@ -73,7 +75,7 @@ class PredictLookups:
 
     def put_caller(self, presented: str, key: ApiKey, tenant: Tenant, generation: int) -> None:
         """Keep an answer read from the database while ``generation`` was current."""
-        self._put(self._callers, hash_key(presented), CachedCaller(key, tenant), generation)
+        self._put(self._callers, hash_key(presented), Caller(key, tenant), generation)
 
     def put_deployed(self, row: ModelVersion, generation: int) -> None:
         self._put(self._deployed, (row.tenant_id, row.name), row, generation)
@@ -111,11 +113,11 @@ class PredictLookups:
                 .where(col(ApiKey.id).in_(ids))
             ):
                 keys[key.id] = (key, tenant)
-        new_callers: dict[str, tuple[float, CachedCaller]] = {}
+        new_callers: dict[str, tuple[float, Caller]] = {}
         for digest, entry in callers.items():
             row = keys.get(entry.key.id)
             if row is not None and row[0].key_hash == digest and _live(*row):
-                new_callers[digest] = (now, CachedCaller(*row))
+                new_callers[digest] = (now, Caller(*row))
         new_deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
         if pairs:
             tenant_ids = {tenant_id for tenant_id, _ in pairs}

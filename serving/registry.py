@@ -192,9 +192,11 @@ class ModelCache:
         with self._lock:
             return list(self._items)
 
-    def get_deployed(self, session: Session, tenant_id: str, name: str) -> ServedModel:
-        """The deployed version of ``name`` for ``tenant_id``, loading it on first use."""
-        return self.get(session, find_deployed(session, tenant_id, name))
+    def get_deployed(
+        self, session: Session, tenant_id: str, name: str
+    ) -> tuple[ServedModel, ModelVersion]:
+        """The deployed version of ``name`` for ``tenant_id`` (loaded on first use) and its row."""
+        return self.get_current(session, find_deployed(session, tenant_id, name))
 
     def get_current(self, session: Session, row: ModelVersion) -> tuple[ServedModel, ModelVersion]:
         """The model for ``row``; if ``row`` went stale while it loaded, the current one.

@@ -28,7 +28,7 @@ def _tenants(platform: Platform, n: int) -> list[str]:
 
 def _get(cache: ModelCache, platform: Platform, tenant_id: str) -> ServedModel:
     with Session(platform.engine) as session:
-        return cache.get_deployed(session, tenant_id, "lstm")
+        return cache.get_deployed(session, tenant_id, "lstm")[0]
 
 
 def _value(metrics: ServingMetrics, name: str, labels: dict[str, str] | None = None) -> float:

@@ -69,7 +69,7 @@ def test_admin_sets_int8_and_the_next_request_serves_it(platform: Platform) -> N
         )
     assert before.status_code == after.status_code == 200
     with Session(platform.engine) as session:
-        served = app.state.cache.get_deployed(session, acme.tenant.id, "lstm")
+        served, _ = app.state.cache.get_deployed(session, acme.tenant.id, "lstm")
     assert served.quantize == "dynamic-int8"
     assert any(".quantized." in type(m).__module__ for m in served.model.modules())
     b = {p["label"]: p["score"] for p in before.json()["predictions"][0]}
