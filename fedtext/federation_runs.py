@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, update
-from sqlmodel import Session, col
+from sqlalchemy import Engine
+from sqlmodel import Session
 
 from fedtext.deploy_cli import (
     UserError,
@@ -42,8 +42,8 @@ from fedtext.deploy_cli import (
 )
 from fedtext.runs_worker import WorkerLauncher, engine_url, start_heartbeat
 from tenancy.platform import Platform
-from tenancy.runs import ACTIVE, claim_run
-from tenancy.tables import TrainingRun, utcnow
+from tenancy.runs import ACTIVE, claim_run, end_run
+from tenancy.tables import TrainingRun
 
 CONNECTION = "fedtext-api"
 # RunCreate fields that only pick a simulated node's share of the demo corpus; a real
@@ -103,18 +103,6 @@ def _record(engine: Engine, run_id: str, **fields: Any) -> None:
         session.commit()
 
 
-def end_if_active(engine: Engine, run_id: str, status: str, error: str) -> bool:
-    """Set an end status unless the run already has one (the ServerApp's or a cancel):
-    one conditional UPDATE, so a concurrent cancel is never overwritten."""
-    with engine.begin() as connection:
-        result = connection.execute(
-            update(TrainingRun)
-            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status).in_(ACTIVE))
-            .values(status=status, error=error, finished_at=utcnow())
-        )
-    return bool(result.rowcount)
-
-
 class FederationRunLauncher(WorkerLauncher):
     """Submits runs to a SuperLink (TLS) through a detached worker per run."""
 
@@ -166,7 +154,7 @@ class FederationRunLauncher(WorkerLauncher):
         if flower_id is None:
             # Not submitted yet, or being submitted: mark it first (a ServerApp that starts
             # now stands down), then stop the worker and the `flwr run` it may be in.
-            end_if_active(self.platform.engine, run_id, "cancelled", "Cancelled before it ran.")
+            end_run(self.platform.engine, run_id, "cancelled", "Cancelled before it ran.")
             self.stop_worker(run_id, pid)
             flower_id = self._flower_id(run_id)
         if flower_id is not None:
@@ -213,7 +201,7 @@ def follow(
                 last_seen = now
             except UserError as exc:
                 if now - last_seen > STATUS_PATIENCE_SECONDS:
-                    end_if_active(engine, run_id, "failed", f"Lost track of the run: {exc}")
+                    end_run(engine, run_id, "failed", f"Lost track of the run: {exc}")
                     continue
                 print(f"Flower run {flower_id}: status unreadable, retrying: {exc}", flush=True)
             else:
@@ -222,7 +210,7 @@ def follow(
                     if details and details != "N/A":
                         reason += f": {details}"
                     # Conditional: a ServerApp that recorded its end meanwhile keeps it.
-                    end_if_active(engine, run_id, "failed", reason)
+                    end_run(engine, run_id, "failed", reason)
                     continue
         time.sleep(poll)
     return status
@@ -250,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         status = follow(engine, args.run_id, flower_id)
     except UserError as exc:
         print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
-        end_if_active(engine, args.run_id, "failed", str(exc))
+        end_run(engine, args.run_id, "failed", str(exc))
         return 1
     finally:
         stop.set()

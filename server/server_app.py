@@ -18,7 +18,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
-from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from models import ModelSpec, build_model, load_model_state, load_weights, model_state, save_weights
@@ -35,6 +34,7 @@ from tenancy.db import create_tables, session_scope
 from tenancy.errors import NotFound
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, store_model_version
+from tenancy.runs import end_run
 from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
 from tenancy.tenants import get_tenant
 
@@ -315,12 +315,7 @@ def _update_run(platform: Platform, run_id: str, **fields: Any) -> None:
 def _fail_run(platform: Platform, run_id: str, error: str) -> None:
     """Record the failure, unless the run was cancelled (a stopped run fails by design);
     one conditional UPDATE, so a cancel committed meanwhile is not overwritten."""
-    with platform.engine.begin() as connection:
-        connection.execute(
-            update(TrainingRun)
-            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status) != "cancelled")
-            .values(status="failed", error=error, finished_at=utcnow())
-        )
+    end_run(platform.engine, run_id, "failed", error, unless=("cancelled",))
 
 
 def _stand_down_if_cancelled(platform: Platform, run_id: str, when: str) -> None:

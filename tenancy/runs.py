@@ -7,6 +7,7 @@ import os
 import socket
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from tenancy.tables import TrainingRun, utcnow
@@ -87,6 +88,26 @@ def _what_now(run: TrainingRun) -> str:
         f"`fedtext federation status {flower} --run-id {run.id}`; "
         f"stop it with `flwr stop {flower}`."
     )
+
+
+def end_run(
+    engine: Engine,
+    run_id: str,
+    status: str,
+    error: str,
+    *,
+    unless: tuple[str, ...] = FINISHED,
+) -> bool:
+    """Give the run an end ``status`` unless its status is one of ``unless`` (by default: it
+    has ended already). One conditional UPDATE, so an end recorded concurrently, a cancel
+    above all, is never overwritten. True if the run was changed."""
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status).not_in(unless))
+            .values(status=status, error=error, finished_at=utcnow())
+        )
+    return bool(result.rowcount)
 
 
 def claim_run(session: Session, run_id: str) -> TrainingRun | None:

@@ -17,18 +17,13 @@ from sqlmodel import Session
 
 from fedtext.credentials import create_credentials
 from fedtext.deploy_cli import UserError, app_config_keys, find_app_dir
-from fedtext.federation_runs import (
-    FederationRunLauncher,
-    end_if_active,
-    federation_run_config,
-    follow,
-)
+from fedtext.federation_runs import FederationRunLauncher, federation_run_config, follow
 from fedtext.runs_worker import LocalRunLauncher
 from server.config import ServerRunConfig
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform
-from tenancy.runs import pid_alive
+from tenancy.runs import end_run, pid_alive
 from tenancy.tables import TrainingRun, utcnow
 from tests.factories import agree, make_tenant
 
@@ -329,4 +324,4 @@ def test_the_worker_follows_the_serverapps_record_of_the_run(platform: Platform)
     assert time.monotonic() - started < 5
     timer.join()
     # An end that is already recorded is kept: a late failure does not overwrite a cancel.
-    assert end_if_active(platform.engine, "r1", "failed", "late") is False
+    assert end_run(platform.engine, "r1", "failed", "late") is False
