@@ -162,18 +162,24 @@ def partner_names(*, session: Session, tenant_id: str) -> list[str]:
     )
 
 
-def set_partners(*, session: Session, tenant: Tenant, names: Iterable[str]) -> list[str]:
-    """Replace the tenants that may start runs including ``tenant``; their names, sorted."""
-    wanted = sorted(set(names))
-    if tenant.name in wanted:
-        raise InvalidInput("A tenant is always part of its own runs; do not list it.")
+def live_tenants(*, session: Session, names: Iterable[str]) -> tuple[dict[str, Tenant], list[str]]:
+    """The live (not deleted) tenants named in ``names``, by name, and the names not found."""
+    wanted = list(names)
     found = {
         t.name: t
         for t in session.exec(
             select(Tenant).where(col(Tenant.name).in_(wanted), col(Tenant.deleted_at).is_(None))
         )
     }
-    missing = [n for n in wanted if n not in found]
+    return found, [n for n in wanted if n not in found]
+
+
+def set_partners(*, session: Session, tenant: Tenant, names: Iterable[str]) -> list[str]:
+    """Replace the tenants that may start runs including ``tenant``; their names, sorted."""
+    wanted = sorted(set(names))
+    if tenant.name in wanted:
+        raise InvalidInput("A tenant is always part of its own runs; do not list it.")
+    found, missing = live_tenants(session=session, names=wanted)
     if missing:
         raise InvalidInput(f"Unknown tenant(s): {', '.join(missing)}.")
     session.exec(delete(FederationPartner).where(col(FederationPartner.tenant_id) == tenant.id))  # type: ignore[call-overload]

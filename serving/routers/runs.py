@@ -24,8 +24,8 @@ from sqlmodel import Session, col, select
 from serving.deps import AdminCaller, OptionalRunLauncherDep, RunLauncherDep, SessionDep
 from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
 from tenancy.runs import FINISHED, reap_orphaned_runs
-from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
-from tenancy.tenants import without_consent
+from tenancy.tables import RoundMetric, TrainingRun, utcnow
+from tenancy.tenants import live_tenants, without_consent
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 log = logging.getLogger("fedtext.serving.runs")
@@ -81,13 +81,7 @@ def create(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"Tenant {name!r} is named twice."
             )
         names.append(name)
-    tenants = list(
-        session.exec(
-            select(Tenant).where(col(Tenant.name).in_(names), col(Tenant.deleted_at).is_(None))
-        )
-    )
-    found = {t.name for t in tenants}
-    missing = [n for n in names if n not in found]
+    found, missing = live_tenants(session=session, names=names)
     if missing:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -98,7 +92,9 @@ def create(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "A federation needs at least two tenants: name at least one participant.",
         )
-    refused = without_consent(session=session, owner_id=caller.tenant.id, participants=tenants)
+    refused = without_consent(
+        session=session, owner_id=caller.tenant.id, participants=list(found.values())
+    )
     if refused:
         # A run spends each participant's budget (and trains on its data): its admin decides.
         raise HTTPException(
