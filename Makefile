@@ -29,5 +29,11 @@ test: lint
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 
+# The web console's front end (console/) -> serving/console_static/, which is committed so
+# that installs and `make test` need no Node. Run after changing console/src.
+.PHONY: console
+console:
+	cd console && npm ci --no-audit --no-fund && npm run build
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

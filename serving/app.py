@@ -20,6 +20,7 @@ from sqlmodel import Session
 from models import PublicTokenizer
 from serving.batching import MicroBatcher, Rows
 from serving.config import ServingConfig
+from serving.console import router as console_router
 from serving.fastlane import PREDICT_ROUTE, PredictFastLane
 from serving.launcher import RunLauncher
 from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
@@ -150,6 +151,7 @@ def create_app(
     app.state.run_launcher = run_launcher
     for module in (health, tenants, keys, model_admin, models, partners, privacy, runs):
         app.include_router(module.router)
+    app.include_router(console_router)  # the web console at /console, over the same /v1
     app.add_middleware(
         PredictFastLane,
         route=next(r for r in models.router.routes if getattr(r, "path", "") == PREDICT_ROUTE),

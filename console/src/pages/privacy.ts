@@ -1,0 +1,221 @@
+import { api, type Budget, type LedgerEntry, type Report } from "../api";
+import { budgetGauge, chartBox, epsilonChart, type EpsilonPoint } from "../charts";
+import { badge, fmtNum, fmtTime, h, parseTime, saveBlob, table } from "../dom";
+import type { Page } from "../main";
+import { Notice, busy, card, emptyState, loading, pageHeader, shortId } from "../ui";
+
+function budgetFacts(budget: Budget): HTMLElement {
+  const reserved = typeof budget.reserved_epsilon === "number" ? budget.reserved_epsilon : null;
+  const share = budget.budget_epsilon > 0 ? (100 * budget.spent_epsilon) / budget.budget_epsilon : 0;
+  const row = (term: string, value: string | Node) => [h("dt", null, term), h("dd", null, value)];
+  return h(
+    "div",
+    { class: "budget-facts" },
+    h(
+      "p",
+      { class: "big-number", "data-testid": "budget-summary" },
+      h("span", { class: "spent" }, `ε ${fmtNum(budget.spent_epsilon)}`),
+      h("span", { class: "muted" }, ` spent of ${fmtNum(budget.budget_epsilon)} (${share.toFixed(0)}%)`),
+    ),
+    h(
+      "dl",
+      { class: "facts" },
+      row("Remaining", `ε ${fmtNum(budget.remaining_epsilon)}`),
+      reserved !== null ? row("Reserved by runs in progress", `ε ${fmtNum(reserved)}`) : null,
+      row("At delta (δ)", String(budget.delta)),
+      row("Accountant", budget.accountant.toUpperCase()),
+      row("RDP cross-check", `ε ${fmtNum(budget.spent_epsilon_rdp)} (an upper bound)`),
+      row("Releases charged", String(budget.events)),
+    ),
+  );
+}
+
+function datasetBudgets(budget: Budget): HTMLElement | null {
+  const entries = Object.entries(budget.dataset_budgets ?? {});
+  if (!entries.length) return null;
+  return table("Datasets with a budget of their own", ["Dataset", "Budget ε"], entries.map(([name, eps]) => [name, fmtNum(eps)]));
+}
+
+function chainStatus(report: Report): HTMLElement {
+  const c = report.chain;
+  const line = (ok: boolean, title: string, detail: string, problem: string | null) =>
+    h(
+      "li",
+      null,
+      badge(ok ? "intact" : "broken", ok ? "ok" : "bad"),
+      " ",
+      h("strong", null, title),
+      ` — ${detail}`,
+      problem ? h("div", { class: "notice notice-bad" }, problem) : null,
+    );
+  return h(
+    "div",
+    { "data-testid": "chain-status" },
+    h(
+      "p",
+      { class: report.chain_ok ? "notice notice-ok" : "notice notice-bad" },
+      report.chain_ok
+        ? "Both hash chains re-hash cleanly and the budget in force matches its chain."
+        : "The record does not check out: see below and the audit report.",
+    ),
+    h(
+      "ul",
+      { class: "plain" },
+      line(c.ledger_ok, "Ledger", plural(c.ledger_entries, "entry", "entries"), c.ledger_problem),
+      line(c.budget_chain_ok && c.budget_matches_tenant, "Budget changes", plural(c.budget_changes, "change", "changes"), c.budget_problem ?? (c.budget_matches_tenant ? null : "The last tenant-wide change differs from the budget in force.")),
+      report.independent
+        ? h(
+            "li",
+            null,
+            badge(report.independent.agrees ? "agrees" : "differs", report.independent.agrees ? "ok" : "warn"),
+            " ",
+            h("strong", null, "Independent recomputation"),
+            ` — ${report.independent.library}: ε ${fmtNum(report.independent.epsilon)}`,
+          )
+        : null,
+    ),
+    h(
+      "p",
+      { class: "muted small" },
+      "Chain heads (keep them: a deleted tail shows only against a known head): ledger ",
+      h("code", { class: "wrap" }, c.ledger_head),
+      ", budget ",
+      h("code", { class: "wrap" }, c.budget_head),
+    ),
+  );
+}
+
+function plural(n: number, one: string, many: string): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+function ledgerTable(entries: LedgerEntry[]): HTMLElement {
+  if (!entries.length) return emptyState("No release has been charged yet.");
+  return table(
+    "Ledger entries",
+    ["#", "Dataset", "Run", "Round", "Charged", "Noise (σ)", "Sample rate", "Steps", "Clip", "Entry hash"],
+    [...entries].reverse().map((e) => [
+      String(e.seq),
+      e.dataset,
+      h("a", { href: `#/runs/${encodeURIComponent(e.run_id)}`, class: "mono" }, shortId(e.run_id)),
+      String(e.round),
+      fmtTime(e.created_at),
+      fmtNum(e.noise_multiplier),
+      fmtNum(e.sample_rate, 4),
+      String(e.steps),
+      fmtNum(e.clip_norm),
+      h("code", { title: e.entry_hash }, e.entry_hash.slice(0, 12)),
+    ]),
+  );
+}
+
+const DOWNLOADS: { label: string; path: string; file: (tenant: string) => string }[] = [
+  { label: "Audit report (HTML)", path: "/v1/privacy/report?format=html", file: (t) => `fedtext-audit-${t}.html` },
+  { label: "Audit report (JSON)", path: "/v1/privacy/report?format=json", file: (t) => `fedtext-audit-${t}.json` },
+  { label: "Ledger (JSON Lines)", path: "/v1/privacy/ledger?format=jsonl", file: (t) => `fedtext-ledger-${t}.jsonl` },
+  { label: "Ledger (CSV)", path: "/v1/privacy/ledger?format=csv", file: (t) => `fedtext-ledger-${t}.csv` },
+];
+
+function downloads(tenant: string): HTMLElement {
+  const notice = new Notice();
+  const buttons = DOWNLOADS.map((d) => {
+    const button = h("button", { type: "button" }, d.label);
+    button.addEventListener("click", () =>
+      busy(button, notice, async () => {
+        button.textContent = "Preparing…";
+        saveBlob(await api.download(d.path), d.file(tenant));
+        notice.ok(`Saved ${d.file(tenant)}.`);
+      }),
+    );
+    return button;
+  });
+  return h(
+    "div",
+    null,
+    h(
+      "p",
+      { class: "muted" },
+      "For auditors: every epsilon in the report is recomposed from the raw ledger entries; ",
+      h("code", null, "fedtext audit verify"),
+      " re-checks an export offline.",
+    ),
+    h("div", { class: "actions wrap" }, buttons),
+    notice.el,
+  );
+}
+
+export const privacyPage: Page = (main, ctx) => {
+  const notice = new Notice();
+  const { box: gaugeBox, canvas: gaugeCanvas } = chartBox("Privacy budget: spent and remaining epsilon", "gauge");
+  const budgetSlot = h("div", null, loading());
+  const chainSlot = h("div", null, loading());
+  const curveSlot = h("div", null, loading());
+  const ledgerSlot = h("div", null, loading());
+  main.append(
+    pageHeader("Privacy", "What your tenant's data has spent, composed from the ledger of every release."),
+    notice.el,
+    h("div", { class: "columns" }, card("Budget", h("div", { class: "gauge-row" }, gaugeBox, budgetSlot)), card("Chain status", chainSlot)),
+    card("Cumulative ε over time", curveSlot),
+    card("Downloads", downloads(ctx.tenant)),
+    card("Ledger", ledgerSlot),
+  );
+  const charts: { destroy(): void }[] = [];
+  let stopped = false;
+
+  void (async () => {
+    try {
+      const budget = await api.budget();
+      if (stopped) return;
+      budgetSlot.replaceChildren(budgetFacts(budget), datasetBudgets(budget) ?? "");
+      const reserved = typeof budget.reserved_epsilon === "number" ? budget.reserved_epsilon : 0;
+      charts.push(
+        budgetGauge(gaugeCanvas, {
+          spent: Math.min(budget.spent_epsilon, budget.budget_epsilon),
+          reserved: Math.max(0, Math.min(reserved, budget.remaining_epsilon)),
+          remaining: Math.max(0, budget.remaining_epsilon - reserved),
+        }),
+      );
+    } catch (err) {
+      if (!stopped) notice.error(err);
+      budgetSlot.replaceChildren();
+    }
+  })();
+
+  void api.ledger().then(
+    (entries) => !stopped && ledgerSlot.replaceChildren(ledgerTable(entries)),
+    (err) => !stopped && ledgerSlot.replaceChildren(errorLine(err)),
+  );
+
+  void api.report().then(
+    (report) => {
+      if (stopped) return;
+      chainSlot.replaceChildren(chainStatus(report));
+      const points: EpsilonPoint[] = report.rounds
+        .filter((r) => r.cumulative_epsilon !== null)
+        .map((r) => ({ t: parseTime(r.created_at), epsilon: r.cumulative_epsilon as number, label: `run ${shortId(r.run_id)} round ${r.round}` }));
+      if (!points.length) {
+        curveSlot.replaceChildren(emptyState("Nothing spent yet: the curve starts with the first charged round."));
+        return;
+      }
+      const { box, canvas } = chartBox("Cumulative epsilon after each charged round, with the budget line");
+      curveSlot.replaceChildren(box);
+      charts.push(epsilonChart(canvas, points, report.budget_epsilon));
+    },
+    (err) => {
+      if (stopped) return;
+      chainSlot.replaceChildren(errorLine(err));
+      curveSlot.replaceChildren();
+    },
+  );
+
+  return () => {
+    stopped = true;
+    for (const chart of charts) chart.destroy();
+  };
+};
+
+function errorLine(err: unknown): HTMLElement {
+  const n = new Notice();
+  n.error(err);
+  return n.el;
+}
