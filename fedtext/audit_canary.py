@@ -82,10 +82,10 @@ def canary_losses(
 ) -> list[float]:
     """Cross-entropy of each canary under its own label."""
     data = LabeledData(tuple(texts), tuple(labels), tuple(spec.labels))
-    ids, mask, y = encode(data, spec).tensors
+    *inputs, y = encode(data, spec).tensors
     model.eval()
     with torch.no_grad():
-        logits = model(ids, mask)
+        logits = model(*inputs)
         return [float(v) for v in nn.functional.cross_entropy(logits, y, reduction="none")]
 
 

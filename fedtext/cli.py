@@ -467,16 +467,35 @@ def audit_canary(
 @app.command()
 def simulate(
     tenants: Annotated[int, typer.Option(help="Number of simulated tenants (one node each).")] = 3,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    rounds: Annotated[
+        int | None, typer.Option(help="Federated rounds [default: the family's]")
+    ] = None,
     epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant for the run.")] = 3.0,
-    model: Annotated[str, typer.Option(help="lstm, transformer or minilm.")] = "lstm",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="encoder-head (frozen public encoder + DP head), lstm, transformer or minilm."
+        ),
+    ] = "encoder-head",
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
     partitioning: Annotated[str, typer.Option(help="iid, dirichlet or topic.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (label skew).")] = 0.5,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    personalize_epochs: Annotated[int, typer.Option(help="DP fine-tune epochs; 0: off.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 128,
-    learning_rate: Annotated[float, typer.Option(help="Client Adam learning rate.")] = 0.01,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="Local epochs per round [default: the family's]")
+    ] = None,
+    personalize_epochs: Annotated[
+        int | None, typer.Option(help="DP fine-tune epochs; 0: off [default: the family's]")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Expected (Poisson) batch; 0: a tenth of each tenant's data "
+            "[default: the family's]"
+        ),
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Client Adam learning rate [default: the family's]")
+    ] = None,
     clip_norm: Annotated[float, typer.Option(help="Per-example clipping norm.")] = 1.0,
     fraction_train: Annotated[float, typer.Option(help="Share of tenants per round.")] = 1.0,
     min_nodes: Annotated[int, typer.Option(help="Valid replies a round needs.")] = 2,
@@ -681,7 +700,9 @@ def serve(
 
 @app.command()
 def demo(
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    rounds: Annotated[
+        int | None, typer.Option(help="Federated rounds [default: the family's]")
+    ] = None,
     epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant.")] = 4.0,
     max_train_examples: Annotated[int, typer.Option(help="Training examples per tenant.")] = 3000,
     max_test_examples: Annotated[int, typer.Option(help="Test examples per tenant.")] = 600,

@@ -18,17 +18,24 @@ from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
 from fedtext.simulation import SimulationConfig, simulate
+from models import DEFAULT_FAMILY, training_defaults
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope
 from tenancy.tenants import Scope, create_api_key, create_tenant
 
 DEMO_TENANTS = ["acme", "globex", "initech"]
-DEMO_SENTENCES = [
-    "My flight was delayed three hours and nobody told us anything.",
-    "Thanks for the quick rebooking, the crew was wonderful!",
-    "The new phone comes out next week.",
+# Clear sentences none of the tenants trained on, with the label a reader would give them:
+# airline and product topics, each sentiment twice.
+DEMO_EXAMPLES: list[tuple[str, str]] = [
+    ("My flight was delayed three hours and nobody told us anything.", "negative"),
+    ("Thanks for the quick rebooking, the crew was wonderful!", "positive"),
+    ("Our flight to Boston boards at gate 12 at 3pm.", "neutral"),
+    ("I love my new phone, the battery lasts all day.", "positive"),
+    ("The app keeps crashing and support never answers.", "negative"),
+    ("The new phone comes out next week.", "neutral"),
 ]
+DEMO_SENTENCES = [text for text, _ in DEMO_EXAMPLES]
 
 
 @dataclass
@@ -43,7 +50,14 @@ class TenantReport:
     spent_epsilon: float
     budget_epsilon: float
     version: int
+    model: str = ""
     predictions: list[tuple[str, str, float]] = field(default_factory=list)
+
+    @property
+    def correct(self) -> int:
+        """How many demo sentences got the label a reader would give them."""
+        expected = dict(DEMO_EXAMPLES)
+        return sum(expected.get(text) == label for text, label, _ in self.predictions)
 
 
 @dataclass
@@ -61,18 +75,23 @@ def run_demo(
     data_dir: Path,
     *,
     tenants: list[str] | None = None,
-    rounds: int = 3,
+    model: str = DEFAULT_FAMILY,
+    rounds: int | None = None,
     epsilon: float = 4.0,
     max_train_examples: int = 3000,
     max_test_examples: int = 600,
     budget_epsilon: float = 8.0,
     secure_mode: bool = True,
-    personalize_epochs: int = 1,
+    personalize_epochs: int | None = None,
     partitioning: str = "topic",
-    batch_size: int = 128,
+    batch_size: int | None = None,
+    seed: int = 7,
     console: Console | None = None,
 ) -> DemoReport:
-    """Run the whole path in ``data_dir`` (reset first: it is the demo's own directory)."""
+    """Run the whole path in ``data_dir`` (reset first: it is the demo's own directory).
+
+    Settings left as None take the model family's defaults (models.training_defaults).
+    """
     console = console or Console()
     names = tenants or DEMO_TENANTS
     if data_dir.exists():
@@ -91,16 +110,19 @@ def run_demo(
             _, predict = create_api_key(session=session, tenant=tenant, scopes=[Scope.predict])
             keys[name] = {"admin": admin, "predict": predict}
     console.print(f"[bold]Tenants[/bold] {', '.join(names)} created in {data_dir}")
+    shown_rounds = rounds or training_defaults(model).rounds
     console.print(
-        f"[bold]Federation[/bold] {len(names)} simulated nodes, {rounds} rounds, "
-        f"target epsilon {epsilon} per tenant (Opacus DP-SGD), {partitioning} partition, "
-        "then a DP personalization ..."
+        f"[bold]Federation[/bold] {len(names)} simulated nodes, model {model}, "
+        f"{shown_rounds} rounds, target epsilon {epsilon} per tenant (Opacus DP-SGD), "
+        f"{partitioning} partition, then a DP personalization ..."
     )
     started = time.monotonic()
     result = simulate(
         platform,
         SimulationConfig(
             tenants=names,
+            model=model,
+            seed=seed,
             rounds=rounds,
             epsilon=epsilon,
             max_train_examples=max_train_examples,
@@ -143,6 +165,7 @@ def run_demo(
                     spent_epsilon=budget["spent_epsilon"],
                     budget_epsilon=budget["budget_epsilon"],
                     version=body["version"],
+                    model=body["model"],
                     predictions=[
                         (text, pred[0]["label"], pred[0]["score"])
                         for text, pred in zip(DEMO_SENTENCES, body["predictions"], strict=True)
@@ -179,9 +202,11 @@ def print_report(report: DemoReport, console: Console) -> None:
             "test macro-F1: global / personal", f"{_fmt(t.global_macro_f1)} / {_fmt(t.macro_f1)}"
         )
         table.add_row("epsilon spent / budget", f"{t.spent_epsilon:.2f} / {t.budget_epsilon:.2f}")
-        table.add_row("model version", f"lstm v{t.version}")
+        table.add_row("model version", f"{t.model} v{t.version}")
+        expected = dict(DEMO_EXAMPLES)
         for text, label, score in t.predictions:
-            table.add_row(f"predict: {text[:48]}", f"{label} ({score:.2f})")
+            mark = "ok" if expected.get(text) == label else f"expected {expected.get(text)}"
+            table.add_row(f"predict: {text}", f"{label} ({score:.2f}) {mark}")
         console.print(table)
     console.print(
         f"Weights at rest: {report.encrypted_blobs} AES-256-GCM blobs, "

@@ -612,6 +612,14 @@ def node(
     labels: Annotated[
         str, typer.Option(help="Labels the data file may use (comma-separated).")
     ] = "negative,neutral,positive",
+    feature_cache: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FEDTEXT_FEATURE_CACHE",
+            help="Where this node keeps the sentence vectors of its data (private, 0700) "
+            "so each round's process reuses them. Default: ~/.cache/fedtext/features/TENANT.",
+        ),
+    ] = None,
 ) -> None:
     """Start a tenant's SuperNode: its tenant, data, device, authentication key and CA."""
     with _user_errors():
@@ -652,9 +660,12 @@ def node(
         ]
     err.print(f"node: tenant {tenant}, {data_path}, device {resolved_device}, to {superlink}")
     try:
+        # The SuperNode starts one ClientApp process per message; the vectors computed
+        # in round 1 are read back from here in every later round.
+        cache = feature_cache or Path.home() / ".cache" / "fedtext" / "features" / tenant
         code, first = supervise(
             [("supernode", cmd)],
-            flower_env(),
+            flower_env({"FEDTEXT_FEATURE_CACHE": str(cache.expanduser())}),
             watch=("Failed to activate SuperNode", "CERTIFICATE_VERIFY_FAILED", "Exit Code: 305"),
         )
     finally:

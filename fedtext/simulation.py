@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session
 
 from clients.client_app import make_client_app
+from models import DEFAULT_FAMILY, families, training_defaults
 from server.server_app import build_server_app
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
@@ -36,15 +41,16 @@ class SimulationConfig:
     """A simulated federation: one virtual SuperNode per tenant on shares of the demo corpus."""
 
     tenants: list[str]
-    rounds: int = 3
+    # None: the model family's default (models.training_defaults).
+    rounds: int | None = None
     epsilon: float = 3.0
-    model: str = "lstm"
+    model: str = DEFAULT_FAMILY
     strategy: str = "fedavg"
-    local_epochs: int = 1
-    batch_size: int = 128
-    learning_rate: float = 0.01
+    local_epochs: int | None = None
+    batch_size: int | None = None  # 0: sized by each tenant's data
+    learning_rate: float | None = None
     clip_norm: float = 1.0
-    personalize_epochs: int = 1
+    personalize_epochs: int | None = None
     fraction_train: float = 1.0
     proximal_mu: float = 0.01
     client_dp_noise: float = 0.0  # > 0 turns on Flower's server-side fixed-clipping wrapper
@@ -60,6 +66,16 @@ class SimulationConfig:
     min_nodes: int = 2  # valid replies a round needs; fewer stops the run (resumable)
     dataset: str = "default"  # the ledger's dataset name, for per-dataset budgets
     model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Fill what was left out with the family's defaults, so the record shows what ran.
+        if self.model in families():
+            defaults = training_defaults(self.model)
+            for name in ("rounds", "local_epochs", "batch_size", "learning_rate"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(defaults, name))
+            if self.personalize_epochs is None:
+                object.__setattr__(self, "personalize_epochs", defaults.personalize_epochs)
 
     def validate(self) -> None:
         if len(self.tenants) < 2:
@@ -133,6 +149,16 @@ def resume(platform: Platform, run_id: str) -> SimulationResult:
     return _launch(platform, config, {"run-id": run_id, "resume": True}, run_id)
 
 
+@contextlib.contextmanager
+def _scratch_cache(path: str | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if path is not None:
+            os.environ.pop("FEDTEXT_FEATURE_CACHE", None)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _launch(
     platform: Platform, config: SimulationConfig, server_overrides: dict[str, Any], run_id: str
 ) -> SimulationResult:
@@ -141,7 +167,13 @@ def _launch(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     failure: BaseException | None = None
-    with warnings.catch_warnings():
+    # Virtual nodes run in a pool of Ray actors, so a node's next round may run in
+    # another process: a shared vector cache keeps "encode once per node" true.
+    scratch = None
+    if not os.environ.get("FEDTEXT_FEATURE_CACHE"):
+        scratch = tempfile.mkdtemp(prefix="fedtext-features-")
+        os.environ["FEDTEXT_FEATURE_CACHE"] = scratch
+    with _scratch_cache(scratch), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             run_simulation(

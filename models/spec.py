@@ -13,6 +13,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from models.encoder_head import FAMILY as ENCODER_HEAD
+from models.encoder_head import EncoderHeadClassifier, EncoderHeadConfig
+from models.encoders import describe as describe_encoder
 from models.lstm import LSTMClassifier, LSTMConfig
 from models.transformer import (
     MiniLMClassifier,
@@ -25,14 +28,64 @@ SPEC_VERSION = 1
 
 # Family registry: name -> (config class, builder). Unknown names raise ValueError.
 _FAMILIES: dict[str, tuple[type, Callable[[Any, int], nn.Module]]] = {
+    ENCODER_HEAD: (EncoderHeadConfig, lambda cfg, n: EncoderHeadClassifier(cfg, n)),
     "lstm": (LSTMConfig, lambda cfg, n: LSTMClassifier(cfg, n)),
     "transformer": (TransformerConfig, lambda cfg, n: TransformerClassifier(cfg, n)),
     "minilm": (MiniLMConfig, lambda cfg, n: MiniLMClassifier(cfg, n)),
 }
 
 
+DEFAULT_FAMILY = ENCODER_HEAD
+
+# Tokens per input when a run does not say. Sentence encoders pad each group only to its
+# longest input, so a long limit costs nothing on short texts; the token families pad
+# every input to the limit, so theirs stays near a tweet's length.
+_DEFAULT_SEQ_LEN = {ENCODER_HEAD: 128}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingDefaults:
+    """A family's DP-SGD settings when a run leaves them out (0 in a run config).
+
+    Chosen on the public demo corpus (docs/TRAINING.md), never on a tenant's data:
+    tuning on private data would itself spend privacy.
+    """
+
+    rounds: int
+    local_epochs: int
+    learning_rate: float
+    batch_size: int  # expected Poisson batch; 0: sized by each tenant's data (dp_batch_size)
+    personalize_epochs: int
+
+
+# A head's round costs milliseconds once the node's sentence vectors exist, so it gets many
+# short rounds (each averages away some client drift) and a stronger local fine-tune; the
+# token families' rounds cost minutes on a CPU.
+_TRAINING_DEFAULTS = {
+    ENCODER_HEAD: TrainingDefaults(
+        rounds=20, local_epochs=1, learning_rate=0.05, batch_size=0, personalize_epochs=3
+    ),
+    "lstm": TrainingDefaults(
+        rounds=3, local_epochs=1, learning_rate=0.01, batch_size=128, personalize_epochs=1
+    ),
+}
+_TOKEN_DEFAULTS = TrainingDefaults(
+    rounds=3, local_epochs=1, learning_rate=0.01, batch_size=128, personalize_epochs=1
+)
+
+
 def families() -> list[str]:
     return sorted(_FAMILIES)
+
+
+def training_defaults(family: str) -> TrainingDefaults:
+    if family not in _FAMILIES:
+        raise ValueError(f"Unknown model family {family!r}; known: {families()}.")
+    return _TRAINING_DEFAULTS.get(family, _TOKEN_DEFAULTS)
+
+
+def default_max_seq_len(family: str) -> int:
+    return _DEFAULT_SEQ_LEN.get(family, 48)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +108,22 @@ class ModelSpec:
             raise ValueError(f"Unknown tokenizer {self.tokenizer!r}.")
         if self.spec_version != SPEC_VERSION:
             raise ValueError(f"Unsupported spec_version {self.spec_version}.")
-        self.family_config()  # validates the family's options now, not at build time
+        config = self.family_config()  # validates the family's options now, not at build time
+        if self.family == ENCODER_HEAD and not config.encoder_sha256:
+            raise ValueError("An encoder-head spec must carry its encoder's encoder_sha256.")
 
     @classmethod
     def create(cls, family: str, labels: list[str] | tuple[str, ...], **kwargs: Any) -> ModelSpec:
-        max_seq_len = kwargs.pop("max_seq_len", 48)
+        max_seq_len = kwargs.pop("max_seq_len", None) or default_max_seq_len(family)
         config_cls = _FAMILIES[family][0] if family in _FAMILIES else None
-        config = dataclasses.asdict(config_cls(**kwargs)) if config_cls else dict(kwargs)
+        try:
+            config = dataclasses.asdict(config_cls(**kwargs)) if config_cls else dict(kwargs)
+        except TypeError as exc:
+            raise ValueError(f"Invalid {family} config: {exc}") from None
+        if family == ENCODER_HEAD and not config["encoder_sha256"]:
+            # The spec names the encoder by the hash of its files, read where it is created.
+            found = describe_encoder(config["encoder"])
+            config.update(encoder_sha256=found["sha256"], encoder_dim=found["dim"])
         return cls(family=family, labels=tuple(labels), max_seq_len=max_seq_len, config=config)
 
     def family_config(self) -> Any:

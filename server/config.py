@@ -8,21 +8,32 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from models import ModelSpec, families
+from models import (
+    DEFAULT_FAMILY,
+    ModelSpec,
+    default_max_seq_len,
+    families,
+    training_defaults,
+)
 from privacy.ledger import check_dataset
 from server.strategy import strategy_names
 
+# "auto": the model family's own default (models.training_defaults), chosen on public data.
+AUTO = "auto"
+FAMILY_KEYS = ("rounds", "local-epochs", "batch-size", "learning-rate", "personalize-epochs")
+
 DEFAULTS: dict[str, Any] = {
     "run-id": "",
-    "model": "lstm",
+    "model": DEFAULT_FAMILY,
     "model-name": "",
-    "rounds": 2,
-    "local-epochs": 1,
-    "batch-size": 128,
-    "learning-rate": 0.01,
+    "rounds": AUTO,
+    "local-epochs": AUTO,
+    # Expected Poisson batch; 0 sizes it by each tenant's data (privacy.params.dp_batch_size).
+    "batch-size": AUTO,
+    "learning-rate": AUTO,
     "epsilon": 3.0,
     "clip-norm": 1.0,
-    "max-seq-len": 48,
+    "max-seq-len": AUTO,
     "min-nodes": 2,
     "secure-mode": True,
     "round-timeout": 3600.0,
@@ -31,7 +42,10 @@ DEFAULTS: dict[str, Any] = {
     "proximal-mu": 0.01,
     "server-learning-rate": 0.1,
     "fraction-train": 1.0,
-    "personalize-epochs": 1,
+    "personalize-epochs": AUTO,
+    # Standard deviation of the Gaussian noise on each count of the released evaluation
+    # confusion matrices (sensitivity 1); 0 releases no evaluation metrics at all.
+    "eval-noise": 10.0,
     "client-dp": "off",
     "client-dp-noise": 0.1,
     "client-dp-clip": 10.0,
@@ -66,6 +80,7 @@ class ServerRunConfig:
     server_learning_rate: float
     fraction_train: float
     personalize_epochs: int
+    eval_noise: float
     client_dp: str
     client_dp_noise: float
     client_dp_clip: float
@@ -81,6 +96,7 @@ class ServerRunConfig:
         merged: dict[str, Any] = dict(DEFAULTS)
         for layer in layers:
             merged.update({k: v for k, v in layer.items() if v is not None})
+        _fill_family_defaults(merged)
         # Client-side keys share the run config; the server reads only its own.
         try:
             cfg = cls(
@@ -103,6 +119,7 @@ class ServerRunConfig:
                 server_learning_rate=float(merged["server-learning-rate"]),
                 fraction_train=float(merged["fraction-train"]),
                 personalize_epochs=int(merged["personalize-epochs"]),
+                eval_noise=float(merged["eval-noise"]),
                 client_dp=str(merged["client-dp"]).lower(),
                 client_dp_noise=float(merged["client-dp-noise"]),
                 client_dp_clip=float(merged["client-dp-clip"]),
@@ -126,8 +143,8 @@ class ServerRunConfig:
             raise ValueError("rounds should be a positive integer.")
         if self.local_epochs < 1:
             raise ValueError("local-epochs should be a positive integer.")
-        if self.batch_size < 1:
-            raise ValueError("batch-size should be a positive integer.")
+        if self.batch_size < 0:
+            raise ValueError("batch-size should be a positive integer, or 0 to size it by data.")
         if not self.learning_rate > 0:
             raise ValueError("learning-rate should be a positive value.")
         if not self.epsilon > 0:
@@ -149,6 +166,8 @@ class ServerRunConfig:
             raise ValueError("fraction-train should be in (0, 1].")
         if self.personalize_epochs < 0:
             raise ValueError("personalize-epochs should be zero (off) or positive.")
+        if not (self.eval_noise == 0 or 0.5 <= self.eval_noise < 1e6):
+            raise ValueError("eval-noise should be 0 (no released evaluation) or at least 0.5.")
         if self.client_dp not in ("off", "fixed"):
             raise ValueError("client-dp should be 'off' or 'fixed' (server-side fixed clipping).")
         if len(set(self.participants)) != len(self.participants):
@@ -169,6 +188,19 @@ class ServerRunConfig:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+def _fill_family_defaults(merged: dict[str, Any]) -> None:
+    """Replace "auto" (or an empty value) by the chosen family's default, in place."""
+    family = str(merged["model"])
+    if family not in families():
+        return  # validate() names the unknown family
+    defaults = training_defaults(family)
+    for key in FAMILY_KEYS:
+        if str(merged[key]).strip().lower() in (AUTO, ""):
+            merged[key] = getattr(defaults, key.replace("-", "_"))
+    if str(merged["max-seq-len"]).strip().lower() in (AUTO, "", "0"):
+        merged["max-seq-len"] = default_max_seq_len(family)
 
 
 def _json_object(value: Any) -> dict[str, Any]:

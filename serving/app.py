@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import Histogram
 from sqlmodel import Session
 
-from models import PublicTokenizer
+from models import ModelSpec
 from serving.batching import MicroBatcher, Rows
 from serving.config import ServingConfig
 from serving.console import router as console_router
@@ -53,12 +53,11 @@ def _init_inference_thread(torch_threads: int | None) -> None:
 def _timed_batch(
     histogram: Histogram,
     model: torch.nn.Module,
-    tokenizer: PublicTokenizer,
-    max_seq_len: int,
+    spec: ModelSpec,
     texts: list[str],
 ) -> Rows:
     started = time.perf_counter()
-    rows = run_batch(model, tokenizer, max_seq_len, texts)
+    rows = run_batch(model, spec, texts)
     histogram.observe(time.perf_counter() - started)
     return rows
 
@@ -108,8 +107,7 @@ def create_app(
             _timed_batch,
             metrics.inference,
             served.model,
-            served.tokenizer,
-            served.spec.max_seq_len,
+            served.spec,
         )
         return MicroBatcher(
             infer,

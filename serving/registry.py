@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from sqlmodel import Session, select
 
-from models import ModelSpec, PublicTokenizer, build_model, load_tokenizer, load_weights
+from models import EncoderError, ModelSpec, build_model, load_weights, spec_encoder, text_inputs
+from models.encoder_head import FAMILY as ENCODER_HEAD
 from serving.batching import MicroBatcher, Rows
 from serving.metrics import ServingMetrics
 from serving.optimize import prepare_for_inference, resident_bytes
@@ -49,17 +50,16 @@ class ModelLoadError(Exception):
         self.reason = reason  # integrity | decryption | missing | format
 
 
-def run_batch(
-    model: torch.nn.Module, tokenizer: PublicTokenizer, max_seq_len: int, texts: list[str]
-) -> Rows:
+def run_batch(model: torch.nn.Module, spec: ModelSpec, texts: list[str]) -> Rows:
     """Class probabilities for ``texts`` in one forward pass (blocking; call off the loop).
 
-    Every input is padded to ``max_seq_len`` as in training, so an input's scores do not
-    depend on which other inputs share its batch.
+    Inputs are encoded as in training (token ids padded to ``max_seq_len``, or sentence
+    vectors with padding masked out), so an input's scores do not depend on which other
+    inputs share its batch.
     """
-    enc = tokenizer.encode(texts, max_seq_len)
+    inputs = text_inputs(spec, texts)
     with torch.inference_mode():
-        probs = torch.softmax(model(enc.input_ids, enc.attention_mask), dim=-1)
+        probs = torch.softmax(model(*inputs), dim=-1)
     rows: Rows = probs.tolist()
     return rows
 
@@ -71,7 +71,6 @@ class ServedModel:
     version: int
     spec: ModelSpec
     model: torch.nn.Module
-    tokenizer: PublicTokenizer
     quantize: str | None
     nbytes: int  # decrypted float weights; the LRU's byte bound counts these
     load_seconds: float
@@ -83,7 +82,7 @@ class ServedModel:
 
     def infer(self, texts: list[str]) -> Rows:
         """Blocking forward pass over ``texts`` (no batching with other requests)."""
-        return run_batch(self.model, self.tokenizer, self.spec.max_seq_len, texts)
+        return run_batch(self.model, self.spec, texts)
 
     async def predict_rows(self, texts: list[str]) -> Rows:
         """Probability rows, through the micro-batcher when there is one."""
@@ -116,8 +115,10 @@ def load_served_model(session: Session, platform: Platform, row: ModelVersion) -
         raise ModelLoadError(str(exc), "missing") from None
     try:
         spec = ModelSpec.from_json(row.spec_json)
+        if spec.family == ENCODER_HEAD:
+            spec_encoder(spec)  # a head trained on other features is refused here, at load
         model = load_weights(build_model(spec), weights)
-    except ValueError as exc:
+    except (ValueError, EncoderError) as exc:
         raise ModelLoadError(f"{row.name} v{row.version}: {exc}", "format") from None
     del weights  # the plaintext bytes; only the model's tensors hold the weights now
     nbytes = resident_bytes(model)
@@ -128,7 +129,6 @@ def load_served_model(session: Session, platform: Platform, row: ModelVersion) -
         version=row.version,
         spec=spec,
         model=model,
-        tokenizer=load_tokenizer(),
         quantize=row.quantize,
         nbytes=nbytes,
         load_seconds=time.perf_counter() - started,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models import training_defaults
 from privacy.report import AuditReport
 from tenancy.tables import TenantBase
 
@@ -63,15 +64,18 @@ class RunCreate(BaseModel):
         max_length=15,
         description="Other existing tenants (by name) that train with the caller.",
     )
-    rounds: int = Field(default=3, ge=1, le=100)
+    # Left out (null): the model family's default, chosen on public data (docs/TRAINING.md).
+    rounds: int | None = Field(default=None, ge=1, le=100)
     epsilon: float = Field(default=3.0, gt=0, le=100)
-    model: Literal["lstm", "transformer", "minilm"] = "lstm"
+    model: Literal["encoder-head", "lstm", "transformer", "minilm"] = "encoder-head"
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    local_epochs: int = Field(default=1, ge=1, le=20)
-    batch_size: int = Field(default=128, ge=1, le=1024)
-    learning_rate: float = Field(default=0.01, gt=0, le=100)
+    local_epochs: int | None = Field(default=None, ge=1, le=20)
+    batch_size: int | None = Field(
+        default=None, ge=0, le=4096, description="Expected batch; 0 sizes it by each tenant's data."
+    )
+    learning_rate: float | None = Field(default=None, gt=0, le=100)
     clip_norm: float = Field(default=1.0, gt=0, le=1000)
-    personalize_epochs: int = Field(default=1, ge=0, le=20)
+    personalize_epochs: int | None = Field(default=None, ge=0, le=20)
     # Simulation only (how simulated nodes share the demo corpus); a federation's nodes
     # train on their own files, so a server with a SuperLink refuses them (422).
     partitioning: Literal["iid", "dirichlet", "topic"] | None = Field(
@@ -91,6 +95,15 @@ class RunCreate(BaseModel):
     )
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _family_defaults(self) -> RunCreate:
+        """What was left out takes the family's default, so the run's record shows it."""
+        defaults = training_defaults(self.model)
+        for name in ("rounds", "local_epochs", "batch_size", "learning_rate", "personalize_epochs"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
+        return self
 
 
 class Partners(BaseModel):

@@ -92,6 +92,7 @@ def toy_data(n: int) -> LabeledData:
 
 
 TINY_FAMILIES: dict[str, dict[str, object]] = {
+    "encoder-head": {},  # the head is tiny already; the encoder is the shipped MiniLM
     "lstm": TINY_LSTM,
     "transformer": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
     "minilm": {"trainable_layers": 1},

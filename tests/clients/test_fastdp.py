@@ -30,6 +30,11 @@ def deterministic_model(family: str) -> nn.Module:
     return model
 
 
+def as_model_dtype(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Float inputs (sentence vectors) in float64 like the model; ids stay integers."""
+    return tuple(t.double() if t.is_floating_point() else t for t in tensors)
+
+
 def opacus_reference(
     model: nn.Module, batch: tuple[torch.Tensor, ...], clip: float | None
 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
@@ -40,7 +45,7 @@ def opacus_reference(
     """
     import copy
 
-    ids, mask, labels = batch
+    *inputs, labels = batch
     ref = copy.deepcopy(model)
     params = [p for p in ref.parameters() if p.requires_grad]
     gsm = GradSampleModule(ref)
@@ -52,7 +57,7 @@ def opacus_reference(
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        F.cross_entropy(gsm(ids, mask), labels).backward()
+        F.cross_entropy(gsm(*inputs), labels).backward()
     per_param = [p.grad_sample.reshape(len(labels), -1).norm(dim=1) for p in opt.params]
     norms = torch.stack(per_param, 1).norm(dim=1)
     opt.max_grad_norm = float(norms.median()) if clip is None else clip
@@ -73,13 +78,13 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_fast_clipped_sum_equals_opacus_reference(family: str, limit: int) -> None:
     spec = tiny_family_spec(family)
     model = deterministic_model(family)
-    batch = encode(toy_data(12), spec).tensors
-    ids, mask, labels = batch
+    batch = as_model_dtype(encode(toy_data(12), spec).tensors)
+    *inputs, labels = batch
     ref_norms, ref_sums, clip = opacus_reference(model, batch, clip=None)
     assert (ref_norms > clip).any() and (ref_norms < clip).any()  # both regimes exercised
 
     with fastdp.FastClipper(model, clip, materialize_limit=limit) as clipper:
-        norms = clipper.backward(F.cross_entropy(model(ids, mask), labels, reduction="none"))
+        norms = clipper.backward(F.cross_entropy(model(*inputs), labels, reduction="none"))
     fast_sums = [p.grad for p in model.parameters() if p.requires_grad]
 
     assert rel_err([norms], [ref_norms]) < 1e-10
@@ -95,10 +100,10 @@ def test_fast_clipped_sum_equals_opacus_reference(family: str, limit: int) -> No
 def test_float32_fast_path_is_within_1e_5_of_opacus() -> None:
     spec = tiny_family_spec("lstm")
     model = deterministic_model("lstm").float()
-    ids, mask, labels = encode(toy_data(16), spec).tensors
-    _, ref_sums, clip = opacus_reference(model, (ids, mask, labels), clip=None)
+    *inputs, labels = as_model_dtype(encode(toy_data(16), spec).tensors)
+    _, ref_sums, clip = opacus_reference(model, (*inputs, labels), clip=None)
     with fastdp.FastClipper(model, clip) as clipper:
-        clipper.backward(F.cross_entropy(model(ids, mask), labels, reduction="none"))
+        clipper.backward(F.cross_entropy(model(*inputs), labels, reduction="none"))
     assert rel_err([p.grad for p in model.parameters() if p.requires_grad], ref_sums) < 1e-5
 
 
@@ -143,9 +148,9 @@ def test_noise_has_std_sigma_times_clip_on_every_parameter() -> None:
     )
     expected = dp_optimizer.expected_batch_size
     assert expected == 10 and math.isclose(dp_loader.sample_rate, 1 / 3)
-    ids, mask, labels = dataset.tensors
+    *inputs, labels = as_model_dtype(dataset.tensors)
     with fastdp.FastClipper(model, clip) as clipper:
-        clipper.backward(F.cross_entropy(model(ids, mask), labels, reduction="none"))
+        clipper.backward(F.cross_entropy(model(*inputs), labels, reduction="none"))
     clean = [p.grad.clone() for p in params]
     assert dp_optimizer.pre_step()
     noise = torch.cat(

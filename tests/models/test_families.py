@@ -10,17 +10,26 @@ from models import (
     ModelSpec,
     build_model,
     families,
-    load_tokenizer,
     load_weights,
     model_state,
     save_weights,
+    text_inputs,
 )
 from privacy.params import DPParams, poisson_schedule
 from tests.factories import TINY_FAMILIES, tiny_family_spec, toy_data
 
 
 def test_every_registered_family_has_a_tiny_test_config() -> None:
-    assert set(families()) == set(TINY_FAMILIES) == {"lstm", "transformer", "minilm"}
+    assert (
+        set(families())
+        == set(TINY_FAMILIES)
+        == {
+            "encoder-head",
+            "lstm",
+            "transformer",
+            "minilm",
+        }
+    )
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
@@ -41,11 +50,9 @@ def test_family_trains_one_dp_round_and_round_trips(family: str) -> None:
     rebuilt = load_weights(build_model(ModelSpec.from_json(spec.to_json())), save_weights(model))
     model.eval()
     rebuilt.eval()
-    enc = load_tokenizer().encode(["a test sentence"], spec.max_seq_len)
+    inputs = text_inputs(spec, ["a test sentence"])
     with torch.no_grad():
-        assert torch.allclose(
-            model(enc.input_ids, enc.attention_mask), rebuilt(enc.input_ids, enc.attention_mask)
-        )
+        assert torch.allclose(model(*inputs), rebuilt(*inputs))
     assert 0.0 <= evaluate(model, data, spec).accuracy <= 1.0
 
 

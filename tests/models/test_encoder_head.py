@@ -1,0 +1,107 @@
+"""The encoder-head family: pluggable public encoders, their hash, the private head."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from clients.data import DEMO_LABELS
+from models import EncoderError, ModelSpec, build_model, model_state, text_inputs
+from models.assets import minilm_dir
+from models.encoders import encoder_dir, load_encoder
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def tiny_bert_dir(path: Path, seed: int = 0) -> Path:
+    """A random 1-layer BERT with MiniLM's vocabulary, saved as a Hugging Face directory."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(path))
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir() / name, path / name)
+    return path
+
+
+def test_spec_names_the_encoder_and_the_hash_of_its_files() -> None:
+    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS))
+    config = spec.family_config()
+    assert config.encoder == "minilm-l6"
+    assert len(config.encoder_sha256) == 64
+    assert config.encoder_dim == 384
+    assert ModelSpec.from_json(spec.to_json()) == spec
+
+
+def test_only_the_head_is_in_the_weights() -> None:
+    model = build_model(ModelSpec.create("encoder-head", list(DEMO_LABELS)))
+    state = model_state(model)
+    assert set(state) == {"head.0.weight", "head.0.bias"}
+    assert sum(v.numel() for v in state.values()) == 384 * 3 + 3
+    mlp = build_model(ModelSpec.create("encoder-head", list(DEMO_LABELS), hidden_dim=32))
+    assert sum(v.numel() for v in model_state(mlp).values()) == 384 * 32 + 32 + 32 * 3 + 3
+
+
+def test_minilm_vectors_are_unit_length_and_do_not_depend_on_the_batch() -> None:
+    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS))
+    texts = ["short", "a much longer sentence about a delayed flight and a lost bag", "ok"]
+    (together,) = text_inputs(spec, texts)
+    (alone,) = text_inputs(spec, texts[1:2])
+    assert together.shape == (3, 384)
+    assert torch.allclose(together.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(together[1], alone[0], atol=1e-5)
+
+
+def test_a_local_encoder_directory_is_a_pluggable_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_bert_dir(tmp_path / "tiny")
+    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder=str(path))
+    assert spec.family_config().encoder_dim == 16
+    (vectors,) = text_inputs(spec, ["hello there", "another one"])
+    assert vectors.shape == (2, 16)
+    logits = build_model(spec)(vectors)
+    assert logits.shape == (2, 3)
+    monkeypatch.setenv("FEDTEXT_ENCODERS", f"tiny={path}")
+    assert encoder_dir("tiny") == path.resolve()
+    named = ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder="tiny")
+    assert named.family_config().encoder_sha256 == spec.family_config().encoder_sha256
+
+
+def test_a_different_encoder_under_the_same_name_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_bert_dir(tmp_path / "enc", seed=0)
+    monkeypatch.setenv("FEDTEXT_ENCODERS", f"house={path}")
+    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder="house")
+    # The operator replaces the files behind the name with other weights.
+    shutil.rmtree(path)
+    tiny_bert_dir(path, seed=1)
+    with pytest.raises(EncoderError, match="trained on encoder 'house' with SHA-256"):
+        text_inputs(spec, ["hello"])
+
+
+def test_unknown_encoder_and_missing_hash_are_clear_errors() -> None:
+    with pytest.raises(EncoderError, match="Unknown encoder 'nope'"):
+        ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder="nope")
+    with pytest.raises(ValueError, match="encoder_sha256"):
+        ModelSpec(family="encoder-head", labels=DEMO_LABELS, config={"encoder": "minilm-l6"})
+
+
+def test_encoder_is_loaded_once_per_process() -> None:
+    assert load_encoder() is load_encoder()
