@@ -1,21 +1,94 @@
-"""The Flower ClientApp: answers query, train and evaluate with arrays, metrics and configs only.
+"""The Flower ClientApp: what leaves a tenant's node is DP output only.
 
-No record this app returns ever holds text: weights, counts, metrics and DP parameters.
+Replies hold trained weights and the DP parameters applied (train), DP-noised
+confusion counts of the held-out split with the DP parameters of that release
+(evaluate, and personalization), and the number of training examples (query; planning
+needs it, docs/AUDIT.md states it). No training loss or accuracy, no exact test count
+and no exception text ever leaves: a failure is replied as a code from
+``privacy.protocol.CLIENT_ERRORS`` and its details go to the node's own log. Exact
+evaluation metrics stay on the node: with ``metrics-dir`` in the node config they are
+written there, where only the tenant reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
 
+from clients.data import DataError, LabeledData
 from clients.local_data import NodeData, resolve_node_data
-from clients.train import evaluate, pick_device, train_dp
+from clients.train import encode, pick_device, train_dp
 from models import ModelSpec, build_model, load_model_state, model_state
-from privacy.params import DPParams
+from privacy.evaluation import confusion_counts, metrics_from_counts, noised
+from privacy.params import DPParams, poisson_schedule
+from privacy.protocol import CLIENT_ERRORS
+
+log = logging.getLogger("fedtext.client")
+EVAL_PREFIX = "eval-dp-"  # config keys of the evaluation release's DP parameters
+
+
+class ClientRefusal(Exception):
+    """A failure with a code the coordinator may see (``privacy.protocol.CLIENT_ERRORS``)."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        if code not in CLIENT_ERRORS:
+            raise ValueError(f"Unknown client error code {code!r}.")
+        super().__init__(detail or code)
+        self.code = code
+
+
+class InjectedFault(ClientRefusal):
+    """A failure injected on purpose (``inject-fault`` in the run config) to test recovery."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("injected-fault", detail)
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, ClientRefusal):
+        return exc.code
+    if isinstance(exc, DataError):
+        return "data-error"
+    if isinstance(exc, KeyError | TypeError):
+        return "bad-request"
+    return "internal"
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def coded_errors(handler: Handler) -> Handler:
+    """Turn any exception into an error reply that holds a code only; log the details here."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            code = _code_of(exc)
+            # The node's own log keeps the details: it is on the tenant's premises.
+            log.exception("%s failed (%s)", msg.metadata.message_type, code)
+            return Message(Error(code=CLIENT_ERRORS[code], reason=code), reply_to=msg)
+
+    return wrapped
 
 
 def _labels(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -34,10 +107,6 @@ def _model_from(msg: Message, spec: ModelSpec) -> torch.nn.Module:
     return load_model_state(model, state)
 
 
-class InjectedFault(RuntimeError):
-    """A failure injected on purpose (``inject-fault`` in the run config) to test recovery."""
-
-
 def _maybe_fail(
     context: Context, overrides: Mapping[str, Any], tenant: str, server_round: int
 ) -> None:
@@ -47,12 +116,73 @@ def _maybe_fail(
         raise InjectedFault(f"injected fault for {tenant} in round {server_round}")
 
 
+@torch.no_grad()
+def confusion(
+    model: torch.nn.Module, data: LabeledData, spec: ModelSpec, device: torch.device
+) -> list[float]:
+    """Exact confusion counts of ``model`` on ``data`` (they never leave the node as such)."""
+    model.to(device).eval()
+    truth: list[int] = []
+    preds: list[int] = []
+    for *batch, labels in DataLoader(encode(data, spec, device), batch_size=256):
+        preds += model(*(t.to(device) for t in batch)).argmax(-1).cpu().tolist()
+        truth += labels.tolist()
+    return confusion_counts(truth, preds, len(spec.labels))
+
+
+def _eval_params(config: Any) -> DPParams | None:
+    if f"{EVAL_PREFIX}noise-multiplier" not in config:
+        return None
+    params = DPParams.from_config(config, prefix=EVAL_PREFIX)
+    if params.sample_rate != 1.0 or params.clip_norm != 1.0:
+        raise ClientRefusal("bad-request", "an evaluation release has sample rate 1, clip 1")
+    return params
+
+
+def _keep_locally(
+    context: Context, overrides: Mapping[str, Any], tenant: str, run: Any, exact: dict[str, Any]
+) -> None:
+    """Write the exact metrics where only this tenant reads them (``metrics-dir``), if set."""
+    where = context.node_config.get("metrics-dir") or overrides.get("metrics-dir")
+    if not where:
+        return
+    folder = Path(str(where))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tenant}-{run}.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"tenant": tenant, "run": str(run), **exact}, indent=2))
+    tmp.replace(path)
+
+
+def _release(
+    models: dict[str, torch.nn.Module],
+    data: NodeData,
+    spec: ModelSpec,
+    params: DPParams,
+    device: torch.device,
+    secure: bool,
+) -> tuple[RecordDict, dict[str, Any]]:
+    """The noised confusion counts of each model (one Gaussian step each) and the exact
+    metrics that stay here."""
+    if params.steps != len(models):
+        raise ClientRefusal("dp-plan-mismatch", f"{params.steps} steps for {len(models)} models")
+    released: dict[str, int | float | list[int] | list[float]] = {}
+    exact: dict[str, Any] = {}
+    for name, model in models.items():
+        counts = confusion(model, data.test, spec, device)
+        released[name] = noised(counts, params.noise_multiplier, secure=secure)
+        exact[name] = metrics_from_counts(counts, len(spec.labels))
+    applied = ConfigRecord({**params.to_config(prefix=EVAL_PREFIX), "tenant": data.tenant})
+    return RecordDict({"evaluation": MetricRecord(released), "eval-dp": applied}), exact
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp reading ``context.run_config`` with ``overrides`` on top (simulation)."""
     extra = dict(overrides or {})
     app = ClientApp()
 
     @app.query()
+    @coded_errors
     def describe(msg: Message, context: Context) -> Message:
         labels = _labels(msg.content["config"])  # type: ignore[arg-type]
         data = _node_data(context, labels, extra)
@@ -60,78 +190,81 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             RecordDict(
                 {
                     "node": ConfigRecord({"tenant": data.tenant}),
-                    "counts": MetricRecord(
-                        {"num-train": len(data.train), "num-test": len(data.test)}
-                    ),
+                    # The training count is stated (docs/AUDIT.md); the test count stays here.
+                    "counts": MetricRecord({"num-train": len(data.train)}),
                 }
             ),
             reply_to=msg,
         )
 
     @app.train()
+    @coded_errors
     def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         spec = ModelSpec.from_json(str(config["spec"]))  # type: ignore[index]
         data = _node_data(context, spec.labels, extra)
         if config["tenant"] != data.tenant:  # type: ignore[index]
-            raise ValueError(f"This node serves {data.tenant!r}, not {config['tenant']!r}.")  # type: ignore[index]
+            raise ClientRefusal("wrong-tenant")
         _maybe_fail(context, extra, data.tenant, int(config["server-round"]))  # type: ignore[index,arg-type]
         device = pick_device(str(context.node_config.get("device", "auto")))
         model = _model_from(msg, spec)
-        personalize = config.get("phase") == "personalize"  # type: ignore[union-attr]
-        before = evaluate(model, data.test, spec, device=device) if personalize else None
+        asked = DPParams.from_config(config)
+        batch_size = int(config["batch-size"])  # type: ignore[index,arg-type]
+        epochs = int(config["local-epochs"])  # type: ignore[index,arg-type]
+        rate, steps = poisson_schedule(len(data.train), batch_size, epochs)
+        if not asked.matches(
+            DPParams(asked.noise_multiplier, rate, steps, asked.clip_norm, asked.delta)
+        ):
+            raise ClientRefusal("dp-plan-mismatch")
+        evaluation = _eval_params(config)
+        secure = bool(config["secure-mode"])  # type: ignore[index]
+        before = build_model(spec) if evaluation else None
+        if before is not None:
+            load_model_state(before, model_state(model))
         result = train_dp(
             model,
             data.train,
             spec,
-            DPParams.from_config(config),
-            batch_size=int(config["batch-size"]),  # type: ignore[index,arg-type]
-            epochs=int(config["local-epochs"]),  # type: ignore[index,arg-type]
+            asked,
+            batch_size=batch_size,
+            epochs=epochs,
             learning_rate=float(config["learning-rate"]),  # type: ignore[index,arg-type]
-            secure_mode=bool(config["secure-mode"]),  # type: ignore[index]
+            secure_mode=secure,
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[union-attr,arg-type]
             device=device,
         )
         dp = ConfigRecord({**result.applied.to_config(), "tenant": data.tenant})
-        values: dict[str, int | float] = {
-            "num-examples": result.examples,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
-        }
-        if before is not None:
-            # Personalization reports the global model and the fine-tuned one on the same
-            # held-out split; the tenant's test data is never trained on.
-            after = evaluate(model, data.test, spec, device=device)
-            values = {
-                "num-examples": result.examples,
-                "loss": after.loss,
-                "accuracy": after.accuracy,
-                "macro-f1": after.macro_f1,
-                "global-accuracy": before.accuracy,
-                "global-macro-f1": before.macro_f1,
-            }
-        metrics = MetricRecord(dict(values))  # type: ignore[arg-type]
         arrays = ArrayRecord({k: v.cpu() for k, v in model_state(model).items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics, "dp": dp}), reply_to=msg)
+        content = RecordDict({"arrays": arrays, "dp": dp})
+        if evaluation is not None and before is not None:
+            # Personalization: the global model and the fine-tuned one on the same held-out
+            # split (never trained on), released as noised counts under ``evaluation``.
+            released, exact = _release(
+                {"global": before, "personal": model}, data, spec, evaluation, device, secure
+            )
+            for key in released:
+                content[key] = released[key]
+            _keep_locally(context, extra, data.tenant, msg.metadata.run_id, exact)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
+    @coded_errors
     def evaluate_(msg: Message, context: Context) -> Message:
-        spec = ModelSpec.from_json(str(msg.content["config"]["spec"]))  # type: ignore[index]
+        config = msg.content["config"]
+        spec = ModelSpec.from_json(str(config["spec"]))  # type: ignore[index]
         data = _node_data(context, spec.labels, extra)
+        evaluation = _eval_params(config)
+        if evaluation is None:
+            raise ClientRefusal("no-evaluation-release")
+        if config.get("tenant", data.tenant) != data.tenant:  # type: ignore[union-attr]
+            raise ClientRefusal("wrong-tenant")
         device = pick_device(str(context.node_config.get("device", "auto")))
-        result = evaluate(_model_from(msg, spec), data.test, spec, device=device)
-        metrics = MetricRecord(
-            {
-                "num-examples": result.examples,
-                "loss": result.loss,
-                "accuracy": result.accuracy,
-                "macro-f1": result.macro_f1,
-            }
+        secure = bool(config.get("secure-mode", True))  # type: ignore[union-attr]
+        released, exact = _release(
+            {"global": _model_from(msg, spec)}, data, spec, evaluation, device, secure
         )
-        return Message(
-            RecordDict({"metrics": metrics, "node": ConfigRecord({"tenant": data.tenant})}),
-            reply_to=msg,
-        )
+        _keep_locally(context, extra, data.tenant, msg.metadata.run_id, exact)
+        return Message(released, reply_to=msg)
 
     return app
 

@@ -20,6 +20,7 @@ with Opacus's clip factor ``min(1, C / (||g_i|| + 1e-6))`` over all trainable pa
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.layers import DPLSTM
 from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -520,6 +522,59 @@ class FastClipper:
         return self.per_example_norms
 
 
+def os_seeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with 63 bits of OS entropy (``secrets``), never a fixed seed.
+
+    Not a cryptographically secure generator (torch's CPU generator is a Mersenne
+    Twister, its CUDA one Philox); docs/TRAINING.md says what that means.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+class FloatSafeEngine(PrivacyEngine):
+    """Opacus's engine whose optimizers draw noise as in its secure mode, without torchcsprng.
+
+    Opacus's ``secure_mode`` does two things: it takes randomness from torchcsprng (which
+    has no build for current torch) and it draws each noise value as the sum of four
+    Gaussians halved, its defence against floating-point attacks on the sampler. This
+    engine keeps the second with a generator the caller seeds from OS entropy.
+    """
+
+    def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
+        optimizer = super()._prepare_optimizer(**kwargs)
+        optimizer.secure_mode = True
+        return optimizer
+
+
+def poisson_loader(
+    data_loader: DataLoader[Any],
+    *,
+    sample_rate: float,
+    steps: int,
+    generator: torch.Generator,
+) -> DPDataLoader:
+    """Opacus's Poisson loader at exactly ``sample_rate`` with exactly ``steps`` batches per pass.
+
+    ``DPDataLoader`` alone runs ``int(1 / sample_rate)`` batches, which floating point makes
+    one fewer than planned for some sizes (1 / (1 / 93) = 92.99...); the sampler's own
+    ``steps`` is set instead. ``generator`` (a CPU generator) draws the sampling: never
+    torch's global one.
+    """
+    if not 0 < sample_rate <= 1 or steps < 1:
+        raise ValueError("The sample rate should be in (0, 1] and steps a positive integer.")
+    loader = DPDataLoader(
+        data_loader.dataset,
+        sample_rate=sample_rate,
+        collate_fn=data_loader.collate_fn,
+        generator=generator,
+        distributed=False,
+    )
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, UniformWithReplacementSampler)
+    sampler.steps = steps
+    return loader
+
+
 def make_private(
     engine: PrivacyEngine,
     *,
@@ -528,20 +583,31 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     noise_generator: torch.Generator | None = None,
+    secure_noise: bool = False,
 ) -> tuple[DPOptimizer, DataLoader[Any]]:
     """Opacus's ``make_private`` minus the model wrapping (Opacus 1.6, privacy_engine.py).
 
-    Poisson sampling by ``DPDataLoader``, sample rate 1 / len(loader), expected batch
-    size int(n * q), Opacus's optimizer that adds N(0, (sigma C)^2) to ``p.grad`` (the
-    clipped sum) and divides by the expected batch size, and the engine's accountant
-    hooked on every step, so ``engine.accountant.history`` records what was applied.
+    ``data_loader`` is either a ``DPDataLoader`` built by ``poisson_loader`` (what
+    ``train_dp`` passes: sample rate and steps set exactly as planned) or a plain loader,
+    which is turned into Poisson sampling at rate 1 / len(loader) with len(loader) steps
+    and an OS-seeded sampler. Expected batch size int(n * q); Opacus's optimizer adds
+    N(0, (sigma C)^2) to ``p.grad`` (the clipped sum; with ``secure_noise``, or in the
+    engine's secure mode, drawn as Opacus's floating-point-safe sum of four) and divides
+    by the expected batch size; the engine's accountant hook records every step at the
+    loader's sample rate.
     """
     if noise_generator is not None and engine.secure_mode:
         raise ValueError("Passing seed is prohibited in secure mode")
-    dp_loader = DPDataLoader.from_data_loader(
-        data_loader, generator=engine.secure_rng, distributed=False
-    )
-    sample_rate = 1 / len(dp_loader)
+    if isinstance(data_loader, DPDataLoader):
+        dp_loader = data_loader
+    else:
+        dp_loader = poisson_loader(
+            data_loader,
+            sample_rate=1 / len(data_loader),
+            steps=len(data_loader),
+            generator=engine.secure_rng if engine.secure_mode else os_seeded_generator(),
+        )
+    sample_rate = dp_loader.sample_rate
     expected_batch_size = int(len(dp_loader.dataset) * sample_rate)  # type: ignore[arg-type]
     optim_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode="ghost")
     dp_optimizer = optim_class(
@@ -551,7 +617,7 @@ def make_private(
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=engine.secure_rng if engine.secure_mode else noise_generator,
-        secure_mode=engine.secure_mode,
+        secure_mode=engine.secure_mode or secure_noise or isinstance(engine, FloatSafeEngine),
     )
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return dp_optimizer, dp_loader

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -77,28 +76,32 @@ def secure_rng_available() -> bool:
 
 def _privacy_engine(
     secure_mode: bool, device: torch.device
-) -> tuple[PrivacyEngine, torch.Generator | None]:
-    """Opacus's engine; secure mode uses torchcsprng when it is installed.
+) -> tuple[PrivacyEngine, torch.Generator | None, torch.Generator]:
+    """Opacus's engine, the noise generator and the Poisson sampler's generator.
 
-    torchcsprng has no build for current torch. Without it a secure-mode run still gets
-    noise from a generator seeded with 63 bits of OS entropy per release (never a fixed
-    seed), and says so loudly, since that generator is not cryptographically strong.
+    With torchcsprng installed, secure mode is Opacus's own (its CSPRNG for both; the
+    noise generator returned is None). torchcsprng has no build for current torch:
+    without it, noise and sampling come from generators seeded with 63 bits of OS
+    entropy per release (never a fixed seed, never torch's global generator), and in
+    secure mode noise is still drawn the floating-point-safe way (``FloatSafeEngine``);
+    a warning says the generators are not cryptographically strong.
     """
     if secure_mode and secure_rng_available():
-        return PrivacyEngine(accountant="prv", secure_mode=True), None
+        engine = PrivacyEngine(accountant="prv", secure_mode=True)
+        return engine, None, engine.secure_rng
+    noise, sampler = fastdp.os_seeded_generator(device), fastdp.os_seeded_generator("cpu")
     if secure_mode:
         warnings.warn(
-            "secure_mode: torchcsprng is not installed; DP noise comes from a generator "
-            "seeded from OS entropy, which is not a CSPRNG.",
+            "secure_mode: torchcsprng is not installed; DP noise and Poisson sampling come "
+            "from generators seeded from OS entropy; such a generator is not a CSPRNG "
+            "(noise is still drawn floating-point-safe).",
             RuntimeWarning,
             stacklevel=3,
         )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="prv", secure_mode=False)
-        gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-        return engine, gen
-    return PrivacyEngine(accountant="prv", secure_mode=False), None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        cls = fastdp.FloatSafeEngine if secure_mode else PrivacyEngine
+        return cls(accountant="prv", secure_mode=False), noise, sampler
 
 
 def encode(data: LabeledData, spec: ModelSpec) -> TensorDataset:
@@ -151,16 +154,21 @@ def train_dp(
     device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     optimizer = make_optimizer(trainable, learning_rate)
-    privacy_engine, noise_generator = _privacy_engine(secure_mode, device)
+    privacy_engine, noise_generator, sampler_generator = _privacy_engine(secure_mode, device)
+    # Poisson sampling exactly as planned: the plan's sample rate and steps per epoch set
+    # on Opacus's sampler (never derived back from 1 / q), drawn by an OS-seeded generator.
+    poisson = fastdp.poisson_loader(
+        loader, sample_rate=dp.sample_rate, steps=dp.steps // epochs, generator=sampler_generator
+    )
     step: _Step
     if engine == "opacus":
         dp_model, dp_optimizer, dp_loader = privacy_engine.make_private(
             module=model,
             optimizer=optimizer,
-            data_loader=loader,
+            data_loader=poisson,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.clip_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # ``poisson`` already samples; Opacus keeps it as is
             noise_generator=noise_generator,
         )
         step = _OpacusStep(dp_model, dp_optimizer)
@@ -168,7 +176,7 @@ def train_dp(
         dp_optimizer, dp_loader = fastdp.make_private(
             privacy_engine,
             optimizer=optimizer,
-            data_loader=loader,
+            data_loader=poisson,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.clip_norm,
             noise_generator=noise_generator,

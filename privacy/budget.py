@@ -7,6 +7,7 @@ entry in the tenant's budget chain (``privacy.ledger.BudgetChange``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,18 +44,28 @@ class BudgetDecision:
     allowed: bool
     budget: float
     spent: float
-    requested: float  # the increase these releases would cause
+    requested: float  # the increase these releases would cause (on top of reservations)
     after: float
     delta: float
     scope: str = TENANT_WIDE  # TENANT_WIDE, or the dataset whose own budget decided
+    reserved: float = 0.0  # the increase other runs' reservations cause on top of spent
+    tampered: str | None = None  # set when the budget in force contradicts its chain
+
+    @property
+    def remaining(self) -> float:
+        """What is left for new runs: the budget less spent and reserved."""
+        return max(0.0, self.budget - self.spent - self.reserved)
 
     @property
     def reason(self) -> str:
+        if self.tampered:
+            return self.tampered
         verdict = "within" if self.allowed else "would exceed"
         what = "budget" if self.scope == TENANT_WIDE else f"the budget of dataset {self.scope!r}"
         return (
             f"{verdict} {what}: budget epsilon {self.budget:.3f} at delta {self.delta:g}, "
-            f"spent {self.spent:.3f}, requested {self.requested:.3f} "
+            f"spent {self.spent:.3f}, reserved by other runs {self.reserved:.3f}, "
+            f"remaining {self.remaining:.3f}, requested {self.requested:.3f} "
             f"(total {self.after:.3f})"
         )
 
@@ -67,20 +78,51 @@ def check_budget(
     delta: float,
     accountant: str = DEFAULT_ACCOUNTANT,
     scope: str = TENANT_WIDE,
+    reserved_events: Sequence[DPParams] = (),
 ) -> BudgetDecision:
-    """Compose past and prospective releases and compare with the budget."""
+    """Compose past, reserved and prospective releases and compare with the budget.
+
+    ``reserved_events`` are the releases other runs have reserved and not yet charged;
+    they count as spent for this decision, so two runs never both fit one remainder.
+    """
     spent = compose_epsilon(spent_events, delta, accountant)
-    after = compose_epsilon([*spent_events, *new_events], delta, accountant)
+    held = compose_epsilon([*spent_events, *reserved_events], delta, accountant)
+    after = compose_epsilon([*spent_events, *reserved_events, *new_events], delta, accountant)
     # Tiny tolerance: the PRV accountant's own estimation error must not refuse exact fits.
     return BudgetDecision(
         allowed=after <= budget_epsilon * (1 + 1e-9) + 1e-9,
         budget=budget_epsilon,
         spent=spent,
-        requested=after - spent,
+        requested=after - held,
         after=after,
         delta=delta,
         scope=scope,
+        reserved=held - spent,
     )
+
+
+def recorded_budget(session: Session, tenant: HasBudget) -> tuple[float, str | None]:
+    """The tenant-wide budget of record and, if the tenant row contradicts it, why.
+
+    The budget chain is the record: the tenant row is a copy that ``change_budget``
+    keeps equal. A row edited behind the chain's back (``UPDATE tenant SET
+    budget_epsilon = ...``) is not trusted: the gate refuses until it is resolved.
+    """
+    changes = budget_changes(session, tenant.id)
+    wide = [c for c in changes if c.dataset == TENANT_WIDE]
+    if not wide:
+        return tenant.budget_epsilon, None  # a tenant from before budgets were chained
+    last = wide[-1]
+    if not math.isclose(last.new_epsilon, tenant.budget_epsilon) or not math.isclose(
+        last.delta, tenant.budget_delta
+    ):
+        return min(last.new_epsilon, tenant.budget_epsilon), (
+            f"refused: the tenant's budget (epsilon {tenant.budget_epsilon:g}, delta "
+            f"{tenant.budget_delta:g}) differs from its budget chain (epsilon "
+            f"{last.new_epsilon:g}, delta {last.delta:g}); it was changed outside the "
+            "record. Run `fedtext audit verify` and restore it."
+        )
+    return last.new_epsilon, None
 
 
 def dataset_budgets(session: Session, tenant_id: str) -> dict[str, float]:
@@ -98,20 +140,27 @@ def check_release(
     tenant: HasBudget,
     dataset: str,
     new_events: Sequence[DPParams],
+    reserved: Sequence[tuple[str, DPParams]] = (),
 ) -> BudgetDecision:
     """The gate before dispatch: the tenant's budget and, if it has one, the dataset's.
 
     The tenant figure composes every release of the tenant, whatever its dataset:
     datasets of one tenant may hold the same people, so no parallel composition is
-    assumed. Returns the first refusal, else the tenant-wide decision.
+    assumed. ``reserved`` holds other runs' uncharged reservations as (dataset, release).
+    Returns the first refusal, else the tenant-wide decision. Call it under
+    ``privacy.ledger.lock_tenant`` when its answer must still hold at the append.
     """
     past = tenant_events(session, tenant.id)
+    budget, tampered = recorded_budget(session, tenant)
     decision = check_budget(
         [e.params() for e in past],
         new_events,
-        budget_epsilon=tenant.budget_epsilon,
+        budget_epsilon=budget,
         delta=tenant.budget_delta,
+        reserved_events=[p for _, p in reserved],
     )
+    if tampered:
+        return dataclasses.replace(decision, allowed=False, tampered=tampered)
     if not decision.allowed:
         return decision
     own = dataset_budgets(session, tenant.id).get(dataset)
@@ -122,6 +171,7 @@ def check_release(
             budget_epsilon=own,
             delta=tenant.budget_delta,
             scope=dataset,
+            reserved_events=[p for d, p in reserved if d == dataset],
         )
         if not in_dataset.allowed:
             return in_dataset

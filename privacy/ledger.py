@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any, ClassVar
 
-from sqlalchemy import Engine, UniqueConstraint, event
+from sqlalchemy import Engine, UniqueConstraint, event, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, compose_epsilon
@@ -28,6 +28,9 @@ from privacy.params import DPParams
 GENESIS = "0" * 64
 DEFAULT_DATASET = "default"
 PRIVACY_UNIT = "example"  # one training example of one tenant's dataset
+# What a release protects: a DP-SGD round ("train", personalization included) or the
+# noised counts of an evaluation ("evaluate", a Gaussian mechanism: q = 1, sensitivity 1).
+PURPOSES = ("train", "evaluate")
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -111,6 +114,9 @@ class PrivacyEvent(SQLModel, table=True):
     spec_sha256: str = Field(max_length=64)
     prev_hash: str = Field(max_length=64)
     entry_hash: str = Field(max_length=64)
+    # Added after the first chains were written: hashed only when it is not "train", so
+    # entries written before it existed keep their hashes (see ``hashed_fields``).
+    purpose: str = Field(default="train", max_length=16)
 
     def params(self) -> DPParams:
         return DPParams(
@@ -150,9 +156,33 @@ class BudgetChange(SQLModel, table=True):
     entry_hash: str = Field(max_length=64)
 
 
+def hashed_fields(row: PrivacyEvent | BudgetChange) -> tuple[str, ...]:
+    """The fields ``entry_hash`` covers: ``HASHED``, plus ``purpose`` when it is not "train"."""
+    if isinstance(row, PrivacyEvent) and row.purpose != "train":
+        return (*row.HASHED, "purpose")
+    return row.HASHED
+
+
 def entry_digest(row: PrivacyEvent | BudgetChange) -> str:
     """SHA-256 over the canonical JSON of the row's hashed fields (see ``canonical_digest``)."""
-    return canonical_digest({name: getattr(row, name) for name in row.HASHED})
+    return canonical_digest({name: getattr(row, name) for name in hashed_fields(row)})
+
+
+class LedgerHead(SQLModel, table=True):
+    """The head of a tenant's two chains; its row is the lock every append holds.
+
+    Appends to a tenant's chains, budget checks before them and budget reservations all
+    run inside ``lock_tenant`` (a row lock here on PostgreSQL, an immediate transaction on
+    SQLite), so two runs can never both pass the gate on the same remaining budget.
+    Not a record of truth: verification re-hashes the chains and compares signed heads.
+    """
+
+    __tablename__ = "privacy_ledger_head"
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    ledger_seq: int = 0
+    ledger_hash: str = Field(default=GENESIS, max_length=64)
+    budget_seq: int = 0
+    budget_hash: str = Field(default=GENESIS, max_length=64)
 
 
 def _refuse_change(_mapper: Any, _connection: Any, target: Any) -> None:
@@ -167,12 +197,111 @@ for _table in (PrivacyEvent, BudgetChange):
     event.listen(_table, "before_delete", _refuse_change)
 
 
+GENESIS_ACTOR = "platform (tenant created)"
+
+
+@event.listens_for(Session, "before_flush")
+def _chain_new_tenant_budgets(session: Session, _context: Any, _instances: Any) -> None:
+    """A new tenant's first budget is the first entry of its budget chain.
+
+    The budget chain is the record of the budget in force (the tenant row is a copy),
+    so a tenant must never exist with a budget outside it. ``privacy`` imports nothing
+    of ours, so it recognises a new tenant row by its table name and budget fields.
+    """
+    for obj in list(session.new):
+        if getattr(type(obj), "__tablename__", None) != "tenant":
+            continue
+        tenant_id = getattr(obj, "id", None)
+        epsilon, delta = getattr(obj, "budget_epsilon", None), getattr(obj, "budget_delta", None)
+        if not isinstance(tenant_id, str) or epsilon is None or delta is None:
+            continue
+        row = BudgetChange(
+            tenant_id=tenant_id,
+            dataset=TENANT_WIDE,
+            seq=1,
+            created_at=utc_seconds(datetime.now(UTC)),
+            actor=GENESIS_ACTOR,
+            old_epsilon=None,
+            new_epsilon=float(epsilon),
+            delta=float(delta),
+            reason="initial budget",
+            prev_hash=GENESIS,
+            entry_hash="",
+        )
+        row.entry_hash = entry_digest(row)
+        session.add(row)
+        session.add(LedgerHead(tenant_id=tenant_id, budget_seq=1, budget_hash=row.entry_hash))
+
+
+class SignedHead(SQLModel, table=True):
+    """Every head the platform signed (at exports, reports and run ends), append-only.
+
+    The report compares the database with the newest of these; someone who can write
+    the database can delete them too, which is why auditors keep the exported copies.
+    """
+
+    __tablename__ = "privacy_signed_head"
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    created_at: datetime
+    body: str  # the SignedHeadPublic as JSON
+
+
 def create_tables(engine: Engine) -> None:
     """Create the ledger's tables where they are missing."""
     SQLModel.metadata.create_all(
         engine,
-        tables=[PrivacyEvent.__table__, BudgetChange.__table__],  # type: ignore[attr-defined]
+        tables=[t.__table__ for t in ledger_tables()],  # type: ignore[attr-defined]
     )
+
+
+def ledger_tables() -> list[type[SQLModel]]:
+    """Every table of ``privacy``: the chains, their heads, signed heads, reservations."""
+    from privacy.reservations import BudgetReservation  # defined beside its logic
+
+    return [PrivacyEvent, BudgetChange, LedgerHead, SignedHead, BudgetReservation]
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's ledger head until the session's transaction ends.
+
+    PostgreSQL: the head row is created if missing, then locked with ``FOR UPDATE``.
+    SQLite: the transaction is made ``IMMEDIATE`` (the database's write lock), so call
+    this before the session writes anything; reads before it are fine (Python's sqlite3
+    does not open a transaction for them). Every budget check that must stay true until
+    its append (a charge, a reservation) runs under this lock.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "sqlite":
+        dbapi = conn.connection.dbapi_connection
+        if dbapi is not None and not dbapi.in_transaction:  # type: ignore[attr-defined]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.execute(
+            text("INSERT OR IGNORE INTO privacy_ledger_head (tenant_id, ledger_seq, ledger_hash, "
+                 "budget_seq, budget_hash) VALUES (:t, 0, :g, 0, :g)"),
+            {"t": tenant_id, "g": GENESIS},
+        )  # fmt: skip
+        return
+    conn.execute(
+        text("INSERT INTO privacy_ledger_head (tenant_id, ledger_seq, ledger_hash, budget_seq, "
+             "budget_hash) VALUES (:t, 0, :g, 0, :g) ON CONFLICT (tenant_id) DO NOTHING"),
+        {"t": tenant_id, "g": GENESIS},
+    )  # fmt: skip
+    conn.execute(
+        text("SELECT tenant_id FROM privacy_ledger_head WHERE tenant_id = :t FOR UPDATE"),
+        {"t": tenant_id},
+    )
+
+
+def _move_head(session: Session, row: PrivacyEvent | BudgetChange) -> None:
+    lock_tenant(session, row.tenant_id)
+    head = session.get(LedgerHead, row.tenant_id, populate_existing=True)
+    assert head is not None
+    if isinstance(row, PrivacyEvent):
+        head.ledger_seq, head.ledger_hash = row.seq, row.entry_hash
+    else:
+        head.budget_seq, head.budget_hash = row.seq, row.entry_hash
+    session.add(head)
 
 
 def tenant_events(
@@ -212,9 +341,17 @@ def record_event(
     params: DPParams,
     spec_sha256: str,
     dataset: str = DEFAULT_DATASET,
+    purpose: str = "train",
 ) -> PrivacyEvent:
-    """Append one charge to the tenant's chain (the caller commits)."""
+    """Append one charge to the tenant's chain (the caller commits).
+
+    Takes the tenant's lock (``lock_tenant``) first, so the sequence number read here
+    cannot be read by a concurrent writer before this append commits.
+    """
     check_dataset(dataset)
+    if purpose not in PURPOSES:
+        raise ValueError(f"Unknown release purpose {purpose!r}; known: {list(PURPOSES)}.")
+    lock_tenant(session, tenant_id)
     last = session.exec(
         select(PrivacyEvent)
         .where(PrivacyEvent.tenant_id == tenant_id)
@@ -240,10 +377,12 @@ def record_event(
         spec_sha256=spec_sha256,
         prev_hash=last.entry_hash if last else GENESIS,
         entry_hash="",
+        purpose=purpose,
     )
     ev.entry_hash = entry_digest(ev)
     session.add(ev)
     session.flush()
+    _move_head(session, ev)
     return ev
 
 
@@ -261,6 +400,7 @@ def record_budget_change(
     """Append one budget change to the tenant's budget chain (the caller commits)."""
     if dataset != TENANT_WIDE:
         check_dataset(dataset)
+    lock_tenant(session, tenant_id)
     last = session.exec(
         select(BudgetChange)
         .where(BudgetChange.tenant_id == tenant_id)
@@ -282,6 +422,7 @@ def record_budget_change(
     row.entry_hash = entry_digest(row)
     session.add(row)
     session.flush()
+    _move_head(session, row)
     return row
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from privacy.accounting import compose_epsilon, noise_for_target
 from privacy.budget import BudgetDecision, check_budget
-from privacy.params import DPParams, poisson_schedule
+from privacy.params import DPParams, dp_batch_size, poisson_schedule
+from privacy.reservations import PlannedRelease
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,22 @@ class TenantPlan:
     rounds: int
     budget: BudgetDecision
     personal_params: DPParams | None = None  # the personalization fine-tune, if any
+    # The DP release of the final evaluation's confusion matrices (one Gaussian step per
+    # matrix, sensitivity 1 count); None when the run releases no evaluation.
+    eval_params: DPParams | None = None
 
     @property
     def run_epsilon(self) -> float:
         return self.budget.requested
+
+    def releases(self) -> list[PlannedRelease]:
+        """Every release the run plans for this tenant, as reserved and then charged."""
+        out = [PlannedRelease(r, "train", self.round_params) for r in range(1, self.rounds + 1)]
+        if self.personal_params:
+            out.append(PlannedRelease(self.rounds + 1, "train", self.personal_params))
+        if self.eval_params:
+            out.append(PlannedRelease(self.rounds + 1, "evaluate", self.eval_params))
+        return out
 
 
 class PlanRefused(ValueError):
@@ -50,15 +64,22 @@ def plan_tenant(
     budget_epsilon: float,
     spent_events: list[DPParams],
     personalize_epochs: int = 0,
+    eval_noise: float = 0.0,
+    reserved_events: list[DPParams] | None = None,
 ) -> TenantPlan:
     """The noise that meets ``target_epsilon`` over all rounds and personalization.
 
-    Every release of the run (``rounds`` federated rounds and the optional personal
-    fine-tune) shares one noise multiplier, computed before round 1, and the whole
-    run is checked against the tenant's budget.
+    Every training release of the run (``rounds`` federated rounds and the optional
+    personal fine-tune) shares one noise multiplier, computed before round 1. With
+    ``eval_noise`` > 0 the final evaluation is released as confusion matrices with
+    Gaussian noise of that standard deviation per count (one matrix for the global
+    model, a second for the personalized one), charged on top of ``target_epsilon``.
+    The whole run is checked against the tenant's budget less ``reserved_events``
+    (other runs' reservations).
     """
     if num_train < 1:
         raise PlanRefused(f"tenant {tenant_name!r} reported no training examples")
+    batch_size = dp_batch_size(num_train, batch_size)  # 0: sized by this tenant's data
     if num_train < batch_size:
         raise PlanRefused(
             f"tenant {tenant_name!r} has {num_train} training examples, fewer than the "
@@ -85,13 +106,25 @@ def plan_tenant(
     personal = (
         DPParams(sigma, sample_rate, personal_steps, clip_norm, delta) if personal_steps else None
     )
-    releases = [params] * rounds + ([personal] if personal else [])
-    decision = check_budget(spent_events, releases, budget_epsilon=budget_epsilon, delta=delta)
+    evaluation = (
+        # One count per cell changes by 1 when one example is added or removed: L2
+        # sensitivity 1 per matrix, a Gaussian mechanism (q = 1) per matrix released.
+        DPParams(eval_noise, 1.0, 2 if personal else 1, 1.0, delta) if eval_noise > 0 else None
+    )
+    plan = TenantPlan(
+        tenant_id, tenant_name, node_id, num_train, num_test, params, rounds,
+        check_budget([], [], budget_epsilon=budget_epsilon, delta=delta), personal, evaluation,
+    )  # fmt: skip
+    decision = check_budget(
+        spent_events,
+        [r.params for r in plan.releases()],
+        budget_epsilon=budget_epsilon,
+        delta=delta,
+        reserved_events=reserved_events or [],
+    )
     if not decision.allowed:
         raise PlanRefused(f"tenant {tenant_name!r} refused: {decision.reason}")
-    return TenantPlan(
-        tenant_id, tenant_name, node_id, num_train, num_test, params, rounds, decision, personal
-    )
+    return dataclasses.replace(plan, budget=decision)
 
 
 def charged_epsilon(events: list[DPParams], delta: float) -> float:

@@ -18,23 +18,33 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from models import ModelSpec, build_model, load_model_state, load_weights, model_state, save_weights
 from privacy.accounting import compose_epsilon
 from privacy.budget import check_budget, check_release
-from privacy.ledger import DEFAULT_DATASET, record_event, tenant_events
+from privacy.heads import SIGNING_PURPOSE, HeadSigner, sign_and_store
+from privacy.ledger import DEFAULT_DATASET, PrivacyEvent, lock_tenant, record_event, tenant_events
 from privacy.ledger import create_tables as create_ledger_tables
 from privacy.params import DPParams
+from privacy.reservations import outstanding, reserve, uncharged
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.config import ServerRunConfig
 from server.planning import PlanRefused, TenantPlan, plan_tenant
-from server.strategy import PrivateMixin, check_train_reply, create_strategy, private_part
+from server.strategy import (
+    EVAL_PREFIX,
+    PrivateMixin,
+    check_train_reply,
+    create_strategy,
+    private_part,
+    read_evaluation,
+    reply_failure,
+)
 from tenancy.db import create_tables, session_scope
 from tenancy.errors import NotFound
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, store_model_version
-from tenancy.runs import end_run
+from tenancy.runs import active_run_ids, end_run
 from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
 from tenancy.tenants import get_tenant
 
@@ -49,8 +59,8 @@ class RunFailed(RuntimeError):
 class NodeInfo:
     node_id: int
     tenant: str
-    num_train: int
-    num_test: int
+    num_train: int  # stated by the node: planning needs it (docs/AUDIT.md)
+    num_test: int = 0  # not reported: the held-out split's size stays on the node
 
 
 @dataclass
@@ -86,18 +96,18 @@ def discover_nodes(grid: Grid, cfg: ServerRunConfig) -> tuple[list[NodeInfo], li
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            problems.append(f"node {node_id} could not describe its data: {reply.error.reason}")
+            problems.append(f"node {node_id} could not describe its data: {reply_failure(reply)}")
             continue
         info = reply.content.config_records.get("node")
         counts = reply.content.metric_records.get("counts")
-        if info is None or counts is None:
+        if info is None or counts is None or "num-train" not in counts:
             problems.append(f"node {node_id} sent an incomplete description")
             continue
-        num_train, num_test = counts["num-train"], counts["num-test"]
-        if not isinstance(num_train, int) or not isinstance(num_test, int):
-            problems.append(f"node {node_id} sent non-integer example counts")
+        num_train = counts["num-train"]
+        if not isinstance(num_train, int):
+            problems.append(f"node {node_id} sent a non-integer example count")
             continue
-        nodes.append(NodeInfo(node_id, str(info["tenant"]), num_train, num_test))
+        nodes.append(NodeInfo(node_id, str(info["tenant"]), num_train))
     return nodes, problems
 
 
@@ -142,44 +152,106 @@ def _participating(
 
 
 def plan_run(
-    session: Session, nodes: list[NodeInfo], cfg: ServerRunConfig
+    platform: Platform, nodes: list[NodeInfo], cfg: ServerRunConfig
 ) -> tuple[dict[int, TenantPlan], list[str]]:
-    """One plan per eligible node; every refusal comes with its reason."""
+    """One plan per eligible node, each reserved against its tenant's budget; every
+    refusal comes with its reason.
+
+    Each tenant is planned inside ``lock_tenant``: the budget check counts other runs'
+    reservations, and this run's exact releases replace its submission estimate in the
+    same transaction, so no concurrent run can take the budget between check and hold.
+    """
     plans: dict[int, TenantPlan] = {}
-    nodes, outsiders = _participating(nodes, cfg.participants)
-    found, refused = _unique_known_tenants(session, nodes)
+    with Session(platform.engine) as session:
+        nodes, outsiders = _participating(nodes, cfg.participants)
+        found, refused = _unique_known_tenants(session, nodes)
     refused = outsiders + refused
-    for node, tenant in found:
-        try:
-            plans[node.node_id] = plan_tenant(
-                tenant_id=tenant.id,
-                tenant_name=tenant.name,
-                node_id=node.node_id,
-                num_train=node.num_train,
-                num_test=node.num_test,
-                target_epsilon=cfg.epsilon,
-                delta=tenant.budget_delta,
-                clip_norm=cfg.clip_norm,
-                batch_size=cfg.batch_size,
-                local_epochs=cfg.local_epochs,
-                rounds=cfg.rounds,
-                budget_epsilon=tenant.budget_epsilon,
-                spent_events=[e.params() for e in tenant_events(session, tenant.id)],
-                personalize_epochs=cfg.personalize_epochs,
+    for node, found_tenant in found:
+        with session_scope(platform.engine) as session:
+            lock_tenant(session, found_tenant.id)
+            tenant = session.get(Tenant, found_tenant.id, populate_existing=True)
+            assert tenant is not None
+            others = outstanding(
+                session, tenant.id, active_runs=active_run_ids(session), exclude_run=cfg.run_id
             )
-        except PlanRefused as exc:
-            refused.append(str(exc))
-            continue
-        # A dataset with its own budget is checked for the whole run too, before round 1.
-        p = plans[node.node_id]
-        releases = [p.round_params] * cfg.rounds + (
-            [p.personal_params] if p.personal_params else []
-        )
-        decision = check_release(session, tenant=tenant, dataset=cfg.dataset, new_events=releases)
-        if not decision.allowed:
-            del plans[node.node_id]
-            refused.append(f"tenant {tenant.name!r} refused: {decision.reason}")
+            try:
+                plan = plan_tenant(
+                    tenant_id=tenant.id,
+                    tenant_name=tenant.name,
+                    node_id=node.node_id,
+                    num_train=node.num_train,
+                    num_test=node.num_test,
+                    target_epsilon=cfg.epsilon,
+                    delta=tenant.budget_delta,
+                    clip_norm=cfg.clip_norm,
+                    batch_size=cfg.batch_size,
+                    local_epochs=cfg.local_epochs,
+                    rounds=cfg.rounds,
+                    budget_epsilon=tenant.budget_epsilon,
+                    spent_events=[e.params() for e in tenant_events(session, tenant.id)],
+                    personalize_epochs=cfg.personalize_epochs,
+                    eval_noise=cfg.eval_noise,
+                    reserved_events=[p for _, p in others],
+                )
+            except PlanRefused as exc:
+                refused.append(str(exc))
+                continue
+            # The budget of record (its chain) and a dataset's own budget decide too.
+            decision = check_release(
+                session,
+                tenant=tenant,
+                dataset=cfg.dataset,
+                new_events=[r.params for r in plan.releases()],
+                reserved=others,
+            )
+            if not decision.allowed:
+                refused.append(f"tenant {tenant.name!r} refused: {decision.reason}")
+                continue
+            reserve(
+                session,
+                run_id=cfg.run_id,
+                tenant_id=tenant.id,
+                dataset=cfg.dataset,
+                releases=plan.releases(),
+                stage="plan",
+            )
+            plans[node.node_id] = plan
     return plans, refused
+
+
+def _reserve_resumed(
+    platform: Platform, cfg: ServerRunConfig, plans: dict[int, TenantPlan]
+) -> list[str]:
+    """Hold again what a resumed run has left to charge; refuse tenants it no longer fits."""
+    refused = []
+    for node_id, plan in list(plans.items()):
+        with session_scope(platform.engine) as session:
+            lock_tenant(session, plan.tenant_id)
+            tenant = session.get(Tenant, plan.tenant_id, populate_existing=True)
+            if tenant is None or tenant.deleted_at is not None:
+                del plans[node_id]
+                refused.append(f"tenant {plan.tenant_name!r} is gone")
+                continue
+            row = reserve(
+                session,
+                run_id=cfg.run_id,
+                tenant_id=tenant.id,
+                dataset=cfg.dataset,
+                releases=plan.releases(),
+                stage="plan",
+            )
+            others = outstanding(
+                session, tenant.id, active_runs=active_run_ids(session), exclude_run=cfg.run_id
+            )
+            left = [r.params for r in uncharged(session, row)]
+            decision = check_release(
+                session, tenant=tenant, dataset=cfg.dataset, new_events=left, reserved=others
+            )
+            if not decision.allowed:
+                session.delete(row)
+                del plans[node_id]
+                refused.append(f"tenant {tenant.name!r} refused: {decision.reason}")
+    return refused
 
 
 def _plans_to_json(plans: dict[int, TenantPlan]) -> str:
@@ -191,6 +263,7 @@ def _plans_to_json(plans: dict[int, TenantPlan]) -> str:
             "num_test": p.num_test,
             "round": dataclasses.asdict(p.round_params),
             "personal": dataclasses.asdict(p.personal_params) if p.personal_params else None,
+            "evaluation": dataclasses.asdict(p.eval_params) if p.eval_params else None,
             "run_epsilon": p.run_epsilon,
             "budget_reason": p.budget.reason,
         }
@@ -225,11 +298,21 @@ def _plans_from_json(
             rounds,
             dataclasses.replace(budget, requested=p["run_epsilon"]),
             DPParams(**p["personal"]) if p["personal"] else None,
+            DPParams(**p["evaluation"]) if p.get("evaluation") else None,
         )
     return plans, refused
 
 
-ParamsOf = Callable[[TenantPlan], DPParams | None]
+# The releases a phase charges per tenant: (purpose, params); a bare DPParams is "train".
+ParamsOf = Callable[[TenantPlan], "DPParams | list[tuple[str, DPParams]] | None"]
+
+
+def _as_releases(value: DPParams | list[tuple[str, DPParams]] | None) -> list[tuple[str, DPParams]]:
+    if value is None:
+        return []
+    if isinstance(value, DPParams):
+        return [("train", value)]
+    return list(value)
 
 
 def make_charge(
@@ -240,16 +323,24 @@ def make_charge(
     dataset: str = DEFAULT_DATASET,
 ) -> Callable[[int, list[TenantPlan]], list[TenantPlan]]:
     """Write each tenant's charge before dispatch; refuse a tenant now over its budget
-    (or over the budget of ``dataset``, when that dataset has one)."""
+    (or over the budget of ``dataset``, when that dataset has one).
+
+    Each tenant's check and append run in one transaction holding its ledger head
+    (``lock_tenant``), and the check counts the other active runs' reservations: two
+    runs charging one tenant at once are serialized, and the second sees the first's
+    charge. A phase with several releases (personalization and its evaluation) charges
+    all of them or none.
+    """
 
     def charge(server_round: int, plans: list[TenantPlan]) -> list[TenantPlan]:
         allowed = []
-        with session_scope(platform.engine) as session:
-            for plan in plans:
-                params = params_of(plan)
-                tenant = session.get(Tenant, plan.tenant_id)
-                if params is None:
-                    continue
+        for plan in plans:
+            releases = _as_releases(params_of(plan))
+            if not releases:
+                continue
+            with session_scope(platform.engine) as session:
+                lock_tenant(session, plan.tenant_id)
+                tenant = session.get(Tenant, plan.tenant_id, populate_existing=True)
                 if tenant is None or tenant.deleted_at is not None:
                     log.error(
                         "round %d: tenant %s is gone; not dispatched",
@@ -257,8 +348,15 @@ def make_charge(
                         plan.tenant_name,
                     )
                     continue
+                others = outstanding(
+                    session, tenant.id, active_runs=active_run_ids(session), exclude_run=run_id
+                )
                 decision = check_release(
-                    session, tenant=tenant, dataset=dataset, new_events=[params]
+                    session,
+                    tenant=tenant,
+                    dataset=dataset,
+                    new_events=[p for _, p in releases],
+                    reserved=others,
                 )
                 if not decision.allowed:
                     log.error(
@@ -268,15 +366,17 @@ def make_charge(
                         decision.reason,
                     )
                     continue
-                record_event(
-                    session,
-                    tenant_id=tenant.id,
-                    run_id=run_id,
-                    round=server_round,
-                    params=params,
-                    spec_sha256=spec.sha256(),
-                    dataset=dataset,
-                )
+                for purpose, params in releases:
+                    record_event(
+                        session,
+                        tenant_id=tenant.id,
+                        run_id=run_id,
+                        round=server_round,
+                        params=params,
+                        spec_sha256=spec.sha256(),
+                        dataset=dataset,
+                        purpose=purpose,
+                    )
                 allowed.append(plan)
         return allowed
 
@@ -286,7 +386,11 @@ def make_charge(
 def make_sink(
     platform: Platform, run_id: str
 ) -> Callable[[int, str, TenantPlan, dict[str, float]], None]:
+    """Round rows for progress: "train" rows say a tenant's update was accepted (no
+    metric leaves a node); "evaluate"/"personalize" rows hold the DP-released figures."""
+
     def sink(server_round: int, phase: str, plan: TenantPlan, metrics: dict[str, float]) -> None:
+        examples = metrics.get("examples", plan.num_train if phase == "train" else 0)
         with session_scope(platform.engine) as session:
             session.add(
                 RoundMetric(
@@ -294,10 +398,10 @@ def make_sink(
                     tenant_id=plan.tenant_id,
                     round=server_round,
                     phase=phase,
-                    examples=int(metrics.get("num-examples", 0)),
-                    loss=metrics.get("loss", float("nan")),
-                    accuracy=metrics.get("accuracy", float("nan")),
-                    macro_f1=metrics.get("macro-f1"),
+                    examples=max(0, round(examples)),
+                    loss=None,
+                    accuracy=metrics.get("accuracy"),
+                    macro_f1=metrics.get("macro_f1"),
                 )
             )
 
@@ -353,6 +457,7 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
         outcome = _run(grid, cfg, platform)
     except Exception as exc:
         _fail_run(platform, cfg.run_id, str(exc))
+        _sign_heads(platform, _participant_ids(platform, cfg.run_id))
         raise
     # A completed run needs no checkpoint: its models are released.
     finished = _get_run(platform, cfg.run_id)
@@ -366,7 +471,42 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
         summary_json=json.dumps(outcome.summary),
         finished_at=utcnow(),
     )
+    _sign_heads(platform, [p.tenant_id for p in outcome.plans.values()])
     return outcome
+
+
+def head_signer(platform: Platform) -> HeadSigner:
+    """The platform's head-signing key, derived from its current KEK (never stored)."""
+    return HeadSigner(platform.keyring.platform_key(SIGNING_PURPOSE)[1])
+
+
+def _participant_ids(platform: Platform, run_id: str) -> list[str]:
+    with Session(platform.engine) as session:
+        return sorted(
+            {
+                e.tenant_id
+                for e in session.exec(select(PrivacyEvent).where(PrivacyEvent.run_id == run_id))
+            }
+        )
+
+
+def _sign_heads(platform: Platform, tenant_ids: list[str]) -> None:
+    """Keep a signed head of every tenant the run charged, as the run ends."""
+    try:
+        signer = head_signer(platform)
+        with session_scope(platform.engine) as session:
+            for tenant_id in tenant_ids:
+                tenant = session.get(Tenant, tenant_id)
+                if tenant is not None:
+                    sign_and_store(
+                        session,
+                        signer,
+                        tenant_id=tenant.id,
+                        budget_epsilon=tenant.budget_epsilon,
+                        budget_delta=tenant.budget_delta,
+                    )
+    except Exception:  # a missing key must not turn a finished run into a failed one
+        log.exception("could not sign the ledger heads of the run's tenants")
 
 
 def _kebab(public: dict[str, Any]) -> dict[str, Any]:
@@ -379,11 +519,11 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
     nodes, problems = discover_nodes(grid, cfg)
     run = _get_run(platform, cfg.run_id)
     assert run is not None
-    with session_scope(platform.engine) as session:
-        if cfg.resume:
-            plans, refused = _plans_from_json(run.plans_json, nodes, cfg.rounds)
-        else:
-            plans, refused = plan_run(session, nodes, cfg)
+    if cfg.resume:
+        plans, refused = _plans_from_json(run.plans_json, nodes, cfg.rounds)
+        refused += _reserve_resumed(platform, cfg, plans)
+    else:
+        plans, refused = plan_run(platform, nodes, cfg)
     refused = problems + refused
     for reason in refused:
         log.warning("refused: %s", reason)
@@ -443,10 +583,10 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
     load_model_state(model, _torch_state(arrays))
     outcome = RunOutcome(cfg.run_id, plans, refused)
     _stand_down_if_cancelled(platform, cfg.run_id, "before its models were released")
-    personal = (
-        _personalize(grid, cfg, platform, private, spec, arrays) if cfg.personalize_epochs else {}
+    personal, released = _final_phase(grid, cfg, platform, private, spec, arrays)
+    outcome.summary = _release(
+        platform, cfg, spec, save_weights(model), personal, released, outcome, private
     )
-    outcome.summary = _release(platform, cfg, spec, save_weights(model), personal, outcome, private)
     return outcome
 
 
@@ -478,11 +618,8 @@ def _train_round(
             f"continue with `fedtext simulate --resume {cfg.run_id}` (simulation) or "
             f"`fedtext federation run --run-id {cfg.run_id} --config resume=true`"
         )
-    evaluations = grid.send_and_receive(
-        list(strategy.configure_evaluate(server_round, aggregated, ConfigRecord(), grid)),
-        timeout=cfg.round_timeout,
-    )
-    strategy.aggregate_evaluate(server_round, evaluations)
+    # No per-round federated evaluation: each one would be a release to charge. The
+    # global model is evaluated once, after the last round (``_final_phase``).
     load_model_state(model, _torch_state(aggregated))
     with session_scope(platform.engine) as session:
         run = session.get(TrainingRun, cfg.run_id)
@@ -495,51 +632,93 @@ def _train_round(
 @dataclass
 class Personalized:
     weights: bytes
-    metrics: dict[str, float]
 
 
-def _personalize(
+# A tenant's released evaluation: model ("global", "personal") -> DP-released figures
+Released = dict[str, dict[str, float]]
+
+
+def _final_phase(
     grid: Grid,
     cfg: ServerRunConfig,
     platform: Platform,
     private: PrivateMixin,
     spec: ModelSpec,
     arrays: ArrayRecord,
-) -> dict[str, Personalized]:
-    """Each tenant fine-tunes the global model under DP, charged like any release."""
+) -> tuple[dict[str, Personalized], dict[str, Released]]:
+    """Personalization and the released evaluation, charged together at round R + 1.
+
+    With personalization each tenant fine-tunes the global model under DP and, in the same
+    reply, releases noised confusion counts of the global and the personalized model on
+    its held-out split. Without it, the global model is evaluated once and released the
+    same way. Both releases are charged before dispatch like any other.
+    """
     phase_round = cfg.rounds + 1
-    charge = make_charge(platform, cfg.run_id, spec, lambda p: p.personal_params, cfg.dataset)
+
+    def releases(p: TenantPlan) -> list[tuple[str, DPParams]]:
+        out: list[tuple[str, DPParams]] = []
+        if cfg.personalize_epochs and p.personal_params:
+            out.append(("train", p.personal_params))
+        if p.eval_params:
+            out.append(("evaluate", p.eval_params))
+        return out
+
+    charge = make_charge(platform, cfg.run_id, spec, releases, cfg.dataset)
     plans = charge(phase_round, private.live_plans(grid))
+    personal: dict[str, Personalized] = {}
+    released: dict[str, Released] = {}
+    if not cfg.personalize_epochs:
+        messages = private.evaluate_messages(phase_round, arrays, plans)
+        for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+            plan = private.plans.get(reply.metadata.src_node_id)
+            if plan is None:
+                continue
+            if reply.has_error():
+                private.failed.append(f"evaluation {plan.tenant_name}: {reply_failure(reply)}")
+                continue
+            got = read_evaluation(reply.content, plan, ("global",))
+            if isinstance(got, str):
+                private.rejected.append(f"evaluation {plan.tenant_name}: {got}")
+                continue
+            private.sink(cfg.rounds, "evaluate", plan, got["global"])
+            released[plan.tenant_name] = got
+        return personal, released
     messages = private._messages(
         MessageType.TRAIN,
         plans,
         arrays,
         lambda p: {
             **(p.personal_params.to_config() if p.personal_params else {}),
+            **(p.eval_params.to_config(prefix=EVAL_PREFIX) if p.eval_params else {}),
             "local-epochs": cfg.personalize_epochs,
             "phase": "personalize",
             "server-round": phase_round,
             "tenant": p.tenant_name,
         },
     )
-    out: dict[str, Personalized] = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         plan = private.plans.get(reply.metadata.src_node_id)
         if plan is None or plan.personal_params is None:
             continue
         if reply.has_error():
-            private.failed.append(f"personalization {plan.tenant_name}: {reply.error.reason}")
+            private.failed.append(f"personalization {plan.tenant_name}: {reply_failure(reply)}")
             continue
         problem = check_train_reply(reply.content, plan, plan.personal_params)
         if problem:
             private.rejected.append(f"personalization {plan.tenant_name}: {problem}")
             continue
-        metrics = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
-        private.sink(phase_round, "personalize", plan, metrics)
+        if plan.eval_params is not None:
+            got = read_evaluation(reply.content, plan, ("global", "personal"))
+            if isinstance(got, str):
+                private.rejected.append(f"evaluation {plan.tenant_name}: {got}")
+            else:
+                private.sink(cfg.rounds, "evaluate", plan, got["global"])
+                private.sink(phase_round, "personalize", plan, got["personal"])
+                released[plan.tenant_name] = got
         model = build_model(spec)
         load_model_state(model, _torch_state(reply.content["arrays"]))  # type: ignore[arg-type]
-        out[plan.tenant_name] = Personalized(save_weights(model), metrics)
-    return out
+        personal[plan.tenant_name] = Personalized(save_weights(model))
+    return personal, released
 
 
 def _release(
@@ -548,28 +727,37 @@ def _release(
     spec: ModelSpec,
     global_weights: bytes,
     personal: dict[str, Personalized],
+    released: dict[str, Released],
     outcome: RunOutcome,
     private: PrivateMixin,
 ) -> dict[str, Any]:
-    """Encrypt each tenant's final model (personalized if it has one) under its data key."""
+    """Encrypt each tenant's final model (personalized if it has one) under its data key.
+
+    The metrics in the summary and on the model version are the DP-released ones
+    (noised confusion counts, charged to the ledger); ``None`` where nothing was
+    released. Exact metrics never reach the coordinator.
+    """
     tenants: dict[str, Any] = {}
     with session_scope(platform.engine) as session:
         for plan in outcome.plans.values():
             tenant = session.get(Tenant, plan.tenant_id)
             if tenant is None or tenant.deleted_at is not None:
                 continue
-            last_eval = _last_metric(session, cfg.run_id, plan.tenant_id, "evaluate")
             charged = [
                 e.params() for e in tenant_events(session, tenant.id) if e.run_id == cfg.run_id
             ]
             own = personal.get(tenant.name)
+            got = released.get(tenant.name, {})
+            glob, pers = got.get("global"), got.get("personal")
             metrics: dict[str, Any] = {
-                "global_accuracy": last_eval.accuracy if last_eval else None,
-                "global_macro_f1": last_eval.macro_f1 if last_eval else None,
-                "personalized_accuracy": own.metrics.get("accuracy") if own else None,
-                "personalized_macro_f1": own.metrics.get("macro-f1") if own else None,
-                "test_examples": plan.num_test,
+                "global_accuracy": glob["accuracy"] if glob else None,
+                "global_macro_f1": glob["macro_f1"] if glob else None,
+                "personalized_accuracy": pers["accuracy"] if pers else None,
+                "personalized_macro_f1": pers["macro_f1"] if pers else None,
+                # The released (noised) total of the held-out split, not an exact count.
+                "test_examples": round(glob["examples"]) if glob else None,
                 "train_examples": plan.num_train,
+                "metrics_release": _metrics_release(plan),
             }
             metrics["accuracy"] = (
                 metrics["personalized_accuracy"] if own else metrics["global_accuracy"]
@@ -611,6 +799,13 @@ def _release(
         "rejected": private.rejected,
         "failed": private.failed,
         "strategy": cfg.strategy,
+        "metrics_release": (
+            f"evaluation metrics are DP-released: Gaussian noise of standard deviation "
+            f"{cfg.eval_noise:g} on every confusion count, charged to the ledger as purpose "
+            "'evaluate'; no training metric leaves a node"
+            if cfg.eval_noise
+            else "no evaluation metric is released (eval-noise 0); no training metric leaves a node"
+        ),
     }
     if cfg.client_dp == "fixed":
         # Client-level DP (unit: one tenant's whole update): a Gaussian mechanism per round
@@ -625,16 +820,16 @@ def _release(
     return summary
 
 
-def _last_metric(session: Session, run_id: str, tenant_id: str, phase: str) -> RoundMetric | None:
-    return session.exec(
-        select(RoundMetric)
-        .where(
-            RoundMetric.run_id == run_id,
-            RoundMetric.tenant_id == tenant_id,
-            RoundMetric.phase == phase,
-        )
-        .order_by(col(RoundMetric.round).desc())
-    ).first()
+def _metrics_release(plan: TenantPlan) -> dict[str, Any] | None:
+    """How this tenant's metrics were released: the Gaussian release's parameters."""
+    if plan.eval_params is None:
+        return None
+    return {
+        "mechanism": "gaussian on confusion counts (sensitivity 1)",
+        "noise_sd": plan.eval_params.noise_multiplier,
+        "matrices": plan.eval_params.steps,
+        "delta": plan.eval_params.delta,
+    }
 
 
 def build_server_app(

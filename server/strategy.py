@@ -15,15 +15,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from privacy.evaluation import metrics_from_counts
 from privacy.params import DPParams
+from privacy.protocol import error_name
 from server.planning import TenantPlan
 
 log = logging.getLogger("fedtext.server")
 
 # (round, plans about to be dispatched) -> plans actually charged and allowed to train
 ChargeFn = Callable[[int, list[TenantPlan]], list[TenantPlan]]
-# (round, phase, plan, metrics) -> None
+# (round, phase, plan, metrics) -> None; metrics are DP-released figures (or none)
 MetricsSink = Callable[[int, str, TenantPlan, dict[str, float]], None]
+EVAL_PREFIX = "eval-dp-"
+
+
+def reply_failure(msg: Message) -> str:
+    """A node's error as its code name: never the free text a reply may carry."""
+    return error_name(msg.error.code, msg.error.reason)
 
 
 class PrivateMixin:
@@ -120,7 +128,7 @@ class PrivateMixin:
         for msg in replies:
             plan = self.plans.get(msg.metadata.src_node_id)
             if plan is None or msg.has_error():
-                reason = msg.error.reason if msg.has_error() else "unknown node"
+                reason = reply_failure(msg) if msg.has_error() else "unknown node"
                 who = plan.tenant_name if plan else f"node {msg.metadata.src_node_id}"
                 self.failed.append(f"round {server_round} {who}: {reason}")
                 log.warning("round %d: %s failed: %s", server_round, who, reason)
@@ -130,8 +138,15 @@ class PrivateMixin:
                 self.rejected.append(f"round {server_round} {plan.tenant_name}: {problem}")
                 log.error("round %d: rejected %s: %s", server_round, plan.tenant_name, problem)
                 continue
-            metrics = msg.content["metrics"]
-            self.sink(server_round, "train", plan, _floats(metrics))
+            self.sink(server_round, "train", plan, {})
+            # Only the weights are aggregated, weighted by the training count the node
+            # stated at planning (the reply carries no count and no metric).
+            msg.content = RecordDict(
+                {
+                    "arrays": msg.content.array_records["arrays"],
+                    "weights": MetricRecord({"num-examples": plan.num_train}),
+                }
+            )
             accepted.append(msg)
         self.last_accepted = len(accepted)
         return accepted
@@ -148,34 +163,83 @@ class PrivateMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The final evaluation: to each given plan's node, with its release's DP parameters.
+
+        ``server_round`` is the phase round the release was charged at; only plans whose
+        evaluation release was charged should be passed (``plans`` in ``config``'s place
+        is the caller's choice through ``evaluate_plans``).
+        """
+        return self.evaluate_messages(server_round, arrays, self.live_plans(grid))
+
+    def evaluate_messages(
+        self, server_round: int, arrays: ArrayRecord, plans: list[TenantPlan]
+    ) -> list[Message]:
         return self._messages(
             MessageType.EVALUATE,
-            self.live_plans(grid),
+            [p for p in plans if p.eval_params is not None],
             arrays,
-            lambda _plan: {**dict(config), "server-round": server_round},
+            lambda p: {
+                **(p.eval_params.to_config(prefix=EVAL_PREFIX) if p.eval_params else {}),
+                "server-round": server_round,
+                "tenant": p.tenant_name,
+            },
         )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        accepted = []
+        """Record each tenant's released (noised) evaluation; nothing is averaged."""
         for msg in replies:
             plan = self.plans.get(msg.metadata.src_node_id)
-            if plan is None or msg.has_error():
+            if plan is None:
                 continue
-            self.sink(server_round, "evaluate", plan, _floats(msg.content["metrics"]))
-            accepted.append(msg)
-        return super().aggregate_evaluate(server_round, accepted) if accepted else None  # type: ignore[misc]
+            if msg.has_error():
+                self.failed.append(f"evaluation {plan.tenant_name}: {reply_failure(msg)}")
+                continue
+            released = read_evaluation(msg.content, plan, ("global",))
+            if isinstance(released, str):
+                self.rejected.append(f"evaluation {plan.tenant_name}: {released}")
+                continue
+            self.sink(server_round - 1, "evaluate", plan, released["global"])
+        return None
 
 
-def _floats(record: Any) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items()}
+def read_evaluation(
+    content: RecordDict, plan: TenantPlan, models: tuple[str, ...]
+) -> dict[str, dict[str, float]] | str:
+    """The released metrics of each of ``models`` (from noised counts), or why the reply
+    cannot be used."""
+    if plan.eval_params is None:
+        return "no evaluation release was planned"
+    if "eval-dp" not in content.config_records or "evaluation" not in content.metric_records:
+        return "reply lacks its evaluation release"
+    dp = content.config_records["eval-dp"]
+    if dp.get("tenant") != plan.tenant_name:
+        return f"evaluation claims tenant {dp.get('tenant')!r}"
+    try:
+        applied = DPParams.from_config(dp, prefix=EVAL_PREFIX)
+    except ValueError as exc:
+        return str(exc)
+    if not plan.eval_params.matches(applied):
+        return f"applied evaluation DP parameters {applied} differ from {plan.eval_params}"
+    record = content.metric_records["evaluation"]
+    out = {}
+    for name in models:
+        counts = record.get(name)
+        if not isinstance(counts, list):
+            return f"evaluation lacks the counts of the {name} model"
+        classes = round(len(counts) ** 0.5)
+        try:
+            out[name] = metrics_from_counts([float(c) for c in counts], classes)
+        except ValueError as exc:
+            return str(exc)
+    return out
 
 
 def check_train_reply(content: RecordDict, plan: TenantPlan, asked: DPParams) -> str | None:
     """Why a training reply cannot be used, or None when it is sound."""
-    if "dp" not in content.config_records or "metrics" not in content.metric_records:
-        return "reply lacks its DP record or metrics"
+    if "dp" not in content.config_records or "arrays" not in content.array_records:
+        return "reply lacks its weights or its DP record"
     dp = content.config_records["dp"]
     if dp.get("tenant") != plan.tenant_name:
         return f"reply claims tenant {dp.get('tenant')!r}"

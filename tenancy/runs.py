@@ -129,3 +129,8 @@ def beat(session: Session, run_id: str) -> None:
         run.heartbeat_at = utcnow()
         session.add(run)
         session.commit()
+
+
+def active_run_ids(session: Session) -> set[str]:
+    """Runs that may still dispatch releases: their budget reservations hold."""
+    return set(session.exec(select(TrainingRun.id).where(col(TrainingRun.status).in_(ACTIVE))))

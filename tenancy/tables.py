@@ -100,10 +100,12 @@ class RoundMetric(SQLModel, table=True):
     run_id: str = Field(foreign_key="training_run.id", index=True)
     tenant_id: str = Field(index=True)
     round: int
-    phase: str  # train | evaluate
+    # train (an accepted update: no metric leaves a node) | evaluate | personalize
+    # (DP-released figures from noised confusion counts; see docs/AUDIT.md)
+    phase: str
     examples: int
-    loss: float
-    accuracy: float
+    loss: float | None = None
+    accuracy: float | None = None
     macro_f1: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
 

@@ -59,9 +59,10 @@ def test_report_export_and_budget_from_the_cli(data_dir: Path) -> None:
         app, ["tenant", "budget", "acme", "--epsilon", "9", "--reason", "renewal"]
     )
     assert raised.exit_code == 0, raised.output
-    assert "from 6 to 9" in raised.output and "budget change 1" in raised.output
+    # Change 1 is the budget the tenant was created with.
+    assert "from 6 to 9" in raised.output and "budget change 2" in raised.output
     verify = runner.invoke(app, ["audit", "verify"])
-    assert verify.exit_code == 0 and "1 budget change(s) intact" in verify.output
+    assert verify.exit_code == 0 and "2 budget change(s) intact" in verify.output
 
     exp = runner.invoke(
         app, ["audit", "export", "--out", str(data_dir / "l.csv"), "--format", "csv"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import MetaData
 
 import privacy.ledger
+import privacy.reservations
 import tenancy.tables
 
 TABLES = (
@@ -17,6 +18,9 @@ TABLES = (
     "federation_partner",
     privacy.ledger.PrivacyEvent.__tablename__,
     privacy.ledger.BudgetChange.__tablename__,
+    privacy.ledger.LedgerHead.__tablename__,
+    privacy.ledger.SignedHead.__tablename__,
+    privacy.reservations.BudgetReservation.__tablename__,
 )
 
 

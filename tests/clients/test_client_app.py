@@ -1,8 +1,10 @@
-"""What crosses the Flower boundary: arrays, metrics and configs only, never training text."""
+"""What crosses the Flower boundary: DP outputs only; failures as codes, never text."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +20,11 @@ from flwr.app import (
 
 from clients import local_data
 from clients.client_app import make_client_app
+from clients.data import DataError
 from clients.local_data import NodeData
 from models import build_model, model_state
 from privacy.params import DPParams, poisson_schedule
+from privacy.protocol import CLIENT_ERRORS
 from tests.factories import tiny_spec, toy_data
 
 
@@ -87,7 +91,25 @@ def assert_no_text(reply: Message, node: NodeData) -> None:
             assert a.dtype.startswith("float") or a.dtype.startswith("int"), a.dtype
 
 
-def test_replies_hold_only_arrays_metrics_and_configs(node: NodeData) -> None:
+def train_config(dp: DPParams, tenant: str = "acme", **extra: Any) -> dict[str, Any]:
+    return {
+        **dp.to_config(),
+        "spec": tiny_spec().to_json(),
+        "tenant": tenant,
+        "server-round": 1,
+        "local-epochs": 1,
+        "batch-size": 8,
+        "learning-rate": 0.1,
+        "secure-mode": False,
+        **extra,
+    }
+
+
+EVAL = DPParams(5.0, 1.0, 1, 1.0, 1e-3)
+
+
+def test_replies_hold_only_dp_outputs(node: NodeData) -> None:
+    """The coordinator's view: no training metric, no exact test count, no text."""
     app = make_client_app()
     spec = tiny_spec()
     rate, steps = poisson_schedule(len(node.train), 8, 1)
@@ -96,44 +118,86 @@ def test_replies_hold_only_arrays_metrics_and_configs(node: NodeData) -> None:
         message(MessageType.QUERY, {"labels": ",".join(spec.labels)}, arrays=False), context()
     )
     assert query.content.config_records["node"]["tenant"] == "acme"
-    assert query.content.metric_records["counts"]["num-train"] == 40
-    train_cfg = {
-        **dp.to_config(),
-        "spec": spec.to_json(),
-        "tenant": "acme",
-        "server-round": 1,
-        "local-epochs": 1,
-        "batch-size": 8,
-        "learning-rate": 0.1,
-        "secure-mode": False,
-    }
-    train = app(message(MessageType.TRAIN, train_cfg), context())
-    assert not train.has_error(), train.error.reason if train.has_error() else ""
-    assert set(train.content.keys()) == {"arrays", "metrics", "dp"}
+    # The training count is stated (planning needs it); the test count is not sent.
+    assert dict(query.content.metric_records["counts"]) == {"num-train": 40}
+    train = app(message(MessageType.TRAIN, train_config(dp)), context())
+    assert not train.has_error(), train.error.code if train.has_error() else ""
+    assert set(train.content.keys()) == {"arrays", "dp"}
+    assert not train.content.metric_records  # no loss, no accuracy, no count
     assert DPParams.from_config(train.content["dp"]) == dp
-    evaluate = app(message(MessageType.EVALUATE, {"spec": spec.to_json()}), context())
-    assert set(evaluate.content.metric_records["metrics"].keys()) >= {
-        "accuracy",
-        "macro-f1",
-        "num-examples",
-    }
+    cfg = {"spec": spec.to_json(), "tenant": "acme", **EVAL.to_config(prefix="eval-dp-")}
+    evaluate = app(message(MessageType.EVALUATE, cfg), context())
+    assert set(evaluate.content.keys()) == {"evaluation", "eval-dp"}
+    assert DPParams.from_config(evaluate.content["eval-dp"], prefix="eval-dp-") == EVAL
+    counts = evaluate.content.metric_records["evaluation"]["global"]
+    assert isinstance(counts, list) and len(counts) == len(spec.labels) ** 2
+    # Noised: not the integers of a confusion matrix, and not the exact total of 12.
+    assert any(c != round(c) for c in counts) and sum(counts) != 12
     for reply in (query, train, evaluate):
         assert_no_text(reply, node)
 
 
-def test_a_train_message_for_another_tenant_is_refused(node: NodeData) -> None:
-    spec = tiny_spec()
+def test_evaluation_without_a_release_to_charge_is_refused_with_a_code(node: NodeData) -> None:
+    reply = make_client_app()(
+        message(MessageType.EVALUATE, {"spec": tiny_spec().to_json()}), context()
+    )
+    assert reply.has_error()
+    assert reply.error.code == CLIENT_ERRORS["no-evaluation-release"]
+    assert reply.error.reason == "no-evaluation-release"
+
+
+def test_personalization_releases_noised_global_and_personal_counts_and_keeps_exact_ones_local(
+    node: NodeData, tmp_path: Path
+) -> None:
     rate, steps = poisson_schedule(len(node.train), 8, 1)
-    cfg = {
-        **DPParams(1.0, rate, steps, 1.0, 1e-3).to_config(),
-        "spec": spec.to_json(),
-        "tenant": "globex",
-        "server-round": 1,
-        "local-epochs": 1,
-        "batch-size": 8,
-        "learning-rate": 0.1,
-        "secure-mode": False,
-    }
-    # Outside a SuperNode the exception propagates; a SuperNode turns it into an error reply.
-    with pytest.raises(ValueError, match="serves 'acme', not 'globex'"):
-        make_client_app()(message(MessageType.TRAIN, cfg), context())
+    dp = DPParams(1.0, rate, steps, 1.0, 1e-3)
+    two = DPParams(5.0, 1.0, 2, 1.0, 1e-3)
+    cfg = train_config(dp, phase="personalize", **two.to_config(prefix="eval-dp-"))
+    app = make_client_app({"metrics-dir": str(tmp_path)})
+    reply = app(message(MessageType.TRAIN, cfg), context())
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "dp", "evaluation", "eval-dp"}
+    released = reply.content.metric_records["evaluation"]
+    assert set(released.keys()) == {"global", "personal"}
+    kept = json.loads((tmp_path / "acme-1.json").read_text())
+    assert kept["global"]["examples"] == 12 and 0 <= kept["personal"]["accuracy"] <= 1
+    # One matrix asked for, two models to release: the node refuses, it does not overspend.
+    one = train_config(dp, phase="personalize", **EVAL.to_config(prefix="eval-dp-"))
+    refused = app(message(MessageType.TRAIN, one), context())
+    assert refused.has_error() and refused.error.reason == "dp-plan-mismatch"
+
+
+def test_a_train_message_for_another_tenant_is_refused_with_a_code(node: NodeData) -> None:
+    rate, steps = poisson_schedule(len(node.train), 8, 1)
+    cfg = train_config(DPParams(1.0, rate, steps, 1.0, 1e-3), tenant="globex")
+    reply = make_client_app()(message(MessageType.TRAIN, cfg), context())
+    assert reply.has_error()
+    assert reply.error.code == CLIENT_ERRORS["wrong-tenant"]
+    assert reply.error.reason == "wrong-tenant"
+
+
+def test_a_data_error_leaves_as_a_code_never_as_its_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "line 12 has unknown label 'diagnosis: HIV+'"
+
+    def broken(*_: Any) -> NodeData:
+        raise DataError(secret)
+
+    monkeypatch.setattr(local_data, "_file_data", broken)
+    reply = make_client_app()(
+        message(MessageType.QUERY, {"labels": "negative,neutral,positive"}, arrays=False),
+        context(),
+    )
+    assert reply.has_error()
+    assert reply.error.code == CLIENT_ERRORS["data-error"]
+    assert reply.error.reason == "data-error" and "HIV" not in str(reply.error.reason)
+
+
+def test_a_plan_that_does_not_fit_the_local_data_is_refused_before_training(
+    node: NodeData,
+) -> None:
+    rate, steps = poisson_schedule(len(node.train), 8, 1)
+    cfg = train_config(DPParams(1.0, rate, steps + 1, 1.0, 1e-3))
+    reply = make_client_app()(message(MessageType.TRAIN, cfg), context())
+    assert reply.has_error() and reply.error.reason == "dp-plan-mismatch"

@@ -159,10 +159,10 @@ def test_budget_change_over_http_is_recorded(client: TestClient, acme: TenantFix
     budget = client.get("/v1/privacy/budget", headers=acme.admin).json()
     assert budget["budget_epsilon"] == 12.0 and budget["dataset_budgets"] == {"tickets": 1.0}
     changes = client.get("/v1/privacy/budget/changes", headers=acme.admin).json()
-    assert [c["seq"] for c in changes] == [1, 2]
+    assert [c["seq"] for c in changes] == [1, 2, 3]  # 1: the budget acme was created with
     rep = client.get("/v1/privacy/report", headers=acme.admin).json()
     assert rep["chain"]["budget_chain_ok"] and rep["chain"]["budget_matches_tenant"]
-    assert [c["new_epsilon"] for c in rep["budget_changes"]] == [12.0, 1.0]
+    assert [c["new_epsilon"] for c in rep["budget_changes"]] == [8.0, 12.0, 1.0]
     # Refusals: a predict key, a non-positive budget, a bad dataset name.
     assert client.post("/v1/privacy/budget", json={"epsilon": 99},
                        headers=acme.predict).status_code == 403  # fmt: skip

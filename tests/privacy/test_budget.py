@@ -60,20 +60,23 @@ def test_raising_a_budget_is_recorded_and_chained(platform: Platform) -> None:
         tenant = session.get(Tenant, acme.id)
         assert tenant is not None and tenant.budget_epsilon == 5.0
         changes = budget_changes(session, acme.id)
+        # The budget a tenant is created with is the chain's first entry.
         assert [(c.dataset, c.old_epsilon, c.new_epsilon) for c in changes] == [
+            (TENANT_WIDE, None, 2.0),
             (TENANT_WIDE, 2.0, 5.0),
             ("tickets", None, 1.5),
         ]
-        assert changes[0].actor == "admin key ab" and changes[0].reason == "Q3"
-        assert changes[1].prev_hash == changes[0].entry_hash
+        assert changes[0].reason == "initial budget" and changes[0].delta == 1e-5
+        assert changes[1].actor == "admin key ab" and changes[1].reason == "Q3"
+        assert changes[2].prev_hash == changes[1].entry_hash
         assert verify_chain(changes) is None
         assert dataset_budgets(session, acme.id) == {"tickets": 1.5}
     # Someone lowers the recorded old value behind the API's back: the chain says so.
     with platform.engine.begin() as conn:
-        conn.execute(text("UPDATE privacy_budget_change SET new_epsilon = 50 WHERE seq = 1"))
+        conn.execute(text("UPDATE privacy_budget_change SET new_epsilon = 50 WHERE seq = 2"))
     with Session(platform.engine) as session:
         problem = verify_chain(budget_changes(session, acme.id))
-    assert problem is not None and problem.seq == 1 and "edited" in problem.reason
+    assert problem is not None and problem.seq == 2 and "edited" in problem.reason
 
 
 @pytest.mark.parametrize(

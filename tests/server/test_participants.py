@@ -38,8 +38,7 @@ def test_nodes_of_other_tenants_are_refused_and_missing_participants_reported(
     cfg = ServerRunConfig.from_mapping(
         {"participants": "acme,globex,umbrella", "batch-size": 64, "personalize-epochs": 0}
     )
-    with session_scope(sqlite_platform.engine) as session:
-        plans, refused = plan_run(session, _nodes("acme", "initech", "globex"), cfg)
+    plans, refused = plan_run(sqlite_platform, _nodes("acme", "initech", "globex"), cfg)
     assert sorted(p.tenant_name for p in plans.values()) == ["acme", "globex"]
     assert refused == [
         "node 2 serves tenant 'initech', not a participant of this run (acme, globex, umbrella)",
@@ -51,8 +50,7 @@ def test_without_participants_every_known_node_trains(sqlite_platform: Platform)
     for name in ("acme", "globex"):
         make_tenant(sqlite_platform, name)
     cfg = ServerRunConfig.from_mapping({"batch-size": 64, "personalize-epochs": 0})
-    with session_scope(sqlite_platform.engine) as session:
-        plans, refused = plan_run(session, _nodes("acme", "globex"), cfg)
+    plans, refused = plan_run(sqlite_platform, _nodes("acme", "globex"), cfg)
     assert len(plans) == 2 and refused == []
 
 

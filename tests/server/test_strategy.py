@@ -11,6 +11,7 @@ import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     Metadata,
@@ -22,9 +23,10 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from privacy.budget import check_budget
 from privacy.params import DPParams
 from server.planning import TenantPlan
-from server.strategy import create_strategy, private_part
+from server.strategy import create_strategy, private_part, read_evaluation
 
 PARAMS = DPParams(1.2, 0.25, 4, 1.0, 1e-5)
+EVAL = DPParams(10.0, 1.0, 1, 1.0, 1e-5)
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +38,9 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def plan(node_id: int, name: str) -> TenantPlan:
+def plan(node_id: int, name: str, num_train: int = 16) -> TenantPlan:
     budget = check_budget([], [PARAMS], budget_epsilon=10, delta=1e-5)
-    return TenantPlan(f"id-{name}", name, node_id, 16, 4, PARAMS, 2, budget, None)
+    return TenantPlan(f"id-{name}", name, node_id, num_train, 0, PARAMS, 2, budget, None, EVAL)
 
 
 class FakeGrid:
@@ -49,22 +51,30 @@ class FakeGrid:
         return self.nodes
 
 
-def reply(
-    node_id: int, tenant: str, value: float, dp: DPParams = PARAMS, examples: int = 16
-) -> Message:
+def meta(node_id: int, kind: str = MessageType.TRAIN) -> Metadata:
+    return Metadata(
+        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60.0,
+        message_type=kind,
+    )  # fmt: skip
+
+
+def reply(node_id: int, tenant: str, value: float, dp: DPParams = PARAMS) -> Message:
+    """A node's training reply as it is now: weights and the DP parameters applied, only."""
     content = RecordDict(
         {
             "arrays": ArrayRecord({"w": torch.full((3,), value)}),
-            "metrics": MetricRecord({"num-examples": examples, "loss": 1.0, "accuracy": 0.5}),
             "dp": ConfigRecord({**dp.to_config(), "tenant": tenant}),
         }
     )
-    meta = Metadata(
-        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
-        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )  # fmt: skip
-    return Message(content=content, metadata=meta)
+    return Message(content=content, metadata=meta(node_id))
+
+
+def error_reply(node_id: int, code: int, reason: str) -> Message:
+    msg = Message(content=RecordDict(), metadata=meta(node_id))
+    msg.__dict__["_content"] = None
+    msg.__dict__["_error"] = Error(code=code, reason=reason)
+    return msg
 
 
 def setup(name: str, **kwargs: Any):  # type: ignore[no-untyped-def]
@@ -134,6 +144,69 @@ def test_client_level_dp_wrapper_clips_and_noises_updates() -> None:
     assert new is not None
     # Each update (norm ~173) is clipped to norm 1 before averaging.
     assert np.linalg.norm(new["w"].numpy()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_aggregation_weights_by_the_stated_training_count_not_by_reply_content() -> None:
+    strategy = create_strategy("fedavg", min_nodes=2)
+    private_part(strategy).setup_private(
+        plans={1: plan(1, "acme", 16), 2: plan(2, "globex", 48)},
+        train_config={},
+        charge=lambda r, plans: plans,
+        sink=lambda *a: None,
+        fraction=1.0,
+        min_nodes=2,
+        seed=0,
+    )
+    arrays, _ = strategy.aggregate_train(1, [reply(1, "acme", 1.0), reply(2, "globex", 9.0)])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), (16 * 1.0 + 48 * 9.0) / 64, rtol=1e-6)
+
+
+def test_a_coordinators_view_of_a_round_holds_no_metric_count_or_error_text() -> None:
+    """What the strategy keeps of a round: accepted updates with no metric, failures as codes."""
+    strategy, _, metrics = setup("fedavg")
+    leaky = "line 12 has unknown label 'diagnosis: HIV+'"
+    replies = [reply(1, "acme", 1.0), error_reply(2, 103, leaky)]
+    private = private_part(strategy)
+    accepted = private.accept_train_replies(1, replies)
+    assert len(accepted) == 1
+    # What aggregation sees: the weights and the count stated at planning, nothing else.
+    content = accepted[0].content
+    assert set(content.array_records) == {"arrays"}
+    assert dict(content.metric_records["weights"]) == {"num-examples": 16}
+    assert metrics == [(1, "train", "acme")]
+    assert private.failed == ["round 1 globex: data-error"]
+    # Whatever the reason says (Flower puts a traceback there), only the code is kept.
+    private.accept_train_replies(2, [error_reply(1, 2, "Traceback: free text")])
+    assert private.failed[-1] == "round 2 acme: flower-client-app-raised"
+    assert all("HIV" not in f and "free text" not in f for f in private.failed)
+
+
+def test_a_released_evaluation_is_read_from_noised_counts_and_checked() -> None:
+    strategy, _, metrics = setup("fedavg")
+    counts = [50.3, 2.1, -1.2, 4.0, 20.7, 3.3, 0.4, 1.9, 30.2]
+    good = RecordDict(
+        {
+            "evaluation": MetricRecord({"global": counts}),
+            "eval-dp": ConfigRecord({**EVAL.to_config(prefix="eval-dp-"), "tenant": "acme"}),
+        }
+    )
+    cheat = DPParams(0.5, 1.0, 1, 1.0, 1e-5)
+    bad = RecordDict(
+        {
+            "evaluation": MetricRecord({"global": counts}),
+            "eval-dp": ConfigRecord({**cheat.to_config(prefix="eval-dp-"), "tenant": "globex"}),
+        }
+    )
+    m1 = Message(content=good, metadata=meta(1, MessageType.EVALUATE))
+    m2 = Message(content=bad, metadata=meta(2, MessageType.EVALUATE))
+    strategy.aggregate_evaluate(3, [m1, m2])
+    assert metrics == [(2, "evaluate", "acme")]
+    assert "differ from" in private_part(strategy).rejected[0]
+    got = read_evaluation(good, plan(1, "acme"), ("global",))
+    assert isinstance(got, dict)
+    # Negative noised counts are clipped to 0: the diagonal 50.3 + 20.7 + 30.2 over the rest.
+    assert got["global"]["accuracy"] == pytest.approx(101.2 / (sum(counts) + 1.2))
 
 
 def test_unknown_strategy_is_a_value_error() -> None:

@@ -1,0 +1,78 @@
+"""Evaluation metrics released under DP: Gaussian noise on a confusion matrix.
+
+A tenant's held-out split is private data too. What leaves a node about it is one
+confusion matrix per evaluated model (rows: true class, columns: predicted class) with
+independent Gaussian noise N(0, sigma^2) on every count. Adding or removing one example
+changes exactly one count by 1, so the L2 sensitivity of one matrix is 1 and its release
+is the Gaussian mechanism: a ``DPParams`` with sample rate 1, one step per matrix and
+clipping norm 1, composed into the ledger like any other release. Accuracy and
+macro-F1 are computed from the noised counts (post-processing, no further cost).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+_SYSTEM = random.SystemRandom()  # os.urandom: a CSPRNG, never a seedable generator
+
+
+def confusion_counts(y_true: Sequence[int], y_pred: Sequence[int], classes: int) -> list[float]:
+    """Row-major ``classes x classes`` counts: cell (t, p) counts true t predicted p."""
+    counts = [0.0] * (classes * classes)
+    for t, p in zip(y_true, y_pred, strict=True):
+        counts[int(t) * classes + int(p)] += 1.0
+    return counts
+
+
+def gaussian_noise(sigma: float, size: int, *, secure: bool = True) -> list[float]:
+    """``size`` draws of N(0, sigma^2) from the OS's CSPRNG.
+
+    In ``secure`` mode each draw is (x1 + x2 + x3 + x4) / 2 of four N(0, sigma^2) draws,
+    Opacus's defence against floating-point attacks on the Gaussian sampler (Holohan
+    and Braghin 2021, n = 2), which keeps the variance sigma^2.
+    """
+    if not sigma > 0:
+        raise ValueError("The evaluation noise should be a positive value.")
+    if secure:
+        return [sum(_SYSTEM.gauss(0.0, sigma) for _ in range(4)) / 2 for _ in range(size)]
+    return [_SYSTEM.gauss(0.0, sigma) for _ in range(size)]
+
+
+def noised(counts: Sequence[float], sigma: float, *, secure: bool = True) -> list[float]:
+    """The counts with independent Gaussian noise of standard deviation ``sigma`` each."""
+    return [
+        c + n
+        for c, n in zip(counts, gaussian_noise(sigma, len(counts), secure=secure), strict=True)
+    ]
+
+
+def metrics_from_counts(counts: Sequence[float], classes: int) -> dict[str, float]:
+    """Examples, accuracy and macro-F1 from (possibly noised) confusion counts.
+
+    Negative noised counts are clipped to 0 first. Macro-F1 averages over classes that
+    appear in truth or prediction, as the exact metric does.
+    """
+    if len(counts) != classes * classes:
+        raise ValueError(f"Expected {classes * classes} counts, got {len(counts)}.")
+    m = [[max(0.0, float(counts[t * classes + p])) for p in range(classes)] for t in range(classes)]
+    total = sum(map(sum, m))
+    correct = sum(m[c][c] for c in range(classes))
+    scores = []
+    for c in range(classes):
+        tp = m[c][c]
+        fp = sum(m[t][c] for t in range(classes)) - tp
+        fn = sum(m[c]) - tp
+        if tp + fp + fn > 0:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return {
+        "examples": total,
+        "accuracy": correct / total if total > 0 else 0.0,
+        "macro_f1": sum(scores) / len(scores) if scores else 0.0,
+    }
+
+
+def accuracy_noise_sd(sigma: float, classes: int, examples: int) -> float:
+    """Rough standard deviation of a released accuracy: the diagonal's noise over n."""
+    return sigma * math.sqrt(classes) / max(examples, 1)
