@@ -30,8 +30,9 @@ export interface RoundMetric {
   round: number;
   phase: string;
   examples: number;
-  loss: number;
-  accuracy: number;
+  // Null where nothing is released for the phase (e.g. training rounds).
+  loss: number | null;
+  accuracy: number | null;
   macro_f1: number | null;
 }
 

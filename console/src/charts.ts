@@ -92,7 +92,17 @@ export function roundsChart(canvas: HTMLCanvasElement, series: RoundSeries): Rou
       scales: {
         y: { min: 0, max: 1, title: { display: true, text: "score" } },
       },
-      plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } },
+      plugins: {
+        legend: {
+          position: "bottom",
+          // A series the API reports nothing for (e.g. training accuracy) stays out of the key.
+          labels: {
+            boxWidth: 12,
+            filter: (item, data) =>
+              (data.datasets[item.datasetIndex ?? 0]?.data ?? []).some((v) => v !== null),
+          },
+        },
+      },
     },
   });
 }
