@@ -90,6 +90,8 @@ export function roundsChart(canvas: HTMLCanvasElement, series: RoundSeries): Rou
       spanGaps: true,
       interaction: { mode: "index", intersect: false },
       scales: {
+        // Points sit in the middle of their round, so a run's first round is not on the edge.
+        x: { offset: true },
         y: { min: 0, max: 1, title: { display: true, text: "score" } },
       },
       plugins: {

@@ -440,7 +440,7 @@ def test_start_a_tiny_run_see_its_rounds_appear_then_cancel_another(
     )
 
     page.get_by_label("Participants").fill("stark")
-    page.get_by_label("Rounds").fill("1")
+    page.get_by_role("spinbutton", name="Rounds").fill("1")
     page.get_by_label("Epsilon").fill("8")
     page.get_by_text("Advanced settings").click()
     page.get_by_label("Batch size").fill("16")
@@ -461,7 +461,7 @@ def test_start_a_tiny_run_see_its_rounds_appear_then_cancel_another(
 
     go(page, "Runs")
     page.get_by_label("Participants").fill("stark")
-    page.get_by_label("Rounds").fill("20")
+    page.get_by_role("spinbutton", name="Rounds").fill("20")
     page.get_by_role("button", name="Start run").click()
     page.get_by_role("button", name="Cancel run").click()
     page.get_by_role("button", name="Yes, cancel it").click()
