@@ -81,3 +81,20 @@ def poisson_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[f
         raise ValueError("batch_size and epochs should be positive integers.")
     batches = math.ceil(num_examples / batch_size)
     return 1.0 / batches, batches * epochs
+
+
+# DP-SGD wants large expected batches (the noise is added once per batch; Li et al. 2022,
+# Ponomareva et al. 2023): about a tenth of the data per step, within these bounds.
+AUTO_BATCH_FRACTION = 10
+AUTO_BATCH_MIN, AUTO_BATCH_MAX = 64, 1024
+
+
+def dp_batch_size(num_examples: int, requested: int) -> int:
+    """``requested``, or when it is 0 the expected batch for ``num_examples``:
+    n / 10, at least 64 (or n when smaller) and at most 1,024."""
+    if requested > 0:
+        return requested
+    if requested < 0:
+        raise ValueError("batch_size should be positive, or 0 to size it by the data.")
+    wanted = max(AUTO_BATCH_MIN, min(AUTO_BATCH_MAX, num_examples // AUTO_BATCH_FRACTION))
+    return max(1, min(wanted, num_examples))
