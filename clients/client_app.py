@@ -38,7 +38,7 @@ from clients.local_data import NodeData, resolve_node_data
 from clients.train import encode, pick_device, train_dp
 from models import ModelSpec, build_model, load_model_state, model_state
 from privacy.evaluation import confusion_counts, metrics_from_counts, noised
-from privacy.params import DPParams, poisson_schedule
+from privacy.params import DPParams, dp_batch_size, poisson_schedule
 from privacy.protocol import CLIENT_ERRORS
 
 log = logging.getLogger("fedtext.client")
@@ -209,7 +209,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         device = pick_device(str(context.node_config.get("device", "auto")))
         model = _model_from(msg, spec)
         asked = DPParams.from_config(config)
-        batch_size = int(config["batch-size"])  # type: ignore[index,arg-type]
+        # 0: sized by this node's data, as planning and train_dp both size it.
+        batch_size = dp_batch_size(len(data.train), int(config["batch-size"]))  # type: ignore[index,arg-type]
         epochs = int(config["local-epochs"])  # type: ignore[index,arg-type]
         rate, steps = poisson_schedule(len(data.train), batch_size, epochs)
         if not asked.matches(

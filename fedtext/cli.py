@@ -280,33 +280,81 @@ def tenant_delete(
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Check every tenant's ledger and budget chains; exit 1 naming the first broken entry."""
-    from privacy.ledger import all_tenant_ids, budget_changes, tenant_events, verify_chain
+def audit_verify(
+    head: Annotated[
+        Path | None,
+        typer.Option(
+            help="A signed head kept earlier (heads file, head or JSON report): check that "
+            "the database still holds that history and those budgets."
+        ),
+    ] = None,
+) -> None:
+    """Check every tenant's chains, budgets and last signed head; exit 1 naming each problem.
 
+    With --head, also check the database against heads the auditor kept: this detects a
+    deleted tail, a tenant's whole chain deleted, a budget edited outside the record and
+    a chain rewritten and re-hashed.
+    """
+    from privacy.heads import HeadError, last_signed_head, platform_key_ids, read_heads, verify_head
+    from privacy.ledger import all_tenant_ids, budget_changes, tenant_events, verify_chain
+    from tenancy.tables import Tenant
+
+    kept = []
+    if head is not None:
+        try:
+            kept = read_heads(head.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise _fail(f"Cannot read {head}: {exc.strerror}.") from None
+        except HeadError as exc:
+            raise _fail(str(exc)) from None
     platform = _platform(_settings())
-    problems = []
+    problems: list[str] = []
     total = changes = 0
+    trusted = platform_key_ids(platform.keyring, platform.keyring.provider.versions())
     with Session(platform.engine) as session:
-        tenant_ids = all_tenant_ids(session)
+        tenant_ids = sorted(set(all_tenant_ids(session)) | {h.head.tenant_id for h in kept})
         for tenant_id in tenant_ids:
             events = tenant_events(session, tenant_id)
             total += len(events)
             problem = verify_chain(events)
             if problem:
-                problems.append(("entry", problem))
+                problems.append(f"tenant {tenant_id} entry {problem.seq}: {problem.reason}")
             budget = budget_changes(session, tenant_id)
             changes += len(budget)
             problem = verify_chain(budget)
             if problem:
-                problems.append(("budget change", problem))
+                problems.append(f"tenant {tenant_id} budget change {problem.seq}: {problem.reason}")
+            row = session.get(Tenant, tenant_id)
+            eps = row.budget_epsilon if row else None
+            delta = row.budget_delta if row else None
+            checks = [h for h in kept if h.head.tenant_id == tenant_id]
+            stored = last_signed_head(session, tenant_id)
+            for signed in [*checks, *([stored] if stored else [])]:
+                problems += [
+                    f"tenant {tenant_id}: {p}"
+                    for p in verify_head(
+                        signed,
+                        events=events,
+                        changes=budget,
+                        budget_epsilon=eps,
+                        budget_delta=delta,
+                        trusted_keys=trusted,
+                    )
+                ]
+            wide = [c for c in budget if c.dataset == "*"]
+            if row is not None and wide and abs(wide[-1].new_epsilon - row.budget_epsilon) > 1e-12:
+                problems.append(
+                    f"tenant {tenant_id}: budget in force {row.budget_epsilon:g} differs from "
+                    f"its budget chain ({wide[-1].new_epsilon:g})"
+                )
     if problems:
-        for what, p in problems:
-            err.print(f"[red]BROKEN[/red] tenant {p.tenant_id} {what} {p.seq}: {p.reason}")
+        for p in dict.fromkeys(problems):  # the stored and the kept head may agree
+            err.print(f"[red]BROKEN[/red] {p}")
         raise typer.Exit(1)
     console.print(
         f"OK: {len(tenant_ids)} chain(s), {total} entries intact; "
-        f"{changes} budget change(s) intact."
+        f"{changes} budget change(s) intact"
+        + (f"; {len(kept)} kept head(s) consistent." if kept else ".")
     )
 
 
@@ -319,7 +367,7 @@ def audit_report(
     ] = None,
 ) -> None:
     """Write a tenant's audit report (budget, runs, rounds, chain check, methodology)."""
-    from privacy.report import build_report, render
+    from privacy.report import render, signed_report
     from tenancy.errors import NotFound
     from tenancy.tenants import get_tenant
 
@@ -332,13 +380,16 @@ def audit_report(
             row = get_tenant(session=session, name=tenant)
         except NotFound as exc:
             raise _fail(str(exc)) from None
-        report = build_report(
+        report = signed_report(
             session,
+            platform.keyring,
+            platform.keyring.provider.versions(),
             tenant_id=row.id,
             tenant_name=row.name,
             budget_epsilon=row.budget_epsilon,
             delta=row.budget_delta,
         )
+        session.commit()
     text = render(report, fmt)  # type: ignore[arg-type]
     if str(out) == "-":
         console.out(text, end="", highlight=False)
@@ -362,10 +413,13 @@ def audit_export(
     tenant: Annotated[str | None, typer.Option(help="One tenant (default: all).")] = None,
     format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
 ) -> None:
-    """Export the ledger for an auditor (see docs/AUDIT.md)."""
+    """Export the ledger for an auditor (see docs/AUDIT.md), with a signed head per tenant
+    in OUT.heads.json (keep it: `fedtext audit verify --head OUT.heads.json`)."""
     from privacy.export import export_text
+    from privacy.heads import heads_file, platform_signer, sign_and_store
     from privacy.ledger import all_tenant_ids, tenant_events
     from tenancy.errors import NotFound
+    from tenancy.tables import Tenant
     from tenancy.tenants import get_tenant
 
     if format not in ("jsonl", "csv"):
@@ -380,15 +434,35 @@ def audit_export(
             except NotFound as exc:
                 raise _fail(str(exc)) from None
         events = [ev for tid in ids for ev in tenant_events(session, tid)]
-    body = export_text(events, format)  # type: ignore[arg-type]
+        signer = platform_signer(platform.keyring)
+        heads = []
+        for tid in ids:
+            row = session.get(Tenant, tid)
+            if row is not None:  # a deleted tenant's ledger is exported without a budget
+                heads.append(
+                    sign_and_store(
+                        session,
+                        signer,
+                        tenant_id=tid,
+                        budget_epsilon=row.budget_epsilon,
+                        budget_delta=row.budget_delta,
+                    )
+                )
+        body = export_text(events, format)  # type: ignore[arg-type]
+        session.commit()
     if str(out) == "-":
         console.out(body, end="", highlight=False)
         return
+    head_path = out.with_name(out.name + ".heads.json")
     try:
         out.write_text(body, encoding="utf-8")
+        head_path.write_text(heads_file(heads), encoding="utf-8")
     except OSError as exc:
         raise _fail(f"Cannot write {out}: {exc.strerror}.") from None
-    console.print(f"{len(events)} entries of {len(ids)} tenant(s) written to {out}.")
+    console.print(
+        f"{len(events)} entries of {len(ids)} tenant(s) written to {out}; "
+        f"signed heads in {head_path} (keep it)."
+    )
 
 
 @audit_app.command("canary")

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -112,6 +112,27 @@ class HeadSigner:
             public_key=base64.b64encode(pub).decode(),
             signature=base64.b64encode(signature).decode(),
         )
+
+
+class PlatformKeys(Protocol):
+    """What signing needs of the platform's keyring (``tenancy.keyring.Keyring``)."""
+
+    def platform_key(self, purpose: str) -> tuple[int, bytes]: ...
+
+    def platform_key_version(self, purpose: str, version: int) -> bytes: ...
+
+
+def platform_signer(keys: PlatformKeys) -> HeadSigner:
+    """The signer of the platform's current KEK version (derived, never stored)."""
+    return HeadSigner(keys.platform_key(SIGNING_PURPOSE)[1])
+
+
+def platform_key_ids(keys: PlatformKeys, versions: Iterable[int]) -> list[str]:
+    """The key ids of every KEK version the platform can still read."""
+    return [
+        key_id(HeadSigner(keys.platform_key_version(SIGNING_PURPOSE, v)).public_key)
+        for v in versions
+    ]
 
 
 def signature_valid(signed: SignedHeadPublic) -> bool:

@@ -20,6 +20,15 @@ from sqlmodel import Session
 from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, merge_history
 from privacy.accounting import compose_epsilon as _compose
 from privacy.budget import dataset_budgets
+from privacy.heads import (
+    PlatformKeys,
+    SignedHeadPublic,
+    last_signed_head,
+    platform_key_ids,
+    platform_signer,
+    sign_and_store,
+    verify_head,
+)
 from privacy.independent import cross_check
 from privacy.ledger import (
     GENESIS,
@@ -107,10 +116,18 @@ class ChainCheck(BaseModel):
     budget_problem: str | None
     budget_head: str
     budget_matches_tenant: bool  # the last tenant-wide change equals the budget in force
+    # Against the newest head the platform signed earlier (None: no earlier head kept).
+    checked_head_at: str | None = None
+    head_problems: list[str] = []
 
     @property
     def ok(self) -> bool:
-        return self.ledger_ok and self.budget_chain_ok and self.budget_matches_tenant
+        return (
+            self.ledger_ok
+            and self.budget_chain_ok
+            and self.budget_matches_tenant
+            and not self.head_problems
+        )
 
 
 class IndependentCheck(BaseModel):
@@ -151,6 +168,9 @@ class AuditReport(BaseModel):
     chain_ok: bool
     independent: IndependentCheck
     methodology: list[MethodologyItem]
+    # The head signed as this report was made: keep it, and check later exports against it
+    # with `fedtext audit verify --head FILE` (docs/AUDIT.md).
+    signed_head: SignedHeadPublic | None = None
 
 
 def _curve_points(events: Sequence[PrivacyEvent]) -> set[int]:
@@ -205,41 +225,54 @@ def methodology(delta: float) -> list[MethodologyItem]:
             "When a round is dispatched, before any message leaves the coordinator: a "
             "round that fails afterwards, or a reply that is rejected, stays charged "
             "(over-counting, never under-counting). A round that would pass the tenant's "
-            "or the dataset's budget is not dispatched.",
+            "or the dataset's budget is not dispatched. Each check and its charge run in "
+            "one transaction holding the tenant's ledger head, and a run reserves its "
+            "planned releases before round 1: every decision counts other active runs' "
+            "reservations as spent, so concurrent runs cannot overspend one budget.",
         ),
         (
             "What is protected?",
             "The model updates each client sends (DP-SGD is applied on the tenant's own "
             "machine, so the coordinator only ever sees noised updates) and everything "
             "computed from them: the global model and every stored model version, as "
-            "post-processing.",
+            "post-processing. Evaluation metrics leave a node only as confusion counts "
+            "with Gaussian noise (sensitivity 1 per matrix), charged as ledger entries of "
+            "purpose 'evaluate' (sample rate 1, one step per matrix); accuracy and "
+            "macro-F1 in run summaries and model versions are computed from those.",
         ),
         (
             "What is NOT covered by this guarantee?",
-            "Metrics that clients report in the clear: training loss and accuracy per "
-            "round, and federated evaluation loss, accuracy and macro-F1 on each tenant's "
-            "held-out split; the number of training and test examples of each tenant; "
-            "which tenants took part and when. Hyperparameter search done outside the "
-            "platform is not accounted. Client-level DP, when a run enables it, is "
-            "accounted by Flower's own accountant and is not part of this ledger.",
+            "The number of training examples of each tenant, which its node states for "
+            "planning (the sample rate q = 1/ceil(n/B) reveals it to within a batch "
+            "anyway); which tenants took part and when; error codes of failed nodes (codes "
+            "only, never text). No training metric leaves a node and the test count is "
+            "released only as the noised total of the confusion counts. Hyperparameter "
+            "search done outside the platform is not accounted. Client-level DP, when a "
+            "run enables it, is accounted by Flower's own accountant and is not part of "
+            "this ledger.",
         ),
         (
             "What trust is placed in whom?",
             "Each tenant's client node is trusted to run DP-SGD with the parameters it "
             "was sent; it reports the parameters it applied and a mismatch is rejected. "
             "The coordinator is trusted to write the ledger; the hash chains make an "
-            "edit, deletion or reordering of entries detectable, but a deleted tail or a "
-            "wholesale rewrite is detectable only against a head hash kept elsewhere "
-            "(each report prints the heads: keep them).",
+            "edit, deletion or reordering of entries detectable. Each report and ledger "
+            "export comes with a head signed with Ed25519 under a key derived from the "
+            "platform's key-encryption key (not in the database): against a head kept "
+            "outside the database, a deleted tail, a tenant's chain deleted, a budget "
+            "edited outside the record or a chain rewritten and re-hashed is detected "
+            "(`fedtext audit verify --head FILE`). Keep the heads.",
         ),
         (
             "Implementation caveats?",
-            "Noise is sampled in floating point (no defence against floating-point "
-            "attacks on the Gaussian sampler). In secure mode Opacus would use "
-            "torchcsprng, which has no build for current torch; fedtext then draws noise "
-            "from a torch generator seeded with 63 bits of OS entropy per release, which "
-            "is not a cryptographically secure generator. Runs with secure mode off "
-            "(tests only) use torch's default generator.",
+            "In secure mode Opacus would draw from torchcsprng, which has no build for "
+            "current torch; fedtext then draws DP-SGD noise and Poisson sampling from "
+            "torch generators seeded with 63 bits of OS entropy per release (not "
+            "cryptographically secure generators), and noise as Opacus's secure mode "
+            "does (four draws summed and halved, its defence against floating-point "
+            "attacks). With secure mode off (tests) the generators are seeded the same "
+            "way but noise is a single draw. Evaluation noise comes from the OS CSPRNG "
+            "(random.SystemRandom), in floating point.",
         ),
         (
             "Is there an empirical check?",
@@ -260,6 +293,8 @@ def build_report(
     tenant_name: str,
     budget_epsilon: float,
     delta: float,
+    last_head: SignedHeadPublic | None = None,
+    trusted_keys: Sequence[str] | None = None,
 ) -> AuditReport:
     """Recompose every figure of one tenant from its ledger and budget chain.
 
@@ -271,6 +306,9 @@ def build_report(
         Whose report it is.
     budget_epsilon, delta
         The tenant's budget in force (kept on the tenant row).
+    last_head, trusted_keys
+        The newest head signed earlier, checked against the chains now (truncation,
+        rewrite, budget edits), and the key ids it may be signed with.
     """
     events = tenant_events(session, tenant_id)
     changes = budget_changes(session, tenant_id)
@@ -359,6 +397,19 @@ def build_report(
         budget_head=changes[-1].entry_hash if changes else GENESIS,
         budget_matches_tenant=(
             not tenant_wide or math.isclose(tenant_wide[-1].new_epsilon, budget_epsilon)
+        ),
+        checked_head_at=last_head.head.signed_at if last_head else None,
+        head_problems=(
+            verify_head(
+                last_head,
+                events=events,
+                changes=changes,
+                budget_epsilon=budget_epsilon,
+                budget_delta=delta,
+                trusted_keys=trusted_keys,
+            )
+            if last_head
+            else []
         ),
     )
     agreement = cross_check(params, delta, spent)
@@ -637,6 +688,9 @@ fedtext {_e(r.fedtext_version)}; accountant of record {_e(r.accountant)}
 {_table(["chain", "entries", "result", "head hash (keep it)"], chain_rows)}
 <p>Budget in force matches the last recorded tenant-wide change:
 {_verdict(c.budget_matches_tenant, "yes", "NO: the budget was changed outside the record")}.</p>
+<p>Against the last signed head ({_e(c.checked_head_at or "none kept yet")}):
+{_verdict(not c.head_problems, "consistent", "; ".join(c.head_problems))}.</p>
+{_signed(r)}
 <h2>Independent recomputation: {_verdict(ind.agrees, "agrees", "DISAGREES")}</h2>
 <p>{_e(ind.library)}, {_e(ind.method)}: epsilon {ind.epsilon:.4f} against {ind.of_record:.4f}
 of record (difference {ind.abs_diff:.4f}).</p>
@@ -652,6 +706,19 @@ ledger entry; the dashed red line is the budget in force.</figcaption></figure>
 """
 
 
+def _signed(r: AuditReport) -> str:
+    if r.signed_head is None:
+        return ""
+    h = r.signed_head
+    return (
+        "<h3>Signed head (keep it)</h3><p>Ed25519 key <code>"
+        f"{_e(h.key_id)}</code>, public key <code>{_e(h.public_key)}</code>, signature "
+        f"<code>{_e(h.signature)}</code> over <code>{_e(h.head.model_dump_json())}</code>. "
+        "Save the JSON report (or <code>GET /v1/privacy/head</code>) and check later "
+        "exports with <code>fedtext audit verify --head FILE</code>.</p>"
+    )
+
+
 ReportFormat = Literal["json", "html"]
 
 
@@ -662,3 +729,34 @@ def render(report: AuditReport, fmt: ReportFormat) -> str:
     if fmt == "html":
         return render_html(report)
     raise ValueError(f"Unknown report format {fmt!r}; known: json, html.")
+
+
+def signed_report(
+    session: Session,
+    keys: PlatformKeys,
+    key_versions: Sequence[int],
+    *,
+    tenant_id: str,
+    tenant_name: str,
+    budget_epsilon: float,
+    delta: float,
+) -> AuditReport:
+    """The report, checked against the last signed head, with a new signed head (kept in
+    the database too; the caller commits)."""
+    report = build_report(
+        session,
+        tenant_id=tenant_id,
+        tenant_name=tenant_name,
+        budget_epsilon=budget_epsilon,
+        delta=delta,
+        last_head=last_signed_head(session, tenant_id),
+        trusted_keys=platform_key_ids(keys, key_versions),
+    )
+    report.signed_head = sign_and_store(
+        session,
+        platform_signer(keys),
+        tenant_id=tenant_id,
+        budget_epsilon=budget_epsilon,
+        budget_delta=delta,
+    )
+    return report

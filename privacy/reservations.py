@@ -65,15 +65,24 @@ class BudgetReservation(SQLModel, table=True):
         return [PlannedRelease.from_json(r) for r in json.loads(self.releases_json)]
 
 
-def estimate_releases(target_epsilon: float, delta: float) -> list[PlannedRelease]:
-    """A stand-in for a run not planned yet: one Gaussian release of ``target_epsilon``.
+def estimate_releases(
+    target_epsilon: float, delta: float, eval_noise: float = 0.0, eval_matrices: int = 2
+) -> list[PlannedRelease]:
+    """A stand-in for a run not planned yet: one Gaussian release of ``target_epsilon``,
+    plus its evaluation release (``eval_matrices`` Gaussian steps at ``eval_noise``).
 
     Before the nodes report their data sizes the exact releases are unknown; the run's
-    target epsilon is what planning will spend (noise is chosen to meet it), so a
-    Gaussian mechanism (q = 1) with that epsilon at ``delta`` holds its place.
+    target epsilon is what planning will spend on training (noise is chosen to meet
+    it), so a Gaussian mechanism (q = 1) with that epsilon at ``delta`` holds its place.
+    Planning replaces the estimate with the exact releases, checked again.
     """
     sigma = noise_for_target(target_epsilon, delta, 1.0, 1)
-    return [PlannedRelease(0, ESTIMATE, DPParams(sigma, 1.0, 1, 1.0, delta))]
+    out = [PlannedRelease(0, ESTIMATE, DPParams(sigma, 1.0, 1, 1.0, delta))]
+    if eval_noise > 0:
+        out.append(
+            PlannedRelease(0, ESTIMATE, DPParams(eval_noise, 1.0, eval_matrices, 1.0, delta))
+        )
+    return out
 
 
 def reserve(

@@ -15,6 +15,7 @@ from models import (
     families,
     training_defaults,
 )
+from privacy.evaluation import DEFAULT_EVAL_NOISE
 from privacy.ledger import check_dataset
 from server.strategy import strategy_names
 
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "personalize-epochs": AUTO,
     # Standard deviation of the Gaussian noise on each count of the released evaluation
     # confusion matrices (sensitivity 1); 0 releases no evaluation metrics at all.
-    "eval-noise": 10.0,
+    "eval-noise": DEFAULT_EVAL_NOISE,
     "client-dp": "off",
     "client-dp-noise": 0.1,
     "client-dp-clip": 10.0,

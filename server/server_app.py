@@ -23,7 +23,7 @@ from sqlmodel import Session, select
 from models import ModelSpec, build_model, load_model_state, load_weights, model_state, save_weights
 from privacy.accounting import compose_epsilon
 from privacy.budget import check_budget, check_release
-from privacy.heads import SIGNING_PURPOSE, HeadSigner, sign_and_store
+from privacy.heads import platform_signer, sign_and_store
 from privacy.ledger import DEFAULT_DATASET, PrivacyEvent, lock_tenant, record_event, tenant_events
 from privacy.ledger import create_tables as create_ledger_tables
 from privacy.params import DPParams
@@ -475,11 +475,6 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
     return outcome
 
 
-def head_signer(platform: Platform) -> HeadSigner:
-    """The platform's head-signing key, derived from its current KEK (never stored)."""
-    return HeadSigner(platform.keyring.platform_key(SIGNING_PURPOSE)[1])
-
-
 def _participant_ids(platform: Platform, run_id: str) -> list[str]:
     with Session(platform.engine) as session:
         return sorted(
@@ -493,7 +488,7 @@ def _participant_ids(platform: Platform, run_id: str) -> list[str]:
 def _sign_heads(platform: Platform, tenant_ids: list[str]) -> None:
     """Keep a signed head of every tenant the run charged, as the run ends."""
     try:
-        signer = head_signer(platform)
+        signer = platform_signer(platform.keyring)
         with session_scope(platform.engine) as session:
             for tenant_id in tenant_ids:
                 tenant = session.get(Tenant, tenant_id)

@@ -114,10 +114,13 @@ class Partners(BaseModel):
 
 class RoundMetricPublic(BaseModel):
     round: int
-    phase: str
+    phase: str = Field(
+        description="train: the tenant's update was accepted (no metric leaves a node); "
+        "evaluate/personalize: figures from DP-noised confusion counts (docs/AUDIT.md)."
+    )
     examples: int
-    loss: float
-    accuracy: float
+    loss: float | None
+    accuracy: float | None
     macro_f1: float | None
 
 
@@ -175,7 +178,13 @@ class BudgetPublic(BaseModel):
     delta: float
     spent_epsilon: float
     spent_epsilon_rdp: float
-    remaining_epsilon: float
+    reserved_epsilon: float = Field(
+        description="Held by active runs for releases they planned and have not charged yet."
+    )
+    reserved_releases: int = Field(description="How many planned releases are held.")
+    remaining_epsilon: float = Field(
+        description="Budget less spent and reserved: what a new run may still plan."
+    )
     accountant: str
     events: int
     dataset_budgets: dict[str, float] = Field(

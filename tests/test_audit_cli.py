@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from fedtext.cli import app
 from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
-from privacy.ledger import record_event
+from privacy.ledger import GENESIS, entry_digest, record_event, tenant_events
 from privacy.params import DPParams
 from tenancy.db import session_scope
 from tenancy.tenants import get_tenant
@@ -113,3 +114,152 @@ def test_verify_names_a_tampered_budget_change(data_dir: Path) -> None:
         app, ["audit", "report", "--tenant", "acme", "--out", str(data_dir / "r.json")]
     )
     assert rep.exit_code == 1 and "BROKEN" in rep.output
+
+
+# --- Signed heads: each tamper of the review is detected given the exported head ----------
+
+
+def _export_heads(data_dir: Path) -> Path:
+    out = data_dir / "ledger.jsonl"
+    r = runner.invoke(app, ["audit", "export", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    heads = data_dir / "ledger.jsonl.heads.json"
+    assert heads.exists() and "signed heads" in r.output
+    return heads
+
+
+def _sql(data_dir: Path, *statements: str) -> None:
+    platform = platform_from_settings(Settings(data_dir=data_dir))
+    with platform.engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+
+
+def _verify(heads: Path | None = None) -> Any:
+    return runner.invoke(app, ["audit", "verify", *(["--head", str(heads)] if heads else [])])
+
+
+def test_verify_with_the_exported_head_passes_on_an_intact_ledger(data_dir: Path) -> None:
+    heads = _export_heads(data_dir)
+    data = json.loads(heads.read_text())
+    assert data["format"] == "fedtext-signed-heads/1"
+    head = data["heads"][0]["head"]
+    assert head["ledger_seq"] == 2 and head["budget_seq"] == 1 and head["budget_epsilon"] == 6.0
+    r = _verify(heads)
+    assert r.exit_code == 0, r.output
+    assert "1 kept head(s) consistent" in r.output
+
+
+def test_a_deleted_tail_is_detected_against_the_head(data_dir: Path) -> None:
+    heads = _export_heads(data_dir)
+    _sql(data_dir, "DELETE FROM privacy_event WHERE seq = 2")
+    assert _verify().exit_code == 1  # the stored signed head catches it too
+    _sql(data_dir, "DELETE FROM privacy_signed_head")  # ... unless it is deleted as well
+    assert _verify().exit_code == 0
+    r = _verify(heads)
+    assert r.exit_code == 1 and "entries were deleted" in r.output
+
+
+def test_deleting_everything_of_a_tenant_is_detected(data_dir: Path) -> None:
+    heads = _export_heads(data_dir)
+    _sql(
+        data_dir,
+        "DELETE FROM privacy_event",
+        "DELETE FROM privacy_budget_change",
+        "DELETE FROM privacy_signed_head",
+        "DELETE FROM privacy_ledger_head",
+    )
+    r = _verify(heads)
+    assert r.exit_code == 1
+    assert "ledger has 0 entries, the signed head 2" in r.output
+    assert "budget chain has 0 entries" in r.output
+
+
+def test_a_budget_edited_outside_the_record_is_detected_and_refused(data_dir: Path) -> None:
+    heads = _export_heads(data_dir)
+    _sql(data_dir, "UPDATE tenant SET budget_epsilon = 1000")
+    r = _verify()
+    assert r.exit_code == 1 and "differs from its budget chain" in r.output
+    r = _verify(heads)
+    assert r.exit_code == 1 and "edited outside the record" in r.output
+    # The budget gate does not spend the edited budget either.
+    from privacy.budget import check_release
+
+    platform = platform_from_settings(Settings(data_dir=data_dir))
+    with session_scope(platform.engine) as session:
+        tenant = get_tenant(session=session, name="acme")
+        decision = check_release(
+            session, tenant=tenant, dataset="default", new_events=[DPParams(5.0, 0.01, 1, 1, 1e-5)]
+        )
+    assert not decision.allowed and "changed outside the record" in decision.reason
+
+
+def test_deleting_the_last_budget_change_is_detected(data_dir: Path) -> None:
+    assert (
+        runner.invoke(
+            app, ["tenant", "budget", "acme", "--epsilon", "9", "--reason", "renewal"]
+        ).exit_code
+        == 0
+    )
+    heads = _export_heads(data_dir)
+    # Remove the raise and put the old figure back on the tenant row: the chain is intact.
+    _sql(
+        data_dir,
+        "DELETE FROM privacy_budget_change WHERE seq = 2",
+        "UPDATE tenant SET budget_epsilon = 6",
+        "DELETE FROM privacy_signed_head",
+    )
+    assert _verify().exit_code == 0  # nothing inside the database shows it
+    r = _verify(heads)
+    assert r.exit_code == 1 and "budget chain has 1 entries, the signed head 2" in r.output
+
+
+def test_an_edited_and_rehashed_chain_is_detected(data_dir: Path) -> None:
+    heads = _export_heads(data_dir)
+    platform = platform_from_settings(Settings(data_dir=data_dir))
+    # An attacker with database access lowers a noise-free figure and re-hashes every link.
+    with session_scope(platform.engine) as session:
+        tenant = get_tenant(session=session, name="acme")
+        events = tenant_events(session, tenant.id)
+    prev = GENESIS
+    for ev in events:
+        ev.noise_multiplier = 5.0 if ev.seq == 1 else ev.noise_multiplier
+        ev.prev_hash = prev
+        ev.entry_hash = entry_digest(ev)
+        prev = ev.entry_hash
+        _sql(
+            data_dir,
+            f"UPDATE privacy_event SET noise_multiplier = {ev.noise_multiplier!r}, "
+            f"prev_hash = '{ev.prev_hash}', entry_hash = '{ev.entry_hash}' WHERE id = {ev.id}",
+        )
+    _sql(data_dir, "DELETE FROM privacy_signed_head")
+    assert _verify().exit_code == 0  # the chain alone is consistent again
+    r = _verify(heads)
+    assert r.exit_code == 1 and "the chain was rewritten" in r.output
+
+
+def test_an_altered_head_file_is_refused(data_dir: Path) -> None:
+    heads = _export_heads(data_dir)
+    data = json.loads(heads.read_text())
+    data["heads"][0]["head"]["ledger_seq"] = 1  # make a truncation look expected
+    heads.write_text(json.dumps(data))
+    r = _verify(heads)
+    assert r.exit_code == 1 and "signature is not valid" in r.output
+    heads.write_text("{}")
+    r = _verify(heads)
+    assert r.exit_code == 2 and "no signed head" in r.output
+
+
+def test_the_report_carries_a_signed_head_and_checks_the_last_one(data_dir: Path) -> None:
+    out = data_dir / "r.json"
+    first = runner.invoke(app, ["audit", "report", "--tenant", "acme", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    rep = json.loads(out.read_text())
+    assert rep["signed_head"]["head"]["ledger_seq"] == 2
+    assert rep["chain"]["checked_head_at"] is None  # nothing signed before
+    assert _verify(out).exit_code == 0  # a JSON report is a head file too
+    _sql(data_dir, "DELETE FROM privacy_event WHERE seq = 2")
+    second = runner.invoke(app, ["audit", "report", "--tenant", "acme", "--out", str(out)])
+    assert second.exit_code == 1 and "BROKEN" in second.output
+    rep = json.loads(out.read_text())
+    assert any("deleted" in p for p in rep["chain"]["head_problems"])

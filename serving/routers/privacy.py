@@ -14,9 +14,11 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from privacy.accounting import DEFAULT_ACCOUNTANT, compose_epsilon
 from privacy.budget import BudgetError, change_budget, dataset_budgets
 from privacy.export import iter_csv, iter_jsonl
-from privacy.ledger import TENANT_WIDE, budget_changes, tenant_events
-from privacy.report import build_report, render_html
-from serving.deps import AdminCaller, SessionDep
+from privacy.heads import SignedHeadPublic, platform_signer, sign_and_store
+from privacy.ledger import TENANT_WIDE, budget_changes, lock_tenant, tenant_events
+from privacy.report import render_html, signed_report
+from privacy.reservations import outstanding
+from serving.deps import AdminCaller, PlatformDep, SessionDep
 from serving.schemas import (
     BudgetChangePublic,
     BudgetChangeRequest,
@@ -24,22 +26,29 @@ from serving.schemas import (
     LedgerEntryPublic,
     PrivacyReportPublic,
 )
+from tenancy.runs import active_run_ids
 
 router = APIRouter(prefix="/v1/privacy", tags=["privacy"])
 
 
 @router.get("/budget", response_model=BudgetPublic)
 def budget(caller: AdminCaller, session: SessionDep) -> BudgetPublic:
+    """Spent (charged releases), reserved (active runs' uncharged planned releases) and
+    remaining (what a new run may still plan), all composed at the tenant's delta."""
     tenant = caller.tenant
     events = [e.params() for e in tenant_events(session, tenant.id)]
+    held = [p for _, p in outstanding(session, tenant.id, active_runs=active_run_ids(session))]
     spent = compose_epsilon(events, tenant.budget_delta, DEFAULT_ACCOUNTANT)
+    committed = compose_epsilon([*events, *held], tenant.budget_delta, DEFAULT_ACCOUNTANT)
     return BudgetPublic(
         tenant=tenant.name,
         budget_epsilon=tenant.budget_epsilon,
         delta=tenant.budget_delta,
         spent_epsilon=spent,
         spent_epsilon_rdp=compose_epsilon(events, tenant.budget_delta, "rdp"),
-        remaining_epsilon=max(0.0, tenant.budget_epsilon - spent),
+        reserved_epsilon=committed - spent,
+        reserved_releases=len(held),
+        remaining_epsilon=max(0.0, tenant.budget_epsilon - committed),
         accountant=DEFAULT_ACCOUNTANT,
         events=len(events),
         dataset_budgets=dataset_budgets(session, tenant.id),
@@ -51,6 +60,9 @@ def set_budget(
     body: BudgetChangeRequest, caller: AdminCaller, session: SessionDep
 ) -> BudgetChangePublic:
     """Set the tenant's (or one dataset's) epsilon budget; the change is recorded."""
+    lock_tenant(session, caller.tenant.id)  # not between a run's budget check and its charge
+    if caller.tenant in session:
+        session.refresh(caller.tenant)
     try:
         change = change_budget(
             session,
@@ -104,17 +116,38 @@ def ledger(
 def report(
     caller: AdminCaller,
     session: SessionDep,
+    platform: PlatformDep,
     format: Annotated[Literal["json", "html"], Query()] = "json",
 ) -> PrivacyReportPublic | Response:
-    """The audit report: budget, spend per run and round, chain check, methodology."""
+    """The audit report: budget, spend per run and round, chain check (against the last
+    signed head too), methodology, and a new signed head to keep."""
     tenant = caller.tenant
-    built = build_report(
+    built = signed_report(
         session,
+        platform.keyring,
+        platform.keyring.provider.versions(),
         tenant_id=tenant.id,
         tenant_name=tenant.name,
         budget_epsilon=tenant.budget_epsilon,
         delta=tenant.budget_delta,
     )
+    session.commit()
     if format == "html":
         return HTMLResponse(render_html(built))
     return PrivacyReportPublic.model_validate(built.model_dump())
+
+
+@router.get("/head", response_model=SignedHeadPublic)
+def head(caller: AdminCaller, session: SessionDep, platform: PlatformDep) -> SignedHeadPublic:
+    """The tenant's chain heads and budget now, signed by the platform (Ed25519): keep it
+    with a ledger export and check later ones with `fedtext audit verify --head FILE`."""
+    tenant = caller.tenant
+    signed = sign_and_store(
+        session,
+        platform_signer(platform.keyring),
+        tenant_id=tenant.id,
+        budget_epsilon=tenant.budget_epsilon,
+        budget_delta=tenant.budget_delta,
+    )
+    session.commit()
+    return signed

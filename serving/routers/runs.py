@@ -21,10 +21,14 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session, col, select
 
+from privacy.budget import check_release
+from privacy.evaluation import DEFAULT_EVAL_NOISE
+from privacy.ledger import lock_tenant
+from privacy.reservations import ESTIMATE, estimate_releases, outstanding, reserve
 from serving.deps import AdminCaller, OptionalRunLauncherDep, RunLauncherDep, SessionDep
 from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
-from tenancy.runs import FINISHED, reap_orphaned_runs
-from tenancy.tables import RoundMetric, TrainingRun, utcnow
+from tenancy.runs import FINISHED, active_run_ids, reap_orphaned_runs
+from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
 from tenancy.tenants import live_tenants, without_consent
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -111,8 +115,16 @@ def create(
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     run = TrainingRun(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
+    refusals = _reserve_budgets(session, run.id, list(found.values()), body)
+    if refusals:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            "The run does not fit what is left of the budget after other runs' "
+            "reservations: " + "; ".join(refusals),
+        )
     session.add(run)
-    session.commit()
+    session.commit()  # the run and its reservations together, then the locks are released
     try:
         launcher.launch(run.id)
     except OSError as exc:
@@ -124,6 +136,43 @@ def create(
         ) from None
     session.refresh(run)
     return _public(session, run, caller.tenant.id)
+
+
+def _reserve_budgets(
+    session: Session, run_id: str, tenants: list[Tenant], body: RunCreate
+) -> list[str]:
+    """Reserve the run's estimated spend of every participant, or say who it does not fit.
+
+    Each tenant is locked (in id order, so two submissions never deadlock) and checked
+    against spent + other active runs' reservations + this run's target epsilon and
+    evaluation release; the reservations commit with the run. Planning replaces the
+    estimate with the exact releases and checks again.
+    """
+    refusals = []
+    for tenant in sorted(tenants, key=lambda t: t.id):
+        lock_tenant(session, tenant.id)
+        session.refresh(tenant)
+        estimate = estimate_releases(body.epsilon, tenant.budget_delta, DEFAULT_EVAL_NOISE)
+        others = outstanding(session, tenant.id, active_runs=active_run_ids(session))
+        decision = check_release(
+            session,
+            tenant=tenant,
+            dataset=body.dataset,
+            new_events=[r.params for r in estimate],
+            reserved=others,
+        )
+        if not decision.allowed:
+            refusals.append(f"tenant {tenant.name!r}: {decision.reason}")
+            continue
+        reserve(
+            session,
+            run_id=run_id,
+            tenant_id=tenant.id,
+            dataset=body.dataset,
+            releases=estimate,
+            stage=ESTIMATE,
+        )
+    return refusals
 
 
 @router.get("", response_model=list[RunPublic])
