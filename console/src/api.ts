@@ -23,7 +23,10 @@ export interface Budget {
   accountant: string;
   events: number;
   dataset_budgets?: Record<string, number>;
+  // Newer servers: epsilon held by active runs for planned, not yet charged releases;
+  // remaining_epsilon then already excludes it.
   reserved_epsilon?: number | null;
+  reserved_releases?: number | null;
 }
 
 export interface RoundMetric {
@@ -84,6 +87,7 @@ export interface Key {
 
 export interface LedgerEntry {
   dataset: string;
+  purpose?: string;
   seq: number;
   run_id: string;
   round: number;
@@ -123,6 +127,9 @@ export interface Report {
     budget_problem: string | null;
     budget_head: string;
     budget_matches_tenant: boolean;
+    // Newer servers: the check against the newest head the platform signed.
+    checked_head_at?: string | null;
+    head_problems?: string[];
   };
   independent?: { library: string; epsilon: number; agrees: boolean };
   rounds: ReportRound[];
@@ -241,14 +248,30 @@ export interface Choices {
   default: string | null;
 }
 
+type OpenApi = {
+  paths?: Record<string, unknown>;
+  components?: { schemas?: Record<string, { properties?: Record<string, Record<string, unknown>> }> };
+};
+
+let openapi: Promise<OpenApi> | null = null;
+
+/** The server's own schema (public, fetched once): what this server's API offers. */
+function schema(): Promise<OpenApi> {
+  openapi ??= fetch("/openapi.json", { credentials: "omit" }).then(
+    (r) => (r.ok ? (r.json() as Promise<OpenApi>) : {}),
+    () => ({}),
+  );
+  return openapi;
+}
+
+/** Whether this server has a route (newer servers gain some; the console adapts). */
+export async function hasPath(path: string): Promise<boolean> {
+  return path in ((await schema()).paths ?? {});
+}
+
 /** Enumerated run settings as the server's own schema states them (it may gain families). */
 export async function runChoices(): Promise<Record<string, Choices>> {
-  const response = await fetch("/openapi.json", { credentials: "omit" });
-  if (!response.ok) return {};
-  const schema = (await response.json()) as {
-    components?: { schemas?: Record<string, { properties?: Record<string, Record<string, unknown>> }> };
-  };
-  const props = schema.components?.schemas?.RunCreate?.properties ?? {};
+  const props = (await schema()).components?.schemas?.RunCreate?.properties ?? {};
   const out: Record<string, Choices> = {};
   for (const [name, prop] of Object.entries(props)) {
     const variants = [prop, ...((prop.anyOf as Record<string, unknown>[] | undefined) ?? [])];

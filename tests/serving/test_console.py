@@ -304,6 +304,10 @@ def test_sign_in_deploy_roll_back_and_try_a_model(site: Site, desktop: Watched) 
     expect(page.locator(".prediction")).to_contain_text("sentiment v1")
     shot(page, "desktop-models")
 
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Admin API key")).to_be_focused()
+    assert page.evaluate("sessionStorage.length") == 0
+
 
 def test_privacy_shows_budget_chain_ledger_and_downloads_the_report(
     site: Site, desktop: Watched

@@ -1,33 +1,50 @@
-import { api, type Budget, type LedgerEntry, type Report } from "../api";
+import { api, hasPath, type Budget, type LedgerEntry, type Report } from "../api";
 import { budgetGauge, chartBox, epsilonChart, type EpsilonPoint } from "../charts";
 import { badge, fmtNum, fmtTime, h, parseTime, saveBlob, table } from "../dom";
 import type { Page } from "../main";
 import { Notice, busy, card, emptyState, loading, pageHeader, shortId } from "../ui";
 
-function budgetFacts(budget: Budget): HTMLElement {
+/** The headline (next to the gauge) and the facts (below it). */
+function budgetFacts(budget: Budget): { headline: HTMLElement; facts: HTMLElement } {
   const reserved = typeof budget.reserved_epsilon === "number" ? budget.reserved_epsilon : null;
   const share = budget.budget_epsilon > 0 ? (100 * budget.spent_epsilon) / budget.budget_epsilon : 0;
   const row = (term: string, value: string | Node) => [h("dt", null, term), h("dd", null, value)];
-  return h(
+  const releases = typeof budget.reserved_releases === "number" ? budget.reserved_releases : null;
+  const headline = h(
     "div",
-    { class: "budget-facts" },
+    { class: "headline" },
     h(
       "p",
       { class: "big-number", "data-testid": "budget-summary" },
       h("span", { class: "spent" }, `ε ${fmtNum(budget.spent_epsilon)}`),
       h("span", { class: "muted" }, ` spent of ${fmtNum(budget.budget_epsilon)} (${share.toFixed(0)}%)`),
     ),
+    h("p", { class: "remaining" }, `ε ${fmtNum(budget.remaining_epsilon)} remaining`),
     h(
-      "dl",
-      { class: "facts" },
-      row("Remaining", `ε ${fmtNum(budget.remaining_epsilon)}`),
-      reserved !== null ? row("Reserved by runs in progress", `ε ${fmtNum(reserved)}`) : null,
-      row("At delta (δ)", String(budget.delta)),
-      row("Accountant", budget.accountant.toUpperCase()),
-      row("RDP cross-check", `ε ${fmtNum(budget.spent_epsilon_rdp)} (an upper bound)`),
-      row("Releases charged", String(budget.events)),
+      "ul",
+      { class: "legend" },
+      h("li", { class: "key-spent" }, "spent"),
+      reserved ? h("li", { class: "key-reserved" }, "reserved") : null,
+      h("li", { class: "key-remaining" }, "remaining"),
     ),
   );
+  const facts = h(
+    "dl",
+    { class: "facts" },
+    reserved !== null
+      ? row(
+          "Reserved by active runs",
+          reserved > 0
+            ? `ε ${fmtNum(reserved)}${releases !== null ? ` (${plural(releases, "planned release", "planned releases")})` : ""}`
+            : "none",
+        )
+      : null,
+    row("At delta (δ)", String(budget.delta)),
+    row("Accountant", budget.accountant.toUpperCase()),
+    row("RDP cross-check", `ε ${fmtNum(budget.spent_epsilon_rdp)} (an upper bound)`),
+    row("Releases charged", String(budget.events)),
+  );
+  return { headline, facts };
 }
 
 function datasetBudgets(budget: Budget): HTMLElement | null {
@@ -63,6 +80,16 @@ function chainStatus(report: Report): HTMLElement {
       { class: "plain" },
       line(c.ledger_ok, "Ledger", plural(c.ledger_entries, "entry", "entries"), c.ledger_problem),
       line(c.budget_chain_ok && c.budget_matches_tenant, "Budget changes", plural(c.budget_changes, "change", "changes"), c.budget_problem ?? (c.budget_matches_tenant ? null : "The last tenant-wide change differs from the budget in force.")),
+      c.checked_head_at === undefined
+        ? null
+        : c.checked_head_at || c.head_problems?.length
+          ? line(
+              !c.head_problems?.length,
+              "Signed head",
+              c.checked_head_at ? `checked against the head signed ${fmtTime(c.checked_head_at)}` : "",
+              c.head_problems?.length ? c.head_problems.join(" ") : null,
+            )
+          : h("li", null, badge("none yet", "muted"), " ", h("strong", null, "Signed head"), " — no earlier signed head to check against"),
       report.independent
         ? h(
             "li",
@@ -91,12 +118,15 @@ function plural(n: number, one: string, many: string): string {
 
 function ledgerTable(entries: LedgerEntry[]): HTMLElement {
   if (!entries.length) return emptyState("No release has been charged yet.");
+  // Newer servers say what each release was for (training, evaluation, ...).
+  const purpose = entries.some((e) => typeof e.purpose === "string");
   return table(
     "Ledger entries",
-    ["#", "Dataset", "Run", "Round", "Charged", "Noise (σ)", "Sample rate", "Steps", "Clip", "Entry hash"],
+    ["#", "Dataset", ...(purpose ? ["Purpose"] : []), "Run", "Round", "Charged", "Noise (σ)", "Sample rate", "Steps", "Clip", "Entry hash"],
     [...entries].reverse().map((e) => [
       String(e.seq),
       e.dataset,
+      ...(purpose ? [e.purpose ?? "—"] : []),
       h("a", { href: `#/runs/${encodeURIComponent(e.run_id)}`, class: "mono" }, shortId(e.run_id)),
       String(e.round),
       fmtTime(e.created_at),
@@ -116,9 +146,16 @@ const DOWNLOADS: { label: string; path: string; file: (tenant: string) => string
   { label: "Ledger (CSV)", path: "/v1/privacy/ledger?format=csv", file: (t) => `fedtext-ledger-${t}.csv` },
 ];
 
+const SIGNED_HEAD = {
+  label: "Signed head (JSON)",
+  path: "/v1/privacy/head",
+  file: (t: string) => `fedtext-head-${t}.json`,
+};
+
 function downloads(tenant: string): HTMLElement {
   const notice = new Notice();
-  const buttons = DOWNLOADS.map((d) => {
+  const row = h("div", { class: "actions" });
+  const downloadButton = (d: (typeof DOWNLOADS)[number]) => {
     const button = h("button", { type: "button" }, d.label);
     button.addEventListener("click", () =>
       busy(button, notice, async () => {
@@ -128,7 +165,10 @@ function downloads(tenant: string): HTMLElement {
       }),
     );
     return button;
-  });
+  };
+  row.append(...DOWNLOADS.map(downloadButton));
+  // Servers that sign their ledger heads offer the head on its own, to keep apart.
+  void hasPath(SIGNED_HEAD.path).then((yes) => yes && row.append(downloadButton(SIGNED_HEAD)));
   return h(
     "div",
     null,
@@ -139,7 +179,7 @@ function downloads(tenant: string): HTMLElement {
       h("code", null, "fedtext audit verify"),
       " re-checks an export offline.",
     ),
-    h("div", { class: "actions wrap" }, buttons),
+    row,
     notice.el,
   );
 }
@@ -147,14 +187,15 @@ function downloads(tenant: string): HTMLElement {
 export const privacyPage: Page = (main, ctx) => {
   const notice = new Notice();
   const { box: gaugeBox, canvas: gaugeCanvas } = chartBox("Privacy budget: spent and remaining epsilon", "gauge");
-  const budgetSlot = h("div", null, loading());
+  const headSlot = h("div", null, loading());
+  const budgetSlot = h("div", null);
   const chainSlot = h("div", null, loading());
   const curveSlot = h("div", null, loading());
   const ledgerSlot = h("div", null, loading());
   main.append(
     pageHeader("Privacy", "What your tenant's data has spent, composed from the ledger of every release."),
     notice.el,
-    h("div", { class: "columns" }, card("Budget", h("div", { class: "gauge-row" }, gaugeBox, budgetSlot)), card("Chain status", chainSlot)),
+    h("div", { class: "columns" }, card("Budget", h("div", { class: "gauge-row" }, gaugeBox, headSlot), budgetSlot), card("Chain status", chainSlot)),
     card("Cumulative ε over time", curveSlot),
     card("Downloads", downloads(ctx.tenant)),
     card("Ledger", ledgerSlot),
@@ -166,18 +207,22 @@ export const privacyPage: Page = (main, ctx) => {
     try {
       const budget = await api.budget();
       if (stopped) return;
-      budgetSlot.replaceChildren(budgetFacts(budget), datasetBudgets(budget) ?? "");
+      const { headline, facts } = budgetFacts(budget);
+      headSlot.replaceChildren(headline);
+      budgetSlot.replaceChildren(facts, datasetBudgets(budget) ?? "");
+      // remaining_epsilon is the API's (net of reservations where the server has them).
+      const spent = Math.min(budget.spent_epsilon, budget.budget_epsilon);
       const reserved = typeof budget.reserved_epsilon === "number" ? budget.reserved_epsilon : 0;
       charts.push(
         budgetGauge(gaugeCanvas, {
-          spent: Math.min(budget.spent_epsilon, budget.budget_epsilon),
-          reserved: Math.max(0, Math.min(reserved, budget.remaining_epsilon)),
-          remaining: Math.max(0, budget.remaining_epsilon - reserved),
+          spent,
+          reserved: Math.max(0, Math.min(reserved, budget.budget_epsilon - spent)),
+          remaining: Math.max(0, budget.remaining_epsilon),
         }),
       );
     } catch (err) {
       if (!stopped) notice.error(err);
-      budgetSlot.replaceChildren();
+      headSlot.replaceChildren();
     }
   })();
 
