@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from privacy.ledger import PrivacyEvent, canonical_time
 
-EXPORT_FIELDS: tuple[str, ...] = (*PrivacyEvent.HASHED, "entry_hash")
+# ``purpose`` ("train" or "evaluate") is hashed only when it is not "train" (entries from
+# before it existed keep their hashes); docs/AUDIT.md's recipe does the same.
+EXPORT_FIELDS: tuple[str, ...] = (*PrivacyEvent.HASHED, "purpose", "entry_hash")
 ExportFormat = Literal["jsonl", "csv"]
 
 

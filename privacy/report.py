@@ -67,6 +67,7 @@ class RoundRow(BaseModel):
     fedtext_version: str
     spec_sha256: str
     entry_hash: str
+    purpose: str = "train"  # or "evaluate": noised confusion counts (q = 1, sensitivity 1)
     cumulative_epsilon: float | None  # PRV; None where the curve was thinned out
     cumulative_epsilon_rdp: float | None
 
@@ -607,6 +608,7 @@ def render_html(report: AuditReport) -> str:
             "#",
             "run",
             "round",
+            "purpose",
             "dataset",
             "time (UTC)",
             "unit",
@@ -625,6 +627,7 @@ def render_html(report: AuditReport) -> str:
                 w.seq,
                 w.run_id[:12],
                 w.round,
+                w.purpose,
                 w.dataset,
                 w.created_at.isoformat(),
                 w.privacy_unit,

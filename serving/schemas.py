@@ -237,3 +237,7 @@ class LedgerEntryPublic(BaseModel):
     spec_sha256: str
     prev_hash: str
     entry_hash: str
+    purpose: str = Field(
+        default="train",
+        description='"train" (a DP-SGD round) or "evaluate" (noised confusion counts).',
+    )

@@ -190,3 +190,25 @@ def test_ledger_json_default_and_format_validation(client: TestClient, acme: Ten
     assert client.get("/v1/privacy/ledger?format=xml", headers=acme.admin).status_code == 422
     assert client.get("/v1/privacy/report?format=pdf", headers=acme.admin).status_code == 422
     assert client.get("/v1/privacy/report", headers=acme.predict).status_code == 403
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_recipe_covers_evaluation_releases_and_their_purpose(
+    client: TestClient, acme: TenantFixture, platform: Platform, tmp_path: Path, fmt: str
+) -> None:
+    released = DPParams(10.0, 1.0, 2, 1.0, 1e-5)  # two noised confusion matrices
+    with session_scope(platform.engine) as session:
+        record_event(session, tenant_id=acme.tenant.id, run_id="run-b", round=3,
+                     params=released, spec_sha256="b" * 64, purpose="evaluate")  # fmt: skip
+    path = tmp_path / f"ledger.{fmt}"
+    path.write_bytes(client.get(f"/v1/privacy/ledger?format={fmt}", headers=acme.admin).content)
+    (result,) = recipe()["recompute"](str(path)).values()
+    assert result["chain"] == "intact" and result["entries"] == 6
+    report = client.get("/v1/privacy/report?format=json", headers=acme.admin).json()
+    assert report["rounds"][-1]["purpose"] == "evaluate"
+    assert result["epsilon"] == pytest.approx(report["spent_epsilon"], rel=0.02)
+    # Relabelling the evaluation as a training round breaks its hash.
+    text_ = path.read_text()
+    path.write_text(text_.replace("evaluate", "train"))
+    (result,) = recipe()["recompute"](str(path)).values()
+    assert result["chain"] == "entry 6: hash mismatch (edited)"
