@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from models import DEFAULT_FAMILY
 from privacy.accounting import compose_epsilon
 from privacy.params import DPParams
 from server.config import ServerRunConfig
@@ -69,9 +70,12 @@ def test_personalization_is_planned_within_the_same_target() -> None:
 def test_run_config_reads_kebab_keys_and_validates() -> None:
     cfg = ServerRunConfig.from_mapping({"rounds": "4", "epsilon": 2, "secure-mode": "false"})
     assert cfg.rounds == 4 and cfg.epsilon == 2.0 and cfg.secure_mode is False
-    assert cfg.model_name == "lstm" and len(cfg.run_id) == 32
+    assert cfg.model_name == cfg.model == DEFAULT_FAMILY and len(cfg.run_id) == 32
+    assert cfg.eval_noise == 10.0  # evaluation is released with noise by default
     with pytest.raises(ValueError, match="target epsilon should be a positive"):
         ServerRunConfig.from_mapping({"epsilon": 0})
+    with pytest.raises(ValueError, match="eval-noise should be 0"):
+        ServerRunConfig.from_mapping({"eval-noise": 0.1})
     with pytest.raises(ValueError, match="Unknown model family 'cnn'"):
         ServerRunConfig.from_mapping({"model": "cnn"})
     with pytest.raises(ValueError, match="Invalid run configuration"):
