@@ -2,8 +2,9 @@
 
 Runs `fedtext.simulation.simulate` (Flower's Simulation Engine, Opacus, the ledger)
 with N tenants holding a little data each and a tiny `lstm`. Seconds per round come
-from the ServerApp's own per-round records; peak memory is the largest sum of resident
-memory over this process and every Ray process, sampled twice a second.
+from the ServerApp's own per-round records (one "train" row per accepted update); peak
+memory is the largest sum of resident memory over this process and every Ray process,
+sampled twice a second.
 
 Prints one JSON object as its last line. Usage: python bench/scale.py [--quick] [--tenants 10 100]
 """
@@ -74,6 +75,7 @@ def run(n: int, rounds: int, workdir: Path) -> dict[str, Any]:
         platform,
         SimulationConfig(
             tenants=names,
+            model="lstm",
             rounds=rounds,
             epsilon=8.0,
             batch_size=16,
@@ -91,7 +93,7 @@ def run(n: int, rounds: int, workdir: Path) -> dict[str, Any]:
     with Session(platform.engine) as session:
         rows = session.exec(
             select(RoundMetric)
-            .where(RoundMetric.run_id == result.run_id, RoundMetric.phase == "evaluate")
+            .where(RoundMetric.run_id == result.run_id, RoundMetric.phase == "train")
             .order_by(col(RoundMetric.created_at))
         ).all()
     ends = {}

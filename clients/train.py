@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from clients import fastdp
 from clients.data import LabeledData
-from models import ModelSpec, load_tokenizer
-from privacy.params import DPParams, poisson_schedule
+from clients.features import model_inputs
+from models import ModelSpec
+from privacy.params import DPParams, dp_batch_size, poisson_schedule
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _prepare(
     if seed is not None:
         torch.manual_seed(seed)
     model.to(device).train()
-    loader = DataLoader(encode(data, spec), batch_size=batch_size, shuffle=True)
+    loader = DataLoader(encode(data, spec, device), batch_size=batch_size, shuffle=True)
     return device, loader, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -104,9 +105,13 @@ def _privacy_engine(
         return cls(accountant="prv", secure_mode=False), noise, sampler
 
 
-def encode(data: LabeledData, spec: ModelSpec) -> TensorDataset:
-    enc = load_tokenizer().encode(data.texts, spec.max_seq_len)
-    return TensorDataset(enc.input_ids, enc.attention_mask, torch.tensor(data.labels))
+def encode(data: LabeledData, spec: ModelSpec, device: torch.device | None = None) -> TensorDataset:
+    """The model's inputs for ``data`` followed by its labels (one tensor each).
+
+    For the encoder-head family the inputs are the node's cached sentence vectors.
+    """
+    inputs = model_inputs(data, spec, device=device)
+    return TensorDataset(*inputs, torch.tensor(data.labels, dtype=torch.long))
 
 
 ENGINES = ("fast", "opacus")
@@ -144,6 +149,7 @@ def train_dp(
     """
     if engine not in ENGINES:
         raise ValueError(f"Unknown DP engine {engine!r}; known: {list(ENGINES)}.")
+    batch_size = dp_batch_size(len(data), batch_size)  # 0: sized by the data, as planned
     sample_rate, steps = poisson_schedule(len(data), batch_size, epochs)
     planned = DPParams(dp.noise_multiplier, sample_rate, steps, dp.clip_norm, dp.delta)
     if not planned.matches(dp):
@@ -185,15 +191,16 @@ def train_dp(
     total_loss, correct, seen = 0.0, 0, 0
     with step:
         for _ in range(epochs):
-            for ids, mask, labels in dp_loader:
+            for *batch, labels in dp_loader:
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(labels) == 0:
                     # An empty Poisson batch still takes a (pure noise) step, as accounted.
                     step.empty()
                     dp_optimizer.step()
                     continue
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                logits, loss = step.backward(ids, mask, labels)
+                inputs = tuple(t.to(device) for t in batch)
+                labels = labels.to(device)
+                logits, loss = step.backward(inputs, labels)
                 dp_optimizer.step()
                 if anchor is not None:
                     with torch.no_grad():
@@ -224,7 +231,7 @@ class _Step:
         return None
 
     def backward(
-        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+        self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
@@ -244,9 +251,9 @@ class _OpacusStep(_Step):
             remove_hooks()  # leave the caller's model a plain nn.Module
 
     def backward(
-        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+        self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
-        logits = self.model(ids, mask)
+        logits = self.model(*inputs)
         loss = F.cross_entropy(logits, labels)
         with warnings.catch_warnings():
             # The frozen embedding means no input needs a gradient; Opacus's hooks
@@ -273,9 +280,9 @@ class _FastStep(_Step):
         self.clipper.__exit__(*exc)
 
     def backward(
-        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+        self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
-        logits = self.model(ids, mask)
+        logits = self.model(*inputs)
         losses = F.cross_entropy(logits, labels, reduction="none")
         self.clipper.backward(losses)
         return logits.detach(), float(losses.detach().mean())
@@ -299,15 +306,16 @@ def train_plain(
 
     Returns the mean training loss of the last epoch.
     """
+    batch_size = dp_batch_size(len(data), batch_size)
     device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
     optimizer = make_optimizer(trainable, learning_rate)
     criterion = nn.CrossEntropyLoss()
     last = 0.0
     for _ in range(epochs):
         total, seen = 0.0, 0
-        for ids, mask, labels in loader:
+        for *batch, labels in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(ids.to(device), mask.to(device)), labels.to(device))
+            loss = criterion(model(*(t.to(device) for t in batch)), labels.to(device))
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(labels)
@@ -341,11 +349,11 @@ def evaluate(
     """Loss, accuracy and macro-F1 of ``model`` on ``data``."""
     device = device or pick_device()
     model.to(device).eval()
-    loader = DataLoader(encode(data, spec), batch_size=batch_size)
+    loader = DataLoader(encode(data, spec, device), batch_size=batch_size)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, preds, truth = 0.0, [], []
-    for ids, mask, labels in loader:
-        logits = model(ids.to(device), mask.to(device))
+    for *batch, labels in loader:
+        logits = model(*(t.to(device) for t in batch))
         total_loss += float(criterion(logits, labels.to(device)))
         preds.append(logits.argmax(-1).cpu())
         truth.append(labels)

@@ -30,10 +30,10 @@ DEMO_TENANTS = ["acme", "globex", "initech"]
 DEMO_EXAMPLES: list[tuple[str, str]] = [
     ("My flight was delayed three hours and nobody told us anything.", "negative"),
     ("Thanks for the quick rebooking, the crew was wonderful!", "positive"),
-    ("Our flight to Boston boards at gate 12 at 3pm.", "neutral"),
-    ("I love my new phone, the battery lasts all day.", "positive"),
     ("The app keeps crashing and support never answers.", "negative"),
-    ("The new phone comes out next week.", "neutral"),
+    ("Absolutely love this phone, best purchase this year!", "positive"),
+    ("Apple will announce the new iPad on Tuesday.", "neutral"),
+    ("Google announced a new Android version today.", "neutral"),
 ]
 DEMO_SENTENCES = [text for text, _ in DEMO_EXAMPLES]
 

@@ -757,6 +757,13 @@ def build_run_config(
         )
     for name, value in config.items():
         default = known[name]
+        if default == "auto":
+            # "auto" in pyproject: the model family's default; a number sets it.
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise UserError(f"{name}={value!r}: expected a number or 'auto'.")
+            if isinstance(value, str) and value != "auto":
+                raise UserError(f"{name}={value!r}: expected a number or 'auto'.")
+            continue
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             config[name] = float(value)
         elif type(value) is not type(default):

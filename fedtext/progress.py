@@ -39,23 +39,28 @@ def _render(platform: Platform, run_id: str, progress: Progress, task: TaskID) -
         ).all()
         names = {t.id: t.name for t in session.exec(select(Tenant)).all()}
     rounds = json.loads(run.config_json).get("rounds", 0) if run and run.config_json else 0
-    done = max((m.round for m in metrics if m.phase == "evaluate"), default=0)
-    progress.update(task, total=rounds or None, completed=done)
-    table = Table("tenant", "round", "train loss", "train acc", "test acc", "test macro-F1")
+    # A node reports no training metric (only DP outputs leave it): a round is done when
+    # its updates were accepted; evaluation is released once, after the last round.
+    done = max((m.round for m in metrics if m.phase == "train"), default=0)
+    progress.update(task, total=rounds or None, completed=min(done, rounds) if rounds else done)
+    table = Table("tenant", "rounds done", "test acc (DP)", "test macro-F1 (DP)")
     latest: dict[str, dict[str, RoundMetric]] = {}
     for m in metrics:
         latest.setdefault(m.tenant_id, {})[m.phase] = m
     for tenant_id, phases in sorted(latest.items(), key=lambda kv: names.get(kv[0], kv[0])):
-        tr, ev = phases.get("train"), phases.get("evaluate")
+        tr = phases.get("train")
+        ev = phases.get("personalize") or phases.get("evaluate")
         table.add_row(
             names.get(tenant_id, tenant_id[:8]),
-            str(max(p.round for p in phases.values())),
-            f"{tr.loss:.3f}" if tr else "",
-            f"{tr.accuracy:.3f}" if tr else "",
-            f"{ev.accuracy:.3f}" if ev else "",
-            f"{ev.macro_f1:.3f}" if ev and ev.macro_f1 is not None else "",
+            str(tr.round) if tr else "0",
+            _num(ev.accuracy if ev else None),
+            _num(ev.macro_f1 if ev else None),
         )
     return Group(progress, table)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: Console) -> T:

@@ -63,7 +63,7 @@ class TrainingDefaults:
 # token families' rounds cost minutes on a CPU.
 _TRAINING_DEFAULTS = {
     ENCODER_HEAD: TrainingDefaults(
-        rounds=20, local_epochs=1, learning_rate=0.05, batch_size=0, personalize_epochs=3
+        rounds=20, local_epochs=1, learning_rate=0.05, batch_size=0, personalize_epochs=2
     ),
     "lstm": TrainingDefaults(
         rounds=3, local_epochs=1, learning_rate=0.01, batch_size=128, personalize_epochs=1

@@ -96,6 +96,10 @@ class MiniLMConfig:
 
     trainable_layers: int = 1
     dropout: float = 0.1
+    # L2-normalize the pooled vector, as the encoder-head family does: then a DP head
+    # trained there on MiniLM's vectors is a valid start for this head (LP-FT, Kumar et
+    # al. 2022: fit the head on frozen features first, then fine-tune the top layers).
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.trainable_layers <= MINILM_LAYERS:
@@ -130,7 +134,11 @@ class MiniLMClassifier(nn.Module):
             if name.startswith(self.public_prefixes):
                 param.requires_grad_(False)
         self.dropout = nn.Dropout(config.dropout)
+        self.normalize = config.normalize
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(_encode(self.encoder, input_ids, attention_mask)))
+        pooled = _encode(self.encoder, input_ids, attention_mask)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        return self.head(self.dropout(pooled))

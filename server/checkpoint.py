@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 from tenancy import crypto
 from tenancy.errors import IntegrityError
@@ -42,3 +43,21 @@ def load_checkpoint(platform: Platform, run: TrainingRun) -> bytes:
         raise IntegrityError(f"The checkpoint of run {run.id} does not match its SHA-256.")
     key = platform.keyring.platform_key_version(PURPOSE, run.checkpoint_kek_version)
     return crypto.decrypt(key, blob, _aad(run.id, run.checkpoint_round), what="checkpoint")
+
+
+def final_global_weights(platform: Platform, run_id: str) -> tuple[dict[str, object], bytes]:
+    """A completed run's stored configuration and the weights of its final global model.
+
+    Kept only for encoder-head runs (a DP head, the start of LP-FT); ``ValueError`` with a
+    message for the user when there is none.
+    """
+    from sqlmodel import Session
+
+    with Session(platform.engine) as session:
+        run = session.get(TrainingRun, run_id)
+    if run is None or run.status != "completed" or not run.checkpoint_blob:
+        raise ValueError(
+            f"init-head-run {run_id!r}: no completed encoder-head run with its final global "
+            "head kept under that id."
+        )
+    return json.loads(run.config_json), load_checkpoint(platform, run)

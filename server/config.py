@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     # Tenants (comma-separated names) that may train in this run; empty: every tenant
     # whose node connects. Nodes of other tenants are refused.
     "participants": "",
+    # LP-FT: the id of a completed encoder-head run (MiniLM, the same labels) whose final
+    # global DP head starts this `minilm` run's head.
+    "init-head-run": "",
 }
 
 
@@ -90,6 +93,7 @@ class ServerRunConfig:
     model_config: dict[str, Any]
     dataset: str
     participants: tuple[str, ...]
+    init_head_run: str = ""
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> ServerRunConfig:
@@ -97,9 +101,9 @@ class ServerRunConfig:
         merged: dict[str, Any] = dict(DEFAULTS)
         for layer in layers:
             merged.update({k: v for k, v in layer.items() if v is not None})
-        _fill_family_defaults(merged)
         # Client-side keys share the run config; the server reads only its own.
         try:
+            _fill_family_defaults(merged)
             cfg = cls(
                 run_id=str(merged["run-id"]) or uuid.uuid4().hex,
                 model=str(merged["model"]),
@@ -131,6 +135,7 @@ class ServerRunConfig:
                 participants=tuple(
                     s.strip() for s in str(merged["participants"]).split(",") if s.strip()
                 ),
+                init_head_run=str(merged["init-head-run"]).strip(),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Invalid run configuration: {exc}") from None
@@ -171,6 +176,13 @@ class ServerRunConfig:
             raise ValueError("eval-noise should be 0 (no released evaluation) or at least 0.5.")
         if self.client_dp not in ("off", "fixed"):
             raise ValueError("client-dp should be 'off' or 'fixed' (server-side fixed clipping).")
+        if self.init_head_run and not (
+            self.model == "minilm" and self.spec().family_config().normalize
+        ):
+            raise ValueError(
+                "init-head-run starts a minilm model from an encoder-head run's head: use "
+                'model minilm with model-config {"normalize": true}.'
+            )
         if len(set(self.participants)) != len(self.participants):
             raise ValueError("participants should name each tenant once.")
         if self.participants and len(self.participants) < self.min_nodes:
@@ -195,7 +207,7 @@ def _fill_family_defaults(merged: dict[str, Any]) -> None:
     """Replace "auto" (or an empty value) by the chosen family's default, in place."""
     family = str(merged["model"])
     if family not in families():
-        return  # validate() names the unknown family
+        raise ValueError(f"Unknown model family {family!r}; known: {families()}.")
     defaults = training_defaults(family)
     for key in FAMILY_KEYS:
         if str(merged[key]).strip().lower() in (AUTO, ""):

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from sqlmodel import Session, select
 
 from models import ModelSpec, build_model, load_model_state, load_weights, model_state, save_weights
+from models.encoder_head import FAMILY as ENCODER_HEAD
 from privacy.accounting import compose_epsilon
 from privacy.budget import check_budget, check_release
 from privacy.heads import platform_signer, sign_and_store
@@ -28,7 +29,7 @@ from privacy.ledger import DEFAULT_DATASET, PrivacyEvent, lock_tenant, record_ev
 from privacy.ledger import create_tables as create_ledger_tables
 from privacy.params import DPParams
 from privacy.reservations import outstanding, reserve, uncharged
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import final_global_weights, load_checkpoint, save_checkpoint
 from server.config import ServerRunConfig
 from server.planning import PlanRefused, TenantPlan, plan_tenant
 from server.strategy import (
@@ -459,14 +460,17 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
         _fail_run(platform, cfg.run_id, str(exc))
         _sign_heads(platform, _participant_ids(platform, cfg.run_id))
         raise
-    # A completed run needs no checkpoint: its models are released.
+    # A completed run needs no checkpoint: its models are released. An encoder-head run
+    # keeps its final global head (DP output, encrypted): a later minilm run may start
+    # from it (init-head-run, LP-FT).
     finished = _get_run(platform, cfg.run_id)
-    if finished is not None and finished.checkpoint_blob:
+    keep = cfg.model == ENCODER_HEAD
+    if finished is not None and finished.checkpoint_blob and not keep:
         platform.store.delete(finished.checkpoint_blob)
     _update_run(
         platform,
         cfg.run_id,
-        checkpoint_blob=None,
+        **({} if keep else {"checkpoint_blob": None}),
         status="completed",
         summary_json=json.dumps(outcome.summary),
         finished_at=utcnow(),
@@ -530,6 +534,8 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
     spec = cfg.spec()
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
+    if cfg.init_head_run and not cfg.resume:
+        _start_from_head(platform, cfg, model)
     start = 1
     if cfg.resume and run.checkpoint_round > 0:
         load_weights(model, load_checkpoint(platform, run))
@@ -583,6 +589,34 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
         platform, cfg, spec, save_weights(model), personal, released, outcome, private
     )
     return outcome
+
+
+def _start_from_head(platform: Platform, cfg: ServerRunConfig, model: torch.nn.Module) -> None:
+    """LP-FT: copy a completed encoder-head run's final global DP head into ``model``'s
+    head. Post-processing of a released model: it costs no privacy."""
+    from safetensors.torch import load as st_load
+
+    stored, weights = final_global_weights(platform, cfg.init_head_run)
+    source = ServerRunConfig.from_mapping(_kebab(stored), {"resume": False}).spec()
+    head = source.family_config()
+    if source.family != ENCODER_HEAD or head.hidden_dim:
+        raise RunFailed(f"init-head-run {cfg.init_head_run}: not a linear encoder-head run.")
+    minilm = ModelSpec.create(ENCODER_HEAD, list(cfg.labels)).family_config()
+    if head.encoder_sha256 != minilm.encoder_sha256:
+        raise RunFailed(
+            f"init-head-run {cfg.init_head_run}: its head was trained on encoder "
+            f"{head.encoder!r}, not on the MiniLM-L6 this minilm model fine-tunes."
+        )
+    if source.labels != tuple(cfg.labels):
+        raise RunFailed(
+            f"init-head-run {cfg.init_head_run}: labels {list(source.labels)} differ from "
+            f"this run's {list(cfg.labels)}."
+        )
+    state = st_load(weights)
+    with torch.no_grad():
+        model.head.weight.copy_(state["head.0.weight"])  # type: ignore[union-attr,operator]
+        model.head.bias.copy_(state["head.0.bias"])  # type: ignore[union-attr,operator]
+    log.info("run %s starts from the head of run %s", cfg.run_id, cfg.init_head_run)
 
 
 def _torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

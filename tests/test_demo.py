@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 from sqlmodel import Session, select
 
-from fedtext.demo import DEMO_SENTENCES, print_report, run_demo
+from fedtext.demo import DEMO_EXAMPLES, DEMO_SENTENCES, print_report, run_demo
 from fedtext.plaintext_scan import find_plaintext_weights, looks_like_safetensors
 from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
@@ -37,9 +37,10 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     out = console.export_text()
     assert [t.name for t in report.tenants] == ["acme", "globex", "initech"]
     for t in report.tenants:
-        assert t.train_examples == 96 and t.test_examples == 32
-        assert t.accuracy is not None and 0 <= t.accuracy <= 1
-        assert 1.8 <= t.spent_epsilon <= 2.0 and t.budget_epsilon == 2.2
+        # The test count and the accuracy are as released: noised confusion counts.
+        assert t.train_examples == 96 and t.test_examples != 0 and t.accuracy is not None
+        # Training meets the target; the released evaluation is charged on top of it.
+        assert 2.0 < t.spent_epsilon <= 2.2 and t.budget_epsilon == 2.2
         assert t.version == 1
         assert [p[0] for p in t.predictions] == DEMO_SENTENCES
         assert all(p[1] in ("negative", "neutral", "positive") for p in t.predictions)
@@ -57,8 +58,9 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     platform = platform_from_settings(Settings(data_dir=data_dir))
     with Session(platform.engine) as session:
         events = session.exec(select(PrivacyEvent)).all()
-        # each tenant charged once per dispatched round, and once for personalization
-        assert len(events) == 3 * (2 + 1)
+        # each tenant charged once per dispatched round, once for personalization and
+        # once for the released evaluation
+        assert len(events) == 3 * (2 + 1 + 1)
         for tenant in session.exec(select(Tenant)).all():
             chain = sorted((e for e in events if e.tenant_id == tenant.id), key=lambda e: e.seq)
             assert verify_chain(chain) is None
@@ -80,4 +82,21 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
             ),
         )
     with Session(platform.engine) as session:
-        assert len(session.exec(select(PrivacyEvent)).all()) == 9
+        assert len(session.exec(select(PrivacyEvent)).all()) == 12
+
+
+def test_demo_at_its_own_settings_classifies_clear_sentences_right(tmp_path: Path) -> None:
+    """`fedtext demo` as a newcomer runs it: every tenant's model gets every example."""
+    console = Console(record=True, width=160)
+    report = run_demo(tmp_path / "demo", console=console)
+    print_report(report, console)
+    expected = dict(DEMO_EXAMPLES)
+    assert len(expected) >= 6 and set(expected.values()) == {"negative", "neutral", "positive"}
+    for t in report.tenants:
+        assert t.model == "encoder-head"
+        wrong = [(text, label, score) for text, label, score in t.predictions
+                 if expected[text] != label]  # fmt: skip
+        assert not wrong, f"tenant {t.name} misclassified {wrong}"
+    out = console.export_text()
+    for text in expected:  # printed in full, not cut
+        assert text in out

@@ -59,24 +59,26 @@ def test_failing_client_does_not_stop_the_run_and_stays_charged(tmp_path: Path) 
         personalize_epochs=1,
         inject_fault="globex:1",
         min_nodes=2,
-        secure_mode=False,
-        model_config=TINY,
+        secure_mode=False,  # the default family, encoder-head
     )
     result = simulate(platform, config)
     summary = result.summary
-    assert any("globex" in f and "injected fault" in f for f in summary["failed"])
+    # The coordinator sees the node's error code, never its text.
+    assert any("globex" in f and "injected-fault" in f for f in summary["failed"])
     events = ledger(platform)
-    # Two rounds and a personalization each; globex's failed round 1 stays charged.
-    assert {name: [e.round for e in evs] for name, evs in events.items()} == {
-        name: [1, 2, 3] for name in TENANTS
+    # Two rounds, a personalization and its released evaluation each; globex's failed
+    # round 1 stays charged.
+    assert {name: [(e.round, e.purpose) for e in evs] for name, evs in events.items()} == {
+        name: [(1, "train"), (2, "train"), (3, "train"), (3, "evaluate")] for name in TENANTS
     }
     for evs in events.values():
         assert verify_chain(evs) is None
     for name in TENANTS:
         t = summary["tenants"][name]
         assert t["personalized"] is True and t["version"] == 1
-        assert 0 <= t["personalized_accuracy"] <= 1 and 0 <= t["global_accuracy"] <= 1
-        assert 2.8 <= t["run_epsilon"] <= 3.0
+        assert t["personalized_accuracy"] is not None and t["global_accuracy"] is not None
+        # The target covers training; the released evaluation is charged on top of it.
+        assert 3.0 < t["run_epsilon"] <= 3.2
     with Session(platform.engine) as session:
         rows = session.exec(select(ModelVersion)).all()
         assert len(rows) == 3 and all(json.loads(r.metrics_json)["personalized"] for r in rows)
@@ -94,6 +96,7 @@ def test_killed_run_resumes_without_charging_finished_rounds(tmp_path: Path) -> 
         max_test_examples=16,
         personalize_epochs=0,
         secure_mode=False,
+        model="lstm",  # rounds long enough to kill the run between two of them
         model_config=TINY,
     )
     code = (
@@ -137,7 +140,9 @@ def test_killed_run_resumes_without_charging_finished_rounds(tmp_path: Path) -> 
         # (a round in flight at the kill was charged and is charged again when re-run).
         assert [(e.round, e.entry_hash) for e in evs][: len(before[name])] == before[name]
         rounds = [e.round for e in evs]
-        assert rounds.count(1) == 1 and rounds[-1] == 3 and set(rounds) == {1, 2, 3}
+        # Three training rounds, then the released evaluation (charged as round 4).
+        assert rounds.count(1) == 1 and set(rounds) == {1, 2, 3, 4}
+        assert [e.purpose for e in evs if e.round == 4] == ["evaluate"]
         assert verify_chain(evs) is None
     with Session(platform.engine) as session:
         run = session.get(TrainingRun, run_id)

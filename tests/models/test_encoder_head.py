@@ -105,3 +105,26 @@ def test_unknown_encoder_and_missing_hash_are_clear_errors() -> None:
 
 def test_encoder_is_loaded_once_per_process() -> None:
     assert load_encoder() is load_encoder()
+
+
+def test_minilm_with_a_dp_head_predicts_as_the_encoder_head_did() -> None:
+    """LP-FT's starting point: the same vectors, the same head, the same predictions."""
+    labels = list(DEMO_LABELS)
+    torch.manual_seed(0)
+    head_model = build_model(ModelSpec.create("encoder-head", labels))
+    with torch.no_grad():
+        head_model.head[0].weight.normal_()
+        head_model.head[0].bias.normal_()
+    minilm_spec = ModelSpec.create(
+        "minilm", labels, trainable_layers=0, normalize=True, dropout=0.0, max_seq_len=64
+    )
+    minilm = build_model(minilm_spec).eval()
+    with torch.no_grad():
+        minilm.head.weight.copy_(head_model.head[0].weight)
+        minilm.head.bias.copy_(head_model.head[0].bias)
+    texts = ["the crew was lovely", "my bag is lost again and nobody answers the phone"]
+    spec = ModelSpec.create("encoder-head", labels)
+    with torch.no_grad():
+        expected = torch.softmax(head_model(*text_inputs(spec, texts)), -1)
+        got = torch.softmax(minilm(*text_inputs(minilm_spec, texts)), -1)
+    assert torch.allclose(expected, got, atol=1e-4)

@@ -35,8 +35,7 @@ TINY_RUN = {
     "personalize_epochs": 0,
     "max_train_examples": 48,
     "max_test_examples": 16,
-    "secure_mode": False,
-    "model_config": {"proj_dim": 8, "hidden_dim": 8},
+    "secure_mode": False,  # the default family, encoder-head
 }
 
 
@@ -221,6 +220,7 @@ def test_a_request_maps_to_the_serverapps_run_config() -> None:
         "personalize_epochs": 0,
         "secure_mode": False,
         "dataset": "tweets",
+        "model": "lstm",
         "model_config": {"proj_dim": 8, "hidden_dim": 8},
     }
     config = federation_run_config(request, "run-1", known)

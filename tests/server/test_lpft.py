@@ -1,0 +1,64 @@
+"""LP-FT: a minilm run starts from a completed encoder-head run's final global DP head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import build_model, save_weights
+from server.checkpoint import save_checkpoint
+from server.config import ServerRunConfig
+from server.server_app import RunFailed, _start_from_head
+from tenancy.db import session_scope
+from tenancy.platform import Platform
+from tenancy.tables import TrainingRun
+
+LABELS = "negative,neutral,positive"
+
+
+def completed_head_run(platform: Platform, run_id: str, labels: str = LABELS) -> torch.Tensor:
+    cfg = ServerRunConfig.from_mapping({"run-id": run_id, "labels": labels})
+    assert cfg.model == "encoder-head"
+    torch.manual_seed(1)
+    model = build_model(cfg.spec())
+    with torch.no_grad():
+        model.head[0].weight.normal_()
+    with session_scope(platform.engine) as session:
+        run = TrainingRun(id=run_id, status="completed", config_json=json.dumps(cfg.public()))
+        save_checkpoint(platform, run, cfg.rounds, save_weights(model))
+        session.add(run)
+    return model.head[0].weight.detach().clone()
+
+
+def minilm_config(run_id: str, **extra: str) -> ServerRunConfig:
+    return ServerRunConfig.from_mapping(
+        {
+            "model": "minilm",
+            "model-config": json.dumps({"normalize": True}),
+            "init-head-run": run_id,
+            **extra,
+        }
+    )
+
+
+def test_a_minilm_run_starts_from_the_heads_final_weights(sqlite_platform: Platform) -> None:
+    weight = completed_head_run(sqlite_platform, "head-run")
+    cfg = minilm_config("head-run")
+    model = build_model(cfg.spec())
+    assert not torch.equal(model.head.weight, weight)
+    _start_from_head(sqlite_platform, cfg, model)
+    assert torch.equal(model.head.weight, weight)
+
+
+def test_lpft_refuses_what_does_not_fit(sqlite_platform: Platform) -> None:
+    completed_head_run(sqlite_platform, "two-labels", labels="bad,good")
+    with pytest.raises(RunFailed, match="labels"):
+        cfg = minilm_config("two-labels")
+        _start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
+    with pytest.raises(ValueError, match="no completed encoder-head run"):
+        cfg = minilm_config("nope")
+        _start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
+    with pytest.raises(ValueError, match="normalize"):
+        ServerRunConfig.from_mapping({"model": "minilm", "init-head-run": "head-run"})
