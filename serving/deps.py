@@ -132,6 +132,8 @@ _LOAD_FAILED = {
     "decryption": "The stored model failed its integrity check; the operator has been alerted.",
     "missing": "The stored model is missing; the operator has been alerted.",
     "format": "The stored model cannot be rebuilt; the operator has been alerted.",
+    "encoder": "This server's sentence encoder is not the one the model was trained with "
+    "(its files differ); the operator has been alerted.",
 }
 
 

@@ -47,7 +47,7 @@ class ModelLoadError(Exception):
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
-        self.reason = reason  # integrity | decryption | missing | format
+        self.reason = reason  # integrity | decryption | missing | format | encoder
 
 
 def run_batch(model: torch.nn.Module, spec: ModelSpec, texts: list[str]) -> Rows:
@@ -118,7 +118,9 @@ def load_served_model(session: Session, platform: Platform, row: ModelVersion) -
         if spec.family == ENCODER_HEAD:
             spec_encoder(spec)  # a head trained on other features is refused here, at load
         model = load_weights(build_model(spec), weights)
-    except (ValueError, EncoderError) as exc:
+    except EncoderError as exc:
+        raise ModelLoadError(f"{row.name} v{row.version}: {exc}", "encoder") from None
+    except ValueError as exc:
         raise ModelLoadError(f"{row.name} v{row.version}: {exc}", "format") from None
     del weights  # the plaintext bytes; only the model's tensors hold the weights now
     nbytes = resident_bytes(model)
@@ -209,7 +211,7 @@ class ModelCache:
         try:
             return self.get(session, row), row
         except ModelLoadError as exc:
-            if exc.reason == "format":
+            if exc.reason in ("format", "encoder"):
                 raise
             current = session.exec(
                 select(ModelVersion)
