@@ -277,9 +277,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     with session_scope(platform.engine) as session:
         for name in TENANTS:
             # Several runs share this federation; each reserves its whole plan up front.
-            create_tenant(
-                session=session, keyring=platform.keyring, name=name, budget_epsilon=30.0
-            )
+            create_tenant(session=session, keyring=platform.keyring, name=name, budget_epsilon=30.0)
     write_tenant_data(root / "data")
     link_port, api_port = free_port(), free_port()
     fed = Federation(
