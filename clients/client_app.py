@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from clients.data import DataError, LabeledData
 from clients.local_data import NodeData, resolve_node_data
 from clients.train import encode, pick_device, train_dp
-from models import ModelSpec, build_model, load_model_state, model_state
+from models import EncoderError, ModelSpec, build_model, load_model_state, model_state
 from privacy.evaluation import confusion_counts, metrics_from_counts, noised
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
 from privacy.protocol import CLIENT_ERRORS
@@ -67,6 +67,8 @@ def _code_of(exc: BaseException) -> str:
         return exc.code
     if isinstance(exc, DataError):
         return "data-error"
+    if isinstance(exc, EncoderError):
+        return "encoder-mismatch"
     if isinstance(exc, KeyError | TypeError):
         return "bad-request"
     return "internal"

@@ -18,6 +18,7 @@ CLIENT_ERRORS: dict[str, int] = {
     "dp-plan-mismatch": 104,  # the DP plan does not fit the node's data
     "injected-fault": 105,  # a failure injected on purpose (tests, `inject-fault`)
     "no-evaluation-release": 106,  # asked to evaluate without DP parameters for it
+    "encoder-mismatch": 107,  # the node's encoder files are not the ones the spec names
 }
 _BY_NUMBER = {number: name for name, number in CLIENT_ERRORS.items()}
 
