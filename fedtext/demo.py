@@ -194,12 +194,16 @@ def print_report(report: DemoReport, console: Console) -> None:
         table.add_column("what", style="bold")
         table.add_column("value")
         table.add_row("training examples", str(t.train_examples))
-        table.add_row("test examples", str(t.test_examples))
+        # Only DP outputs leave a node: the test split's size and scores are computed
+        # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
+        table.add_row("test examples (DP-noised)", str(t.test_examples))
         table.add_row(
-            "test accuracy: global / personal", f"{_fmt(t.global_accuracy)} / {_fmt(t.accuracy)}"
+            "test accuracy (DP-noised): global / personal",
+            f"{_fmt(t.global_accuracy)} / {_fmt(t.accuracy)}",
         )
         table.add_row(
-            "test macro-F1: global / personal", f"{_fmt(t.global_macro_f1)} / {_fmt(t.macro_f1)}"
+            "test macro-F1 (DP-noised): global / personal",
+            f"{_fmt(t.global_macro_f1)} / {_fmt(t.macro_f1)}",
         )
         table.add_row("epsilon spent / budget", f"{t.spent_epsilon:.2f} / {t.budget_epsilon:.2f}")
         table.add_row("model version", f"{t.model} v{t.version}")
