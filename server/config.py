@@ -60,6 +60,10 @@ DEFAULTS: dict[str, Any] = {
     # LP-FT: the id of a completed encoder-head run (MiniLM, the same labels) whose final
     # global DP head starts this `minilm` run's head.
     "init-head-run": "",
+    # Keep an encoder-head run's final global head (encrypted under the platform key) for a
+    # later init-head-run. Off by default: a kept head keeps its KEK version in use, and it
+    # is dropped when any of the run's tenants is deleted.
+    "keep-head": False,
 }
 
 
@@ -94,6 +98,7 @@ class ServerRunConfig:
     dataset: str
     participants: tuple[str, ...]
     init_head_run: str = ""
+    keep_head: bool = False
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> ServerRunConfig:
@@ -136,6 +141,7 @@ class ServerRunConfig:
                     s.strip() for s in str(merged["participants"]).split(",") if s.strip()
                 ),
                 init_head_run=str(merged["init-head-run"]).strip(),
+                keep_head=_as_bool(merged["keep-head"]),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Invalid run configuration: {exc}") from None

@@ -461,10 +461,10 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
         _sign_heads(platform, _participant_ids(platform, cfg.run_id))
         raise
     # A completed run needs no checkpoint: its models are released. An encoder-head run
-    # keeps its final global head (DP output, encrypted): a later minilm run may start
-    # from it (init-head-run, LP-FT).
+    # asked to (keep-head) keeps its final global head (DP output, encrypted): a later
+    # minilm run may start from it (init-head-run, LP-FT).
     finished = _get_run(platform, cfg.run_id)
-    keep = cfg.model == ENCODER_HEAD
+    keep = cfg.model == ENCODER_HEAD and cfg.keep_head
     if finished is not None and finished.checkpoint_blob and not keep:
         platform.store.delete(finished.checkpoint_blob)
     _update_run(
@@ -601,6 +601,10 @@ def _start_from_head(platform: Platform, cfg: ServerRunConfig, model: torch.nn.M
     head = source.family_config()
     if source.family != ENCODER_HEAD or head.hidden_dim:
         raise RunFailed(f"init-head-run {cfg.init_head_run}: not a linear encoder-head run.")
+    state = st_load(weights)
+    # The head's one Linear layer (after an optional Dropout, so not always "head.0").
+    (weight_key,) = (k for k in state if k.endswith(".weight"))
+    bias_key = weight_key.removesuffix("weight") + "bias"
     minilm = ModelSpec.create(ENCODER_HEAD, list(cfg.labels)).family_config()
     if head.encoder_sha256 != minilm.encoder_sha256:
         raise RunFailed(
@@ -612,10 +616,9 @@ def _start_from_head(platform: Platform, cfg: ServerRunConfig, model: torch.nn.M
             f"init-head-run {cfg.init_head_run}: labels {list(source.labels)} differ from "
             f"this run's {list(cfg.labels)}."
         )
-    state = st_load(weights)
     with torch.no_grad():
-        model.head.weight.copy_(state["head.0.weight"])  # type: ignore[union-attr,operator]
-        model.head.bias.copy_(state["head.0.bias"])  # type: ignore[union-attr,operator]
+        model.head.weight.copy_(state[weight_key])  # type: ignore[union-attr,operator]
+        model.head.bias.copy_(state[bias_key])  # type: ignore[union-attr,operator]
     log.info("run %s starts from the head of run %s", cfg.run_id, cfg.init_head_run)
 
 

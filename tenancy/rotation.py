@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -172,6 +173,19 @@ def delete_tenant(
         for mv in session.exec(select(ModelVersion).where(ModelVersion.tenant_id == tenant_id)):
             blobs.append(mv.blob_key)
             session.delete(mv)
+        # A completed run's kept global head (keep-head, for LP-FT) was trained on this
+        # tenant's data too: it goes with the tenant.
+        for run in session.exec(
+            select(TrainingRun).where(
+                TrainingRun.status == "completed", col(TrainingRun.checkpoint_blob).is_not(None)
+            )
+        ):
+            plans = json.loads(run.plans_json or "{}")
+            if any(p.get("tenant_id") == tenant_id for p in plans.values()):
+                blobs.append(str(run.checkpoint_blob))
+                run.checkpoint_blob = run.checkpoint_sha256 = None
+                run.checkpoint_kek_version = None
+                session.add(run)
         destroyed = keyring.destroy_data_keys(session, tenant_id)
         forget_partners(session=session, tenant_id=tenant_id)
         tenant.deleted_at = now

@@ -51,9 +51,8 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     assert report.plaintext_files == [] and find_plaintext_weights(data_dir) == []
     blobs = sorted((data_dir / "blobs").rglob("*"))
     blob_files = [b for b in blobs if b.is_file()]
-    # Three tenants' models, and the run's final global head (kept for LP-FT).
-    assert len(blob_files) == 4 and report.encrypted_blobs == 4
-    assert len([b for b in blob_files if "checkpoint" in b.name]) == 1
+    # Three tenants' models; no checkpoint outlives a completed run (keep-head is off).
+    assert len(blob_files) == 3 and report.encrypted_blobs == 3
     for blob in blob_files:
         assert not looks_like_safetensors(blob.read_bytes()[:16])
 

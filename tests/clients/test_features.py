@@ -70,6 +70,26 @@ def test_the_cache_key_covers_the_texts_and_the_spec() -> None:
     assert not torch.equal(short_inputs, a)  # truncated to 8 tokens: other vectors
 
 
+def test_lists_that_join_to_the_same_bytes_do_not_share_vectors() -> None:
+    spec = head_spec()
+    cache = FeatureCache(None)
+    joined = LabeledData(("good\0bad",), (0,), spec.labels)
+    split = LabeledData(("good", "bad"), (0, 2), spec.labels)
+    assert cache.vectors(split, spec).shape == (2, 384)
+    assert cache.vectors(joined, spec).shape == (1, 384)
+
+
+def test_a_cache_file_of_the_wrong_shape_is_not_trusted(tmp_path: Path) -> None:
+    spec, data = head_spec(), fresh(4, "shape")
+    cache = FeatureCache(tmp_path)
+    cache.vectors(data, spec)
+    (path,) = tmp_path.iterdir()
+    from safetensors.torch import save_file
+
+    save_file({"vectors": torch.zeros(3, 384)}, str(path))  # planted: one row short
+    assert FeatureCache(tmp_path).vectors(data, spec).shape == (4, 384)
+
+
 def test_auto_batch_is_a_tenth_of_the_data_within_bounds() -> None:
     assert dp_batch_size(3000, 0) == 300
     assert dp_batch_size(100, 0) == 64

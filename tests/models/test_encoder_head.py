@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -71,16 +72,36 @@ def test_a_local_encoder_directory_is_a_pluggable_encoder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tiny_bert_dir(tmp_path / "tiny")
-    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder=str(path))
-    assert spec.family_config().encoder_dim == 16
-    (vectors,) = text_inputs(spec, ["hello there", "another one"])
-    assert vectors.shape == (2, 16)
-    logits = build_model(spec)(vectors)
-    assert logits.shape == (2, 3)
     monkeypatch.setenv("FEDTEXT_ENCODERS", f"tiny={path}")
     assert encoder_dir("tiny") == path.resolve()
-    named = ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder="tiny")
-    assert named.family_config().encoder_sha256 == spec.family_config().encoder_sha256
+    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder="tiny")
+    assert spec.family_config().encoder_dim == 16
+    (vectors,) = text_inputs(spec, ["hello there", "another one", "lone \ud800 surrogate"])
+    assert vectors.shape == (3, 16)
+    logits = build_model(spec)(vectors)
+    assert logits.shape == (3, 3)
+
+
+def test_a_spec_cannot_name_a_path_only_an_operators_name(tmp_path: Path) -> None:
+    path = tiny_bert_dir(tmp_path / "tiny")
+    # A run request or a coordinator could otherwise probe this machine's folders.
+    with pytest.raises(EncoderError, match="Unknown encoder"):
+        ModelSpec.create("encoder-head", list(DEMO_LABELS), encoder=str(path))
+
+
+def test_the_hash_covers_the_files_even_under_a_hidden_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = tiny_bert_dir(tmp_path / ".venv" / "one", seed=0)
+    two = tiny_bert_dir(tmp_path / ".venv" / "two", seed=1)
+    monkeypatch.setenv("FEDTEXT_ENCODERS", f"one={one};two={two}")
+    empty = hashlib.sha256(b"").hexdigest()
+    sha_one = ModelSpec.create("encoder-head", ["a", "b"], encoder="one").family_config()
+    sha_two = ModelSpec.create("encoder-head", ["a", "b"], encoder="two").family_config()
+    assert empty not in (sha_one.encoder_sha256, sha_two.encoder_sha256)
+    assert sha_one.encoder_sha256 != sha_two.encoder_sha256
+    minilm = ModelSpec.create("encoder-head", ["a", "b"]).family_config().encoder_sha256
+    assert minilm != empty  # the shipped encoder lives under .venv
 
 
 def test_a_different_encoder_under_the_same_name_is_refused(

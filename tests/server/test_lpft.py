@@ -12,8 +12,11 @@ from server.checkpoint import save_checkpoint
 from server.config import ServerRunConfig
 from server.server_app import RunFailed, _start_from_head
 from tenancy.db import session_scope
+from tenancy.errors import NotFound
 from tenancy.platform import Platform
+from tenancy.rotation import delete_tenant
 from tenancy.tables import TrainingRun
+from tests.factories import make_tenant
 
 LABELS = "negative,neutral,positive"
 
@@ -50,6 +53,26 @@ def test_a_minilm_run_starts_from_the_heads_final_weights(sqlite_platform: Platf
     assert not torch.equal(model.head.weight, weight)
     _start_from_head(sqlite_platform, cfg, model)
     assert torch.equal(model.head.weight, weight)
+
+
+def test_a_kept_head_goes_when_one_of_its_tenants_is_deleted(sqlite_platform: Platform) -> None:
+    acme = make_tenant(sqlite_platform, "acme")
+    completed_head_run(sqlite_platform, "head-run")
+    with session_scope(sqlite_platform.engine) as session:
+        run = session.get(TrainingRun, "head-run")
+        assert run is not None and run.checkpoint_blob
+        blob = run.checkpoint_blob
+        run.plans_json = json.dumps({"acme": {"tenant_id": acme.tenant.id}})
+        session.add(run)
+    delete_tenant(
+        sqlite_platform.engine, sqlite_platform.keyring, sqlite_platform.store,
+        tenant_id=acme.tenant.id,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no completed encoder-head run"):
+        cfg = minilm_config("head-run")
+        _start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
+    with pytest.raises(NotFound):
+        sqlite_platform.store.get(blob)
 
 
 def test_lpft_refuses_what_does_not_fit(sqlite_platform: Platform) -> None:
