@@ -95,16 +95,11 @@ def row(training: str, model: str, eps: float | None, stage: str, **m: Any) -> d
 
 
 def family_settings(family: str, rounds: int | None) -> dict[str, Any]:
+    import dataclasses
+
     from models import training_defaults
 
-    d = training_defaults(family)
-    base = {
-        "rounds": d.rounds,
-        "local_epochs": d.local_epochs,
-        "learning_rate": d.learning_rate,
-        "batch_size": d.batch_size,
-        "personalize_epochs": d.personalize_epochs,
-    }
+    base = dataclasses.asdict(training_defaults(family))
     if family == "lstm":
         base.update(LSTM_SETTINGS)
     if rounds:

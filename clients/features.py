@@ -111,13 +111,9 @@ def feature_cache(directory: str | Path | None = None) -> FeatureCache:
 
 
 def model_inputs(
-    data: LabeledData,
-    spec: ModelSpec,
-    *,
-    device: torch.device | None = None,
-    cache: FeatureCache | None = None,
+    data: LabeledData, spec: ModelSpec, *, device: torch.device | None = None
 ) -> tuple[torch.Tensor, ...]:
     """The forward inputs for ``data``: cached sentence vectors or fresh token ids."""
     if spec.family == ENCODER_HEAD:
-        return ((cache or feature_cache()).vectors(data, spec, device),)
+        return (feature_cache().vectors(data, spec, device),)
     return text_inputs(spec, data.texts)

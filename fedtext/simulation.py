@@ -70,12 +70,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         # Fill what was left out with the family's defaults, so the record shows what ran.
         if self.model in families():
-            defaults = training_defaults(self.model)
-            for name in ("rounds", "local_epochs", "batch_size", "learning_rate"):
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, getattr(defaults, name))
-            if self.personalize_epochs is None:
-                object.__setattr__(self, "personalize_epochs", defaults.personalize_epochs)
+            for name, value in training_defaults(self.model).fill(vars(self)).items():
+                object.__setattr__(self, name, value)
 
     def validate(self) -> None:
         if len(self.tenants) < 2:

@@ -5,6 +5,7 @@ from models.inputs import spec_encoder, text_inputs
 from models.spec import (
     DEFAULT_FAMILY,
     ModelSpec,
+    TrainingDefaults,
     build_model,
     default_max_seq_len,
     families,
@@ -22,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "PublicTokenizer",
     "SentenceEncoder",
+    "TrainingDefaults",
     "build_model",
     "default_max_seq_len",
     "families",

@@ -47,7 +47,6 @@ class EncoderHeadClassifier(nn.Module):
     """The private head alone; its input is the encoder's sentence vectors ``(B, dim)``."""
 
     public_prefixes: tuple[str, ...] = ()
-    input_kind = "sentence-vectors"
 
     def __init__(self, config: EncoderHeadConfig, num_classes: int) -> None:
         super().__init__()

@@ -39,7 +39,7 @@ class EncoderError(ValueError):
 
 
 def encoder_dir(ref: str) -> Path:
-    """The directory of encoder ``ref``: the built-in name, an operator's name, or a path."""
+    """The directory of encoder ``ref``: the built-in name or one in ``FEDTEXT_ENCODERS``."""
     if ref == DEFAULT_ENCODER:
         return minilm_dir()
     named = _operator_encoders()

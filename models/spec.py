@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ _DEFAULT_SEQ_LEN = {ENCODER_HEAD: 128}
 
 @dataclasses.dataclass(frozen=True)
 class TrainingDefaults:
-    """A family's DP-SGD settings when a run leaves them out (0 in a run config).
+    """A family's DP-SGD settings when a run leaves them out ("auto" or None).
 
     Chosen on the public demo corpus (docs/TRAINING.md), never on a tenant's data:
     tuning on private data would itself spend privacy.
@@ -57,6 +57,13 @@ class TrainingDefaults:
     batch_size: int  # expected Poisson batch; 0: sized by each tenant's data (dp_batch_size)
     personalize_epochs: int
 
+    def fill(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every setting (by field name): ``given``'s, or this default where it is None."""
+        return {
+            f.name: getattr(self, f.name) if given.get(f.name) is None else given[f.name]
+            for f in dataclasses.fields(self)
+        }
+
 
 # A head's round costs milliseconds once the node's sentence vectors exist, so it gets many
 # short rounds (each averages away some client drift) and a stronger local fine-tune; the
@@ -64,9 +71,6 @@ class TrainingDefaults:
 _TRAINING_DEFAULTS = {
     ENCODER_HEAD: TrainingDefaults(
         rounds=20, local_epochs=1, learning_rate=0.05, batch_size=0, personalize_epochs=2
-    ),
-    "lstm": TrainingDefaults(
-        rounds=3, local_epochs=1, learning_rate=0.01, batch_size=128, personalize_epochs=1
     ),
 }
 _TOKEN_DEFAULTS = TrainingDefaults(

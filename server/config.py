@@ -11,6 +11,7 @@ from typing import Any
 from models import (
     DEFAULT_FAMILY,
     ModelSpec,
+    TrainingDefaults,
     default_max_seq_len,
     families,
     training_defaults,
@@ -21,7 +22,7 @@ from server.strategy import strategy_names
 
 # "auto": the model family's own default (models.training_defaults), chosen on public data.
 AUTO = "auto"
-FAMILY_KEYS = ("rounds", "local-epochs", "batch-size", "learning-rate", "personalize-epochs")
+FAMILY_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(TrainingDefaults))
 
 DEFAULTS: dict[str, Any] = {
     "run-id": "",
@@ -214,10 +215,10 @@ def _fill_family_defaults(merged: dict[str, Any]) -> None:
     family = str(merged["model"])
     if family not in families():
         raise ValueError(f"Unknown model family {family!r}; known: {families()}.")
-    defaults = training_defaults(family)
-    for key in FAMILY_KEYS:
-        if str(merged[key]).strip().lower() in (AUTO, ""):
-            merged[key] = getattr(defaults, key.replace("-", "_"))
+    left_out = {key for key in FAMILY_KEYS if str(merged[key]).strip().lower() in (AUTO, "")}
+    given = {key.replace("-", "_"): None if key in left_out else merged[key] for key in FAMILY_KEYS}
+    for name, value in training_defaults(family).fill(given).items():
+        merged[name.replace("_", "-")] = value
     if str(merged["max-seq-len"]).strip().lower() in (AUTO, "", "0"):
         merged["max-seq-len"] = default_max_seq_len(family)
 

@@ -99,10 +99,8 @@ class RunCreate(BaseModel):
     @model_validator(mode="after")
     def _family_defaults(self) -> RunCreate:
         """What was left out takes the family's default, so the run's record shows it."""
-        defaults = training_defaults(self.model)
-        for name in ("rounds", "local_epochs", "batch_size", "learning_rate", "personalize_epochs"):
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(defaults, name))
+        for name, value in training_defaults(self.model).fill(vars(self)).items():
+            setattr(self, name, value)
         return self
 
 
