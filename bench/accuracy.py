@@ -123,7 +123,7 @@ def released_scores(
 
     from fedtext.platform import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
-    from fedtext.simulation import SimulationConfig, simulate
+    from runs.simulation import SimulationConfig, simulate
     from models import ModelSpec, build_model, load_weights
     from tenancy.db import session_scope
     from tenancy.registry import read_model_weights

@@ -26,7 +26,7 @@ from clients.data import LabeledData
 from clients.train import encode
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
-from fedtext.simulation import SimulationConfig, simulate
+from runs.simulation import SimulationConfig, simulate
 from models import ModelSpec, build_model, load_weights
 from privacy.accounting import compose_epsilon
 from privacy.canary import AuditOutcome, audit_scores, make_canaries

@@ -489,7 +489,7 @@ def audit_canary(
     Exits 1 if the empirical lower bound on epsilon exceeds the accounted epsilon.
     """
     from fedtext.audit_canary import run_canary_audit
-    from fedtext.simulation import SimulationFailed
+    from runs.simulation import SimulationFailed
 
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -588,9 +588,9 @@ def simulate(
 ) -> None:
     """Run a simulated federation on the demo corpus; missing tenants are created."""
     from fedtext.progress import watch_run
-    from fedtext.simulation import SimulationConfig, SimulationFailed
-    from fedtext.simulation import resume as resume_run
-    from fedtext.simulation import simulate as run_sim
+    from runs.simulation import SimulationConfig, SimulationFailed
+    from runs.simulation import resume as resume_run
+    from runs.simulation import simulate as run_sim
     from tenancy.db import session_scope
     from tenancy.errors import NotFound
     from tenancy.tenants import check_name, create_tenant, get_tenant
@@ -720,8 +720,8 @@ def serve(
         token = settings.operator_token
     configure_json_logging(settings.log_level)
     from fedtext.deploy_cli import UserError
-    from fedtext.federation_runs import FederationRunLauncher
-    from fedtext.runs_worker import LocalRunLauncher
+    from runs.federation import FederationRunLauncher
+    from runs.worker import LocalRunLauncher
     from serving.launcher import RunLauncher
     from serving.limits import Limits
 

@@ -17,7 +17,7 @@ from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
-from fedtext.simulation import SimulationConfig, simulate
+from runs.simulation import SimulationConfig, simulate
 from models import DEFAULT_FAMILY, training_defaults
 from serving.app import create_app
 from serving.config import ServingConfig

@@ -29,6 +29,16 @@ from privacy.ledger import DEFAULT_DATASET, PrivacyEvent, lock_tenant, record_ev
 from privacy.ledger import create_tables as create_ledger_tables
 from privacy.params import DPParams
 from privacy.reservations import outstanding, reserve, uncharged
+from runs.lifecycle import (
+    active_run_ids,
+    complete_run,
+    fail_run,
+    get_run,
+    is_cancelled,
+    start_run,
+    update_run,
+)
+from runs.status import RunStatus
 from server.checkpoint import final_global_weights, load_checkpoint, save_checkpoint
 from server.config import ServerRunConfig
 from server.planning import PlanRefused, TenantPlan, plan_tenant
@@ -45,8 +55,7 @@ from tenancy.db import create_tables, session_scope
 from tenancy.errors import NotFound
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, store_model_version
-from tenancy.runs import active_run_ids, end_run
-from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
+from tenancy.tables import RoundMetric, Tenant, TrainingRun
 from tenancy.tenants import get_tenant
 
 log = logging.getLogger("fedtext.server")
@@ -409,31 +418,11 @@ def make_sink(
     return sink
 
 
-def _update_run(platform: Platform, run_id: str, **fields: Any) -> None:
-    with session_scope(platform.engine) as session:
-        run = session.get(TrainingRun, run_id) or TrainingRun(id=run_id)
-        for key, value in fields.items():
-            setattr(run, key, value)
-        session.add(run)
-
-
-def _fail_run(platform: Platform, run_id: str, error: str) -> None:
-    """Record the failure, unless the run was cancelled (a stopped run fails by design);
-    one conditional UPDATE, so a cancel committed meanwhile is not overwritten."""
-    end_run(platform.engine, run_id, "failed", error, unless=("cancelled",))
-
-
 def _stand_down_if_cancelled(platform: Platform, run_id: str, when: str) -> None:
     """Stop a run cancelled on the platform (the API's cancel also stops the Flower run;
     this covers a cancel that raced the submission)."""
-    run = _get_run(platform, run_id)
-    if run is not None and run.status == "cancelled":
+    if is_cancelled(platform.engine, run_id):
         raise RunFailed(f"Run {run_id} was cancelled {when}.")
-
-
-def _get_run(platform: Platform, run_id: str) -> TrainingRun | None:
-    with Session(platform.engine, expire_on_commit=False) as session:
-        return session.get(TrainingRun, run_id)
 
 
 def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
@@ -441,39 +430,36 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
     create_tables(platform.engine)
     create_ledger_tables(platform.engine)
     if cfg.resume:
-        stored = _get_run(platform, cfg.run_id)
+        stored = get_run(platform.engine, cfg.run_id)
         if stored is None:
             raise RunFailed(f"No run {cfg.run_id} to resume.")
-        if stored.status == "completed":
+        if stored.status == RunStatus.COMPLETED:
             raise RunFailed(f"Run {cfg.run_id} already completed; nothing to resume.")
         # The stored configuration wins: a resumed run is the same run.
         cfg = ServerRunConfig.from_mapping(_kebab(json.loads(stored.config_json)), {"resume": True})
-    else:
-        # Cancelled over HTTP while `flwr run` was submitting it: stand down.
-        _stand_down_if_cancelled(platform, cfg.run_id, "before it started")
-    _update_run(
-        platform, cfg.run_id, status="running", error=None, config_json=json.dumps(cfg.public())
-    )
+    # A new run cancelled over HTTP while `flwr run` was submitting it stands down.
+    if not start_run(
+        platform.engine, cfg.run_id, config_json=json.dumps(cfg.public()), resume=cfg.resume
+    ):
+        raise RunFailed(f"Run {cfg.run_id} was cancelled before it started.")
     try:
         outcome = _run(grid, cfg, platform)
     except Exception as exc:
-        _fail_run(platform, cfg.run_id, str(exc))
+        fail_run(platform.engine, cfg.run_id, str(exc))
         _sign_heads(platform, _participant_ids(platform, cfg.run_id))
         raise
     # A completed run needs no checkpoint: its models are released. An encoder-head run
     # asked to (keep-head) keeps its final global head (DP output, encrypted): a later
     # minilm run may start from it (init-head-run, LP-FT).
-    finished = _get_run(platform, cfg.run_id)
+    finished = get_run(platform.engine, cfg.run_id)
     keep = cfg.model == ENCODER_HEAD and cfg.keep_head
     if finished is not None and finished.checkpoint_blob and not keep:
         platform.store.delete(finished.checkpoint_blob)
-    _update_run(
-        platform,
+    complete_run(
+        platform.engine,
         cfg.run_id,
-        **({} if keep else {"checkpoint_blob": None}),
-        status="completed",
         summary_json=json.dumps(outcome.summary),
-        finished_at=utcnow(),
+        **({} if keep else {"checkpoint_blob": None}),
     )
     _sign_heads(platform, [p.tenant_id for p in outcome.plans.values()])
     return outcome
@@ -516,7 +502,7 @@ def _kebab(public: dict[str, Any]) -> dict[str, Any]:
 
 def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
     nodes, problems = discover_nodes(grid, cfg)
-    run = _get_run(platform, cfg.run_id)
+    run = get_run(platform.engine, cfg.run_id)
     assert run is not None
     if cfg.resume:
         plans, refused = _plans_from_json(run.plans_json, nodes, cfg.rounds)
@@ -542,7 +528,7 @@ def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
         start = run.checkpoint_round + 1
         log.info("resuming run %s after round %d", cfg.run_id, run.checkpoint_round)
     if not cfg.resume:
-        _update_run(platform, cfg.run_id, plans_json=_plans_to_json(plans))
+        update_run(platform.engine, cfg.run_id, plans_json=_plans_to_json(plans))
 
     train_config: dict[str, Any] = {
         "spec": spec.to_json(),

@@ -18,6 +18,7 @@ from prometheus_client import Histogram
 from sqlmodel import Session
 
 from models import ModelSpec
+from runs.lifecycle import HEARTBEAT_SECONDS, reap_orphaned_runs
 from serving.batching import MicroBatcher, Rows
 from serving.config import ServingConfig
 from serving.console import router as console_router
@@ -39,7 +40,6 @@ from serving.routers import (
     tenants,
 )
 from tenancy.platform import Platform
-from tenancy.runs import reap_orphaned_runs
 
 log = logging.getLogger("fedtext.serving")
 
@@ -62,6 +62,10 @@ def _timed_batch(
     return rows
 
 
+# How often the API looks for runs whose worker is gone.
+REAP_SECONDS = 2 * HEARTBEAT_SECONDS
+
+
 async def _refresh_lookups(platform: Platform, lookups: PredictLookups) -> None:
     """Re-read the predict path's memo every ``ttl`` seconds (two queries, off the loop)."""
 
@@ -75,6 +79,16 @@ async def _refresh_lookups(platform: Platform, lookups: PredictLookups) -> None:
             await run_in_threadpool(refresh)
         except Exception:  # the database is away: entries age out, requests ask it directly
             log.warning("refreshing the predict lookups failed", exc_info=True)
+
+
+async def _reap_runs(platform: Platform) -> None:
+    """Mark runs whose worker died while this API is up interrupted (reads never write)."""
+    while True:
+        await asyncio.sleep(REAP_SECONDS)
+        try:
+            await run_in_threadpool(reap_orphaned_runs, platform.engine)
+        except Exception:
+            log.warning("checking for orphaned runs failed", exc_info=True)
 
 
 def create_app(
@@ -123,12 +137,13 @@ def create_app(
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         # Runs whose worker died while no API was up are marked interrupted (resumable).
-        with Session(platform.engine) as session:
-            reap_orphaned_runs(session)
+        reap_orphaned_runs(platform.engine)
+        reaper = asyncio.create_task(_reap_runs(platform))
         refresher = (
             asyncio.create_task(_refresh_lookups(platform, lookups)) if lookups.ttl > 0 else None
         )
         yield
+        reaper.cancel()
         if refresher is not None:
             refresher.cancel()
         app.state.cache.clear()

@@ -173,11 +173,12 @@ def delete_tenant(
         for mv in session.exec(select(ModelVersion).where(ModelVersion.tenant_id == tenant_id)):
             blobs.append(mv.blob_key)
             session.delete(mv)
-        # A completed run's kept global head (keep-head, for LP-FT) was trained on this
-        # tenant's data too: it goes with the tenant.
+        # An ended run's checkpoint (a completed run's kept head, for LP-FT, above all) was
+        # trained on this tenant's data too: it goes with the tenant.
         for run in session.exec(
             select(TrainingRun).where(
-                TrainingRun.status == "completed", col(TrainingRun.checkpoint_blob).is_not(None)
+                col(TrainingRun.finished_at).is_not(None),
+                col(TrainingRun.checkpoint_blob).is_not(None),
             )
         ):
             plans = json.loads(run.plans_json or "{}")

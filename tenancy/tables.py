@@ -73,8 +73,7 @@ class ModelVersion(SQLModel, table=True):
 class TrainingRun(SQLModel, table=True):
     __tablename__ = "training_run"
     id: str = Field(default_factory=new_id, primary_key=True)
-    # created | running | completed | failed | cancelled | interrupted (worker gone; resumable)
-    status: str = "created"
+    status: str  # a runs.status.RunStatus; set only through runs.lifecycle
     config_json: str = "{}"
     summary_json: str = "{}"
     simulation_json: str | None = None  # how a simulated run's nodes get their data

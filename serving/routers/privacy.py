@@ -18,6 +18,7 @@ from privacy.heads import SignedHeadPublic, platform_signer, sign_and_store
 from privacy.ledger import TENANT_WIDE, budget_changes, lock_tenant, tenant_events
 from privacy.report import render_html, signed_report
 from privacy.reservations import outstanding
+from runs.lifecycle import active_run_ids
 from serving.deps import AdminCaller, PlatformDep, SessionDep
 from serving.schemas import (
     BudgetChangePublic,
@@ -26,7 +27,6 @@ from serving.schemas import (
     LedgerEntryPublic,
     PrivacyReportPublic,
 )
-from tenancy.runs import active_run_ids
 
 router = APIRouter(prefix="/v1/privacy", tags=["privacy"])
 

@@ -25,10 +25,11 @@ from privacy.budget import check_release
 from privacy.evaluation import DEFAULT_EVAL_NOISE
 from privacy.ledger import lock_tenant
 from privacy.reservations import ESTIMATE, estimate_releases, outstanding, reserve
+from runs.lifecycle import active_run_ids, cancel_run, end_run, new_run
+from runs.status import RunStatus
 from serving.deps import AdminCaller, OptionalRunLauncherDep, RunLauncherDep, SessionDep
 from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
-from tenancy.runs import FINISHED, active_run_ids, reap_orphaned_runs
-from tenancy.tables import RoundMetric, Tenant, TrainingRun, utcnow
+from tenancy.tables import RoundMetric, Tenant, TrainingRun
 from tenancy.tenants import live_tenants, without_consent
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -114,7 +115,7 @@ def create(
         launcher.check(config)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    run = TrainingRun(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
+    run = new_run(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
     refusals = _reserve_budgets(session, run.id, list(found.values()), body)
     if refusals:
         session.rollback()
@@ -128,9 +129,7 @@ def create(
     try:
         launcher.launch(run.id)
     except OSError as exc:
-        run.status, run.error, run.finished_at = "failed", f"Could not start: {exc}", utcnow()
-        session.add(run)
-        session.commit()
+        end_run(session.get_bind(), run.id, RunStatus.FAILED, f"Could not start: {exc}")
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "The run's worker could not be started."
         ) from None
@@ -181,7 +180,6 @@ def list_runs(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[RunPublic]:
-    reap_orphaned_runs(session)
     rows = session.exec(
         select(TrainingRun)
         .where(TrainingRun.owner_tenant_id == caller.tenant.id)
@@ -193,8 +191,6 @@ def list_runs(
 
 @router.get("/{run_id}", response_model=RunPublic)
 def get_run(run_id: str, caller: AdminCaller, session: SessionDep) -> RunPublic:
-    _own_run(session, run_id, caller.tenant.id)
-    reap_orphaned_runs(session)
     return _public(session, _own_run(session, run_id, caller.tenant.id), caller.tenant.id)
 
 
@@ -205,7 +201,7 @@ def cancel(
     """Stop the run's worker (and, on a SuperLink, its Flower run); the rounds already
     dispatched stay charged to the ledger."""
     run = _own_run(session, run_id, caller.tenant.id)
-    if run.status in FINISHED:
+    if RunStatus(run.status).finished:
         raise HTTPException(status.HTTP_409_CONFLICT, f"Run {run_id} is already {run.status}.")
     if launcher is None:
         raise HTTPException(
@@ -215,11 +211,7 @@ def cancel(
         launcher.cancel(run.id, run.worker_pid)
     except OSError as exc:  # the federation did not confirm the stop: the run goes on
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+    cancel_run(session.get_bind(), run.id, f"Cancelled by admin key {caller.key.prefix}.")
     session.refresh(run)
-    run.status = "cancelled"
-    run.error = f"Cancelled by admin key {caller.key.prefix}."
-    run.finished_at = utcnow()
-    session.add(run)
-    session.commit()
     log.info("run cancelled", extra={"fields": {"run": run.id, "tenant": caller.tenant.id}})
     return _public(session, run, caller.tenant.id)

@@ -15,6 +15,7 @@ from privacy.accounting import compose_epsilon
 from privacy.ledger import tenant_events
 from privacy.params import DPParams
 from privacy.reservations import BudgetReservation, outstanding
+from runs.lifecycle import active_run_ids, end_run
 from server.config import ServerRunConfig
 from server.planning import TenantPlan, plan_tenant
 from server.server_app import NodeInfo, make_charge, plan_run
@@ -22,7 +23,6 @@ from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope
 from tenancy.platform import Platform
-from tenancy.runs import active_run_ids, end_run
 from tenancy.tables import TrainingRun
 from tests.factories import agree, make_tenant, tiny_spec
 

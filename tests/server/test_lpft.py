@@ -15,7 +15,7 @@ from tenancy.db import session_scope
 from tenancy.errors import NotFound
 from tenancy.platform import Platform
 from tenancy.rotation import delete_tenant
-from tenancy.tables import TrainingRun
+from tenancy.tables import TrainingRun, utcnow
 from tests.factories import make_tenant
 
 LABELS = "negative,neutral,positive"
@@ -29,7 +29,12 @@ def completed_head_run(platform: Platform, run_id: str, labels: str = LABELS) ->
     with torch.no_grad():
         model.head[0].weight.normal_()
     with session_scope(platform.engine) as session:
-        run = TrainingRun(id=run_id, status="completed", config_json=json.dumps(cfg.public()))
+        run = TrainingRun(
+            id=run_id,
+            status="completed",
+            config_json=json.dumps(cfg.public()),
+            finished_at=utcnow(),
+        )
         save_checkpoint(platform, run, cfg.rounds, save_weights(model))
         session.add(run)
     return model.head[0].weight.detach().clone()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session
 
+from runs.lifecycle import fail_run
 from server.config import ServerRunConfig
-from server.server_app import NodeInfo, RunFailed, _fail_run, plan_run, run_federation
+from server.server_app import NodeInfo, RunFailed, plan_run, run_federation
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
@@ -73,7 +74,7 @@ def test_a_failure_does_not_overwrite_a_cancel(sqlite_platform: Platform) -> Non
         session.add(TrainingRun(id="stopped", status="cancelled", error="Cancelled."))
         session.add(TrainingRun(id="broken", status="running"))
     for run_id in ("stopped", "broken"):
-        _fail_run(sqlite_platform, run_id, "the run was stopped")
+        fail_run(sqlite_platform.engine, run_id, "the run was stopped")
     with Session(sqlite_platform.engine) as session:
         stopped, broken = session.get(TrainingRun, "stopped"), session.get(TrainingRun, "broken")
         assert stopped is not None and (stopped.status, stopped.error) == (

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from fedtext.runs_worker import LocalRunLauncher
+from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from serving.limits import Limits

@@ -17,13 +17,13 @@ from sqlmodel import Session
 
 from fedtext.credentials import create_credentials
 from fedtext.deploy_cli import UserError, app_config_keys, find_app_dir
-from fedtext.federation_runs import FederationRunLauncher, federation_run_config, follow
-from fedtext.runs_worker import LocalRunLauncher
+from runs.federation import FederationRunLauncher, federation_run_config, follow
+from runs.lifecycle import end_run, pid_alive
+from runs.worker import LocalRunLauncher
 from server.config import ServerRunConfig
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform
-from tenancy.runs import end_run, pid_alive
 from tenancy.tables import TrainingRun, utcnow
 from tests.factories import agree, make_tenant
 

@@ -61,7 +61,9 @@ def test_rotate_kek_rewraps_every_data_key_and_retires_the_old_version(
 def test_rotate_kek_keeps_a_version_that_a_checkpoint_still_uses(platform: Platform) -> None:
     make_tenant(platform, "acme")
     with Session(platform.engine) as session:
-        session.add(TrainingRun(checkpoint_blob="runs/x.ftx", checkpoint_kek_version=1))
+        session.add(
+            TrainingRun(status="running", checkpoint_blob="runs/x.ftx", checkpoint_kek_version=1)
+        )
         session.commit()
     done = rotate_kek(platform.engine, platform.keyring, grace_seconds=0)
     assert done.kept == [1] and done.retired == []

@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlmodel import Session
-
 from clients.client_app import make_client_app
 from models import DEFAULT_FAMILY, families, training_defaults
+from runs.lifecycle import get_run, record_request
+from runs.status import RunStatus
 from server.server_app import build_server_app
 from tenancy.platform import Platform
-from tenancy.tables import TrainingRun
 
-log = logging.getLogger("fedtext.simulation")
+log = logging.getLogger("runs.simulation")
 
 
 class SimulationFailed(RuntimeError):
@@ -123,23 +122,18 @@ def simulate(
     """Run ``config`` to completion; the run's record says what happened."""
     config.validate()
     run_id = run_id or uuid.uuid4().hex
-    with Session(platform.engine) as session:
-        run = session.get(TrainingRun, run_id) or TrainingRun(id=run_id)
-        run.simulation_json = json.dumps(dataclasses.asdict(config))
-        session.add(run)
-        session.commit()
+    record_request(platform.engine, run_id, dataclasses.asdict(config), merge=False)
     return _launch(platform, config, config.server_overrides(run_id), run_id)
 
 
 def resume(platform: Platform, run_id: str) -> SimulationResult:
     """Continue a killed simulated run from its last checkpoint."""
-    with Session(platform.engine) as session:
-        run = session.get(TrainingRun, run_id)
+    run = get_run(platform.engine, run_id)
     if run is None:
         raise SimulationFailed(f"No run {run_id}.")
     if run.simulation_json is None or "superlink" in json.loads(run.simulation_json):
         raise SimulationFailed(f"Run {run_id} was not a simulation; resume it with flwr run.")
-    if run.status == "completed":
+    if run.status == RunStatus.COMPLETED:
         raise SimulationFailed(f"Run {run_id} already completed.")
     config = SimulationConfig(**json.loads(run.simulation_json))
     return _launch(platform, config, {"run-id": run_id, "resume": True}, run_id)
@@ -183,10 +177,9 @@ def _launch(
             )
         except Exception as exc:  # the ServerApp's own error, re-raised by Flower
             failure = exc
-    with Session(platform.engine) as session:
-        run = session.get(TrainingRun, run_id)
-    if run is None or (run.status in ("created", "running") and failure is not None):
+    run = get_run(platform.engine, run_id)
+    if run is None or (RunStatus(run.status).active and failure is not None):
         raise SimulationFailed(f"The run did not finish: {failure or 'see the log above'}")
-    if run.status != "completed":
+    if run.status != RunStatus.COMPLETED:
         raise SimulationFailed(f"Run {run_id} {run.status}: {run.error or 'see the log above'}")
     return SimulationResult(run_id, json.loads(run.summary_json))

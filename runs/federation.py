@@ -1,7 +1,7 @@
 """Runs started over HTTP on a real federation (a SuperLink), and their worker.
 
 With ``FEDTEXT_SUPERLINK`` set, ``fedtext serve`` gives the API a
-:class:`FederationRunLauncher`. Its worker, ``python -m fedtext.federation_runs RUN_ID``,
+:class:`FederationRunLauncher`. Its worker, ``python -m runs.federation RUN_ID``,
 is a session leader like the simulation worker (it survives an API restart; cancel stops
 its process group), records its PID and beats on the run. It submits the run with
 ``flwr run`` (run-config ``run-id`` = the platform run id, so the ServerApp records status
@@ -40,9 +40,10 @@ from fedtext.deploy_cli import (
     validate_server_config,
     write_connection,
 )
-from fedtext.runs_worker import WorkerLauncher, engine_url, start_heartbeat
+from runs.lifecycle import claim_run, end_run, get_run, record_request, run_status
+from runs.status import RunStatus
+from runs.worker import WorkerLauncher, engine_url, start_heartbeat
 from tenancy.platform import Platform
-from tenancy.runs import ACTIVE, claim_run, end_run
 from tenancy.tables import TrainingRun
 
 CONNECTION = "fedtext-api"
@@ -63,7 +64,7 @@ def federation_run_config(
 
     ``known`` is the app's ``[tool.flwr.app.config]``: flwr accepts no other key.
     """
-    from fedtext.simulation import SimulationConfig
+    from runs.simulation import SimulationConfig
 
     given = [k for k in SIMULATION_ONLY if config.get(k) is not None]
     if given:
@@ -94,19 +95,15 @@ def flower_run_id(run: TrainingRun) -> int | None:
 
 def _record(engine: Engine, run_id: str, **fields: Any) -> None:
     """Add ``fields`` to the run's stored request."""
-    with Session(engine) as session:
-        run = session.get(TrainingRun, run_id)
-        if run is None:
-            raise LookupError(f"No run {run_id}.")
-        run.simulation_json = json.dumps({**json.loads(run.simulation_json or "{}"), **fields})
-        session.add(run)
-        session.commit()
+    if get_run(engine, run_id) is None:
+        raise LookupError(f"No run {run_id}.")
+    record_request(engine, run_id, fields, merge=True)
 
 
 class FederationRunLauncher(WorkerLauncher):
     """Submits runs to a SuperLink (TLS) through a detached worker per run."""
 
-    module = "fedtext.federation_runs"
+    module = "runs.federation"
 
     def __init__(self, platform: Platform, log_dir: Path, superlink: str, ca: Path | None) -> None:
         """Raises UserError when the address or the CA certificate is not usable."""
@@ -154,7 +151,7 @@ class FederationRunLauncher(WorkerLauncher):
         if flower_id is None:
             # Not submitted yet, or being submitted: mark it first (a ServerApp that starts
             # now stands down), then stop the worker and the `flwr run` it may be in.
-            end_run(self.platform.engine, run_id, "cancelled", "Cancelled before it ran.")
+            end_run(self.platform.engine, run_id, RunStatus.CANCELLED, "Cancelled before it ran.")
             self.stop_worker(run_id, pid)
             flower_id = self._flower_id(run_id)
         if flower_id is not None:
@@ -170,19 +167,13 @@ class FederationRunLauncher(WorkerLauncher):
             return flower_run_id(run) if run is not None else None
 
 
-def _status(engine: Engine, run_id: str) -> str:
-    with Session(engine) as session:
-        run = session.get(TrainingRun, run_id)
-        return run.status if run is not None else "missing"
-
-
 def follow(
     engine: Engine,
     run_id: str,
     flower_id: int,
     poll: float = POLL_SECONDS,
     flower_every: float = FLOWER_POLL_SECONDS,
-) -> str:
+) -> RunStatus | None:
     """Wait until the run ends; returns its final status.
 
     The ServerApp records the end on the row (read every ``poll`` seconds). Flower's own
@@ -192,7 +183,7 @@ def follow(
     """
     last_seen = time.monotonic()
     next_flower = last_seen + flower_every
-    while (status := _status(engine, run_id)) in ACTIVE:
+    while (status := run_status(engine, run_id)) is not None and status.active:
         now = time.monotonic()
         if now >= next_flower:
             next_flower = now + flower_every
@@ -201,7 +192,7 @@ def follow(
                 last_seen = now
             except UserError as exc:
                 if now - last_seen > STATUS_PATIENCE_SECONDS:
-                    end_run(engine, run_id, "failed", f"Lost track of the run: {exc}")
+                    end_run(engine, run_id, RunStatus.FAILED, f"Lost track of the run: {exc}")
                     continue
                 print(f"Flower run {flower_id}: status unreadable, retrying: {exc}", flush=True)
             else:
@@ -210,7 +201,7 @@ def follow(
                     if details and details != "N/A":
                         reason += f": {details}"
                     # Conditional: a ServerApp that recorded its end meanwhile keeps it.
-                    end_run(engine, run_id, "failed", reason)
+                    end_run(engine, run_id, RunStatus.FAILED, reason)
                     continue
         time.sleep(poll)
     return status
@@ -223,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from tenancy.db import get_engine
 
     engine = get_engine(os.environ["FEDTEXT_WORKER_DATABASE_URL"])
-    with Session(engine, expire_on_commit=False) as session:
-        run = claim_run(session, args.run_id)
+    run = claim_run(engine, args.run_id)
     request = json.loads(run.simulation_json or "{}") if run is not None else {}
     if "run_config" not in request:
         print(f"No federation run {args.run_id}.", file=sys.stderr)
@@ -238,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         status = follow(engine, args.run_id, flower_id)
     except UserError as exc:
         print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
-        end_run(engine, args.run_id, "failed", str(exc))
+        end_run(engine, args.run_id, RunStatus.FAILED, str(exc))
         return 1
     finally:
         stop.set()
     print(f"Run {args.run_id}: {status}.", flush=True)
-    return 0 if status == "completed" else 1
+    return 0 if status == RunStatus.COMPLETED else 1
 
 
 if __name__ == "__main__":

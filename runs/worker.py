@@ -1,6 +1,6 @@
 """Background worker of a training run started over HTTP, and the launcher that starts it.
 
-``python -m fedtext.runs_worker RUN_ID`` runs the simulated federation recorded on the
+``python -m runs.worker RUN_ID`` runs the simulated federation recorded on the
 run (``simulation_json``). The worker is its own session leader, so it survives an API
 restart, and cancel stops it with everything it started (Ray) by process group. It
 records its PID and host and beats every few seconds; an API that starts while the
@@ -10,6 +10,7 @@ worker is gone marks the run interrupted, resumable with ``fedtext simulate --re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlmodel import Session
 
+from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive
+from runs.status import RunStatus
 from tenancy.blobs import LocalBlobStore
 from tenancy.keyring import EnvKeyProvider, FileKeyProvider
 from tenancy.platform import Platform
-from tenancy.runs import HEARTBEAT_SECONDS, beat, claim_run, pid_alive
-from tenancy.tables import TrainingRun, utcnow
 
 CANCEL_GRACE_SECONDS = 5.0
 
@@ -40,7 +40,7 @@ def engine_url(engine: Engine) -> str:
 class WorkerLauncher:
     """Starts ``python -m MODULE RUN_ID`` as its own session; stops it by process group."""
 
-    module = "fedtext.runs_worker"
+    module = "runs.worker"
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env  # secrets (a database password, an env KEK) never go through argv
@@ -104,7 +104,7 @@ class LocalRunLauncher(WorkerLauncher):
         super().__init__(env, log_dir)
 
     def check(self, config: dict[str, Any]) -> None:
-        from fedtext.simulation import SimulationConfig
+        from runs.simulation import SimulationConfig
         from server.strategy import strategy_names
 
         try:
@@ -156,11 +156,9 @@ def _platform_from_env() -> Platform:
 
 def _heartbeat(engine: Engine, run_id: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_SECONDS):
-        try:
-            with Session(engine) as session:
-                beat(session, run_id)
-        except Exception:  # a missed beat is not fatal; a long silence marks the run
-            pass
+        # A missed beat is not fatal; a long silence marks the run.
+        with contextlib.suppress(Exception):
+            beat(engine, run_id)
 
 
 def start_heartbeat(engine: Engine, run_id: str) -> threading.Event:
@@ -174,11 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
-    from fedtext.simulation import SimulationConfig, SimulationFailed, simulate
+    from runs.simulation import SimulationConfig, SimulationFailed, simulate
 
     platform = _platform_from_env()
-    with Session(platform.engine, expire_on_commit=False) as session:
-        run = claim_run(session, args.run_id)
+    run = claim_run(platform.engine, args.run_id)
     if run is None or run.simulation_json is None:
         print(f"No simulated run {args.run_id}.", file=sys.stderr)
         return 2
@@ -188,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         simulate(platform, config, args.run_id)
     except (SimulationFailed, ValueError, TypeError) as exc:
         print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
-        with Session(platform.engine) as session:
-            row = session.get(TrainingRun, args.run_id)
-            if row is not None and row.status in ("created", "running"):
-                row.status, row.error, row.finished_at = "failed", str(exc), utcnow()
-                session.add(row)
-                session.commit()
+        end_run(platform.engine, args.run_id, RunStatus.FAILED, str(exc))
         return 1
     finally:
         stop.set()

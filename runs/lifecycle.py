@@ -1,0 +1,219 @@
+"""Where a run stands: every write of a run's status goes through these transitions.
+
+Each end is one conditional UPDATE (``end_run``), so an end recorded concurrently (a
+cancel above all) is never overwritten. Reads never write: orphaned runs are marked
+interrupted by ``reap_orphaned_runs``, which the API runs at startup and on a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+
+from runs.status import ACTIVE, FINISHED, RunStatus
+from tenancy.db import session_scope
+from tenancy.tables import TrainingRun, utcnow
+
+HEARTBEAT_SECONDS = 2.0
+# A worker that has not beaten for this long is gone (killed, host lost), whatever its PID.
+STALE_AFTER = timedelta(seconds=30)
+
+
+def new_run(**fields: Any) -> TrainingRun:
+    """A run row in its first status; the caller adds it (with what commits beside it)."""
+    return TrainingRun(status=RunStatus.CREATED, **fields)
+
+
+def get_run(engine: Engine, run_id: str) -> TrainingRun | None:
+    with Session(engine, expire_on_commit=False) as session:
+        return session.get(TrainingRun, run_id)
+
+
+def run_status(engine: Engine, run_id: str) -> RunStatus | None:
+    run = get_run(engine, run_id)
+    return RunStatus(run.status) if run is not None else None
+
+
+def record_request(engine: Engine, run_id: str, request: dict[str, Any], *, merge: bool) -> None:
+    """Store how the run was asked for (``simulation_json``), creating the row if needed;
+    ``merge`` adds the keys to what is stored."""
+    with session_scope(engine) as session:
+        run = session.get(TrainingRun, run_id) or new_run(id=run_id)
+        stored = json.loads(run.simulation_json or "{}") if merge else {}
+        run.simulation_json = json.dumps({**stored, **request})
+        session.add(run)
+
+
+def update_run(engine: Engine, run_id: str, **fields: Any) -> None:
+    """Set fields of the run that are not its status (plans, checkpoint, config)."""
+    assert "status" not in fields, "statuses change through the transitions"
+    with session_scope(engine) as session:
+        run = session.get(TrainingRun, run_id) or new_run(id=run_id)
+        for key, value in fields.items():
+            setattr(run, key, value)
+        session.add(run)
+
+
+def start_run(engine: Engine, run_id: str, *, config_json: str, resume: bool) -> bool:
+    """The ServerApp starts (or resumes) the run; False if it was cancelled before it
+    started (a new run only: resuming is how an admin continues a stopped run)."""
+    with session_scope(engine) as session:
+        run = session.get(TrainingRun, run_id)
+        if run is None:  # started with `flwr run`, not through the platform
+            run = new_run(id=run_id)
+        elif run.status == RunStatus.CANCELLED and not resume:
+            return False
+        run.status, run.error, run.config_json = RunStatus.RUNNING, None, config_json
+        session.add(run)
+    return True
+
+
+def complete_run(engine: Engine, run_id: str, *, summary_json: str, **fields: Any) -> None:
+    """The run released its models: completed, whatever was asked of it meanwhile (a late
+    cancel cannot take back what was released and charged)."""
+    with session_scope(engine) as session:
+        run = session.get(TrainingRun, run_id) or new_run(id=run_id)
+        for key, value in fields.items():
+            setattr(run, key, value)
+        run.status, run.summary_json, run.finished_at = RunStatus.COMPLETED, summary_json, utcnow()
+        session.add(run)
+
+
+def end_run(
+    engine: Engine,
+    run_id: str,
+    status: RunStatus,
+    error: str,
+    *,
+    unless: Iterable[RunStatus] = FINISHED,
+) -> bool:
+    """Give the run an end ``status`` unless its status is one of ``unless`` (by default: it
+    has ended already). True if the run was changed."""
+    assert status in FINISHED
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status).not_in(list(unless)))
+            .values(status=status, error=error, finished_at=utcnow())
+        )
+    return bool(result.rowcount)
+
+
+def fail_run(engine: Engine, run_id: str, error: str) -> bool:
+    """Record a failure, unless the run was cancelled (a stopped run fails by design)."""
+    return end_run(engine, run_id, RunStatus.FAILED, error, unless=(RunStatus.CANCELLED,))
+
+
+def cancel_run(engine: Engine, run_id: str, error: str) -> bool:
+    """Mark an active run cancelled; an end already recorded is kept."""
+    return end_run(engine, run_id, RunStatus.CANCELLED, error)
+
+
+def is_cancelled(engine: Engine, run_id: str) -> bool:
+    return run_status(engine, run_id) == RunStatus.CANCELLED
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host (zombies count as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def worker_gone(run: TrainingRun, now: datetime | None = None) -> str | None:
+    """Why the run's worker is gone, or None while it may still be working."""
+    now = now or utcnow()
+    if run.worker_pid is None:
+        # Never claimed by a worker: gone once the launch is clearly over.
+        if now - _aware(run.created_at) > STALE_AFTER:
+            return "its worker never started"
+        return None
+    if run.worker_host == socket.gethostname() and not pid_alive(run.worker_pid):
+        return f"its worker (pid {run.worker_pid}) is gone"
+    if run.heartbeat_at is not None and now - _aware(run.heartbeat_at) > STALE_AFTER:
+        return f"its worker (pid {run.worker_pid}) stopped reporting"
+    return None
+
+
+def reap_orphaned_runs(engine: Engine) -> list[str]:
+    """Mark HTTP-started runs whose worker is gone as interrupted (resumable); return ids."""
+    with Session(engine) as session:
+        rows = list(
+            session.exec(
+                select(TrainingRun).where(
+                    col(TrainingRun.status).in_(ACTIVE),
+                    col(TrainingRun.owner_tenant_id).is_not(None),
+                )
+            )
+        )
+    reaped = []
+    now = utcnow()
+    for run in rows:
+        reason = worker_gone(run, now)
+        if reason is not None and end_run(
+            engine, run.id, RunStatus.INTERRUPTED, f"Interrupted: {reason}. {_what_now(run)}"
+        ):
+            reaped.append(run.id)
+    return reaped
+
+
+def _what_now(run: TrainingRun) -> str:
+    request = json.loads(run.simulation_json or "{}")
+    if "superlink" not in request:
+        return f"Resume it with: fedtext simulate --resume {run.id}"
+    # A federation run: the ServerApp on the SuperLink may still finish (and record) it.
+    flower = request.get("flower_run_id")
+    if flower is None:
+        return "It was never submitted to the SuperLink; start a new run."
+    return (
+        f"Its Flower run {flower} may still be running on {request['superlink']}: "
+        f"`fedtext federation status {flower} --run-id {run.id}`; "
+        f"stop it with `flwr stop {flower}`."
+    )
+
+
+def claim_run(engine: Engine, run_id: str) -> TrainingRun | None:
+    """The worker records its PID and host on the run before it starts training."""
+    with session_scope(engine) as session:
+        run = session.get(TrainingRun, run_id)
+        if run is None:
+            return None
+        run.worker_pid = os.getpid()
+        run.worker_host = socket.gethostname()
+        run.heartbeat_at = utcnow()
+        session.add(run)
+        session.flush()
+        session.refresh(run)
+        session.expunge(run)
+    return run
+
+
+def beat(engine: Engine, run_id: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(TrainingRun).where(col(TrainingRun.id) == run_id).values(heartbeat_at=utcnow())
+        )
+
+
+def active_run_ids(session: Session) -> set[str]:
+    """Runs that may still dispatch releases: their budget reservations hold."""
+    return set(session.exec(select(TrainingRun.id).where(col(TrainingRun.status).in_(ACTIVE))))
