@@ -17,20 +17,23 @@ from clients.data import (
 )
 from privacy.canary import make_canaries
 
+# The node's own settings. A simulated node's share (tenants, partitioning, alpha, example
+# caps) comes in the run config, whose defaults are runs.spec.RunSpec's.
 CLIENT_DEFAULTS: dict[str, Any] = {
-    "tenants": "acme,globex,initech",
-    "max-train-examples": 2000,
-    "max-test-examples": 500,
     "test-fraction": 0.2,
+    # The train/test split's seed when neither the node's config nor the run's says.
     "seed": 7,
-    "partitioning": "iid",
-    "alpha": 0.5,
     # `fedtext audit canary`: insert the member canaries of this seed into one simulated
     # tenant's training data (the auditor regenerates them from the same seed).
     "canary-count": 0,
     "canary-seed": 0,
     "canary-tenant": "",
 }
+
+
+class _RunConfig(dict[str, Any]):
+    def __missing__(self, key: str) -> Any:
+        raise DataError(f"The run config has no {key!r}; a run started by fedtext sets it.")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def resolve_node_data(
     a simulated node (``partition-id``/``num-partitions``) takes an IID share of the demo
     corpus and the tenant name at its index in the run's ``tenants`` list.
     """
-    cfg = {**CLIENT_DEFAULTS, **run_config}
+    cfg = _RunConfig({**CLIENT_DEFAULTS, **run_config})
     seed = int(node_config.get("seed", cfg["seed"]))
     test_fraction = float(node_config.get("test-fraction", cfg["test-fraction"]))
     if "data-path" in node_config:

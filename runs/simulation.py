@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -12,17 +11,23 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from clients.client_app import make_client_app
-from models import DEFAULT_FAMILY, families, training_defaults
 from runs.lifecycle import get_run, record_request
+from runs.spec import SIMULATION_ONLY, RunSpec, key
 from runs.status import RunStatus
 from server.server_app import build_server_app
 from tenancy.platform import Platform
 
 log = logging.getLogger("runs.simulation")
+
+
+# Settings the simulated nodes read from the run config (clients/local_data.py).
+CLIENT_KEYS = {key(n) for n in (*SIMULATION_ONLY, "seed")}
 
 
 class SimulationFailed(RuntimeError):
@@ -35,83 +40,32 @@ class SimulationResult:
     summary: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
-    """A simulated federation: one virtual SuperNode per tenant on shares of the demo corpus."""
+class SimulationConfig(RunSpec):
+    """A simulated federation: one virtual SuperNode per tenant on shares of the demo corpus.
 
-    tenants: list[str]
-    # None: the model family's default (models.training_defaults).
-    rounds: int | None = None
-    epsilon: float = 3.0
-    model: str = DEFAULT_FAMILY
-    strategy: str = "fedavg"
-    local_epochs: int | None = None
-    batch_size: int | None = None  # 0: sized by each tenant's data
-    learning_rate: float | None = None
-    clip_norm: float = 1.0
-    personalize_epochs: int | None = None
-    fraction_train: float = 1.0
-    proximal_mu: float = 0.01
-    client_dp_noise: float = 0.0  # > 0 turns on Flower's server-side fixed-clipping wrapper
-    client_dp_clip: float = 10.0
-    partitioning: str = "iid"
-    alpha: float = 0.5
-    max_train_examples: int = 2000
-    max_test_examples: int = 500
-    seed: int = 7
-    secure_mode: bool = True
-    gpu_fraction: float = 0.0  # of one GPU per virtual client; 0 keeps clients on the CPU
-    inject_fault: str = ""  # "TENANT:ROUND": that client raises in that round (testing aid)
-    min_nodes: int = 2  # valid replies a round needs; fewer stops the run (resumable)
-    dataset: str = "default"  # the ledger's dataset name, for per-dataset budgets
-    model_config: dict[str, Any] = field(default_factory=dict)
+    The run's settings are RunSpec's; these two are the simulating machine's."""
 
-    def __post_init__(self) -> None:
-        # Fill what was left out with the family's defaults, so the record shows what ran.
-        if self.model in families():
-            for name, value in training_defaults(self.model).fill(vars(self)).items():
-                object.__setattr__(self, name, value)
+    gpu_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="GPU share per virtual client; 0: the CPU."
+    )
+    inject_fault: str = Field(
+        default="", description="TENANT:ROUND: that client raises in that round (testing aid)."
+    )
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _two_tenants(self) -> SimulationConfig:
         if len(self.tenants) < 2:
             raise ValueError("A federation needs at least two tenants.")
-        if len(set(self.tenants)) != len(self.tenants):
-            raise ValueError("Tenant names in a federation must be distinct.")
-        if not 0 <= self.gpu_fraction <= 1:
-            raise ValueError("gpu_fraction should be in [0, 1].")
+        return self
 
     def server_overrides(self, run_id: str) -> dict[str, Any]:
-        return {
-            "run-id": run_id,
-            "model": self.model,
-            "strategy": self.strategy,
-            "rounds": self.rounds,
-            "local-epochs": self.local_epochs,
-            "batch-size": self.batch_size,
-            "learning-rate": self.learning_rate,
-            "epsilon": self.epsilon,
-            "clip-norm": self.clip_norm,
-            "min-nodes": self.min_nodes,
-            "fraction-train": self.fraction_train,
-            "personalize-epochs": self.personalize_epochs,
-            "proximal-mu": self.proximal_mu,
-            "client-dp": "fixed" if self.client_dp_noise > 0 else "off",
-            "client-dp-noise": self.client_dp_noise or 0.1,
-            "client-dp-clip": self.client_dp_clip,
-            "secure-mode": self.secure_mode,
-            "seed": self.seed,
-            "model-config": json.dumps(self.model_config),
-            "dataset": self.dataset,
-        }
+        """What the simulation's ServerApp reads as its run config."""
+        return {**self.server_part(), "run-id": run_id}
 
     def client_overrides(self) -> dict[str, Any]:
+        """What the simulated nodes read: their share of the demo corpus."""
         return {
-            "tenants": ",".join(self.tenants),
-            "max-train-examples": self.max_train_examples,
-            "max-test-examples": self.max_test_examples,
-            "partitioning": self.partitioning,
-            "alpha": self.alpha,
-            "seed": self.seed,
+            **{k: v for k, v in self.run_config().items() if k in CLIENT_KEYS},
             "inject-fault": self.inject_fault,
         }
 
@@ -120,9 +74,8 @@ def simulate(
     platform: Platform, config: SimulationConfig, run_id: str | None = None
 ) -> SimulationResult:
     """Run ``config`` to completion; the run's record says what happened."""
-    config.validate()
     run_id = run_id or uuid.uuid4().hex
-    record_request(platform.engine, run_id, dataclasses.asdict(config), merge=False)
+    record_request(platform.engine, run_id, config.public(), merge=False)
     return _launch(platform, config, config.server_overrides(run_id), run_id)
 
 
@@ -135,7 +88,7 @@ def resume(platform: Platform, run_id: str) -> SimulationResult:
         raise SimulationFailed(f"Run {run_id} was not a simulation; resume it with flwr run.")
     if run.status == RunStatus.COMPLETED:
         raise SimulationFailed(f"Run {run_id} already completed.")
-    config = SimulationConfig(**json.loads(run.simulation_json))
+    config = SimulationConfig.parse(json.loads(run.simulation_json))
     return _launch(platform, config, {"run-id": run_id, "resume": True}, run_id)
 
 

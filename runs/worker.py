@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -104,16 +103,10 @@ class LocalRunLauncher(WorkerLauncher):
         super().__init__(env, log_dir)
 
     def check(self, config: dict[str, Any]) -> None:
+        """ValueError, with a message for the user, if ``config`` cannot run here."""
         from runs.simulation import SimulationConfig
-        from server.strategy import strategy_names
 
-        try:
-            parsed = SimulationConfig(**config)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-        parsed.validate()
-        if parsed.strategy not in strategy_names():
-            raise ValueError(f"Unknown strategy {parsed.strategy!r}.")
+        SimulationConfig.parse(config)
 
     def cancel(self, run_id: str, pid: int | None) -> None:
         self.stop_worker(run_id, pid)
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = start_heartbeat(platform.engine, args.run_id)
     try:
-        config = SimulationConfig(**json.loads(run.simulation_json))
+        config = SimulationConfig.parse(json.loads(run.simulation_json))
         simulate(platform, config, args.run_id)
     except (SimulationFailed, ValueError, TypeError) as exc:
         print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
@@ -189,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop.set()
-    print(f"Run {args.run_id} completed: {dataclasses.asdict(config)['rounds']} round(s).")
+    print(f"Run {args.run_id} completed: {config.rounds} round(s).")
     return 0
 
 

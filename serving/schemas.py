@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
-from models import training_defaults
 from privacy.report import AuditReport
+from runs.spec import SIMULATION_ONLY, request_model
+from runs.status import RunStatus
 from tenancy.tables import TenantBase
 
 
@@ -55,53 +56,50 @@ class KeyCreated(BaseModel):
     secret: str = Field(description="Shown once; store it now.")
 
 
-class RunCreate(BaseModel):
+# The run settings a tenant admin may choose over HTTP; their defaults, bounds and choices
+# are RunSpec's. The simulation-only ones are refused (422) by a server with a SuperLink.
+RUN_SETTINGS = (
+    "rounds",
+    "epsilon",
+    "model",
+    "strategy",
+    "local_epochs",
+    "batch_size",
+    "learning_rate",
+    "clip_norm",
+    "personalize_epochs",
+    "partitioning",
+    "max_train_examples",
+    "max_test_examples",
+    "dataset",
+    "secure_mode",
+    "family_config",
+)
+
+
+class RunCreate(  # type: ignore[misc]  # a base made from RunSpec's fields
+    request_model(
+        "RunSettings",
+        RUN_SETTINGS,
+        "Run settings a tenant admin may choose (RunSpec's).",
+        participants=(
+            list[str],
+            Field(
+                default_factory=list,
+                max_length=15,
+                description="Other existing tenants (by name) that train with the caller.",
+            ),
+        ),
+    )
+):
     """A training run of the calling tenant and the tenants it names: simulated on the
     server, or on the server's federation (SuperLink) when it has one."""
 
-    participants: list[str] = Field(
-        default_factory=list,
-        max_length=15,
-        description="Other existing tenants (by name) that train with the caller.",
-    )
-    # Left out (null): the model family's default, chosen on public data (docs/TRAINING.md).
-    rounds: int | None = Field(default=None, ge=1, le=100)
-    epsilon: float = Field(default=3.0, gt=0, le=100)
-    model: Literal["encoder-head", "lstm", "transformer", "minilm"] = "encoder-head"
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    local_epochs: int | None = Field(default=None, ge=1, le=20)
-    batch_size: int | None = Field(
-        default=None, ge=0, le=4096, description="Expected batch; 0 sizes it by each tenant's data."
-    )
-    learning_rate: float | None = Field(default=None, gt=0, le=100)
-    clip_norm: float = Field(default=1.0, gt=0, le=1000)
-    personalize_epochs: int | None = Field(default=None, ge=0, le=20)
-    # Simulation only (how simulated nodes share the demo corpus); a federation's nodes
-    # train on their own files, so a server with a SuperLink refuses them (422).
-    partitioning: Literal["iid", "dirichlet", "topic"] | None = Field(
-        default=None, description="Simulation only; default iid."
-    )
-    max_train_examples: int | None = Field(
-        default=None, ge=8, le=100_000, description="Simulation only; default 2000."
-    )
-    max_test_examples: int | None = Field(
-        default=None, ge=8, le=100_000, description="Simulation only; default 500."
-    )
-    dataset: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-    secure_mode: bool = True
-    # JSON key "model_config", as on the CLI (the attribute name avoids pydantic's own).
-    family_config: dict[str, int | float | str | bool] = Field(
-        default_factory=dict, alias="model_config", max_length=32
-    )
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _family_defaults(self) -> RunCreate:
-        """What was left out takes the family's default, so the run's record shows it."""
-        for name, value in training_defaults(self.model).fill(vars(self)).items():
-            setattr(self, name, value)
-        return self
+    def settings(self) -> dict[str, Any]:
+        """The run's settings for the launcher: the simulation-only ones only when given
+        (a federation refuses them; a simulation applies its defaults)."""
+        left_out = {n for n in SIMULATION_ONLY if n not in self.model_fields_set}
+        return self.model_dump(by_alias=True, exclude={"participants", *left_out})
 
 
 class Partners(BaseModel):
@@ -124,9 +122,7 @@ class RoundMetricPublic(BaseModel):
 
 class RunPublic(BaseModel):
     id: str
-    status: str = Field(
-        description="created | running | completed | failed | cancelled | interrupted"
-    )
+    status: RunStatus
     participants: list[str]
     rounds: int
     checkpoint_round: int

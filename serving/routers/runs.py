@@ -107,10 +107,7 @@ def create(
             f"Tenant(s) {', '.join(refused)} have not agreed to train with "
             f"{caller.tenant.name!r}: each one's admin adds it with PUT /v1/partners.",
         )
-    # Unset simulation-only fields stay out: the simulation's defaults apply.
-    config = body.model_dump(exclude={"participants", "family_config"}, exclude_none=True)
-    config["tenants"] = names
-    config["model_config"] = body.family_config
+    config = {**body.settings(), "tenants": names}
     try:
         launcher.check(config)
     except ValueError as exc:

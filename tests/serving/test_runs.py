@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from fedtext.credentials import create_credentials
-from fedtext.deploy_cli import UserError, app_config_keys, find_app_dir
+from fedtext.certificates import create_credentials
 from runs.federation import FederationRunLauncher, federation_run_config, follow
+from runs.flower import FlowerError, app_config_keys, find_app_dir
 from runs.lifecycle import end_run, pid_alive
 from runs.worker import LocalRunLauncher
 from server.config import ServerRunConfig
@@ -232,7 +232,7 @@ def test_a_request_maps_to_the_serverapps_run_config() -> None:
     assert json.loads(config["model-config"]) == {"proj_dim": 8, "hidden_dim": 8}
     # What the ServerApp reads back is the request.
     cfg = ServerRunConfig.from_mapping(config)
-    assert cfg.participants == ("acme", "globex") and cfg.model_config["proj_dim"] == 8
+    assert cfg.participants == ("acme", "globex") and cfg.family_config["proj_dim"] == 8
     assert "tenants" not in config  # the simulated nodes' key: a real node has its own tenant
 
 
@@ -254,9 +254,9 @@ def test_simulation_only_and_invalid_requests_are_refused() -> None:
 def test_the_launcher_refuses_a_bad_address_or_ca(platform: Platform, tmp_path: Path) -> None:
     not_a_cert = tmp_path / "ca.crt"
     not_a_cert.write_text("hello")
-    with pytest.raises(UserError, match="not an address of the form host:port"):
+    with pytest.raises(FlowerError, match="not an address of the form host:port"):
         FederationRunLauncher(platform, tmp_path / "runs", "superlink", not_a_cert)
-    with pytest.raises(UserError, match=r"CA certificate .* does not exist"):
+    with pytest.raises(FlowerError, match=r"CA certificate .* does not exist"):
         FederationRunLauncher(platform, tmp_path / "runs", "127.0.0.1:9092", tmp_path / "no.crt")
     with pytest.raises(ValueError, match="CA certificate"):
         FederationRunLauncher(platform, tmp_path / "runs", "127.0.0.1:9092", not_a_cert)
