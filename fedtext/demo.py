@@ -17,8 +17,8 @@ from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
-from runs.simulation import SimulationConfig, simulate
 from models import DEFAULT_FAMILY, training_defaults
+from runs.simulation import SimulationConfig, simulate
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope

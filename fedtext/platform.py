@@ -6,6 +6,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, inspect, text
 
+import privacy.reservations  # noqa: F401  (its table, like the ledger's, is migrated in tenancy)
 from fedtext.settings import Settings
 from privacy.ledger import create_tables as create_ledger_tables
 from tenancy.db import create_tables
@@ -28,9 +29,9 @@ def platform_from_settings(settings: Settings) -> Platform:
 
 
 def alembic_config(connection: Connection) -> Config:
-    """Alembic settings for the migrations shipped in ``fedtext/migrations``."""
+    """Alembic settings for the migrations shipped in ``tenancy/migrations``."""
     config = Config()
-    config.set_main_option("script_location", "fedtext:migrations")
+    config.set_main_option("script_location", "tenancy:migrations")
     config.attributes["connection"] = connection
     return config
 

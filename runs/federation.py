@@ -26,10 +26,11 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from fedtext.deploy_cli import (
-    UserError,
+from runs.flower import (
+    FlowerError,
     app_config_keys,
     build_run_config,
+    check_certificate,
     check_reachable,
     existing_file,
     find_app_dir,
@@ -83,7 +84,7 @@ def federation_run_config(
     try:
         overrides = build_run_config(known, overrides, [])
         validate_server_config(overrides)
-    except UserError as exc:
+    except FlowerError as exc:
         raise ValueError(str(exc)) from None
     return overrides
 
@@ -106,9 +107,7 @@ class FederationRunLauncher(WorkerLauncher):
     module = "runs.federation"
 
     def __init__(self, platform: Platform, log_dir: Path, superlink: str, ca: Path | None) -> None:
-        """Raises UserError when the address or the CA certificate is not usable."""
-        from fedtext.credentials import check_certificate
-
+        """Raises FlowerError when the address or the CA certificate is not usable."""
         parse_address(superlink)
         ca_path = existing_file(ca, "CA certificate", " (FEDTEXT_SUPERLINK_CA)")
         check_certificate(ca_path, "CA certificate")
@@ -135,7 +134,7 @@ class FederationRunLauncher(WorkerLauncher):
     def launch(self, run_id: str) -> int:
         try:
             check_reachable(self.superlink)
-        except UserError as exc:
+        except FlowerError as exc:
             raise ConnectionError(str(exc)) from None
         with Session(self.platform.engine) as session:
             run = session.get(TrainingRun, run_id)
@@ -157,7 +156,7 @@ class FederationRunLauncher(WorkerLauncher):
         if flower_id is not None:
             try:
                 stop_run(CONNECTION, flower_id, home=self.flwr_home)
-            except UserError as exc:
+            except FlowerError as exc:
                 raise ConnectionError(str(exc)) from None
         self.stop_worker(run_id, pid)
 
@@ -190,7 +189,7 @@ def follow(
             try:
                 flower_status, details = flower_run_status(CONNECTION, flower_id)
                 last_seen = now
-            except UserError as exc:
+            except FlowerError as exc:
                 if now - last_seen > STATUS_PATIENCE_SECONDS:
                     end_run(engine, run_id, RunStatus.FAILED, f"Lost track of the run: {exc}")
                     continue
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         _record(engine, args.run_id, flower_run_id=flower_id)
         print(f"Run {args.run_id}: Flower run {flower_id} on {request['superlink']}", flush=True)
         status = follow(engine, args.run_id, flower_id)
-    except UserError as exc:
+    except FlowerError as exc:
         print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
         end_run(engine, args.run_id, RunStatus.FAILED, str(exc))
         return 1

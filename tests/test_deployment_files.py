@@ -16,7 +16,7 @@ import typer
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from fedtext.deploy_cli import federation_app
+from fedtext.cli.federation import federation_app
 from fedtext.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deployment import alive, descendants, free_port, port_is_free
+from tests.cli.test_federation_live import alive, descendants, free_port, port_is_free
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

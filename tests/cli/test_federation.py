@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from fedtext.certificates import CredentialLayout, CredentialsError, create_credentials
 from fedtext.cli import app
-from fedtext.credentials import CredentialLayout, CredentialsError, create_credentials
-from fedtext.deploy_cli import UserError, build_run_config, parse_address, write_connection
+from runs.flower import FlowerError, build_run_config, parse_address, write_connection
 
 runner = CliRunner()
 
@@ -173,9 +173,9 @@ def test_run_config_is_checked_against_the_app_keys() -> None:
         known, {"rounds": 3, "epsilon": None}, ["epsilon=2", "secure-mode=false"]
     )
     assert got == {"rounds": 3, "epsilon": 2.0, "secure-mode": False}
-    with pytest.raises(UserError, match="Unknown run configuration key"):
+    with pytest.raises(FlowerError, match="Unknown run configuration key"):
         build_run_config(known, {}, ["epochs=3"])
-    with pytest.raises(UserError, match=r"expected int \(like 2\)"):
+    with pytest.raises(FlowerError, match=r"expected int \(like 2\)"):
         build_run_config(known, {}, ["rounds=three"])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from fedtext.migrations.schema import target_metadata
+from tenancy.migrations.schema import target_metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - fedtext always passes one

@@ -320,12 +320,3 @@ def check_node_private_key(path: Path) -> None:
         raise CredentialsError(f"{path} is not an unencrypted OpenSSH private key.") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CredentialsError(f"{path} is not an ECDSA key; Flower needs ECDSA (P-384).")
-
-
-def check_certificate(path: Path, what: str) -> None:
-    try:
-        load_certificate(path)
-    except OSError as exc:
-        raise CredentialsError(f"Cannot read the {what} {path}: {exc.strerror}.") from None
-    except ValueError:
-        raise CredentialsError(f"{path} is not a PEM certificate ({what}).") from None

@@ -13,9 +13,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
-from fedtext.migrations.schema import TABLES, target_metadata
 from fedtext.platform import upgrade_schema
+from privacy.ledger import ledger_tables
 from tenancy.db import create_tables, get_engine
+from tenancy.migrations.schema import PRIVACY_TABLES, TABLES, target_metadata
 from tenancy.platform import Platform
 from tests.conftest import PG_URL
 
@@ -81,6 +82,11 @@ def test_a_baseline_database_gets_the_new_run_columns(empty_url: str, tmp_path: 
     )
     upgrade_schema(p)
     assert _diff(empty_url) == []
+
+
+def test_the_migrated_privacy_tables_are_the_ones_privacy_declares() -> None:
+    # Named, not imported, in tenancy; a table privacy adds or renames must be migrated.
+    assert set(PRIVACY_TABLES) == {t.__tablename__ for t in ledger_tables()}  # type: ignore[attr-defined]
 
 
 def test_pg_is_configured_in_ci() -> None:

@@ -28,8 +28,8 @@ import pytest
 from sqlmodel import Session, select
 
 from clients.data import DEMO_LABELS
-from fedtext.credentials import create_credentials
-from fedtext.deploy_cli import _api_superlink_env
+from fedtext.certificates import create_credentials
+from fedtext.cli.coordinator import api_superlink_env
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from privacy.ledger import PrivacyEvent, verify_chain
@@ -592,16 +592,16 @@ def test_the_coordinators_api_reaches_its_superlink_by_a_certified_name(tmp_path
     cert, ca = made.layout.server_cert, made.layout.ca_cert
     settings = Settings(data_dir=tmp_path, superlink=None, superlink_ca=None)
     # Bound to every interface: loopback reaches it, and the certificate names 127.0.0.1.
-    assert _api_superlink_env(settings, "0.0.0.0", 9092, cert, ca) == {
+    assert api_superlink_env(settings, "0.0.0.0", 9092, cert, ca) == {
         "FEDTEXT_SUPERLINK": "127.0.0.1:9092",
         "FEDTEXT_SUPERLINK_CA": str(ca),
     }
-    named = _api_superlink_env(settings, "fl.example.org", 9092, cert, ca)
+    named = api_superlink_env(settings, "fl.example.org", 9092, cert, ca)
     assert named["FEDTEXT_SUPERLINK"] == "fl.example.org:9092"
     # An address the certificate does not name would fail TLS verification: none is set.
-    assert _api_superlink_env(settings, "10.1.2.3", 9092, cert, ca) == {}
+    assert api_superlink_env(settings, "10.1.2.3", 9092, cert, ca) == {}
     # The operator's own choice is kept.
     chosen = Settings(data_dir=tmp_path, superlink="other.example.org:443", superlink_ca=ca)
-    assert _api_superlink_env(chosen, "0.0.0.0", 9092, cert, ca) == {}
+    assert api_superlink_env(chosen, "0.0.0.0", 9092, cert, ca) == {}
     with pytest.raises(ValueError, match="FEDTEXT_SUPERLINK needs FEDTEXT_SUPERLINK_CA"):
         Settings(data_dir=tmp_path, superlink="other.example.org:443", superlink_ca=None)

@@ -1,0 +1,74 @@
+"""What every command shares: the consoles, the user's errors and the platform settings.
+
+A command reports a mistake the user can fix by raising :class:`UserError`;
+:class:`CliGroup` (the class of every command group) is the one place that turns it, and
+the domain errors that mean the same (:class:`runs.flower.FlowerError`,
+:class:`fedtext.certificates.CredentialsError`), into ``error: MESSAGE`` on standard error
+and exit code 2. Any other outcome (a failed run, a broken chain) is an explicit
+:func:`fail` with its own exit code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from typer.core import TyperGroup
+
+from fedtext.certificates import CredentialsError
+from fedtext.settings import Settings
+from runs.flower import FlowerError
+
+if TYPE_CHECKING:
+    import click
+
+    from tenancy.platform import Platform
+
+console = Console(soft_wrap=True)  # never wrap a key or an error across lines
+err = Console(stderr=True, soft_wrap=True)
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; reported as ``error: ...`` with exit code 2."""
+
+
+def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
+    """Print ``error: MESSAGE`` on standard error; the exit to raise, with ``code``."""
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+class CliGroup(TyperGroup):
+    """A command group whose commands' user errors become a message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (UserError, FlowerError, CredentialsError) as exc:
+            raise fail(str(exc)) from None
+
+
+def group(help: str) -> typer.Typer:
+    """A command group of ``fedtext`` (help shown when it is called without a command)."""
+    return typer.Typer(cls=CliGroup, no_args_is_help=True, help=help)
+
+
+def settings() -> Settings:
+    """The process's settings; a bad ``FEDTEXT_*`` value is the user's to fix."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise UserError("; ".join(str(e["msg"]) for e in exc.errors())) from None
+
+
+def open_platform(config: Settings | None = None) -> Platform:
+    """The platform of ``config`` (default: :func:`settings`), its schema brought up to date."""
+    from fedtext.platform import platform_from_settings, upgrade_schema
+
+    built = platform_from_settings(config or settings())
+    upgrade_schema(built)
+    return built

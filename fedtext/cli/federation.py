@@ -1,0 +1,352 @@
+"""`fedtext federation ...`: a real federation across machines on Flower's Deployment Engine.
+
+Every command wraps Flower's own executables (``flower-superlink``, ``flower-supernode``,
+``flwr``); nothing here is a transport of its own. TLS and SuperNode authentication are
+always on: the coordinator refuses to start without its certificate, a node without its
+CA certificate and authentication key.
+
+    credentials   CA, SuperLink certificate (SANs), one ECDSA P-384 key pair per tenant node
+    coordinator   SuperLink (TLS, node auth) + the fedtext API, on the platform database
+                  (fedtext.cli.coordinator)
+    register      register tenant nodes' public keys with the SuperLink
+    node          a tenant's SuperNode: its tenant, data file, device, key and CA
+                  (fedtext.cli.node)
+    run           submit a run (``flwr run``) and wait for its status, read back
+    status        a run's status as Flower and as the platform record it
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fedtext.certificates import CredentialLayout, create_credentials
+from fedtext.cli.console import UserError, console, fail, group, settings
+from fedtext.cli.coordinator import coordinator
+from fedtext.cli.node import node
+from fedtext.cli.superlink import (
+    DEFAULT_CONNECTION,
+    CaOpt,
+    ConnectionOpt,
+    SuperlinkOpt,
+    connect,
+)
+from runs.flower import (
+    app_config_keys,
+    build_run_config,
+    existing_file,
+    find_app_dir,
+    flower_run_status,
+    flwr_json,
+    submit_run,
+    validate_server_config,
+)
+from runs.status import RunStatus
+
+federation_app = group(
+    "Run a real federation across machines (Flower Deployment Engine, TLS, node auth)."
+)
+
+
+def credentials(
+    host: Annotated[
+        list[str],
+        typer.Option(
+            "--host",
+            help="A host name or IP address the nodes use to reach the SuperLink (repeat).",
+        ),
+    ],
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option("--tenant", help="A tenant node to create a key pair for (repeat)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory of the federation's credentials.")] = Path(
+        "federation-credentials"
+    ),
+    renew_server_cert: Annotated[
+        bool, typer.Option(help="Reissue the SuperLink certificate (e.g. for new hosts).")
+    ] = False,
+) -> None:
+    """Create the CA, the SuperLink certificate and one node key pair per tenant.
+
+    Existing files are kept. Ship OUT/superlink/ to the coordinator and OUT/nodes/TENANT/
+    to that tenant's site; OUT/ca/ca.key stays with the operator.
+    """
+    made = create_credentials(
+        out, hosts=list(host), tenants=list(tenant or []), renew_server_cert=renew_server_cert
+    )
+    table = Table("file", "state")
+    for path in made.created:
+        table.add_row(str(path), "created")
+    for path in made.kept:
+        table.add_row(str(path), "kept")
+    console.print(table)
+    console.print(
+        f"Coordinator: {made.layout.superlink_dir}/  ·  tenant sites: "
+        f"{made.layout.root / 'nodes'}/<tenant>/  ·  keep {made.layout.ca_key} offline."
+    )
+
+
+def register(
+    superlink: SuperlinkOpt,
+    ca: CaOpt = None,
+    credentials_dir: Annotated[
+        Path | None,
+        typer.Option("--credentials", help="Register the node keys under DIR/nodes/."),
+    ] = None,
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option("--tenant", help="Only these tenants' nodes (repeat)."),
+    ] = None,
+    key: Annotated[
+        list[Path] | None,
+        typer.Option("--key", help="A node public key file (node.pub) to register (repeat)."),
+    ] = None,
+    connection: ConnectionOpt = DEFAULT_CONNECTION,
+) -> None:
+    """Register tenant nodes' public keys with the SuperLink (``flwr supernode register``).
+
+    A key that is already registered is reported as such; any other refusal fails.
+    """
+    keys: list[tuple[str, Path]] = []
+    if credentials_dir is not None:
+        layout = CredentialLayout(credentials_dir.expanduser())
+        if ca is None:
+            ca = layout.ca_cert
+        nodes = layout.nodes()
+        if tenant:
+            missing = sorted(set(tenant) - {n.tenant for n in nodes})
+            if missing:
+                raise UserError(
+                    f"No node key for {', '.join(missing)} under {layout.root / 'nodes'}; "
+                    "create it with `fedtext federation credentials --tenant ...`."
+                )
+            nodes = [n for n in nodes if n.tenant in tenant]
+        keys += [(n.tenant, n.public_key) for n in nodes]
+    for path in key or []:
+        keys.append((path.parent.name, existing_file(path, "public key")))
+    if not keys:
+        raise UserError("No node key to register: give --credentials DIR or --key FILE.")
+    conn = connect(superlink, ca, connection)
+    table = Table("tenant", "public key", "node id", "state")
+    failed = []
+    for name, path in keys:
+        res = flwr_json(["supernode", "register", str(path), conn, "--name", name])
+        if res.ok:
+            table.add_row(name, str(path), str(res.data.get("node-id")), "registered")
+        elif "already in use" in res.message:
+            table.add_row(name, str(path), "", "already registered")
+        else:
+            table.add_row(name, str(path), "", "refused")
+            failed.append(f"{name}: {res.message}")
+    console.print(table)
+    if failed:
+        raise UserError("Registration failed: " + "; ".join(failed))
+
+
+@dataclass
+class FederationRunStatus:
+    """A run as Flower and the platform (when this machine sees its database) record it."""
+
+    flower_run_id: int
+    flower_status: str
+    flower_details: str
+    platform_run_id: str
+    platform_status: str | None
+    platform_error: str | None
+    summary: dict[str, Any]
+    platform_note: str = "(no platform database here)"
+
+    @property
+    def completed(self) -> bool:
+        flower_ok = self.flower_status == "finished:completed"
+        return flower_ok and self.platform_status in (None, RunStatus.COMPLETED)
+
+
+def platform_record(run_id: str) -> tuple[str | None, str | None, dict[str, Any]] | None:
+    """(status, error, summary) of the platform's TrainingRun, or None when this machine
+    cannot see the platform database (an operator laptop, say)."""
+    from sqlmodel import Session
+
+    from tenancy.db import get_engine
+    from tenancy.tables import TrainingRun
+
+    url = settings().resolved_database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        with Session(get_engine(url)) as session:
+            row = session.get(TrainingRun, run_id)
+    except Exception:  # no such table, unreachable server: not this machine's database
+        return None
+    if row is None:
+        return (None, f"not recorded in {_redacted(url)}", {})
+    return row.status, row.error, json.loads(row.summary_json or "{}")
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def read_status(connection: str, flower_run_id: int, run_id: str) -> FederationRunStatus:
+    status, details = flower_run_status(connection, flower_run_id)
+    record = platform_record(run_id)
+    if record is None:
+        return FederationRunStatus(flower_run_id, status, details, run_id, None, None, {})
+    p_status, p_error, summary = record
+    if p_status is None:  # this database does not know the run: say so, do not fail on it
+        return FederationRunStatus(
+            flower_run_id, status, details, run_id, None, None, {}, p_error or ""
+        )
+    return FederationRunStatus(
+        flower_run_id, status, details, run_id, p_status, p_error, summary, ""
+    )
+
+
+def _print_status(st: FederationRunStatus) -> None:
+    table = Table("", "value")
+    table.add_row("Flower run", str(st.flower_run_id))
+    table.add_row(
+        "Flower status",
+        st.flower_status
+        + (f" ({st.flower_details})" if st.flower_details not in ("", "N/A") else ""),
+    )
+    table.add_row("platform run", st.platform_run_id)
+    table.add_row("platform status", st.platform_status or st.platform_note)
+    if st.platform_error:
+        table.add_row("error", st.platform_error)
+    for name, t in sorted(st.summary.get("tenants", {}).items()):
+        table.add_row(
+            f"tenant {name}",
+            f"{t.get('model')} v{t.get('version')}, accuracy {t.get('accuracy')}, "
+            f"epsilon {t.get('run_epsilon')}",
+        )
+    console.print(table)
+
+
+def run(
+    superlink: SuperlinkOpt,
+    ca: CaOpt = None,
+    app: Annotated[
+        Path | None, typer.Option(help="The Flower app directory (fedtext's pyproject.toml).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Target epsilon per tenant.")] = None,
+    min_nodes: Annotated[int | None, typer.Option(help="Tenants a round needs.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model family.")] = None,
+    model_config: Annotated[
+        str | None, typer.Option(help="Model options as JSON, e.g. '{\"hidden_dim\": 64}'.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    personalize_epochs: Annotated[int | None, typer.Option(help="0: no personalization.")] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="Any other run configuration KEY=VALUE (repeat)."),
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Platform run id. Default: flwr-<Flower run id>.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the run to finish.")] = True,
+    timeout: Annotated[float, typer.Option(help="Longest wait, in seconds.")] = 24 * 3600.0,
+    poll: Annotated[float, typer.Option(help="Seconds between status reads.")] = 5.0,
+    connection: ConnectionOpt = DEFAULT_CONNECTION,
+) -> None:
+    """Submit a run to the federation (``flwr run``) and wait for its status, read back.
+
+    Exit 0 only when Flower reports finished:completed and the platform's TrainingRun
+    (when this machine sees the platform database) is completed; 1 when the run failed.
+    """
+    app_dir = find_app_dir(app)
+    if model_config is not None:
+        try:
+            if not isinstance(json.loads(model_config), dict):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--model-config {model_config!r} is not a JSON object.") from None
+    overrides = build_run_config(
+        app_config_keys(app_dir),
+        {
+            "rounds": rounds,
+            "epsilon": epsilon,
+            "min-nodes": min_nodes,
+            "model": model,
+            "model-config": model_config,
+            "batch-size": batch_size,
+            "personalize-epochs": personalize_epochs,
+            "run-id": run_id,
+        },
+        config or [],
+    )
+    validate_server_config(overrides)
+    conn = connect(superlink, ca, connection)
+    flower_run_id = submit_run(app_dir, conn, overrides)
+    platform_id = str(overrides.get("run-id") or _platform_run_id(flower_run_id))
+    console.print(f"Submitted: Flower run {flower_run_id}, platform run {platform_id}")
+    console.print(f"Follow its log with: flwr log {flower_run_id} {conn}")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _ = flower_run_status(conn, flower_run_id)
+        if status.startswith("finished"):
+            break
+        if time.monotonic() > deadline:
+            raise fail(
+                f"Run {flower_run_id} is still {status} after {timeout:.0f} s; "
+                f"stop it with: flwr stop {flower_run_id} {conn}",
+                1,
+            )
+        time.sleep(poll)
+    st = read_status(conn, flower_run_id, platform_id)
+    _print_status(st)
+    if not st.completed:
+        raise fail(_failure_reason(st), 1)
+
+
+def _failure_reason(st: FederationRunStatus) -> str:
+    reason = f"run {st.flower_run_id} ended {st.flower_status}"
+    if st.platform_error:
+        reason += f": {st.platform_error}"
+    elif st.platform_status not in (None, RunStatus.COMPLETED):
+        reason += f"; the platform recorded {st.platform_status}"
+    return reason + f" (details: flwr log {st.flower_run_id})"
+
+
+def _platform_run_id(flower_run_id: int) -> str:
+    from fedtext.flower_apps import platform_run_id
+
+    return platform_run_id(flower_run_id)
+
+
+def status(
+    flower_run_id: Annotated[int, typer.Argument(help="The Flower run id that `run` printed.")],
+    superlink: SuperlinkOpt,
+    ca: CaOpt = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Platform run id, when one was given to `run`.")
+    ] = None,
+    connection: ConnectionOpt = DEFAULT_CONNECTION,
+) -> None:
+    """A run's status as Flower and the platform record it.
+
+    Exit 0: completed; 1: failed or stopped; 3: not finished yet.
+    """
+    conn = connect(superlink, ca, connection)
+    st = read_status(conn, flower_run_id, run_id or _platform_run_id(flower_run_id))
+    _print_status(st)
+    if not st.flower_status.startswith("finished"):
+        raise typer.Exit(3)  # not finished yet: neither success nor failure
+    if not st.completed:
+        raise fail(_failure_reason(st), 1)
+
+
+# Registered here, in this order, for `fedtext federation --help`.
+for _command in (credentials, coordinator, register, node, run, status):
+    federation_app.command()(_command)
