@@ -28,6 +28,7 @@ from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
 from serving.lookups import PredictLookups
 from serving.metrics import ServingMetrics
 from serving.observability import ObservabilityMiddleware
+from serving.predict import PredictService
 from serving.registry import ModelCache, ServedModel, run_batch
 from serving.routers import (
     health,
@@ -39,6 +40,7 @@ from serving.routers import (
     runs,
     tenants,
 )
+from tenancy import events
 from tenancy.platform import Platform
 
 log = logging.getLogger("fedtext.serving")
@@ -161,6 +163,10 @@ def create_app(
         make_batcher=make_batcher,
     )
     app.state.lookups = lookups = PredictLookups(config.lookup_ttl_s)
+    app.state.predict = service = PredictService(platform, app.state.cache, lookups, config)
+    # Tenancy's write functions in this process tell the service what they committed (held
+    # weakly: a dropped app stops listening); the refresher above covers other processes.
+    events.subscribe(service.tenancy_changed)
     app.state.run_launcher = run_launcher
     for module in (health, tenants, keys, model_admin, models, partners, privacy, runs):
         app.include_router(module.router)
@@ -168,9 +174,7 @@ def create_app(
     app.add_middleware(
         PredictFastLane,
         route=next(r for r in models.router.routes if getattr(r, "path", "") == PREDICT_ROUTE),
-        config=config,
-        lookups=app.state.lookups,
-        cache=app.state.cache,
+        service=service,
     )
     # Inside the observability middleware, so 413 and 429 are logged and counted too.
     if limits.rate_per_second is not None:

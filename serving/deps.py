@@ -3,33 +3,39 @@
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
-from serving.fastlane import warm_target
 from serving.launcher import RunLauncher
 from serving.lookups import Caller, PredictLookups
 from serving.metrics import ServingMetrics
-from serving.registry import (
-    ModelCache,
-    ModelLoadError,
-    NotDeployed,
-    ServedModel,
-    UnknownModel,
+from serving.predict import (
+    PredictService,
+    PredictTarget,
+    Refusal,
+    authenticate_caller,
+    bearer_credential,
+    require_scope,
 )
+from serving.registry import ModelCache
 from tenancy.platform import Platform
-from tenancy.tenants import Scope, authenticate, has_scope
+from tenancy.tenants import Scope
 
-_bearer = HTTPBearer(auto_error=False)
-log = logging.getLogger("fedtext.serving")
+
+class _Bearer(HTTPBearer):
+    """The credential of ``Authorization: Bearer``, read by the one parser every path uses;
+    an HTTPBearer still, so /openapi.json declares the scheme."""
+
+    async def __call__(self, request: Request) -> str | None:  # type: ignore[override]
+        return bearer_credential(request.headers.get("Authorization"))
+
+
+_bearer = _Bearer(scheme_name="HTTPBearer", auto_error=False)
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs every plain ``def`` dependency
 # in its thread pool, and on the predict path those hops cost more than the work itself.
@@ -48,6 +54,11 @@ async def get_config(request: Request) -> ServingConfig:
 async def get_cache(request: Request) -> ModelCache:
     cache: ModelCache = request.app.state.cache
     return cache
+
+
+async def get_predict_service(request: Request) -> PredictService:
+    service: PredictService = request.app.state.predict
+    return service
 
 
 async def get_lookups(request: Request) -> PredictLookups:
@@ -85,131 +96,51 @@ CacheDep = Annotated[ModelCache, Depends(get_cache)]
 MetricsDep = Annotated[ServingMetrics, Depends(get_metrics)]
 LookupsDep = Annotated[PredictLookups, Depends(get_lookups)]
 SessionDep = Annotated[Session, Depends(get_session)]
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-
-_UNAUTHORIZED = HTTPException(
-    status_code=status.HTTP_401_UNAUTHORIZED,
-    detail="Missing, invalid, revoked or expired API key.",
-    headers={"WWW-Authenticate": "Bearer"},
-)
+PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]
+Credential = Annotated[str | None, Depends(_bearer)]
 
 
-def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise _UNAUTHORIZED
-    found = authenticate(session=session, presented=credentials.credentials)
-    if found is None:
-        raise _UNAUTHORIZED
-    return Caller(*found)
+def refused(refusal: Refusal) -> HTTPException:
+    """The HTTP form of the predict service's refusal (deps and routes raise it)."""
+    return HTTPException(refusal.status, refusal.detail, headers=refusal.headers)
 
 
-def get_caller(session: SessionDep, credentials: Credentials) -> Caller:
+def get_caller(session: SessionDep, credential: Credential) -> Caller:
     """The tenant comes from the credential only, never from the request."""
-    return _authenticate(session, credentials)
-
-
-def _check_scope(caller: Caller, scope: Scope) -> Caller:
-    if not has_scope(caller.key, scope):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"This key lacks the {scope} scope.")
-    return caller
+    try:
+        return authenticate_caller(session, credential)
+    except Refusal as exc:
+        raise refused(exc) from None
 
 
 def _require(scope: Scope):  # type: ignore[no-untyped-def]
     async def check(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
-        return _check_scope(caller, scope)
+        try:
+            return require_scope(caller, scope)
+        except Refusal as exc:
+            raise refused(exc) from None
 
     return check
 
 
-@dataclass(frozen=True)
-class PredictTarget:
-    caller: Caller
-    served: ServedModel
-
-
-_LOAD_FAILED = {
-    "integrity": "The stored model failed its integrity check; the operator has been alerted.",
-    "decryption": "The stored model failed its integrity check; the operator has been alerted.",
-    "missing": "The stored model is missing; the operator has been alerted.",
-    "format": "The stored model cannot be rebuilt; the operator has been alerted.",
-    "encoder": "This server's sentence encoder is not the one the model was trained with "
-    "(its files differ); the operator has been alerted.",
-}
-
-
 async def get_predict_target(
-    name: str,
-    platform: PlatformDep,
-    cache: CacheDep,
-    lookups: LookupsDep,
-    credentials: Credentials,
+    name: str, service: PredictServiceDep, credential: Credential
 ) -> PredictTarget:
-    """Authenticate, check the scope and find the deployed model.
-
-    On the event loop when the memo knows the caller and the deployed version and the model
-    is in memory (the steady state); otherwise one thread hop does all the database work.
-    """
-    if credentials is not None and credentials.scheme.lower() == "bearer":
-        warm = warm_target(lookups, cache, credentials.credentials, name)
-        if warm is not None:
-            return PredictTarget(*warm)
-    return await run_in_threadpool(
-        _find_predict_target, name, platform, cache, lookups, credentials
-    )
+    """Authenticate, check the scope and find the deployed model (the predict service's
+    ``resolve``: on the event loop when warm, else one thread hop)."""
+    try:
+        return await service.resolve(credential, name)
+    except Refusal as exc:
+        raise refused(exc) from None
 
 
-def _find_predict_target(
-    name: str,
-    platform: Platform,
-    cache: ModelCache,
-    lookups: PredictLookups,
-    credentials: HTTPAuthorizationCredentials | None,
-) -> PredictTarget:
-    """The predict path's database work (loading the model if needed), in a worker thread.
-
-    The session is closed before the request waits in a batch, so a parked request never
-    holds a pooled connection (64 waiting requests could otherwise hold the pool while the
-    threads that would release it wait for a connection).
-    """
-    generation = lookups.generation
-    with Session(platform.engine, expire_on_commit=False) as session:
-        caller = _check_scope(_authenticate(session, credentials), Scope.predict)
-        assert credentials is not None  # _authenticate refused a missing credential
-        lookups.put_caller(credentials.credentials, caller.key, caller.tenant, generation)
-        try:
-            served, row = cache.get_deployed(session, caller.tenant.id, name)
-        except UnknownModel as exc:
-            # Another tenant's model and a missing one look the same: 404.
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-        except NotDeployed as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-        except ModelLoadError as exc:
-            # The reason and the blob's identity; never key material nor request content.
-            log.error(
-                "stored model failed to load",
-                extra={
-                    "fields": {
-                        "tenant": caller.tenant.id,
-                        "model": name,
-                        "reason": exc.reason,
-                        "detail": str(exc),
-                    }
-                },
-            )
-            raise HTTPException(
-                status.HTTP_500_INTERNAL_SERVER_ERROR, _LOAD_FAILED[exc.reason]
-            ) from None
-        lookups.put_deployed(row, generation)
-    return PredictTarget(caller, served)
-
-
-def require_operator(config: ConfigDep, credentials: Credentials) -> None:
+def require_operator(config: ConfigDep, credential: Credential) -> None:
     if config.operator_token is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "No operator token is configured on this server."
         )
-    if credentials is None or not hmac.compare_digest(
-        credentials.credentials.encode(), config.operator_token.encode()
+    if credential is None or not hmac.compare_digest(
+        credential.encode(), config.operator_token.encode()
     ):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.predict import bearer_credential
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -39,7 +41,13 @@ async def send_json(
     send: Send, status: int, content: object, headers: dict[str, str] | None = None
 ) -> None:
     """A whole JSON response through a raw ASGI ``send``."""
-    body = json.dumps(content).encode()
+    await send_bytes(send, status, json.dumps(content).encode(), headers)
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> None:
+    """A whole response of JSON ``body`` bytes through a raw ASGI ``send``."""
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -116,9 +124,10 @@ class TokenBuckets:
 class RateLimitMiddleware:
     """429 with Retry-After when one credential sends faster than its bucket refills.
 
-    The bucket is keyed by a hash of the whole presented credential, so a forged token
-    that borrows a real key's prefix gets a bucket of its own and cannot starve the key.
-    Requests without a credential (health checks) are not limited here.
+    The bucket is keyed by a hash of the whole presented credential (the bearer credential
+    as every other path reads it, else the raw header), so a forged token that borrows a
+    real key's prefix gets a bucket of its own and cannot starve the key. Requests without
+    an Authorization header (health checks) are not limited here.
     """
 
     def __init__(self, app: ASGIApp, *, rate: float, burst: int, max_buckets: int) -> None:
@@ -130,7 +139,9 @@ class RateLimitMiddleware:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"authorization":
-                    key = hashlib.sha256(value).hexdigest()[:32]
+                    credential = bearer_credential(value.decode("latin-1"))
+                    presented = value if credential is None else credential.encode()
+                    key = hashlib.sha256(presented).hexdigest()[:32]
                     wait = self.buckets.take(key)
                     if wait > 0:
                         retry = max(1, math.ceil(wait))

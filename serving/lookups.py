@@ -10,9 +10,11 @@ queries, several times the batched forward pass itself, so the answers are memoi
   (the CLI, another API worker) are seen within about ``ttl``.
 - An entry older than twice ``ttl`` (the refresher stalled: a database outage) is not used;
   the request then goes to the database like a first one.
-- Changes made through this API (revoke a key, delete a tenant, deploy, roll back, change
-  serving options) clear the memo at once.
-- A key's own expiry is checked on every hit. Failed authentications are never kept.
+- Changes made in this process through tenancy's write functions (revoke a key, delete a
+  tenant, deploy, roll back, change serving options, rotate a data key) clear the memo as
+  they commit: serving/predict.py subscribes to ``tenancy.events``. No route has to.
+- Liveness is tenancy's one rule (``tenancy.tenants.is_live``), on every hit (a key's own
+  expiry) and on every refresh. Failed authentications are never kept.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
-from tenancy.tables import ApiKey, ModelVersion, Tenant, utcnow
-from tenancy.tenants import hash_key
+from tenancy.tables import ApiKey, ModelVersion, Tenant
+from tenancy.tenants import hash_key, is_live
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,6 @@ class Caller:
 
     key: ApiKey
     tenant: Tenant
-
-
-def _live(key: ApiKey, tenant: Tenant | None) -> bool:
-    if key.revoked_at is not None or tenant is None or tenant.deleted_at is not None:
-        return False
-    return key.expires_at is None or key.expires_at > utcnow()
 
 
 class PredictLookups:
@@ -64,9 +60,7 @@ class PredictLookups:
         if stamped is None or not self._fresh(stamped):
             return None
         found = stamped[1]
-        if found.key.expires_at is not None and found.key.expires_at <= utcnow():
-            return None
-        return found
+        return found if is_live(found.key, found.tenant) else None
 
     def deployed(self, tenant_id: str, name: str) -> ModelVersion | None:
         with self._lock:
@@ -91,7 +85,7 @@ class PredictLookups:
             table[key] = (time.monotonic(), value)
 
     def clear(self) -> None:
-        """Forget everything: called by every route that changes what these answers say."""
+        """Forget everything: called when tenancy commits a change (and by anyone who must)."""
         with self._lock:
             self.generation += 1
             self._callers.clear()
@@ -116,7 +110,7 @@ class PredictLookups:
         new_callers: dict[str, tuple[float, Caller]] = {}
         for digest, entry in callers.items():
             row = keys.get(entry.key.id)
-            if row is not None and row[0].key_hash == digest and _live(*row):
+            if row is not None and row[0].key_hash == digest and is_live(*row):
                 new_callers[digest] = (now, Caller(*row))
         new_deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
         if pairs:

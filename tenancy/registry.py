@@ -11,6 +11,7 @@ from sqlmodel import Session, col, func, select
 from tenancy import crypto
 from tenancy.blobs import BlobStore
 from tenancy.errors import IntegrityError, NotFound
+from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
 from tenancy.tables import ModelVersion, Tenant
 from tenancy.tenants import check_name
@@ -99,7 +100,20 @@ def deploy_version(*, session: Session, tenant_id: str, name: str, version: int)
     target.deployed = True
     session.add(target)
     session.flush()
+    record(session, Change(ChangeKind.version_deployed, tenant_id, name))
     return target
+
+
+def set_quantize(
+    *, session: Session, tenant_id: str, name: str, version: int, quantize: str | None
+) -> ModelVersion:
+    """Choose how a version is served (the mode is checked by the serving layer)."""
+    row = get_version(session=session, tenant_id=tenant_id, name=name, version=version)
+    row.quantize = quantize
+    session.add(row)
+    session.flush()
+    record(session, Change(ChangeKind.serving_options, tenant_id, name))
+    return row
 
 
 def read_model_weights(

@@ -15,6 +15,7 @@ from tenancy import crypto
 from tenancy.blobs import BlobStore
 from tenancy.db import session_scope
 from tenancy.errors import IntegrityError, NotFound
+from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
 from tenancy.registry import model_aad
 from tenancy.tables import ApiKey, DataKey, ModelVersion, Tenant, TrainingRun, utcnow
@@ -130,6 +131,7 @@ def rotate_dek(engine: Engine, keyring: Keyring, store: BlobStore, *, tenant: st
                 mv.size_bytes = len(fresh)
                 session.add(mv)
             session.flush()
+            record(session, Change(ChangeKind.data_key_rotated, row.id))
     except BaseException:
         for key in written:
             store.delete(key)
@@ -191,6 +193,7 @@ def delete_tenant(
         forget_partners(session=session, tenant_id=tenant_id)
         tenant.deleted_at = now
         session.add(tenant)
+        record(session, Change(ChangeKind.tenant_deleted, tenant_id))
         name = tenant.name
     for blob_key in blobs:
         store.delete(blob_key)

@@ -13,6 +13,7 @@ from enum import StrEnum
 from sqlmodel import Session, col, delete, or_, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
+from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
 from tenancy.tables import ApiKey, FederationPartner, Tenant, utcnow
 
@@ -121,20 +122,44 @@ def create_api_key(
     return row, plaintext
 
 
+def is_live(key: ApiKey, tenant: Tenant | None, now: datetime | None = None) -> bool:
+    """Whether ``key`` answers for ``tenant``: not revoked, not expired, tenant not deleted.
+
+    The one rule: authentication and every memo of its answers (serving/lookups.py) use it.
+    """
+    if key.revoked_at is not None or tenant is None or tenant.deleted_at is not None:
+        return False
+    return key.expires_at is None or key.expires_at > (now if now is not None else utcnow())
+
+
 def authenticate(*, session: Session, presented: str) -> tuple[ApiKey, Tenant] | None:
-    """The live key and its tenant for ``presented``, or None (unknown, revoked, expired)."""
+    """The live key and its tenant for ``presented``, or None (unknown or not ``is_live``)."""
     parts = presented.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
     row = session.exec(select(ApiKey).where(ApiKey.prefix == parts[1])).first()
     if row is None or not hmac.compare_digest(row.key_hash, hash_key(presented)):
         return None
-    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= utcnow()):
-        return None
     tenant = session.get(Tenant, row.tenant_id)
-    if tenant is None or tenant.deleted_at is not None:
+    if tenant is None or not is_live(row, tenant):
         return None
     return row, tenant
+
+
+def revoke_api_key(*, session: Session, tenant_id: str, key_id: str) -> ApiKey:
+    """Revoke one of ``tenant_id``'s keys (idempotent); it stops working once committed.
+
+    Another tenant's key and a missing one are the same NotFound.
+    """
+    key = session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant_id:
+        raise NotFound("No such key.")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        session.flush()
+        record(session, Change(ChangeKind.key_revoked, tenant_id))
+    return key
 
 
 def key_scopes(key: ApiKey) -> set[Scope]:

@@ -3,11 +3,11 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, LookupsDep, SessionDep
+from serving.deps import AdminCaller, SessionDep
 from serving.schemas import KeyCreate, KeyCreated, KeyPublic
-from tenancy.errors import InvalidInput
+from tenancy.errors import InvalidInput, NotFound
 from tenancy.tables import ApiKey, utcnow
-from tenancy.tenants import create_api_key
+from tenancy.tenants import create_api_key, revoke_api_key
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -53,13 +53,10 @@ def list_keys(caller: AdminCaller, session: SessionDep) -> list[KeyPublic]:
 
 
 @router.delete("/{key_id}", response_model=KeyPublic)
-def revoke(key_id: str, caller: AdminCaller, session: SessionDep, lookups: LookupsDep) -> KeyPublic:
-    key = session.get(ApiKey, key_id)
-    if key is None or key.tenant_id != caller.tenant.id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such key.")
-    if key.revoked_at is None:
-        key.revoked_at = utcnow()
-        session.add(key)
-        session.commit()
-        lookups.clear()  # the revocation holds from the next request on
+def revoke(key_id: str, caller: AdminCaller, session: SessionDep) -> KeyPublic:
+    try:
+        key = revoke_api_key(session=session, tenant_id=caller.tenant.id, key_id=key_id)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such key.") from None
+    session.commit()  # the revocation holds from the next request on (tenancy tells serving)
     return _public(key)

@@ -8,9 +8,9 @@ import logging
 from fastapi import APIRouter, HTTPException, Response, status
 from sqlmodel import col, func, select
 
-from serving.deps import AdminCaller, ConfigDep, LookupsDep, PredictTargetDep, SessionDep
-from serving.fastlane import input_problem, prediction_body
+from serving.deps import AdminCaller, PredictServiceDep, PredictTargetDep, SessionDep, refused
 from serving.model_options import ServingOptions, ServingOptionsPublic
+from serving.predict import Refusal
 from serving.schemas import (
     ModelPublic,
     ModelVersionPublic,
@@ -18,7 +18,7 @@ from serving.schemas import (
     PredictResponse,
 )
 from tenancy.errors import NotFound
-from tenancy.registry import deploy_version, get_version
+from tenancy.registry import deploy_version, get_version, set_quantize
 from tenancy.tables import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -79,9 +79,7 @@ def list_versions(name: str, caller: AdminCaller, session: SessionDep) -> list[M
 
 
 @router.post("/{name}/versions/{version}/deploy", response_model=ModelVersionPublic)
-def deploy(
-    name: str, version: int, caller: AdminCaller, session: SessionDep, lookups: LookupsDep
-) -> ModelVersionPublic:
+def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) -> ModelVersionPublic:
     _versions(session, caller.tenant.id, name)
     try:
         row = deploy_version(
@@ -89,8 +87,7 @@ def deploy(
         )
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    session.commit()
-    lookups.clear()
+    session.commit()  # the predict memo hears of it from tenancy (serving/predict.py)
     return _version_public(row)
 
 
@@ -111,14 +108,17 @@ def set_serving_options(
     body: ServingOptions,
     caller: AdminCaller,
     session: SessionDep,
-    lookups: LookupsDep,
 ) -> ServingOptionsPublic:
     """Choose how a version is served (e.g. dynamic int8); the next request reloads it."""
-    row = _version(session, caller.tenant.id, name, version)
-    row.quantize = body.quantize
-    session.add(row)
+    _version(session, caller.tenant.id, name, version)
+    row = set_quantize(
+        session=session,
+        tenant_id=caller.tenant.id,
+        name=name,
+        version=version,
+        quantize=body.quantize,
+    )
     session.commit()
-    lookups.clear()
     return ServingOptionsPublic(
         name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize
     )
@@ -133,18 +133,16 @@ def _version(session: SessionDep, tenant_id: str, name: str, version: int) -> Mo
 
 
 @router.post("/{name}/predict", response_model=PredictResponse)
-async def predict(body: PredictRequest, target: PredictTargetDep, config: ConfigDep) -> Response:
+async def predict(
+    body: PredictRequest, target: PredictTargetDep, service: PredictServiceDep
+) -> Response:
     """Top-k labels per input; the forward pass is shared with concurrent requests.
 
-    Warm requests are answered by serving/fastlane.py before they get here; this route
-    answers the rest (first requests, refreshes) and every error.
+    The predict service's FastAPI adapter (serving/predict.py); warm requests are answered
+    by its ASGI adapter, serving/fastlane.py, before they get here.
     """
-    problem = input_problem(body.inputs, config)
-    if problem is not None:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
-    served = target.served
-    rows = await served.predict_rows(body.inputs)
-    # Serialized here, not through response_model: FastAPI would validate and dump every
-    # LabelScore again, which cost more than the batched forward pass per request.
-    content = prediction_body(served, rows, body.top_k)
-    return Response(json.dumps(content).encode(), media_type="application/json")
+    try:
+        content = await service.answer(target, body)
+    except Refusal as exc:
+        raise refused(exc) from None
+    return Response(content, media_type="application/json")

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session
 
-from serving.deps import CacheDep, LookupsDep, Operator, PlatformDep, SessionDep
+from serving.deps import Operator, PlatformDep, SessionDep
 from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.rotation import delete_tenant, deleted_tenants
@@ -55,22 +55,14 @@ def list_all(
 
 
 @router.delete("/{tenant_id}", response_model=TenantDeleted)
-def delete(
-    tenant_id: str,
-    _operator: Operator,
-    platform: PlatformDep,
-    cache: CacheDep,
-    lookups: LookupsDep,
-) -> TenantDeleted:
+def delete(tenant_id: str, _operator: Operator, platform: PlatformDep) -> TenantDeleted:
     """Crypto-shred a tenant: data key destroyed, blobs removed, keys revoked; ledger kept."""
+    # The predict service hears of it from tenancy as it commits: it forgets the tenant's
+    # keys and drops its decrypted models (no decrypted copy outlives the key).
     try:
         done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    lookups.clear()
-    for key in cache.cached_keys():
-        if key[0] == tenant_id:
-            cache.evict(key)  # no decrypted copy outlives the key
     with Session(platform.engine) as session:
         row = session.get(Tenant, tenant_id)
     return TenantDeleted(

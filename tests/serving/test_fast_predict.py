@@ -188,6 +188,7 @@ def test_warm_predictions_need_no_database(platform: Platform, acme: TenantFixtu
     with _client(platform, 3600) as client:
         assert client.post(PREDICT, json=BODY, headers=acme.predict).status_code == 200
         client.app.state.platform = None  # type: ignore[attr-defined]  # any DB access fails now
+        client.app.state.predict.platform = None  # type: ignore[attr-defined]
         r = client.post(PREDICT, json=BODY, headers=acme.predict)
         assert r.status_code == 200, r.text
         assert len(r.json()["predictions"]) == 3

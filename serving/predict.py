@@ -1,0 +1,234 @@
+"""The one predict service: credential -> caller -> deployed model -> checked inputs -> answer.
+
+Every way in (the ASGI fast lane in serving/fastlane.py, the FastAPI route in
+serving/routers/models.py) is a thin adapter over ``PredictService``: it parses the
+credential with ``bearer_credential``, asks ``resolve`` (or ``warm``) for the target and
+``answer`` for the body, and translates a ``Refusal`` into its own kind of response. So
+a refusal has one status and one message whichever adapter meets it.
+
+Resolution is memoized (serving/lookups.py): when the memo knows the caller and the
+deployed version and the model is in memory, nothing touches the database and nothing
+leaves the event loop; otherwise one thread hop does all the database work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session
+
+from serving.config import ServingConfig
+from serving.lookups import Caller, PredictLookups
+from serving.registry import (
+    ModelCache,
+    ModelLoadError,
+    NotDeployed,
+    ServedModel,
+    UnknownModel,
+    top_labels,
+)
+from serving.schemas import PredictRequest
+from tenancy.events import Change, ChangeKind
+from tenancy.platform import Platform
+from tenancy.tenants import Scope, authenticate, has_scope
+
+log = logging.getLogger("fedtext.serving")
+
+
+def bearer_credential(authorization: str | None) -> str | None:
+    """The credential in an ``Authorization: Bearer <credential>`` header value, else None.
+
+    The only parser of the header: FastAPI's dependencies, the fast lane and the rate
+    limiter all read it through here (same rule as FastAPI's ``HTTPBearer``).
+    """
+    if not authorization:
+        return None
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if not credential or scheme.lower() != "bearer":
+        return None
+    return credential
+
+
+class Refusal(Exception):
+    """Why a request is not answered: an HTTP status, a message, headers (the edge's reply)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+def unauthorized() -> Refusal:
+    return Refusal(
+        401, "Missing, invalid, revoked or expired API key.", {"WWW-Authenticate": "Bearer"}
+    )
+
+
+def authenticate_caller(session: Session, credential: str | None) -> Caller:
+    """The live key and tenant behind ``credential`` (the tenant comes from it only)."""
+    if credential is None:
+        raise unauthorized()
+    found = authenticate(session=session, presented=credential)
+    if found is None:
+        raise unauthorized()
+    return Caller(*found)
+
+
+def require_scope(caller: Caller, scope: Scope) -> Caller:
+    if not has_scope(caller.key, scope):
+        raise Refusal(403, f"This key lacks the {scope} scope.")
+    return caller
+
+
+_LOAD_FAILED = {
+    "integrity": "The stored model failed its integrity check; the operator has been alerted.",
+    "decryption": "The stored model failed its integrity check; the operator has been alerted.",
+    "missing": "The stored model is missing; the operator has been alerted.",
+    "format": "The stored model cannot be rebuilt; the operator has been alerted.",
+    "encoder": "This server's sentence encoder is not the one the model was trained with "
+    "(its files differ); the operator has been alerted.",
+}
+
+
+@dataclass(frozen=True)
+class PredictTarget:
+    caller: Caller
+    served: ServedModel
+
+
+@dataclass
+class PredictService:
+    """Resolves, checks, infers and encodes predictions for every adapter."""
+
+    platform: Platform | None  # None: no database (warm answers only; tests)
+    cache: ModelCache
+    lookups: PredictLookups
+    config: ServingConfig = field(default_factory=ServingConfig)
+
+    # ------------------------------------------------------------- credential -> model
+
+    def warm(self, credential: str | None, name: str) -> PredictTarget | None:
+        """The target when the memo and the cache hold all of it, else None (never blocks).
+
+        None says nothing about the request: ``resolve`` gives it its answer or refusal.
+        """
+        caller = self.lookups.caller(credential) if credential is not None else None
+        if caller is None or not has_scope(caller.key, Scope.predict):
+            return None
+        row = self.lookups.deployed(caller.tenant.id, name)
+        served = self.cache.cached(row) if row is not None else None
+        return PredictTarget(caller, served) if served is not None else None
+
+    async def resolve(self, credential: str | None, name: str) -> PredictTarget:
+        """Caller and deployed model of a prediction; Refusal 401, 403, 404, 409 or 500."""
+        target = self.warm(credential, name)
+        if target is not None:
+            return target
+        return await run_in_threadpool(self.resolve_cold, credential, name)
+
+    def resolve_cold(self, credential: str | None, name: str) -> PredictTarget:
+        """``resolve`` from the database, loading the model if needed (blocking).
+
+        The session is closed before the request waits in a batch, so a parked request never
+        holds a pooled connection (64 waiting requests could otherwise hold the pool while
+        the threads that would release it wait for a connection).
+        """
+        if self.platform is None:
+            raise RuntimeError("This predict service has no database.")
+        generation = self.lookups.generation
+        with Session(self.platform.engine, expire_on_commit=False) as session:
+            caller = require_scope(authenticate_caller(session, credential), Scope.predict)
+            assert credential is not None  # authenticate_caller refused a missing one
+            self.lookups.put_caller(credential, caller.key, caller.tenant, generation)
+            try:
+                served, row = self.cache.get_deployed(session, caller.tenant.id, name)
+            except UnknownModel as exc:
+                # Another tenant's model and a missing one look the same: 404.
+                raise Refusal(404, str(exc)) from None
+            except NotDeployed as exc:
+                raise Refusal(409, str(exc)) from None
+            except ModelLoadError as exc:
+                # The reason and the blob's identity; never key material nor request content.
+                log.error(
+                    "stored model failed to load",
+                    extra={
+                        "fields": {
+                            "tenant": caller.tenant.id,
+                            "model": name,
+                            "reason": exc.reason,
+                            "detail": str(exc),
+                        }
+                    },
+                )
+                raise Refusal(500, _LOAD_FAILED[exc.reason]) from None
+            self.lookups.put_deployed(row, generation)
+        return PredictTarget(caller, served)
+
+    # ------------------------------------------------------------- inputs -> answer
+
+    def check_inputs(self, inputs: list[str]) -> None:
+        """Refusal 422 naming the limit when ``inputs`` may not be predicted."""
+        config = self.config
+        if len(inputs) > config.max_predict_inputs:
+            raise Refusal(
+                422, f"At most {config.max_predict_inputs} inputs per request; got {len(inputs)}."
+            )
+        for i, text in enumerate(inputs):
+            if len(text) > config.max_input_chars:
+                raise Refusal(
+                    422,
+                    f"inputs[{i}] has {len(text)} characters; "
+                    f"the limit is {config.max_input_chars}.",
+                )
+            if not text.strip():
+                raise Refusal(422, f"inputs[{i}] is empty.")
+
+    async def answer(self, target: PredictTarget, request: PredictRequest) -> bytes:
+        """The PredictResponse's JSON bytes: inputs checked, inferred in a shared batch.
+
+        Serialized here, not through a response model: validating and dumping every
+        LabelScore again cost more than the batched forward pass per request.
+        """
+        self.check_inputs(request.inputs)
+        served = target.served
+        rows = await served.predict_rows(request.inputs)
+        return json.dumps(prediction_body(served, rows, request.top_k)).encode()
+
+    # ------------------------------------------------------------- tenancy changes
+
+    def tenancy_changed(self, change: Change) -> None:
+        """A committed tenancy write (subscribed in serving/app.py): nothing stale survives it.
+
+        Any change may alter a memoized answer, so the memo is cleared whole (writes are
+        rare; the next request of each caller asks the database once). A deleted tenant's
+        decrypted models leave memory too: no plaintext outlives its data key.
+        """
+        self.lookups.clear()
+        if change.kind == ChangeKind.tenant_deleted:
+            for key in self.cache.cached_keys():
+                if key[0] == change.tenant_id:
+                    self.cache.evict(key)
+
+
+def parse_request(body: bytes) -> PredictRequest | None:
+    """The request in ``body``, or None where FastAPI's own validation answers (its 422s)."""
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValueError:  # pydantic's ValidationError
+        return None
+
+
+def prediction_body(served: ServedModel, rows: list[list[float]], top_k: int) -> dict[str, Any]:
+    """The PredictResponse as plain data."""
+    labels = served.spec.labels
+    predictions = [
+        [{"label": label, "score": score} for label, score in top_labels(labels, row, top_k)]
+        for row in rows
+    ]
+    return {"model": served.name, "version": served.version, "predictions": predictions}
