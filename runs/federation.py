@@ -38,19 +38,16 @@ from runs.flower import (
     parse_address,
     stop_run,
     submit_run,
-    validate_server_config,
     write_connection,
 )
 from runs.lifecycle import claim_run, end_run, get_run, record_request, run_status
+from runs.spec import SIMULATION_ONLY, RunSpec
 from runs.status import RunStatus
 from runs.worker import WorkerLauncher, engine_url, start_heartbeat
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
 
 CONNECTION = "fedtext-api"
-# RunCreate fields that only pick a simulated node's share of the demo corpus; a real
-# node trains on its own data file (`fedtext federation node --data`).
-SIMULATION_ONLY = ("partitioning", "max_train_examples", "max_test_examples")
 POLL_SECONDS = 2.0
 FLOWER_POLL_SECONDS = 30.0
 # How long the worker keeps trying when Flower cannot tell a run's status (SuperLink down).
@@ -65,25 +62,22 @@ def federation_run_config(
 
     ``known`` is the app's ``[tool.flwr.app.config]``: flwr accepts no other key.
     """
-    from runs.simulation import SimulationConfig
-
-    given = [k for k in SIMULATION_ONLY if config.get(k) is not None]
+    tenants = config.get("tenants", [])
+    if len(tenants) < 2:
+        raise ValueError("A federation needs at least two tenants.")
+    given = [k for k in SIMULATION_ONLY if k != "tenants" and k in config]
     if given:
         raise ValueError(
             f"{', '.join(given)}: only for simulated runs; this server runs training on its "
             "federation, where each tenant's node trains on its own data file."
         )
-    try:
-        request = SimulationConfig(**{k: v for k, v in config.items() if k not in SIMULATION_ONLY})
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
-    request.validate()
-    # The same mapping as a simulation's ServerApp gets; the nodes that connect decide
-    # who could train, so the named tenants become the ServerApp's participants.
-    overrides = {**request.server_overrides(run_id), "participants": ",".join(request.tenants)}
+    # The nodes that connect decide who could train, so the named tenants become the
+    # ServerApp's participants.
+    settings = {k: v for k, v in config.items() if k != "tenants"}
+    spec = RunSpec.parse({**settings, "participants": tenants, "run_id": run_id})
+    overrides = spec.server_part()
     try:
         overrides = build_run_config(known, overrides, [])
-        validate_server_config(overrides)
     except FlowerError as exc:
         raise ValueError(str(exc)) from None
     return overrides
