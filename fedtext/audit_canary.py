@@ -37,7 +37,6 @@ from tenancy.registry import deployed_version, read_model_weights
 from tenancy.tenants import create_tenant
 
 
-@dataclass(frozen=True)
 class CanarySimulationConfig(SimulationConfig):
     """A simulation whose clients insert the member canaries of ``canary_seed``."""
 

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from clients.data import PARTITIONERS
 from models import (
     DEFAULT_FAMILY,
     ModelSpec,
@@ -40,7 +41,6 @@ AUTO = "auto"
 # Settings that only pick a simulated node's share of the demo corpus; a federation's
 # nodes train on their own files.
 SIMULATION_ONLY = ("tenants", "partitioning", "alpha", "max_train_examples", "max_test_examples")
-PARTITIONINGS = ("iid", "dirichlet", "topic")
 CLIENT_DP = ("off", "fixed")
 
 
@@ -213,7 +213,7 @@ class RunSpec(_FamilyDefaults):
     tenants: Names = Field(
         default=("acme", "globex", "initech"), description="Simulated tenants, one node each."
     )
-    partitioning: Annotated[str, _one_of(PARTITIONINGS, "partitioning")] = Field(
+    partitioning: Annotated[str, _one_of(PARTITIONERS, "partitioning")] = Field(
         default="iid", description="How simulated tenants split the corpus."
     )
     alpha: float = Field(default=0.5, gt=0, le=1000, description="Dirichlet concentration.")

@@ -10,54 +10,28 @@ import typer
 from rich.table import Table
 
 from fedtext.cli.console import UserError, console, fail, open_platform
+from fedtext.cli.run_options import run_options
+from runs.spec import RunSpec, key
+
+# RunSpec settings that `simulate` takes as options; the rest are its own (`--tenants N`
+# names the simulated tenants, `--insecure` turns secure mode off, `--resume RUN_ID`).
+SIMULATE_SETTINGS = tuple(
+    name
+    for name in RunSpec.model_fields
+    if name not in ("run_id", "resume", "tenants", "secure_mode", "participants")
+)
 
 
+@run_options(SIMULATE_SETTINGS)
 def simulate(
     tenants: Annotated[int, typer.Option(help="Number of simulated tenants (one node each).")] = 3,
-    rounds: Annotated[
-        int | None, typer.Option(help="Federated rounds [default: the family's]")
-    ] = None,
-    epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant for the run.")] = 3.0,
-    model: Annotated[
-        str,
-        typer.Option(
-            help="encoder-head (frozen public encoder + DP head), lstm, transformer or minilm."
-        ),
-    ] = "encoder-head",
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
-    partitioning: Annotated[str, typer.Option(help="iid, dirichlet or topic.")] = "iid",
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (label skew).")] = 0.5,
-    local_epochs: Annotated[
-        int | None, typer.Option(help="Local epochs per round [default: the family's]")
-    ] = None,
-    personalize_epochs: Annotated[
-        int | None, typer.Option(help="DP fine-tune epochs; 0: off [default: the family's]")
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Expected (Poisson) batch; 0: a tenth of each tenant's data "
-            "[default: the family's]"
-        ),
-    ] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option(help="Client Adam learning rate [default: the family's]")
-    ] = None,
-    clip_norm: Annotated[float, typer.Option(help="Per-example clipping norm.")] = 1.0,
-    fraction_train: Annotated[float, typer.Option(help="Share of tenants per round.")] = 1.0,
-    min_nodes: Annotated[int, typer.Option(help="Valid replies a round needs.")] = 2,
-    client_dp_noise: Annotated[
-        float, typer.Option(help="Client-level DP noise (Flower wrapper); 0: off.")
-    ] = 0.0,
-    client_dp_clip: Annotated[float, typer.Option(help="Client-level update clip.")] = 10.0,
-    max_train_examples: Annotated[int, typer.Option(help="Cap per tenant (0: no cap).")] = 3000,
-    max_test_examples: Annotated[int, typer.Option(help="Cap per tenant (0: no cap).")] = 600,
     gpu_fraction: Annotated[float, typer.Option(help="GPU share per virtual client.")] = 0.0,
     prefix: Annotated[str, typer.Option(help="Tenant names are PREFIX-1..N.")] = "sim",
     resume: Annotated[
         str | None, typer.Option(help="Continue run RUN_ID from its last checkpoint.")
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Turn secure_mode off (tests only).")] = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Run a simulated federation on the demo corpus; missing tenants are created."""
     from fedtext.progress import watch_run
@@ -80,29 +54,18 @@ def simulate(
             names = [f"{prefix}-{i}" for i in range(1, tenants + 1)]
             for n in names:
                 check_name(n)
-            config = SimulationConfig(
-                tenants=names,
-                rounds=rounds,
-                epsilon=epsilon,
-                model=model,
-                strategy=strategy,
-                partitioning=partitioning,
-                alpha=alpha,
-                local_epochs=local_epochs,
-                personalize_epochs=personalize_epochs,
-                batch_size=batch_size,
-                learning_rate=learning_rate,
-                clip_norm=clip_norm,
-                fraction_train=fraction_train,
-                min_nodes=min_nodes,
-                client_dp_noise=client_dp_noise,
-                client_dp_clip=client_dp_clip,
-                max_train_examples=max_train_examples,
-                max_test_examples=max_test_examples,
-                gpu_fraction=gpu_fraction,
-                secure_mode=not insecure,
+            given = settings or {}
+            for option in ("client_dp_noise", "client_dp_clip"):
+                if option in given and given.get("client_dp") != "fixed":
+                    raise UserError(f"--{key(option)} applies with --client-dp fixed.")
+            config = SimulationConfig.parse(
+                {
+                    **given,
+                    "tenants": names,
+                    "gpu_fraction": gpu_fraction,
+                    "secure_mode": not insecure,
+                }
             )
-            _validate_simulation(config)
             with session_scope(platform.engine) as session:
                 for n in names:
                     try:
@@ -132,9 +95,9 @@ def simulate(
         )
     console.print(f"Run {result.run_id} completed.")
     console.print(table)
-    for key in ("refused", "failed", "rejected"):
-        for reason in result.summary.get(key, []):
-            console.print(f"[yellow]{key}:[/yellow] {reason}")
+    for kind in ("refused", "failed", "rejected"):
+        for reason in result.summary.get(kind, []):
+            console.print(f"[yellow]{kind}:[/yellow] {reason}")
     if "client_level_dp" in result.summary:
         c = result.summary["client_level_dp"]
         console.print(f"client-level DP: epsilon {c['epsilon']:.3f} at delta {c['delta']:g}")
@@ -142,24 +105,3 @@ def simulate(
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _validate_simulation(config: Any) -> None:
-    """Refuse bad options before anything starts, with the option's own words."""
-    from clients.data import PARTITIONERS
-    from models import families
-    from server.strategy import strategy_names
-
-    config.validate()
-    if config.model not in families():
-        raise ValueError(f"Unknown model family {config.model!r}; known: {', '.join(families())}.")
-    if config.strategy not in strategy_names():
-        raise ValueError(
-            f"Unknown strategy {config.strategy!r}; known: {', '.join(strategy_names())}."
-        )
-    if config.partitioning not in PARTITIONERS:
-        raise ValueError(
-            f"Unknown partitioning {config.partitioning!r}; known: {', '.join(PARTITIONERS)}."
-        )
-    if config.rounds < 1 or config.epsilon <= 0:
-        raise ValueError("--rounds should be positive and --epsilon a positive value.")

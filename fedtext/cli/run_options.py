@@ -1,0 +1,78 @@
+"""Typer options made from RunSpec's settings: their flags, help and defaults, so a new run
+setting reaches the CLI without an edit here."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from runs.spec import AUTO, RunSpec, defaults, key
+
+_DEFAULTS = defaults()
+
+
+def _option_type(annotation: Any) -> type:
+    """The type a flag takes: names and JSON are given as text."""
+    text = str(annotation)
+    for kind in (bool, int, float):
+        if annotation is kind or text == kind.__name__:
+            return kind
+    return str
+
+
+def run_options(names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one ``--kebab-name`` option per RunSpec setting in ``names`` to a command.
+
+    The command receives them as ``settings``: only what the user gave, so RunSpec (and the
+    model family) decide every default in one place.
+    """
+    names = tuple(names)
+
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command, include_extras=True)  # "from __future__" strings
+        own = [
+            p.replace(annotation=hints.get(n, p.annotation))
+            for n, p in signature.parameters.items()
+            if n != "settings"
+        ]
+        added = []
+        for name in names:
+            field = RunSpec.model_fields[name]
+            kind = _option_type(field.annotation)
+            default = _DEFAULTS[key(name)]
+            shown = "the model family's" if default == AUTO else default
+            text = (field.description or "").removesuffix(".")
+            if "[default:" not in text:
+                text += f" [default: {shown}]"
+            text = escape(text)  # rich would read "[default: ...]" as markup
+            flag = f"--{key(name)}" if kind is not bool else f"--{key(name)}/--no-{key(name)}"
+            added.append(
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[
+                        kind | None, typer.Option(flag, help=text, show_default=False)
+                    ],
+                )
+            )
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n, None) for n in names}
+            given = {n: v for n, v in values.items() if v is not None}
+            return command(settings=given, **kwargs)
+
+        parameters = [*own, *added]
+        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return wrap
