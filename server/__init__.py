@@ -1,1 +1,2 @@
-"""Coordinator: ServerApp, strategy assembly, budget gate, model release."""
+"""Coordinator: the ServerApp and its steps (discovery, charging, rounds, release), with
+privacy as a strategy wrapper (``server.strategy.PrivateStrategy``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from runs.status import RunStatus
 from tenancy import crypto
 from tenancy.errors import IntegrityError
 from tenancy.platform import Platform
@@ -55,7 +56,7 @@ def final_global_weights(platform: Platform, run_id: str) -> tuple[dict[str, obj
 
     with Session(platform.engine) as session:
         run = session.get(TrainingRun, run_id)
-    if run is None or run.status != "completed" or not run.checkpoint_blob:
+    if run is None or run.status != RunStatus.COMPLETED or not run.checkpoint_blob:
         raise ValueError(
             f"init-head-run {run_id!r}: no completed encoder-head run with its final global "
             "head kept under that id."

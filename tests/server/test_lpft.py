@@ -10,7 +10,8 @@ import torch
 from models import build_model, save_weights
 from server.checkpoint import save_checkpoint
 from server.config import ServerRunConfig
-from server.server_app import RunFailed, _start_from_head
+from server.errors import RunFailed
+from server.rounds import start_from_head
 from tenancy.db import session_scope
 from tenancy.errors import NotFound
 from tenancy.platform import Platform
@@ -56,7 +57,7 @@ def test_a_minilm_run_starts_from_the_heads_final_weights(sqlite_platform: Platf
     cfg = minilm_config("head-run")
     model = build_model(cfg.spec())
     assert not torch.equal(model.head.weight, weight)
-    _start_from_head(sqlite_platform, cfg, model)
+    start_from_head(sqlite_platform, cfg, model)
     assert torch.equal(model.head.weight, weight)
 
 
@@ -75,7 +76,7 @@ def test_a_kept_head_goes_when_one_of_its_tenants_is_deleted(sqlite_platform: Pl
     )  # fmt: skip
     with pytest.raises(ValueError, match="no completed encoder-head run"):
         cfg = minilm_config("head-run")
-        _start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
+        start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
     with pytest.raises(NotFound):
         sqlite_platform.store.get(blob)
 
@@ -84,9 +85,9 @@ def test_lpft_refuses_what_does_not_fit(sqlite_platform: Platform) -> None:
     completed_head_run(sqlite_platform, "two-labels", labels="bad,good")
     with pytest.raises(RunFailed, match="labels"):
         cfg = minilm_config("two-labels")
-        _start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
+        start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
     with pytest.raises(ValueError, match="no completed encoder-head run"):
         cfg = minilm_config("nope")
-        _start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
+        start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
     with pytest.raises(ValueError, match="normalize"):
         ServerRunConfig.from_mapping({"model": "minilm", "init-head-run": "head-run"})

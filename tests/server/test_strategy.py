@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from privacy.budget import check_budget
 from privacy.params import DPParams
 from server.planning import TenantPlan
-from server.strategy import create_strategy, private_part, read_evaluation
+from server.replies import read_evaluation
+from server.strategy import PrivateStrategy, create_strategy
 
 PARAMS = DPParams(1.2, 0.25, 4, 1.0, 1e-5)
 EVAL = DPParams(10.0, 1.0, 1, 1.0, 1e-5)
@@ -80,8 +81,8 @@ def error_reply(node_id: int, code: int, reason: str) -> Message:
 def setup(name: str, **kwargs: Any):  # type: ignore[no-untyped-def]
     charged: list[tuple[int, list[str]]] = []
     metrics: list[tuple[int, str, str]] = []
-    strategy = create_strategy(name, min_nodes=2, **kwargs)
-    private_part(strategy).setup_private(
+    strategy = PrivateStrategy(
+        create_strategy(name, **kwargs),
         plans={1: plan(1, "acme"), 2: plan(2, "globex")},
         train_config={"batch-size": 4},
         charge=lambda r, plans: charged.append((r, [p.tenant_name for p in plans])) or plans,
@@ -109,16 +110,15 @@ def test_a_reply_with_other_dp_parameters_is_left_out() -> None:
     arrays, _ = strategy.aggregate_train(1, [reply(1, "acme", 1.0), reply(2, "globex", 9.0, cheat)])
     assert arrays is not None
     np.testing.assert_allclose(arrays["w"].numpy(), 1.0)  # only acme's update counts
-    private = private_part(strategy)
-    assert private.last_accepted == 1
-    assert "differ from the requested" in private.rejected[0]
+    assert strategy.last_accepted == 1
+    assert "differ from the requested" in strategy.rejected[0]
     assert metrics == [(1, "train", "acme")]
 
 
 def test_a_reply_claiming_another_tenant_is_rejected() -> None:
     strategy, _, _ = setup("fedavg")
     strategy.aggregate_train(1, [reply(1, "globex", 1.0), reply(2, "globex", 2.0)])
-    assert "claims tenant 'globex'" in private_part(strategy).rejected[0]
+    assert "claims tenant 'globex'" in strategy.rejected[0]
 
 
 def test_fedprox_passes_mu_and_fedadam_moves_by_its_server_rate() -> None:
@@ -147,8 +147,8 @@ def test_client_level_dp_wrapper_clips_and_noises_updates() -> None:
 
 
 def test_aggregation_weights_by_the_stated_training_count_not_by_reply_content() -> None:
-    strategy = create_strategy("fedavg", min_nodes=2)
-    private_part(strategy).setup_private(
+    strategy = PrivateStrategy(
+        create_strategy("fedavg"),
         plans={1: plan(1, "acme", 16), 2: plan(2, "globex", 48)},
         train_config={},
         charge=lambda r, plans: plans,
@@ -167,19 +167,18 @@ def test_a_coordinators_view_of_a_round_holds_no_metric_count_or_error_text() ->
     strategy, _, metrics = setup("fedavg")
     leaky = "line 12 has unknown label 'diagnosis: HIV+'"
     replies = [reply(1, "acme", 1.0), error_reply(2, 103, leaky)]
-    private = private_part(strategy)
-    accepted = private.accept_train_replies(1, replies)
+    accepted = strategy.accept_train_replies(1, replies)
     assert len(accepted) == 1
     # What aggregation sees: the weights and the count stated at planning, nothing else.
     content = accepted[0].content
     assert set(content.array_records) == {"arrays"}
     assert dict(content.metric_records["weights"]) == {"num-examples": 16}
     assert metrics == [(1, "train", "acme")]
-    assert private.failed == ["round 1 globex: data-error"]
+    assert strategy.failed == ["round 1 globex: data-error"]
     # Whatever the reason says (Flower puts a traceback there), only the code is kept.
-    private.accept_train_replies(2, [error_reply(1, 2, "Traceback: free text")])
-    assert private.failed[-1] == "round 2 acme: flower-client-app-raised"
-    assert all("HIV" not in f and "free text" not in f for f in private.failed)
+    strategy.accept_train_replies(2, [error_reply(1, 2, "Traceback: free text")])
+    assert strategy.failed[-1] == "round 2 acme: flower-client-app-raised"
+    assert all("HIV" not in f and "free text" not in f for f in strategy.failed)
 
 
 def test_a_released_evaluation_is_read_from_noised_counts_and_checked() -> None:
@@ -202,7 +201,7 @@ def test_a_released_evaluation_is_read_from_noised_counts_and_checked() -> None:
     m2 = Message(content=bad, metadata=meta(2, MessageType.EVALUATE))
     strategy.aggregate_evaluate(3, [m1, m2])
     assert metrics == [(2, "evaluate", "acme")]
-    assert "differ from" in private_part(strategy).rejected[0]
+    assert "differ from" in strategy.rejected[0]
     got = read_evaluation(good, plan(1, "acme"), ("global",))
     assert isinstance(got, dict)
     # Negative noised counts are clipped to 0: the diagonal 50.3 + 20.7 + 30.2 over the rest.
@@ -211,4 +210,4 @@ def test_a_released_evaluation_is_read_from_noised_counts_and_checked() -> None:
 
 def test_unknown_strategy_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="Unknown strategy 'fedsgd'"):
-        create_strategy("fedsgd", min_nodes=2)
+        create_strategy("fedsgd")

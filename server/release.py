@@ -1,0 +1,213 @@
+"""The end of a run: the final phase (personalization and the released evaluation), each
+tenant's model stored encrypted under its data key, the summary, the signed ledger heads."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from sqlmodel import Session, select
+
+from models import ModelSpec, build_model, load_model_state, save_weights
+from privacy.accounting import compose_epsilon
+from privacy.heads import platform_signer, sign_and_store
+from privacy.ledger import PrivacyEvent, tenant_events
+from privacy.params import DPParams
+from server.charging import make_charge
+from server.config import ServerRunConfig
+from server.planning import TenantPlan
+from server.replies import Released
+from server.rounds import torch_state
+from server.strategy import PrivateStrategy
+from tenancy.db import session_scope
+from tenancy.platform import Platform
+from tenancy.registry import deployed_version, store_model_version
+from tenancy.tables import Tenant
+
+log = logging.getLogger("fedtext.server")
+
+
+def final_phase(
+    grid: Grid,
+    cfg: ServerRunConfig,
+    platform: Platform,
+    private: PrivateStrategy,
+    spec: ModelSpec,
+    arrays: ArrayRecord,
+) -> tuple[dict[str, bytes], dict[str, Released]]:
+    """Personalization and the released evaluation, charged together at round R + 1.
+
+    Returns each personalized tenant's weights and each tenant's released evaluation.
+    Both releases are charged before dispatch like any other (see
+    ``PrivateStrategy.configure_final``).
+    """
+    phase_round = cfg.rounds + 1
+
+    def releases(p: TenantPlan) -> list[tuple[str, DPParams]]:
+        out: list[tuple[str, DPParams]] = []
+        if cfg.personalize_epochs and p.personal_params:
+            out.append(("train", p.personal_params))
+        if p.eval_params:
+            out.append(("evaluate", p.eval_params))
+        return out
+
+    messages = private.configure_final(
+        phase_round,
+        arrays,
+        grid,
+        charge=make_charge(platform, cfg.run_id, spec, releases, cfg.dataset),
+        personalize_epochs=cfg.personalize_epochs,
+    )
+    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+    done = private.aggregate_final(phase_round, replies)
+    personal = {}
+    for tenant, state in done.personal.items():
+        model = build_model(spec)
+        load_model_state(model, torch_state(state))
+        personal[tenant] = save_weights(model)
+    return personal, done.released
+
+
+def release_models(
+    platform: Platform,
+    cfg: ServerRunConfig,
+    spec: ModelSpec,
+    plans: dict[int, TenantPlan],
+    global_weights: bytes,
+    personal: dict[str, bytes],
+    released: dict[str, Released],
+    *,
+    refused: list[str],
+    private: PrivateStrategy,
+) -> dict[str, Any]:
+    """Encrypt each tenant's final model (personalized if it has one) under its data key.
+
+    The metrics in the summary and on the model version are the DP-released ones
+    (noised confusion counts, charged to the ledger); ``None`` where nothing was
+    released. Exact metrics never reach the coordinator.
+    """
+    tenants: dict[str, Any] = {}
+    with session_scope(platform.engine) as session:
+        for plan in plans.values():
+            tenant = session.get(Tenant, plan.tenant_id)
+            if tenant is None or tenant.deleted_at is not None:
+                continue
+            charged = [
+                e.params() for e in tenant_events(session, tenant.id) if e.run_id == cfg.run_id
+            ]
+            own = personal.get(tenant.name)
+            got = released.get(tenant.name, {})
+            glob, pers = got.get("global"), got.get("personal")
+            metrics: dict[str, Any] = {
+                "global_accuracy": glob["accuracy"] if glob else None,
+                "global_macro_f1": glob["macro_f1"] if glob else None,
+                "personalized_accuracy": pers["accuracy"] if pers else None,
+                "personalized_macro_f1": pers["macro_f1"] if pers else None,
+                # The released (noised) total of the held-out split, not an exact count.
+                "test_examples": round(glob["examples"]) if glob else None,
+                "train_examples": plan.num_train,
+                "metrics_release": metrics_release(plan),
+            }
+            metrics["accuracy"] = (
+                metrics["personalized_accuracy"] if own else metrics["global_accuracy"]
+            )
+            metrics["macro_f1"] = (
+                metrics["personalized_macro_f1"] if own else metrics["global_macro_f1"]
+            )
+            first = (
+                deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name) is None
+            )
+            row = store_model_version(
+                session=session,
+                keyring=platform.keyring,
+                store=platform.store,
+                tenant=tenant,
+                name=cfg.model_name,
+                spec_json=spec.to_json(),
+                weights=own if own else global_weights,
+                run_id=cfg.run_id,
+                metrics={**metrics, "personalized": own is not None},
+                deploy=first,  # the first version serves at once; later ones await an admin
+            )
+            tenants[tenant.name] = {
+                **metrics,
+                "personalized": own is not None,
+                "releases_charged": len(charged),
+                "run_epsilon": compose_epsilon(charged, plan.round_params.delta),
+                "noise_multiplier": plan.round_params.noise_multiplier,
+                "sample_rate": plan.round_params.sample_rate,
+                "steps_per_round": plan.round_params.steps,
+                "delta": plan.round_params.delta,
+                "model": cfg.model_name,
+                "version": row.version,
+                "deployed": row.deployed,
+            }
+    summary: dict[str, Any] = {
+        "tenants": tenants,
+        "refused": refused,
+        "rejected": private.rejected,
+        "failed": private.failed,
+        "strategy": cfg.strategy,
+        "metrics_release": (
+            f"evaluation metrics are DP-released: Gaussian noise of standard deviation "
+            f"{cfg.eval_noise:g} on every confusion count, charged to the ledger as purpose "
+            "'evaluate'; no training metric leaves a node"
+            if cfg.eval_noise
+            else "no evaluation metric is released (eval-noise 0); no training metric leaves a node"
+        ),
+    }
+    if cfg.client_dp == "fixed":
+        # Client-level DP (unit: one tenant's whole update): a Gaussian mechanism per round
+        # without sampling amplification, composed over the rounds.
+        delta = min(p.round_params.delta for p in plans.values())
+        summary["client_level_dp"] = {
+            "noise_multiplier": cfg.client_dp_noise,
+            "clip_norm": cfg.client_dp_clip,
+            "delta": delta,
+            "epsilon": compose_epsilon([(cfg.client_dp_noise, 1.0, cfg.rounds)], delta),
+        }
+    return summary
+
+
+def metrics_release(plan: TenantPlan) -> dict[str, Any] | None:
+    """How this tenant's metrics were released: the Gaussian release's parameters."""
+    if plan.eval_params is None:
+        return None
+    return {
+        "mechanism": "gaussian on confusion counts (sensitivity 1)",
+        "noise_sd": plan.eval_params.noise_multiplier,
+        "matrices": plan.eval_params.steps,
+        "delta": plan.eval_params.delta,
+    }
+
+
+def participant_ids(platform: Platform, run_id: str) -> list[str]:
+    """Every tenant the run charged, from the ledger (a failed run has no outcome)."""
+    with Session(platform.engine) as session:
+        return sorted(
+            {
+                e.tenant_id
+                for e in session.exec(select(PrivacyEvent).where(PrivacyEvent.run_id == run_id))
+            }
+        )
+
+
+def sign_heads(platform: Platform, tenant_ids: list[str]) -> None:
+    """Keep a signed head of every tenant the run charged, as the run ends."""
+    try:
+        signer = platform_signer(platform.keyring)
+        with session_scope(platform.engine) as session:
+            for tenant_id in tenant_ids:
+                tenant = session.get(Tenant, tenant_id)
+                if tenant is not None:
+                    sign_and_store(
+                        session,
+                        signer,
+                        tenant_id=tenant.id,
+                        budget_epsilon=tenant.budget_epsilon,
+                        budget_delta=tenant.budget_delta,
+                    )
+    except Exception:  # a missing key must not turn a finished run into a failed one
+        log.exception("could not sign the ledger heads of the run's tenants")
