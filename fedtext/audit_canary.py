@@ -168,7 +168,7 @@ def run_canary_audit(
         result = simulate(
             platform,
             CanarySimulationConfig(
-                tenants=names,
+                tenants=tuple(names),
                 rounds=rounds,
                 epsilon=epsilon,
                 batch_size=batch_size,

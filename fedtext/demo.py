@@ -119,18 +119,20 @@ def run_demo(
     started = time.monotonic()
     result = simulate(
         platform,
-        SimulationConfig(
-            tenants=names,
-            model=model,
-            seed=seed,
-            rounds=rounds,
-            epsilon=epsilon,
-            max_train_examples=max_train_examples,
-            max_test_examples=max_test_examples,
-            secure_mode=secure_mode,
-            personalize_epochs=personalize_epochs,
-            partitioning=partitioning,
-            batch_size=batch_size,
+        SimulationConfig.parse(
+            {
+                "tenants": names,
+                "model": model,
+                "seed": seed,
+                "rounds": rounds,
+                "epsilon": epsilon,
+                "max_train_examples": max_train_examples,
+                "max_test_examples": max_test_examples,
+                "secure_mode": secure_mode,
+                "personalize_epochs": personalize_epochs,
+                "partitioning": partitioning,
+                "batch_size": batch_size,
+            }
         ),
     )
     seconds = time.monotonic() - started

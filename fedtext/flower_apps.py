@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.client_app import app as client_app
 from fedtext.platform import platform_from_settings
 from fedtext.settings import get_settings
-from server.config import ServerRunConfig
+from runs.spec import RunSpec
 from server.server_app import run_federation
 
 
@@ -36,7 +36,7 @@ def _main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     # As server.server_app.build_server_app, but an empty run-id becomes Flower's run id.
     own_id = {} if run_config.get("run-id") else {"run-id": platform_run_id(context.run_id)}
-    cfg = ServerRunConfig.from_mapping(run_config, own_id)
+    cfg = RunSpec.from_run_config(run_config, own_id)
     run_federation(grid, cfg, platform_from_settings(get_settings()))
 
 

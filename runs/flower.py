@@ -284,10 +284,10 @@ def build_run_config(
 
 
 def validate_server_config(overrides: dict[str, Any]) -> None:
-    """The ServerApp's own validation, here, before anything is submitted."""
-    from server.config import ServerRunConfig
+    """The ServerApp's own validation (RunSpec's), here, before anything is submitted."""
+    from runs.spec import RunSpec
 
     try:
-        ServerRunConfig.from_mapping({k: v for k, v in overrides.items() if k != "run-id"})
+        RunSpec.from_run_config({k: v for k, v in overrides.items() if k != "run-id"})
     except ValueError as exc:
         raise FlowerInputError(str(exc)) from None

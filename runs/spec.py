@@ -75,7 +75,7 @@ def _json_object(value: Any) -> Any:
         except json.JSONDecodeError as exc:
             raise ValueError(f"model-config is not JSON: {exc.msg}") from None
         if not isinstance(value, dict):
-            raise ValueError("model-config should be a JSON object")
+            raise ValueError("model-config is not a JSON object")
     return value
 
 
@@ -86,6 +86,8 @@ def _auto(value: Any) -> Any:
 
 Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
 FAMILY_FIELDS = tuple(TrainingDefaults.__dataclass_fields__)
+# The default of the family's settings: None until validation fills in the family's value.
+FILLED: Any = None
 _FAMILY_DEFAULT = "[default: the model family's, docs/TRAINING.md]"
 
 
@@ -124,22 +126,22 @@ class RunSpec(_FamilyDefaults):
         default="", max_length=64, description="Name of the released model; empty: the family."
     )
     rounds: int = Field(
-        default=None, ge=1, le=100, description=f"Federated rounds {_FAMILY_DEFAULT}."
+        default=FILLED, ge=1, le=100, description=f"Federated rounds {_FAMILY_DEFAULT}."
     )
     local_epochs: int = Field(
-        default=None, ge=1, le=20, description=f"Local epochs per round {_FAMILY_DEFAULT}."
+        default=FILLED, ge=1, le=20, description=f"Local epochs per round {_FAMILY_DEFAULT}."
     )
     batch_size: int = Field(
-        default=None,
+        default=FILLED,
         ge=0,
         le=4096,
         description=f"Expected (Poisson) batch; 0: sized by each tenant's data {_FAMILY_DEFAULT}.",
     )
     learning_rate: float = Field(
-        default=None, gt=0, le=100, description=f"Client learning rate {_FAMILY_DEFAULT}."
+        default=FILLED, gt=0, le=100, description=f"Client learning rate {_FAMILY_DEFAULT}."
     )
     personalize_epochs: int = Field(
-        default=None, ge=0, le=20, description=f"DP fine-tune epochs; 0: off {_FAMILY_DEFAULT}."
+        default=FILLED, ge=0, le=20, description=f"DP fine-tune epochs; 0: off {_FAMILY_DEFAULT}."
     )
     epsilon: float = Field(
         default=3.0,
@@ -156,7 +158,7 @@ class RunSpec(_FamilyDefaults):
         description="Per-example clipping norm.",
     )
     max_seq_len: int = Field(
-        default=None, ge=0, le=4096, description="Tokens per input; 0: the family's."
+        default=FILLED, ge=0, le=4096, description="Tokens per input; 0: the family's."
     )
     min_nodes: int = Field(default=2, ge=1, le=1000, description="Valid replies a round needs.")
     secure_mode: bool = Field(default=True, description="Opacus secure mode (off: tests only).")
@@ -286,9 +288,10 @@ class RunSpec(_FamilyDefaults):
         return {key(name): _config_value(v) for name, v in self.model_dump().items()}
 
     def server_part(self) -> dict[str, Any]:
-        """``run_config()`` less the simulation-only settings (a federation's run)."""
-        skip = {key(n) for n in SIMULATION_ONLY}
-        return {k: v for k, v in self.run_config().items() if k not in skip}
+        """The ServerApp's run config: RunSpec's settings less the simulation-only ones (and
+        less what a subclass adds for its own machine)."""
+        keep = {key(n) for n in RunSpec.model_fields if n not in SIMULATION_ONLY}
+        return {k: v for k, v in self.run_config().items() if k in keep}
 
 
 def request_model(name: str, settings: tuple[str, ...], doc: str, **extra: Any) -> type[BaseModel]:
@@ -304,7 +307,7 @@ def request_model(name: str, settings: tuple[str, ...], doc: str, **extra: Any) 
         **fields,
         **extra,
     )
-    model.model_config.update(populate_by_name=True, extra="forbid")
+    model.model_config.update({"populate_by_name": True, "extra": "forbid"})
     model.model_rebuild(force=True)
     return model  # type: ignore[no-any-return]
 

@@ -16,7 +16,7 @@ from privacy.ledger import DEFAULT_DATASET, lock_tenant, record_event, tenant_ev
 from privacy.params import DPParams
 from privacy.reservations import outstanding, reserve, uncharged
 from runs.lifecycle import active_run_ids
-from server.config import ServerRunConfig
+from runs.spec import RunSpec
 from server.discovery import NodeInfo, participating, unique_known_tenants
 from server.planning import PlanRefused, TenantPlan, plan_tenant
 from server.strategy import ChargeFn
@@ -28,7 +28,7 @@ log = logging.getLogger("fedtext.server")
 
 
 def plan_run(
-    platform: Platform, nodes: list[NodeInfo], cfg: ServerRunConfig
+    platform: Platform, nodes: list[NodeInfo], cfg: RunSpec
 ) -> tuple[dict[int, TenantPlan], list[str]]:
     """One plan per eligible node, each reserved against its tenant's budget; every
     refusal comes with its reason.
@@ -95,9 +95,7 @@ def plan_run(
     return plans, refused
 
 
-def reserve_resumed(
-    platform: Platform, cfg: ServerRunConfig, plans: dict[int, TenantPlan]
-) -> list[str]:
+def reserve_resumed(platform: Platform, cfg: RunSpec, plans: dict[int, TenantPlan]) -> list[str]:
     """Hold again what a resumed run has left to charge; refuse tenants it no longer fits."""
     refused = []
     for node_id, plan in list(plans.items()):

@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from sqlmodel import Session
 
-from server.config import ServerRunConfig
+from runs.spec import RunSpec
 from server.errors import RunFailed
 from server.replies import reply_failure
 from tenancy.errors import NotFound
@@ -25,7 +25,7 @@ class NodeInfo:
     num_test: int = 0  # not reported: the held-out split's size stays on the node
 
 
-def discover_nodes(grid: Grid, cfg: ServerRunConfig) -> tuple[list[NodeInfo], list[str]]:
+def discover_nodes(grid: Grid, cfg: RunSpec) -> tuple[list[NodeInfo], list[str]]:
     """Ask every connected node which tenant it serves and how much data it holds."""
     deadline = time.monotonic() + cfg.round_timeout
     # Named participants get until the timeout to connect; the run then goes on with

@@ -15,8 +15,8 @@ from privacy.accounting import compose_epsilon
 from privacy.heads import platform_signer, sign_and_store
 from privacy.ledger import PrivacyEvent, tenant_events
 from privacy.params import DPParams
+from runs.spec import RunSpec
 from server.charging import make_charge
-from server.config import ServerRunConfig
 from server.planning import TenantPlan
 from server.replies import Released
 from server.rounds import torch_state
@@ -31,7 +31,7 @@ log = logging.getLogger("fedtext.server")
 
 def final_phase(
     grid: Grid,
-    cfg: ServerRunConfig,
+    cfg: RunSpec,
     platform: Platform,
     private: PrivateStrategy,
     spec: ModelSpec,
@@ -72,7 +72,7 @@ def final_phase(
 
 def release_models(
     platform: Platform,
-    cfg: ServerRunConfig,
+    cfg: RunSpec,
     spec: ModelSpec,
     plans: dict[int, TenantPlan],
     global_weights: bytes,

@@ -18,9 +18,9 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from models import ModelSpec, build_model, load_model_state, load_weights, model_state, save_weights
 from models.encoder_head import FAMILY as ENCODER_HEAD
 from runs.lifecycle import is_cancelled
+from runs.spec import RunSpec
 from server.charging import make_charge
 from server.checkpoint import final_global_weights, load_checkpoint, save_checkpoint
-from server.config import ServerRunConfig
 from server.errors import RunFailed
 from server.planning import TenantPlan
 from server.strategy import MetricsSink, PrivateStrategy, create_strategy
@@ -54,15 +54,15 @@ def make_sink(platform: Platform, run_id: str) -> MetricsSink:
     return sink
 
 
-def stored_config(public: dict[str, Any], *, resume: bool) -> ServerRunConfig:
+def stored_config(public: dict[str, Any], *, resume: bool) -> RunSpec:
     """A run's configuration as stored on its row (``public()``), read back."""
     kebab = {
         k.replace("_", "-"): (",".join(v) if isinstance(v, list) else v) for k, v in public.items()
     }
-    return ServerRunConfig.from_mapping(kebab, {"resume": resume})
+    return RunSpec.from_run_config(kebab, {"resume": resume})
 
 
-def start_from_head(platform: Platform, cfg: ServerRunConfig, model: torch.nn.Module) -> None:
+def start_from_head(platform: Platform, cfg: RunSpec, model: torch.nn.Module) -> None:
     """LP-FT: copy a completed encoder-head run's final global DP head into ``model``'s
     head. Post-processing of a released model: it costs no privacy."""
     from safetensors.torch import load as st_load
@@ -98,7 +98,7 @@ def torch_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def initial_model(
-    platform: Platform, cfg: ServerRunConfig, spec: ModelSpec, run: TrainingRun
+    platform: Platform, cfg: RunSpec, spec: ModelSpec, run: TrainingRun
 ) -> tuple[torch.nn.Module, int]:
     """The model round ``start`` begins from: fresh, from an LP-FT head, or a resumed
     run's last checkpoint; and that first round."""
@@ -114,7 +114,7 @@ def initial_model(
 
 
 def build_strategy(
-    platform: Platform, cfg: ServerRunConfig, spec: ModelSpec, plans: dict[int, TenantPlan]
+    platform: Platform, cfg: RunSpec, spec: ModelSpec, plans: dict[int, TenantPlan]
 ) -> tuple[Strategy, PrivateStrategy]:
     """The strategy the rounds call (client-level DP outermost, when asked for) and the
     private wrapper inside it, whose round logs the loop reads."""
@@ -160,7 +160,7 @@ def stand_down_if_cancelled(platform: Platform, run_id: str, when: str) -> None:
 
 def train_round(
     grid: Grid,
-    cfg: ServerRunConfig,
+    cfg: RunSpec,
     platform: Platform,
     strategy: Strategy,
     private: PrivateStrategy,
@@ -197,7 +197,7 @@ def train_round(
 
 def train_rounds(
     grid: Grid,
-    cfg: ServerRunConfig,
+    cfg: RunSpec,
     platform: Platform,
     strategy: Strategy,
     private: PrivateStrategy,

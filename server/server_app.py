@@ -20,9 +20,9 @@ from models import save_weights
 from models.encoder_head import FAMILY as ENCODER_HEAD
 from privacy.ledger import create_tables as create_ledger_tables
 from runs.lifecycle import complete_run, fail_run, get_run, start_run, update_run
+from runs.spec import RunSpec
 from runs.status import RunStatus
 from server.charging import make_charge, plan_run, plans_from_json, plans_to_json, reserve_resumed
-from server.config import ServerRunConfig
 from server.discovery import NodeInfo, discover_nodes
 from server.errors import RunFailed
 from server.planning import TenantPlan
@@ -59,7 +59,7 @@ class RunOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
+def run_federation(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
     """The whole run; the TrainingRun row records status, plans, checkpoint and summary."""
     create_tables(platform.engine)
     create_ledger_tables(platform.engine)
@@ -99,7 +99,7 @@ def run_federation(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunO
     return outcome
 
 
-def _run(grid: Grid, cfg: ServerRunConfig, platform: Platform) -> RunOutcome:
+def _run(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
     nodes, problems = discover_nodes(grid, cfg)
     run = get_run(platform.engine, cfg.run_id)
     assert run is not None
@@ -148,7 +148,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = ServerRunConfig.from_mapping(dict(context.run_config), dict(overrides or {}))
+        cfg = RunSpec.from_run_config(dict(context.run_config), dict(overrides or {}))
         run_federation(grid, cfg, platform_factory())
 
     return app

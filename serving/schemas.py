@@ -77,21 +77,23 @@ RUN_SETTINGS = (
 )
 
 
-class RunCreate(  # type: ignore[misc]  # a base made from RunSpec's fields
-    request_model(
-        "RunSettings",
-        RUN_SETTINGS,
-        "Run settings a tenant admin may choose (RunSpec's).",
-        participants=(
-            list[str],
-            Field(
-                default_factory=list,
-                max_length=15,
-                description="Other existing tenants (by name) that train with the caller.",
-            ),
+# RunSpec's fields (defaults, bounds, choices) that a tenant admin may choose.
+_RunSettings: Any = request_model(
+    "RunSettings",
+    RUN_SETTINGS,
+    "Run settings a tenant admin may choose (RunSpec's).",
+    participants=(
+        list[str],
+        Field(
+            default_factory=list,
+            max_length=15,
+            description="Other existing tenants (by name) that train with the caller.",
         ),
-    )
-):
+    ),
+)
+
+
+class RunCreate(_RunSettings):
     """A training run of the calling tenant and the tenants it names: simulated on the
     server, or on the server's federation (SuperLink) when it has one."""
 

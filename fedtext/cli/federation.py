@@ -31,6 +31,7 @@ from fedtext.certificates import CredentialLayout, create_credentials
 from fedtext.cli.console import UserError, console, fail, group, settings
 from fedtext.cli.coordinator import coordinator
 from fedtext.cli.node import node
+from fedtext.cli.run_options import run_options
 from fedtext.cli.superlink import (
     DEFAULT_CONNECTION,
     CaOpt,
@@ -48,6 +49,7 @@ from runs.flower import (
     submit_run,
     validate_server_config,
 )
+from runs.spec import SIMULATION_ONLY, RunSpec, key
 from runs.status import RunStatus
 
 federation_app = group(
@@ -231,21 +233,20 @@ def _print_status(st: FederationRunStatus) -> None:
     console.print(table)
 
 
+# RunSpec settings that `federation run` takes as options (any other: --config KEY=VALUE);
+# the simulation-only ones do not apply to a federation's nodes.
+RUN_SETTINGS = tuple(
+    n for n in RunSpec.model_fields if n not in (*SIMULATION_ONLY, "run_id", "participants")
+)
+
+
+@run_options(RUN_SETTINGS)
 def run(
     superlink: SuperlinkOpt,
     ca: CaOpt = None,
     app: Annotated[
         Path | None, typer.Option(help="The Flower app directory (fedtext's pyproject.toml).")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
-    epsilon: Annotated[float | None, typer.Option(help="Target epsilon per tenant.")] = None,
-    min_nodes: Annotated[int | None, typer.Option(help="Tenants a round needs.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model family.")] = None,
-    model_config: Annotated[
-        str | None, typer.Option(help="Model options as JSON, e.g. '{\"hidden_dim\": 64}'.")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-    personalize_epochs: Annotated[int | None, typer.Option(help="0: no personalization.")] = None,
     config: Annotated[
         list[str] | None,
         typer.Option("--config", "-c", help="Any other run configuration KEY=VALUE (repeat)."),
@@ -257,6 +258,7 @@ def run(
     timeout: Annotated[float, typer.Option(help="Longest wait, in seconds.")] = 24 * 3600.0,
     poll: Annotated[float, typer.Option(help="Seconds between status reads.")] = 5.0,
     connection: ConnectionOpt = DEFAULT_CONNECTION,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Submit a run to the federation (``flwr run``) and wait for its status, read back.
 
@@ -264,25 +266,9 @@ def run(
     (when this machine sees the platform database) is completed; 1 when the run failed.
     """
     app_dir = find_app_dir(app)
-    if model_config is not None:
-        try:
-            if not isinstance(json.loads(model_config), dict):
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--model-config {model_config!r} is not a JSON object.") from None
+    given = {key(name): value for name, value in (settings or {}).items()}
     overrides = build_run_config(
-        app_config_keys(app_dir),
-        {
-            "rounds": rounds,
-            "epsilon": epsilon,
-            "min-nodes": min_nodes,
-            "model": model,
-            "model-config": model_config,
-            "batch-size": batch_size,
-            "personalize-epochs": personalize_epochs,
-            "run-id": run_id,
-        },
-        config or [],
+        app_config_keys(app_dir), {**given, "run-id": run_id}, config or []
     )
     validate_server_config(overrides)
     conn = connect(superlink, ca, connection)

@@ -27,7 +27,13 @@ from privacy.ledger import lock_tenant
 from privacy.reservations import ESTIMATE, estimate_releases, outstanding, reserve
 from runs.lifecycle import active_run_ids, cancel_run, end_run, new_run
 from runs.status import RunStatus
-from serving.deps import AdminCaller, OptionalRunLauncherDep, RunLauncherDep, SessionDep
+from serving.deps import (
+    AdminCaller,
+    OptionalRunLauncherDep,
+    PlatformDep,
+    RunLauncherDep,
+    SessionDep,
+)
 from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
 from tenancy.tables import RoundMetric, Tenant, TrainingRun
 from tenancy.tenants import live_tenants, without_consent
@@ -45,7 +51,7 @@ def _public(session: Session, run: TrainingRun, tenant_id: str) -> RunPublic:
     )
     return RunPublic(
         id=run.id,
-        status=run.status,
+        status=RunStatus(run.status),
         participants=list(config.get("tenants", [])),
         rounds=int(config.get("rounds", 0)),
         checkpoint_round=run.checkpoint_round,
@@ -67,7 +73,11 @@ def _own_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
 
 @router.post("", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED)
 def create(
-    body: RunCreate, caller: AdminCaller, session: SessionDep, launcher: RunLauncherDep
+    body: RunCreate,
+    caller: AdminCaller,
+    session: SessionDep,
+    platform: PlatformDep,
+    launcher: RunLauncherDep,
 ) -> RunPublic:
     """Start a run of the caller and ``participants`` in a worker process.
 
@@ -126,7 +136,7 @@ def create(
     try:
         launcher.launch(run.id)
     except OSError as exc:
-        end_run(session.get_bind(), run.id, RunStatus.FAILED, f"Could not start: {exc}")
+        end_run(platform.engine, run.id, RunStatus.FAILED, f"Could not start: {exc}")
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "The run's worker could not be started."
         ) from None
@@ -193,7 +203,11 @@ def get_run(run_id: str, caller: AdminCaller, session: SessionDep) -> RunPublic:
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)
 def cancel(
-    run_id: str, caller: AdminCaller, session: SessionDep, launcher: OptionalRunLauncherDep
+    run_id: str,
+    caller: AdminCaller,
+    session: SessionDep,
+    platform: PlatformDep,
+    launcher: OptionalRunLauncherDep,
 ) -> RunPublic:
     """Stop the run's worker (and, on a SuperLink, its Flower run); the rounds already
     dispatched stay charged to the ledger."""
@@ -208,7 +222,7 @@ def cancel(
         launcher.cancel(run.id, run.worker_pid)
     except OSError as exc:  # the federation did not confirm the stop: the run goes on
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    cancel_run(session.get_bind(), run.id, f"Cancelled by admin key {caller.key.prefix}.")
+    cancel_run(platform.engine, run.id, f"Cancelled by admin key {caller.key.prefix}.")
     session.refresh(run)
     log.info("run cancelled", extra={"fields": {"run": run.id, "tenant": caller.tenant.id}})
     return _public(session, run, caller.tenant.id)

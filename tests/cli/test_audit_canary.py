@@ -17,7 +17,9 @@ runner = CliRunner()
 
 
 def test_canaries_reach_only_the_named_tenants_training_split() -> None:
+    # A run started by fedtext carries every simulated-share setting (RunSpec's).
     run = {"tenants": "a,b", "max-train-examples": 40, "max-test-examples": 10,
+           "partitioning": "iid", "alpha": 0.5,
            "canary-count": 20, "canary-seed": 5, "canary-tenant": "a"}  # fmt: skip
     labels = ("negative", "neutral", "positive")
     a = resolve_node_data({"partition-id": 0, "num-partitions": 2}, run, labels)

@@ -16,7 +16,7 @@ from privacy.ledger import tenant_events
 from privacy.params import DPParams
 from privacy.reservations import BudgetReservation, outstanding
 from runs.lifecycle import active_run_ids, end_run
-from server.config import ServerRunConfig
+from runs.spec import RunSpec
 from server.planning import TenantPlan, plan_tenant
 from server.server_app import NodeInfo, make_charge, plan_run
 from serving.app import create_app
@@ -91,7 +91,7 @@ def test_two_runs_planned_at_once_cannot_both_reserve_the_remainder(platform: Pl
     common = {"participants": "acme,globex", "batch-size": 100, "rounds": 2,
               "personalize-epochs": 0, "epsilon": 2.5, "eval-noise": 10.0,
               "model": "lstm", "local-epochs": 1, "learning-rate": 0.01}  # fmt: skip
-    cfgs = [ServerRunConfig.from_mapping({**common, "run-id": r}) for r in ("r1", "r2")]
+    cfgs = [RunSpec.from_run_config({**common, "run-id": r}) for r in ("r1", "r2")]
     for cfg in cfgs:
         _run_row(platform, cfg.run_id)
     nodes = [NodeInfo(1, "acme", 1000), NodeInfo(2, "globex", 1000)]
@@ -117,7 +117,7 @@ def test_a_reservation_holds_until_its_run_ends_and_charges_consume_it(
             "personalize-epochs": 0, "epsilon": 2.5, "model": "lstm",
             "local-epochs": 1, "learning-rate": 0.01}  # fmt: skip
     nodes = [NodeInfo(1, "acme", 1000), NodeInfo(2, "globex", 1000)]
-    first = ServerRunConfig.from_mapping({**base, "run-id": "first"})
+    first = RunSpec.from_run_config({**base, "run-id": "first"})
     _run_row(platform, "first")
     plans, _ = plan_run(platform, nodes, first)
     plan = plans[1]
@@ -130,7 +130,7 @@ def test_a_reservation_holds_until_its_run_ends_and_charges_consume_it(
         row = session.get(BudgetReservation, 1)
         assert row is not None and row.stage == "plan"
     assert [p for _, p in left] == [plan.round_params, plan.eval_params]
-    second = ServerRunConfig.from_mapping({**base, "run-id": "second"})
+    second = RunSpec.from_run_config({**base, "run-id": "second"})
     _run_row(platform, "second")
     plans2, refused = plan_run(platform, nodes, second)
     assert [p.tenant_name for p in plans2.values()] == ["globex"] and refused

@@ -85,6 +85,7 @@ def test_the_simulation_sends_its_nodes_only_their_data_share() -> None:
         "seed": 7,
         "inject-fault": "a:1",
     }
-    assert sim.server_overrides("r1")["run-id"] == "r1"
+    server = sim.server_overrides("r1")
+    assert server["run-id"] == "r1" and RunSpec.from_run_config(server).run_id == "r1"
     with pytest.raises(ValueError, match="at least two tenants"):
         SimulationConfig(tenants=["a"])

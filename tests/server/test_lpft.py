@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models import build_model, save_weights
+from runs.spec import RunSpec
 from server.checkpoint import save_checkpoint
-from server.config import ServerRunConfig
 from server.errors import RunFailed
 from server.rounds import start_from_head
 from tenancy.db import session_scope
@@ -23,7 +23,7 @@ LABELS = "negative,neutral,positive"
 
 
 def completed_head_run(platform: Platform, run_id: str, labels: str = LABELS) -> torch.Tensor:
-    cfg = ServerRunConfig.from_mapping({"run-id": run_id, "labels": labels})
+    cfg = RunSpec.from_run_config({"run-id": run_id, "labels": labels})
     assert cfg.model == "encoder-head"
     torch.manual_seed(1)
     model = build_model(cfg.spec())
@@ -41,8 +41,8 @@ def completed_head_run(platform: Platform, run_id: str, labels: str = LABELS) ->
     return model.head[0].weight.detach().clone()
 
 
-def minilm_config(run_id: str, **extra: str) -> ServerRunConfig:
-    return ServerRunConfig.from_mapping(
+def minilm_config(run_id: str, **extra: str) -> RunSpec:
+    return RunSpec.from_run_config(
         {
             "model": "minilm",
             "model-config": json.dumps({"normalize": True}),
@@ -90,4 +90,4 @@ def test_lpft_refuses_what_does_not_fit(sqlite_platform: Platform) -> None:
         cfg = minilm_config("nope")
         start_from_head(sqlite_platform, cfg, build_model(cfg.spec()))
     with pytest.raises(ValueError, match="normalize"):
-        ServerRunConfig.from_mapping({"model": "minilm", "init-head-run": "head-run"})
+        RunSpec.from_run_config({"model": "minilm", "init-head-run": "head-run"})

@@ -6,7 +6,7 @@ import pytest
 from sqlmodel import Session
 
 from runs.lifecycle import fail_run
-from server.config import ServerRunConfig
+from runs.spec import RunSpec
 from server.server_app import NodeInfo, RunFailed, plan_run, run_federation
 from tenancy.db import session_scope
 from tenancy.platform import Platform
@@ -22,13 +22,13 @@ def _nodes(*tenants: str) -> list[NodeInfo]:
 
 
 def test_participants_parse_and_validate() -> None:
-    cfg = ServerRunConfig.from_mapping({"participants": " acme, globex ,"})
+    cfg = RunSpec.from_run_config({"participants": " acme, globex ,"})
     assert cfg.participants == ("acme", "globex")
-    assert ServerRunConfig.from_mapping({}).participants == ()
+    assert RunSpec.from_run_config({}).participants == ()
     with pytest.raises(ValueError, match="name each tenant once"):
-        ServerRunConfig.from_mapping({"participants": "acme,acme"})
+        RunSpec.from_run_config({"participants": "acme,acme"})
     with pytest.raises(ValueError, match="1 participant\\(s\\) cannot meet min-nodes 2"):
-        ServerRunConfig.from_mapping({"participants": "acme"})
+        RunSpec.from_run_config({"participants": "acme"})
 
 
 def test_nodes_of_other_tenants_are_refused_and_missing_participants_reported(
@@ -36,7 +36,7 @@ def test_nodes_of_other_tenants_are_refused_and_missing_participants_reported(
 ) -> None:
     for name in ("acme", "globex", "initech", "umbrella"):
         make_tenant(sqlite_platform, name)
-    cfg = ServerRunConfig.from_mapping(
+    cfg = RunSpec.from_run_config(
         {"participants": "acme,globex,umbrella", "batch-size": 64, "personalize-epochs": 0}
     )
     plans, refused = plan_run(sqlite_platform, _nodes("acme", "initech", "globex"), cfg)
@@ -50,7 +50,7 @@ def test_nodes_of_other_tenants_are_refused_and_missing_participants_reported(
 def test_without_participants_every_known_node_trains(sqlite_platform: Platform) -> None:
     for name in ("acme", "globex"):
         make_tenant(sqlite_platform, name)
-    cfg = ServerRunConfig.from_mapping({"batch-size": 64, "personalize-epochs": 0})
+    cfg = RunSpec.from_run_config({"batch-size": 64, "personalize-epochs": 0})
     plans, refused = plan_run(sqlite_platform, _nodes("acme", "globex"), cfg)
     assert len(plans) == 2 and refused == []
 
@@ -60,7 +60,7 @@ def test_a_run_cancelled_before_its_serverapp_started_stands_down(
 ) -> None:
     with session_scope(sqlite_platform.engine) as session:
         session.add(TrainingRun(id="r1", status="cancelled", error="Cancelled by admin key x."))
-    cfg = ServerRunConfig.from_mapping({"run-id": "r1"})
+    cfg = RunSpec.from_run_config({"run-id": "r1"})
     # The grid is never reached: the ServerApp stops before it asks any node.
     with pytest.raises(RunFailed, match="r1 was cancelled before it started"):
         run_federation(None, cfg, sqlite_platform)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ import pytest
 from models import DEFAULT_FAMILY
 from privacy.accounting import compose_epsilon
 from privacy.params import DPParams
-from server.config import ServerRunConfig
+from runs.spec import RunSpec
 from server.planning import PlanRefused, plan_tenant
 
 
@@ -68,15 +68,15 @@ def test_personalization_is_planned_within_the_same_target() -> None:
 
 
 def test_run_config_reads_kebab_keys_and_validates() -> None:
-    cfg = ServerRunConfig.from_mapping({"rounds": "4", "epsilon": 2, "secure-mode": "false"})
+    cfg = RunSpec.from_run_config({"rounds": "4", "epsilon": 2, "secure-mode": "false"})
     assert cfg.rounds == 4 and cfg.epsilon == 2.0 and cfg.secure_mode is False
     assert cfg.model_name == cfg.model == DEFAULT_FAMILY and len(cfg.run_id) == 32
     assert cfg.eval_noise == 10.0  # evaluation is released with noise by default
     with pytest.raises(ValueError, match="target epsilon should be a positive"):
-        ServerRunConfig.from_mapping({"epsilon": 0})
+        RunSpec.from_run_config({"epsilon": 0})
     with pytest.raises(ValueError, match="eval-noise should be 0"):
-        ServerRunConfig.from_mapping({"eval-noise": 0.1})
+        RunSpec.from_run_config({"eval-noise": 0.1})
     with pytest.raises(ValueError, match="Unknown model family 'cnn'"):
-        ServerRunConfig.from_mapping({"model": "cnn"})
+        RunSpec.from_run_config({"model": "cnn"})
     with pytest.raises(ValueError, match="Invalid run configuration"):
-        ServerRunConfig.from_mapping({"rounds": "many"})
+        RunSpec.from_run_config({"rounds": "many"})

@@ -19,8 +19,8 @@ from fedtext.certificates import create_credentials
 from runs.federation import FederationRunLauncher, federation_run_config, follow
 from runs.flower import FlowerError, app_config_keys, find_app_dir
 from runs.lifecycle import end_run, pid_alive
+from runs.spec import RunSpec
 from runs.worker import LocalRunLauncher
-from server.config import ServerRunConfig
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform
@@ -231,7 +231,7 @@ def test_a_request_maps_to_the_serverapps_run_config() -> None:
     assert config["secure-mode"] is False and config["dataset"] == "tweets"
     assert json.loads(config["model-config"]) == {"proj_dim": 8, "hidden_dim": 8}
     # What the ServerApp reads back is the request.
-    cfg = ServerRunConfig.from_mapping(config)
+    cfg = RunSpec.from_run_config(config)
     assert cfg.participants == ("acme", "globex") and cfg.family_config["proj_dim"] == 8
     assert "tenants" not in config  # the simulated nodes' key: a real node has its own tenant
 
