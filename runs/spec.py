@@ -211,6 +211,11 @@ class RunSpec(_FamilyDefaults):
     # Off by default: a kept head keeps its KEK version in use; it is dropped when any of the
     # run's tenants is deleted.
     keep_head: bool = Field(default=False, description="Keep the final global head (LP-FT).")
+    deploy: Annotated[str, _one_of(("first", "always", "never"), "deploy policy")] = Field(
+        default="first",
+        description="Which new versions serve at once: first (a tenant's first version of "
+        "the model; later ones await an admin), always or never.",
+    )
     # Simulation only (SIMULATION_ONLY): how simulated nodes share the demo corpus.
     tenants: Names = Field(
         default=("acme", "globex", "initech"), description="Simulated tenants, one node each."

@@ -129,7 +129,7 @@ def release_models(
                 weights=own if own else global_weights,
                 run_id=cfg.run_id,
                 metrics={**metrics, "personalized": own is not None},
-                deploy=first,  # the first version serves at once; later ones await an admin
+                deploy=cfg.deploy == "always" or (cfg.deploy == "first" and first),
             )
             tenants[tenant.name] = {
                 **metrics,

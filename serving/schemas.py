@@ -74,6 +74,7 @@ RUN_SETTINGS = (
     "dataset",
     "secure_mode",
     "family_config",
+    "deploy",
 )
 
 

@@ -42,6 +42,9 @@ def test_choices_come_from_the_registries_and_bad_values_name_the_setting() -> N
         RunSpec.from_run_config({"learning-rate": 0})
     with pytest.raises(ValueError, match=r"clip-norm: The clipping norm should be a positive"):
         RunSpec.from_run_config({"clip-norm": 0})
+    with pytest.raises(ValueError, match=r"deploy: Unknown deploy policy 'sometimes'"):
+        RunSpec.from_run_config({"deploy": "sometimes"})
+    assert RunCreate(deploy="always").settings()["deploy"] == "always"
     with pytest.raises(ValueError, match=r"rownds: not a run setting"):
         RunSpec.from_run_config({"rownds": 3})
 
