@@ -94,6 +94,8 @@ _FAMILY_DEFAULT = "[default: the model family's, docs/TRAINING.md]"
 class _FamilyDefaults(BaseModel):
     """What a request leaves out (None, "auto", empty) takes the family's default."""
 
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     @model_validator(mode="before")
     @classmethod
     def _family_defaults(cls, data: Any) -> Any:
@@ -114,7 +116,7 @@ class RunSpec(_FamilyDefaults):
     """A training run's settings. Left-out family settings (None) take the family's
     defaults at validation, so a stored run shows what ran."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True)  # with _FamilyDefaults': extra forbidden, by name
 
     run_id: str = Field(default="", max_length=64, description="Empty: a new id.")
     model: Annotated[str, _one_of(families, "model family")] = Field(
@@ -312,8 +314,6 @@ def request_model(name: str, settings: tuple[str, ...], doc: str, **extra: Any) 
         **fields,
         **extra,
     )
-    model.model_config.update({"populate_by_name": True, "extra": "forbid"})
-    model.model_rebuild(force=True)
     return model  # type: ignore[no-any-return]
 
 

@@ -8,7 +8,6 @@ and the optional client-level DP wrapper are Flower's.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -54,21 +53,13 @@ def make_sink(platform: Platform, run_id: str) -> MetricsSink:
     return sink
 
 
-def stored_config(public: dict[str, Any], *, resume: bool) -> RunSpec:
-    """A run's configuration as stored on its row (``public()``), read back."""
-    kebab = {
-        k.replace("_", "-"): (",".join(v) if isinstance(v, list) else v) for k, v in public.items()
-    }
-    return RunSpec.from_run_config(kebab, {"resume": resume})
-
-
 def start_from_head(platform: Platform, cfg: RunSpec, model: torch.nn.Module) -> None:
     """LP-FT: copy a completed encoder-head run's final global DP head into ``model``'s
     head. Post-processing of a released model: it costs no privacy."""
     from safetensors.torch import load as st_load
 
     stored, weights = final_global_weights(platform, cfg.init_head_run)
-    source = stored_config(stored, resume=False).spec()
+    source = RunSpec.parse(stored).spec()
     head = source.family_config()
     if source.family != ENCODER_HEAD or head.hidden_dim:
         raise RunFailed(f"init-head-run {cfg.init_head_run}: not a linear encoder-head run.")

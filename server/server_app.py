@@ -31,7 +31,6 @@ from server.rounds import (
     build_strategy,
     initial_model,
     stand_down_if_cancelled,
-    stored_config,
     train_rounds,
 )
 from tenancy.db import create_tables
@@ -70,7 +69,7 @@ def run_federation(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
         if stored.status == RunStatus.COMPLETED:
             raise RunFailed(f"Run {cfg.run_id} already completed; nothing to resume.")
         # The stored configuration wins: a resumed run is the same run.
-        cfg = stored_config(json.loads(stored.config_json), resume=True)
+        cfg = RunSpec.parse({**json.loads(stored.config_json), "resume": True})
     # A new run cancelled over HTTP while `flwr run` was submitting it stands down.
     if not start_run(
         platform.engine, cfg.run_id, config_json=json.dumps(cfg.public()), resume=cfg.resume

@@ -18,12 +18,8 @@ _DEFAULTS = defaults()
 
 
 def _option_type(annotation: Any) -> type:
-    """The type a flag takes: names and JSON are given as text."""
-    text = str(annotation)
-    for kind in (bool, int, float):
-        if annotation is kind or text == kind.__name__:
-            return kind
-    return str
+    """The type a flag takes: names (tuples) and JSON (dicts) are given as text."""
+    return annotation if annotation in (bool, int, float) else str
 
 
 def run_options(names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
