@@ -12,7 +12,7 @@ from sqlmodel import Session
 
 from serving.config import ServingConfig
 from serving.launcher import RunLauncher
-from serving.lookups import Caller, PredictLookups
+from serving.lookups import Caller
 from serving.metrics import ServingMetrics
 from serving.predict import (
     PredictService,
@@ -61,11 +61,6 @@ async def get_predict_service(request: Request) -> PredictService:
     return service
 
 
-async def get_lookups(request: Request) -> PredictLookups:
-    lookups: PredictLookups = request.app.state.lookups
-    return lookups
-
-
 async def get_metrics(request: Request) -> ServingMetrics:
     metrics: ServingMetrics = request.app.state.metrics
     return metrics
@@ -94,7 +89,6 @@ PlatformDep = Annotated[Platform, Depends(get_platform)]
 ConfigDep = Annotated[ServingConfig, Depends(get_config)]
 CacheDep = Annotated[ModelCache, Depends(get_cache)]
 MetricsDep = Annotated[ServingMetrics, Depends(get_metrics)]
-LookupsDep = Annotated[PredictLookups, Depends(get_lookups)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]
 Credential = Annotated[str | None, Depends(_bearer)]

@@ -66,16 +66,15 @@ def keys_revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix.")]
     from sqlmodel import select
 
     from tenancy.db import session_scope
-    from tenancy.tables import ApiKey, utcnow
+    from tenancy.tables import ApiKey
+    from tenancy.tenants import revoke_api_key
 
     platform = open_platform()
     with session_scope(platform.engine) as session:
         key = session.exec(select(ApiKey).where(ApiKey.prefix == prefix)).first()
         if key is None:
             raise UserError(f"No key with prefix {prefix!r}.")
-        if key.revoked_at is None:
-            key.revoked_at = utcnow()
-            session.add(key)
+        revoke_api_key(session=session, tenant_id=key.tenant_id, key_id=key.id)
     console.print(f"Key {prefix} revoked.")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, LookupsDep, SessionDep
+from serving.deps import AdminCaller, SessionDep
 from serving.routers.models import _version, _version_public, _versions
 from serving.schemas import ModelVersionPublic
 from tenancy.registry import deploy_version
@@ -22,9 +22,7 @@ def get_one(
 
 
 @router.post("/{name}/rollback", response_model=ModelVersionPublic)
-def rollback(
-    name: str, caller: AdminCaller, session: SessionDep, lookups: LookupsDep
-) -> ModelVersionPublic:
+def rollback(name: str, caller: AdminCaller, session: SessionDep) -> ModelVersionPublic:
     """Deploy the newest version older than the deployed one."""
     rows = _versions(session, caller.tenant.id, name)
     current = next((r for r in rows if r.deployed), None)
@@ -45,6 +43,5 @@ def rollback(
             f"Version {current.version} of {name!r} is the oldest; nothing to roll back to.",
         )
     row = deploy_version(session=session, tenant_id=caller.tenant.id, name=name, version=earlier)
-    session.commit()
-    lookups.clear()
+    session.commit()  # deploy_version announces it: the predict memo is cleared on commit
     return _version_public(row)
