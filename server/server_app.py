@@ -22,8 +22,8 @@ from privacy.ledger import create_tables as create_ledger_tables
 from runs.lifecycle import complete_run, fail_run, get_run, start_run, update_run
 from runs.spec import RunSpec
 from runs.status import RunStatus
-from server.charging import make_charge, plan_run, plans_from_json, plans_to_json, reserve_resumed
-from server.discovery import NodeInfo, discover_nodes
+from server.charging import plan_run, plans_from_json, plans_to_json, reserve_resumed
+from server.discovery import discover_nodes
 from server.errors import RunFailed
 from server.planning import TenantPlan
 from server.release import final_phase, participant_ids, release_models, sign_heads
@@ -35,17 +35,6 @@ from server.rounds import (
 )
 from tenancy.db import create_tables
 from tenancy.platform import Platform
-
-# Re-exported for the callers that import them from here (their homes: discovery, charging).
-__all__ = [
-    "NodeInfo",
-    "RunFailed",
-    "RunOutcome",
-    "build_server_app",
-    "make_charge",
-    "plan_run",
-    "run_federation",
-]
 
 log = logging.getLogger("fedtext.server")
 

@@ -24,8 +24,8 @@ from privacy.ledger import (
     verify_chain,
 )
 from privacy.params import DPParams
+from server.charging import make_charge
 from server.planning import TenantPlan
-from server.server_app import make_charge
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import Tenant

@@ -17,8 +17,9 @@ from privacy.params import DPParams
 from privacy.reservations import BudgetReservation, outstanding
 from runs.lifecycle import active_run_ids, end_run
 from runs.spec import RunSpec
+from server.charging import make_charge, plan_run
+from server.discovery import NodeInfo
 from server.planning import TenantPlan, plan_tenant
-from server.server_app import NodeInfo, make_charge, plan_run
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope

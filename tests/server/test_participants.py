@@ -7,7 +7,10 @@ from sqlmodel import Session
 
 from runs.lifecycle import fail_run
 from runs.spec import RunSpec
-from server.server_app import NodeInfo, RunFailed, plan_run, run_federation
+from server.charging import plan_run
+from server.discovery import NodeInfo
+from server.errors import RunFailed
+from server.server_app import run_federation
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
