@@ -19,6 +19,7 @@ from sqlmodel import Session
 
 from models import ModelSpec
 from runs.lifecycle import HEARTBEAT_SECONDS, reap_orphaned_runs
+from serving import oip
 from serving.batching import MicroBatcher, Rows
 from serving.config import ServingConfig
 from serving.console import router as console_router
@@ -28,6 +29,7 @@ from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
 from serving.lookups import PredictLookups
 from serving.metrics import ServingMetrics
 from serving.observability import ObservabilityMiddleware
+from serving.oip import GrpcEndpoint
 from serving.predict import PredictService
 from serving.registry import ModelCache, ServedModel, run_batch
 from serving.routers import (
@@ -99,8 +101,10 @@ def create_app(
     *,
     limits: Limits | None = None,
     run_launcher: RunLauncher | None = None,
+    grpc: GrpcEndpoint | None = None,
 ) -> FastAPI:
-    """The API; ``run_launcher`` (from ``fedtext``) lets ``POST /v1/runs`` start runs."""
+    """The API; ``run_launcher`` (from ``fedtext``) lets ``POST /v1/runs`` start runs;
+    ``grpc``: also serve the Open Inference Protocol over gRPC there (serving/grpc_service.py)."""
     config = config or ServingConfig()
     limits = limits or Limits()
     metrics = ServingMetrics()
@@ -144,7 +148,14 @@ def create_app(
         refresher = (
             asyncio.create_task(_refresh_lookups(platform, lookups)) if lookups.ttl > 0 else None
         )
+        grpc_server = None
+        if grpc is not None:  # imported here: its protocol modules clash with tritonclient's
+            from serving.grpc_service import start_grpc_server
+
+            grpc_server = await start_grpc_server(service, grpc)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
         reaper.cancel()
         if refresher is not None:
             refresher.cancel()
@@ -170,6 +181,7 @@ def create_app(
     app.state.run_launcher = run_launcher
     for module in (health, tenants, keys, model_admin, models, partners, privacy, runs):
         app.include_router(module.router)
+    app.include_router(oip.router)  # the Open Inference Protocol (V2) over REST, at /v2
     app.include_router(console_router)  # the web console at /console, over the same /v1
     app.add_middleware(
         PredictFastLane,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import secrets
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,6 +15,14 @@ from fedtext.cli.console import UserError, console, open_platform, settings
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    grpc_port: Annotated[
+        int,
+        typer.Option(help="Port of the Open Inference Protocol over gRPC (same host); 0: off."),
+    ] = 8081,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate (PEM) for HTTP and gRPC.")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
 ) -> None:
     """Serve the HTTP API (predictions, keys, models, privacy, training runs).
 
@@ -25,6 +34,7 @@ def serve(
     from serving.app import create_app
     from serving.config import ServingConfig, default_inference_threads
     from serving.logs import configure_json_logging
+    from serving.oip import GrpcEndpoint
 
     config = settings()
     if config.operator_token is None:
@@ -43,6 +53,20 @@ def serve(
     from serving.launcher import RunLauncher
     from serving.limits import Limits
 
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise UserError("TLS needs both --ssl-certfile and --ssl-keyfile.")
+    bind = host or config.api_host
+    grpc = (
+        GrpcEndpoint(
+            grpc_port,
+            bind,
+            ssl_certfile,
+            ssl_keyfile,
+            max_message_bytes=config.max_body_bytes,
+        )
+        if grpc_port
+        else None
+    )
     platform = open_platform(config)
     launcher: RunLauncher
     if config.superlink:
@@ -75,6 +99,7 @@ def serve(
             burst=config.rate_limit_burst,
         ),
         run_launcher=launcher,
+        grpc=grpc,
     )
     # The startup heap (torch, tokenizer, routes) never becomes garbage: out of the cyclic
     # collector's sight, its full collections stop adding tens of ms to tail latency.
@@ -83,8 +108,10 @@ def serve(
     # Our middleware writes one JSON line per request; uvicorn's own access log would repeat it.
     uvicorn.run(
         app_,
-        host=host or config.api_host,
+        host=bind,
         port=port or config.api_port,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
         log_config=None,
         access_log=False,
     )

@@ -1,0 +1,208 @@
+"""Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on the predict service.
+
+The service and messages are the protocol's public ``grpc_service.proto`` (KServe's
+open-inference-protocol, serving/proto/), so Triton's and KServe's clients call it as they
+are. The API key travels in the ``authorization`` metadata (``Bearer <key>``), the tenant
+comes from it only, and a refusal has the status the REST adapter gives, mapped to gRPC:
+401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND (another tenant's model too),
+409 FAILED_PRECONDITION, 400/422 INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED, 500 INTERNAL.
+
+The server is a ``grpc.aio`` server on the API's own event loop (started in the app's
+lifespan), so its requests share the micro-batches of HTTP requests.
+
+The generated modules register the ``inference.*`` messages in protobuf's default pool,
+as Triton's client library does with its own copy of the protocol: the two cannot be
+imported into one process. Import this module only where a gRPC server runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+from starlette.concurrency import run_in_threadpool
+
+from serving.oip import (
+    EXTENSIONS,
+    LABEL,
+    PLATFORM,
+    PROBABILITIES,
+    SERVER_NAME,
+    GrpcEndpoint,
+    bad_tensor,
+    decode_bytes_elements,
+    encode_bytes_elements,
+    infer,
+    model_metadata,
+    ready,
+    requested_outputs,
+    resolve,
+    server_version,
+    single_input,
+    texts_from_input,
+)
+from serving.predict import PredictService, Refusal, bearer_credential
+from serving.proto import grpc_service_pb2 as pb
+from serving.proto import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedtext.serving.grpc")
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(refusal: Refusal) -> grpc.StatusCode:
+    return _CODES.get(refusal.status, grpc.StatusCode.INTERNAL)
+
+
+def _credential(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return bearer_credential(value if isinstance(value, str) else value.decode())
+    return None
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's six calls over one predict service."""
+
+    def __init__(self, service: PredictService) -> None:
+        self.service = service
+
+    async def _abort(self, context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+        await context.abort(status_code(refusal), refusal.detail)
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        platform = self.service.platform
+        ok = platform is not None and await run_in_threadpool(ready, platform)
+        return pb.ServerReadyResponse(ready=ok)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS)
+        )
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            await resolve(self.service, _credential(context), request.name, request.version)
+        except Refusal as exc:
+            if exc.status == 409:  # exists, nothing deployed: not ready
+                return pb.ModelReadyResponse(ready=False)
+            await self._abort(context, exc)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            target = await resolve(
+                self.service, _credential(context), request.name, request.version
+            )
+        except Refusal as exc:
+            await self._abort(context, exc)
+            raise  # unreachable: abort raises
+        meta = model_metadata(target)
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=PLATFORM,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
+            properties=meta["properties"],
+        )
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
+            texts = _texts(request)
+            outputs = requested_outputs([o.name for o in request.outputs])
+            result = await infer(
+                self.service,
+                _credential(context),
+                request.model_name,
+                request.model_version,
+                texts,
+            )
+        except Refusal as exc:
+            await self._abort(context, exc)
+            raise  # unreachable: abort raises
+        n, c = result.probabilities.shape
+        response = pb.ModelInferResponse(
+            model_name=result.model, model_version=str(result.version), id=request.id
+        )
+        response.parameters["labels"].string_param = json.dumps(list(result.labels))
+        for name in outputs:
+            tensor = response.outputs.add()
+            tensor.name = name
+            if name == LABEL:
+                tensor.datatype, tensor.shape[:] = "BYTES", [n]
+                response.raw_output_contents.append(encode_bytes_elements(result.labels_out()))
+            else:
+                assert name == PROBABILITIES
+                tensor.datatype, tensor.shape[:] = "FP32", [n, c]
+                response.raw_output_contents.append(result.probabilities.astype("<f4").tobytes())
+        return response
+
+
+def _texts(request: pb.ModelInferRequest) -> list[str]:
+    single_input([t.name for t in request.inputs])
+    tensor = request.inputs[0]
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise bad_tensor(
+                f"{len(raw)} raw_input_contents for 1 input tensor; send one per input."
+            )
+        if len(tensor.contents.bytes_contents):
+            raise bad_tensor("Send the input in contents or in raw_input_contents, not both.")
+        elements: list[bytes] = decode_bytes_elements(raw[0], f"Input {tensor.name!r}")
+    else:
+        elements = list(tensor.contents.bytes_contents)
+    return texts_from_input(tensor.name, tensor.datatype, list(tensor.shape), elements)
+
+
+async def start_grpc_server(service: PredictService, endpoint: GrpcEndpoint) -> grpc.aio.Server:
+    """A started ``grpc.aio`` server on the running event loop; stop it with ``stop(grace)``."""
+    options = [
+        ("grpc.max_receive_message_length", endpoint.max_message_bytes),
+        ("grpc.max_send_message_length", 64 * 2**20),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    address = f"{endpoint.host}:{endpoint.port}"
+    if endpoint.certfile is not None and endpoint.keyfile is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(endpoint.keyfile.read_bytes(), endpoint.certfile.read_bytes())]
+        )
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    log.info(
+        "gRPC server listening",
+        extra={
+            "fields": {"address": f"{endpoint.host}:{bound}", "tls": endpoint.certfile is not None}
+        },
+    )
+    return server
