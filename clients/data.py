@@ -77,15 +77,10 @@ def _rows_from_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, s
     return sorted(columns), rows
 
 
-def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledData:
-    """Read a tenant file with ``text`` and ``label`` columns (CSV or JSONL).
-
-    Raises
-    ------
-    DataError
-        For a missing or empty file, an unknown format, missing columns, an empty
-        text or a label outside ``label_names``; the message names the row.
-    """
+def _labeled_rows(path: str | Path) -> tuple[Path, list[tuple[int, str, str]]]:
+    """Every row of a tenant file as (line, text, label), after the checks that need no
+    label set: the file exists, is CSV or JSONL, has ``text`` and ``label``, no empty text
+    and no empty label."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file not found: {path}")
@@ -108,21 +103,47 @@ def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledDa
         )
     if not rows:
         raise DataError(f"{path}: no rows.")
-    index = {name: i for i, name in enumerate(label_names)}
-    texts: list[str] = []
-    labels: list[int] = []
+    out: list[tuple[int, str, str]] = []
     for lineno, row in rows:
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}: line {lineno} has an empty text.")
         label = row.get("label")
-        label = label.strip() if isinstance(label, str) else label
+        label = str(label).strip() if label is not None else ""
+        if not label:
+            raise DataError(f"{path}: line {lineno} has an empty label.")
+        out.append((lineno, text.strip(), label))
+    return path, out
+
+
+def read_label_names(path: str | Path) -> tuple[str, ...]:
+    """The labels a tenant file uses, sorted (the order a run gets when it names none)."""
+    _, rows = _labeled_rows(path)
+    return tuple(sorted({label for _, _, label in rows}))
+
+
+def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledData:
+    """Read a tenant file with ``text`` and ``label`` columns (CSV or JSONL).
+
+    Raises
+    ------
+    DataError
+        For a missing or empty file, an unknown format, missing columns, an empty
+        text or a label outside ``label_names``; the message names the row.
+    """
+    path, rows = _labeled_rows(path)
+    index = {name: i for i, name in enumerate(label_names)}
+    texts: list[str] = []
+    labels: list[int] = []
+    for lineno, text, label in rows:
         if label not in index:
             raise DataError(
-                f"{path}: line {lineno} has unknown label {label!r}; "
-                f"expected one of {', '.join(label_names)}."
+                f"{path}: line {lineno} has unknown label {label!r}; expected one of the "
+                f"run's labels {', '.join(label_names)}. Name every label of the data with "
+                "--labels (fedtext simulate, fedtext federation run and node) or the run "
+                "setting labels."
             )
-        texts.append(text.strip())
+        texts.append(text)
         labels.append(index[label])
     return LabeledData(tuple(texts), tuple(labels), tuple(label_names))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,8 +55,9 @@ def resolve_node_data(
     """The node's tenant and its train/test split.
 
     A node started with ``tenant`` and ``data-path`` in its node config reads that file;
-    a simulated node (``partition-id``/``num-partitions``) takes an IID share of the demo
-    corpus and the tenant name at its index in the run's ``tenants`` list.
+    a simulated node (``partition-id``/``num-partitions``) is the tenant at its index in
+    the run's ``tenants`` list and trains on that tenant's file (``data-files``, a JSON
+    object), its share of one file (``data-file``) or its share of the demo corpus.
     """
     cfg = _RunConfig({**CLIENT_DEFAULTS, **run_config})
     seed = int(node_config.get("seed", cfg["seed"]))
@@ -71,21 +73,58 @@ def resolve_node_data(
     names = [n.strip() for n in str(cfg["tenants"]).split(",") if n.strip()]
     if len(names) < parts:
         raise DataError(f"The run names {len(names)} tenants for {parts} simulated nodes.")
-    data = _demo_data(
-        names[pid],
-        pid,
-        parts,
-        str(cfg["partitioning"]),
-        float(cfg["alpha"]),
-        labels,
-        test_fraction,
-        seed,
-        _int_or_none(cfg["max-train-examples"]),
-        _int_or_none(cfg["max-test-examples"]),
-    )
+    caps = _int_or_none(cfg["max-train-examples"]), _int_or_none(cfg["max-test-examples"])
+    files = json.loads(str(cfg.get("data-files") or "{}"))
+    if files:  # `fedtext simulate --data acme=a.csv`: each tenant's own file
+        data = _file_data(names[pid], str(files[names[pid]]), labels, test_fraction, seed)
+        data = NodeData(data.tenant, data.train.head(caps[0]), data.test.head(caps[1]))
+    elif cfg.get("data-file"):  # `fedtext simulate --data FILE`: one file split over tenants
+        data = _shared_file_data(
+            str(cfg["data-file"]), names[pid], pid, parts, str(cfg["partitioning"]),
+            float(cfg["alpha"]), labels, test_fraction, seed, *caps,
+        )  # fmt: skip
+    else:
+        data = _demo_data(
+            names[pid],
+            pid,
+            parts,
+            str(cfg["partitioning"]),
+            float(cfg["alpha"]),
+            labels,
+            test_fraction,
+            seed,
+            *caps,
+        )
     if int(cfg["canary-count"]) > 0 and str(cfg["canary-tenant"]) == data.tenant:
         return with_canaries(data, int(cfg["canary-seed"]), int(cfg["canary-count"]))
     return data
+
+
+def split_shared_file(
+    data: LabeledData, pid: int, parts: int, scheme: str, alpha: float, seed: int
+) -> LabeledData:
+    """Simulated tenant ``pid``'s share of one file split by ``scheme`` (the CLI's checks
+    and the node use this same function, so they count the same examples)."""
+    return data.subset(partition(data, scheme, parts, seed, alpha)[pid])
+
+
+@lru_cache(maxsize=4)
+def _shared_file_data(
+    path: str,
+    tenant: str,
+    pid: int,
+    parts: int,
+    scheme: str,
+    alpha: float,
+    labels: tuple[str, ...],
+    test_fraction: float,
+    seed: int,
+    max_train: int | None,
+    max_test: int | None,
+) -> NodeData:
+    share = split_shared_file(load_labeled_file(path, labels), pid, parts, scheme, alpha, seed)
+    train, test = train_test_split(share, test_fraction, seed + pid)
+    return NodeData(tenant, train.head(max_train), test.head(max_test))
 
 
 def with_canaries(data: NodeData, seed: int, count: int) -> NodeData:

@@ -5,16 +5,23 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from fedtext.format import num
+from fedtext.handoff import Handoff, curl_command, print_handoffs
+from fedtext.logs import current
 from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.progress import watch_run
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
 from models import DEFAULT_FAMILY, training_defaults
@@ -52,6 +59,7 @@ class TenantReport:
     version: int
     model: str = ""
     predictions: list[tuple[str, str, float]] = field(default_factory=list)
+    predict_key: str = ""  # the demo's predict key of this tenant, shown once at the end
 
     @property
     def correct(self) -> int:
@@ -109,39 +117,42 @@ def run_demo(
             _, admin = create_api_key(session=session, tenant=tenant, scopes=[Scope.admin])
             _, predict = create_api_key(session=session, tenant=tenant, scopes=[Scope.predict])
             keys[name] = {"admin": admin, "predict": predict}
-    console.print(f"[bold]Tenants[/bold] {', '.join(names)} created in {data_dir}")
+    console.print(
+        f"[bold]Tenants[/bold] {', '.join(names)} created in {data_dir}, each with up to "
+        f"{max_train_examples:,} training tweets ({partitioning} split of the demo corpus)"
+    )
     shown_rounds = rounds or training_defaults(model).rounds
     console.print(
         f"[bold]Federation[/bold] {len(names)} simulated nodes, model {model}, "
-        f"{shown_rounds} rounds, target epsilon {epsilon} per tenant (Opacus DP-SGD), "
-        f"{partitioning} partition, then a DP personalization ..."
+        f"{shown_rounds} rounds, target epsilon {num(epsilon)} per tenant (DP-SGD), "
+        "then each tenant's DP personalization. The first minute encodes each tenant's "
+        "tweets once with the public MiniLM encoder."
     )
     started = time.monotonic()
-    result = simulate(
-        platform,
-        SimulationConfig.parse(
-            {
-                "tenants": names,
-                "model": model,
-                "seed": seed,
-                "rounds": rounds,
-                "epsilon": epsilon,
-                "max_train_examples": max_train_examples,
-                "max_test_examples": max_test_examples,
-                "secure_mode": secure_mode,
-                "personalize_epochs": personalize_epochs,
-                "partitioning": partitioning,
-                "batch_size": batch_size,
-            }
-        ),
+    config = SimulationConfig.parse(
+        {
+            "tenants": names,
+            "model": model,
+            "seed": seed,
+            "rounds": rounds,
+            "epsilon": epsilon,
+            "max_train_examples": max_train_examples,
+            "max_test_examples": max_test_examples,
+            "secure_mode": secure_mode,
+            "personalize_epochs": personalize_epochs,
+            "partitioning": partitioning,
+            "batch_size": batch_size,
+        }
     )
+    run_id = uuid.uuid4().hex
+    result = watch_run(platform, run_id, lambda: simulate(platform, config, run_id), console)
     seconds = time.monotonic() - started
-    console.print(f"[bold]Federation[/bold] finished in {seconds:.0f} s (run {result.run_id})")
+    console.print(f"[bold]Federation[/bold] finished in {seconds:.0f} s (run {result.run_id}).")
 
     app = create_app(platform, ServingConfig(operator_token=secrets.token_urlsafe(32)))
     reports: list[TenantReport] = []
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
-        console.print(f"[bold]API[/bold] serving on {server.url}")
+        console.print(f"[bold]API[/bold] started on {server.url}; each tenant's model answers:")
         for name in names:
             info: dict[str, Any] = result.summary["tenants"][name]
             auth = {"Authorization": f"Bearer {keys[name]['predict']}"}
@@ -168,6 +179,7 @@ def run_demo(
                     budget_epsilon=budget["budget_epsilon"],
                     version=body["version"],
                     model=body["model"],
+                    predict_key=keys[name]["predict"],
                     predictions=[
                         (text, pred[0]["label"], pred[0]["score"])
                         for text, pred in zip(DEMO_SENTENCES, body["predictions"], strict=True)
@@ -190,38 +202,72 @@ def run_demo(
     )
 
 
-def print_report(report: DemoReport, console: Console) -> None:
-    for t in report.tenants:
-        table = Table(title=f"tenant {t.name}", title_justify="left", show_header=False)
-        table.add_column("what", style="bold")
-        table.add_column("value")
-        table.add_row("training examples", str(t.train_examples))
+def print_report(report: DemoReport, console: Console, *, serving_url: str | None = None) -> None:
+    """The demo's results, predictions and checks, then what to paste next.
+
+    ``serving_url``: the API is kept running there (``fedtext demo --serve``).
+    """
+    table = Table(
+        "tenant", "train", "test", "acc g/p", "F1 g/p", "eps/budget",
+        "model", box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
+        title="Results (full precision: the run's JSON summary)",
         # Only DP outputs leave a node: the test split's size and scores are computed
         # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
-        table.add_row("test examples (DP-noised)", str(t.test_examples))
+        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized);\n"
+        "test size and scores as released with DP noise",
+    )  # fmt: skip
+    for t in report.tenants:
         table.add_row(
-            "test accuracy (DP-noised): global / personal",
-            f"{_fmt(t.global_accuracy)} / {_fmt(t.accuracy)}",
+            t.name,
+            num(t.train_examples),
+            num(t.test_examples),
+            f"{num(t.global_accuracy)}/{num(t.accuracy)}",
+            f"{num(t.global_macro_f1)}/{num(t.macro_f1)}",
+            f"{num(t.spent_epsilon)}/{num(t.budget_epsilon)}",
+            f"{t.model} v{t.version}",
         )
-        table.add_row(
-            "test macro-F1 (DP-noised): global / personal",
-            f"{_fmt(t.global_macro_f1)} / {_fmt(t.macro_f1)}",
-        )
-        table.add_row("epsilon spent / budget", f"{t.spent_epsilon:.2f} / {t.budget_epsilon:.2f}")
-        table.add_row("model version", f"{t.model} v{t.version}")
-        expected = dict(DEMO_EXAMPLES)
-        for text, label, score in t.predictions:
-            mark = "ok" if expected.get(text) == label else f"expected {expected.get(text)}"
-            table.add_row(f"predict: {text}", f"{label} ({score:.2f}) {mark}")
-        console.print(table)
+    console.print(table)
     console.print(
-        f"Weights at rest: {report.encrypted_blobs} AES-256-GCM blobs, "
-        f"{len(report.plaintext_files)} plaintext weight files under {report.data_dir}."
+        "[bold]Predictions[/bold] on sentences no tenant trained on (label, score; ok: the "
+        "label a reader gives):"
     )
+    expected = dict(DEMO_EXAMPLES)
+    for i, text in enumerate(DEMO_SENTENCES):
+        console.print(f"  {escape(text)} [dim](expected {expected[text]})[/dim]")
+        cells = []
+        for t in report.tenants:
+            _, label, score = t.predictions[i]
+            mark = "ok" if label == expected[text] else "WRONG"
+            cells.append(f"{t.name} {label} {score:.2f} {mark}")
+        console.print("      " + " | ".join(cells))
     console.print(
-        f"A predict key asking for the privacy ledger: HTTP {report.predict_key_on_ledger_status}."
+        f"[bold]Checks[/bold] weights at rest: {report.encrypted_blobs} AES-256-GCM blobs and "
+        f"{len(report.plaintext_files)} plaintext weight files under {report.data_dir}; "
+        f"a predict key asking for the privacy ledger gets HTTP "
+        f"{report.predict_key_on_ledger_status} (only admin keys read it)."
     )
+    items = [
+        Handoff(t.name, t.model, t.version, t.version, t.predict_key, t.predict_key[:16])
+        for t in report.tenants
+    ]
+    if serving_url is not None:
+        print_served(console, items, serving_url)
+        return
+    print_handoffs(
+        console, items, env={"FEDTEXT_DATA_DIR": str(report.data_dir.resolve())}, log_file=current()
+    )
+    console.print("Or keep the API up at the end of the demo: fedtext demo --serve")
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def print_served(console: Console, items: list[Handoff], url: str) -> None:
+    """What to paste while ``fedtext demo --serve`` keeps the API running."""
+    port = int(url.rsplit(":", 1)[1])
+    console.print(
+        f"[bold]API[/bold] running on {url} with the demo's tenants (Ctrl-C stops it). Try:"
+    )
+    for h in items:
+        console.print(f"[bold]{h.tenant}[/bold] predict key (shown once): {h.key}")
+        console.print(f"  {escape(curl_command(h.model, h.key or '', port=port))}")
+    log_file = current()
+    if log_file is not None:
+        console.print(f"Library logs: {log_file} (--verbose shows them here)")

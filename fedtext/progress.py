@@ -7,11 +7,11 @@ daemon thread polls the database, which the ServerApp writes after every round.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import (
@@ -25,6 +25,8 @@ from rich.progress import (
 from rich.table import Table
 from sqlmodel import Session, col, select
 
+from fedtext.format import num
+from fedtext.logs import library_output_to_log
 from tenancy.platform import Platform
 from tenancy.tables import RoundMetric, Tenant, TrainingRun
 
@@ -43,35 +45,49 @@ def _render(platform: Platform, run_id: str, progress: Progress, task: TaskID) -
     # its updates were accepted; evaluation is released once, after the last round.
     done = max((m.round for m in metrics if m.phase == "train"), default=0)
     progress.update(task, total=rounds or None, completed=min(done, rounds) if rounds else done)
-    table = Table("tenant", "rounds done", "test acc (DP)", "test macro-F1 (DP)")
+    # Personalization is its own phase after the last round, never an extra round.
+    personalize = bool(json.loads(run.config_json).get("personalize_epochs")) if run else False
+    table = Table(
+        "tenant", f"rounds (of {rounds})" if rounds else "rounds",
+        *(["personalized"] if personalize else []),
+        "accuracy g/p", "macro-F1 g/p",
+        box=box.SIMPLE_HEAD, caption_justify="left",
+        caption="g: the global model / p: personalized; test scores as released with DP noise",
+    )  # fmt: skip
     latest: dict[str, dict[str, RoundMetric]] = {}
     for m in metrics:
         latest.setdefault(m.tenant_id, {})[m.phase] = m
     for tenant_id, phases in sorted(latest.items(), key=lambda kv: names.get(kv[0], kv[0])):
-        tr = phases.get("train")
-        ev = phases.get("personalize") or phases.get("evaluate")
+        tr, ev, pe = phases.get("train"), phases.get("evaluate"), phases.get("personalize")
         table.add_row(
             names.get(tenant_id, tenant_id[:8]),
             str(tr.round) if tr else "0",
-            _num(ev.accuracy if ev else None),
-            _num(ev.macro_f1 if ev else None),
+            *(["yes" if pe else ""] if personalize else []),
+            _pair(ev.accuracy if ev else None, pe.accuracy if pe else None),
+            _pair(ev.macro_f1 if ev else None, pe.macro_f1 if pe else None),
         )
     return Group(progress, table)
 
 
-def _num(value: float | None) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _pair(first: float | None, second: float | None) -> str:
+    if first is None and second is None:
+        return ""
+    return f"{num(first, '-')}/{num(second, '-')}"
 
 
 def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: Console) -> T:
-    """Run ``work`` while showing the run's progress; returns what ``work`` returns."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    """Run ``work`` while showing the run's progress; returns what ``work`` returns.
+
+    Meanwhile the libraries' output (Flower, Ray's processes) goes to the log file.
+    """
     progress = Progress(
         TextColumn(f"run {run_id[:8]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     )
     task = progress.add_task("rounds", total=None)
     stop = threading.Event()
-    with Live(console=console, refresh_per_second=2, transient=False) as live:
+    # Libraries' output is sent to the log first, so that Live's own stdout proxy wraps
+    # the terminal and not the log.
+    with library_output_to_log(), Live(console=console, refresh_per_second=2) as live:
 
         def poll() -> None:
             while not stop.wait(1.0):
@@ -88,3 +104,6 @@ def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: C
             stop.set()
             poller.join(timeout=5)
             live.update(_render(platform, run_id, progress, task))
+            if not console.is_terminal:  # Live's last render ends without a line break
+                live.stop()
+                console.line()

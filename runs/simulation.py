@@ -27,7 +27,7 @@ log = logging.getLogger("runs.simulation")
 
 
 # Settings the simulated nodes read from the run config (clients/local_data.py).
-CLIENT_KEYS = {key(n) for n in (*SIMULATION_ONLY, "seed")}
+CLIENT_KEYS = {key(n) for n in (*SIMULATION_ONLY, "seed", "data_file", "data_files")}
 
 
 class SimulationFailed(RuntimeError):
@@ -51,11 +51,25 @@ class SimulationConfig(RunSpec):
     inject_fault: str = Field(
         default="", description="TENANT:ROUND: that client raises in that round (testing aid)."
     )
+    # The tenants' own data instead of the demo corpus (`fedtext simulate --data`): one
+    # file split over the tenants by the partitioning, or one file per tenant. Absolute
+    # paths: Ray's workers need not share the caller's working directory.
+    data_file: str = Field(default="", description="One CSV/JSONL split over the tenants.")
+    data_files: dict[str, str] = Field(
+        default_factory=dict, description="Each tenant's own CSV/JSONL file."
+    )
 
     @model_validator(mode="after")
     def _two_tenants(self) -> SimulationConfig:
         if len(self.tenants) < 2:
             raise ValueError("A federation needs at least two tenants.")
+        if self.data_file and self.data_files:
+            raise ValueError("Give one data file for all tenants, or one file per tenant.")
+        if self.data_files and set(self.data_files) != set(self.tenants):
+            raise ValueError(
+                f"Data files are given for {', '.join(sorted(self.data_files))}; the run's "
+                f"tenants are {', '.join(self.tenants)}: give each tenant one file."
+            )
         return self
 
     def server_overrides(self, run_id: str) -> dict[str, Any]:
@@ -136,3 +150,80 @@ def _launch(
     if run.status != RunStatus.COMPLETED:
         raise SimulationFailed(f"Run {run_id} {run.status}: {run.error or 'see the log above'}")
     return SimulationResult(run_id, json.loads(run.summary_json))
+
+
+def data_labels(config: SimulationConfig) -> tuple[str, ...]:
+    """The labels the tenants' files use, when the run names none: one set for all.
+
+    ValueError naming the difference when the tenants' files use different labels.
+    """
+    from clients.data import read_label_names
+
+    if config.data_file:
+        return read_label_names(config.data_file)
+    found = {tenant: read_label_names(path) for tenant, path in config.data_files.items()}
+    sets = set(found.values())
+    if len(sets) > 1:
+        every = sorted(set().union(*sets))
+        described = "; ".join(f"{t}: {', '.join(labels)}" for t, labels in found.items())
+        raise ValueError(
+            f"The tenants' files use different labels ({described}). Give every tenant the "
+            f"same labels, or name them all with --labels {','.join(every)}."
+        )
+    return next(iter(sets))
+
+
+def train_counts(config: SimulationConfig) -> dict[str, int]:
+    """Each tenant's training examples, as its node will count them; the tenants' files are
+    read (and their labels checked). On the demo corpus: the cap, where one is set."""
+    from clients.data import load_labeled_file, train_test_split
+    from clients.local_data import split_shared_file
+
+    labels = tuple(config.labels)
+    shares = {}
+    if config.data_files:
+        shares = {t: load_labeled_file(p, labels) for t, p in config.data_files.items()}
+    elif config.data_file:
+        data = load_labeled_file(config.data_file, labels)
+        parts = len(config.tenants)
+        for pid, tenant in enumerate(config.tenants):
+            shares[tenant] = split_shared_file(
+                data, pid, parts, config.partitioning, config.alpha, config.seed
+            )
+    else:
+        cap = config.max_train_examples
+        return {t: cap for t in config.tenants} if cap else {}
+    counts = {}
+    for tenant, share in shares.items():
+        if len(share) < 2:
+            raise ValueError(
+                f"{tenant} has {len(share)} example(s); a tenant needs at least two "
+                "(training and held-out test): add data."
+            )
+        train, _ = train_test_split(share, 0.2, config.seed)
+        counts[tenant] = min(len(train), config.max_train_examples or len(train))
+    return counts
+
+
+def preflight(config: SimulationConfig, deltas: dict[str, float] | None = None) -> dict[str, int]:
+    """The checks of size, batch and labels that planning makes, before anything trains or
+    is charged; ValueError saying what to change. Returns the tenants' training counts."""
+    from server.planning import PlanRefused, dp_schedule
+
+    counts = train_counts(config)
+    for tenant, n in counts.items():
+        try:
+            dp_schedule(
+                tenant_name=tenant,
+                num_train=n,
+                target_epsilon=config.epsilon,
+                # delta must stay below 1/n; an estimate (a cap) must not trip that check
+                delta=min((deltas or {}).get(tenant, 1e-5), 0.5 / n),
+                batch_size=config.batch_size,
+                local_epochs=config.local_epochs,
+                rounds=config.rounds,
+                personalize_epochs=config.personalize_epochs,
+            )
+        except PlanRefused as exc:
+            raise ValueError(f"{exc}.") from None
+    return counts

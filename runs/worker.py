@@ -104,9 +104,11 @@ class LocalRunLauncher(WorkerLauncher):
 
     def check(self, config: dict[str, Any]) -> None:
         """ValueError, with a message for the user, if ``config`` cannot run here."""
-        from runs.simulation import SimulationConfig
+        from runs.simulation import SimulationConfig, preflight
 
-        SimulationConfig.parse(config)
+        # A tenant's share too small for the batch or the noise is refused here, before
+        # the run is recorded, reserved or started (example caps are the estimate).
+        preflight(SimulationConfig.parse(config))
 
     def cancel(self, run_id: str, pid: int | None) -> None:
         self.stop_worker(run_id, pid)

@@ -48,6 +48,64 @@ class PlanRefused(ValueError):
 MAX_NOISE_MULTIPLIER = 20.0
 
 
+def suggest_batch(num_train: int) -> int:
+    """A batch size that gives DP-SGD several steps per epoch: a power of two near n / 5."""
+    batch = 1
+    while batch * 2 <= max(1, num_train // 5):
+        batch *= 2
+    return batch
+
+
+def dp_schedule(
+    *,
+    tenant_name: str,
+    num_train: int,
+    target_epsilon: float,
+    delta: float,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    personalize_epochs: int = 0,
+) -> tuple[float, float, int, int]:
+    """The noise multiplier, sample rate, steps per round and personalization steps that
+    meet ``target_epsilon``; PlanRefused, saying what to change, when the data cannot.
+
+    The same check runs before anything trains or is charged: in `fedtext simulate` on the
+    tenants' files, for `POST /v1/runs` on its example caps, and in the ServerApp on what
+    each node reports.
+    """
+    if num_train < 1:
+        raise PlanRefused(f"tenant {tenant_name!r} reported no training examples")
+    batch_size = dp_batch_size(num_train, batch_size)  # 0: sized by this tenant's data
+    if num_train < batch_size:
+        fit = suggest_batch(num_train)
+        raise PlanRefused(
+            f"tenant {tenant_name!r} has {num_train} training examples, fewer than the "
+            f"batch size {batch_size}: DP-SGD needs at least {batch_size} at batch size "
+            f"{batch_size}; use batch size {fit} (--batch-size {fit}) or add data"
+        )
+    if delta >= 1.0 / num_train:
+        raise PlanRefused(
+            f"tenant {tenant_name!r}: delta {delta:g} is not below 1/n = {1 / num_train:.3g} "
+            f"for its {num_train} training examples; lower the tenant's budget delta"
+        )
+    sample_rate, steps = poisson_schedule(num_train, batch_size, local_epochs)
+    personal_steps = 0
+    if personalize_epochs:
+        personal_steps = poisson_schedule(num_train, batch_size, personalize_epochs)[1]
+    total_steps = steps * rounds + personal_steps
+    sigma = noise_for_target(target_epsilon, delta, sample_rate, total_steps)
+    if sigma > MAX_NOISE_MULTIPLIER:
+        raise PlanRefused(
+            f"tenant {tenant_name!r} has {num_train} training examples: epsilon "
+            f"{target_epsilon:g} over {total_steps} steps at sample rate {sample_rate:.3g} "
+            f"needs noise multiplier {sigma:.1f} (> {MAX_NOISE_MULTIPLIER:g}); raise epsilon "
+            "(--epsilon), lower the batch size (--batch-size), train fewer rounds (--rounds) "
+            "or add data"
+        )
+    return sigma, sample_rate, steps, personal_steps
+
+
 def plan_tenant(
     *,
     tenant_id: str,
@@ -77,31 +135,16 @@ def plan_tenant(
     The whole run is checked against the tenant's budget less ``reserved_events``
     (other runs' reservations).
     """
-    if num_train < 1:
-        raise PlanRefused(f"tenant {tenant_name!r} reported no training examples")
-    batch_size = dp_batch_size(num_train, batch_size)  # 0: sized by this tenant's data
-    if num_train < batch_size:
-        raise PlanRefused(
-            f"tenant {tenant_name!r} has {num_train} training examples, fewer than the "
-            f"batch size {batch_size}; lower the batch size or add data"
-        )
-    if delta >= 1.0 / num_train:
-        raise PlanRefused(
-            f"tenant {tenant_name!r}: delta {delta:g} is not below 1/n = {1 / num_train:.3g} "
-            f"for its {num_train} training examples; lower the tenant's budget delta"
-        )
-    sample_rate, steps = poisson_schedule(num_train, batch_size, local_epochs)
-    personal_steps = 0
-    if personalize_epochs:
-        personal_steps = poisson_schedule(num_train, batch_size, personalize_epochs)[1]
-    total_steps = steps * rounds + personal_steps
-    sigma = noise_for_target(target_epsilon, delta, sample_rate, total_steps)
-    if sigma > MAX_NOISE_MULTIPLIER:
-        raise PlanRefused(
-            f"tenant {tenant_name!r}: epsilon {target_epsilon:g} over {total_steps} steps at "
-            f"sample rate {sample_rate:.3g} needs noise multiplier {sigma:.1f} "
-            f"(> {MAX_NOISE_MULTIPLIER:g}); raise epsilon or the batch size, or train fewer rounds"
-        )
+    sigma, sample_rate, steps, personal_steps = dp_schedule(
+        tenant_name=tenant_name,
+        num_train=num_train,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        rounds=rounds,
+        personalize_epochs=personalize_epochs,
+    )
     params = DPParams(sigma, sample_rate, steps, clip_norm, delta)
     personal = (
         DPParams(sigma, sample_rate, personal_steps, clip_norm, delta) if personal_steps else None

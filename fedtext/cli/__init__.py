@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -36,6 +38,32 @@ app.add_typer(db_app, name="db")
 app.add_typer(federation_app, name="federation")
 for _command in (simulate, serve, demo):
     app.command()(_command)
+
+
+@app.callback()
+def _quiet_libraries(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Show the libraries' logs and warnings (Flower, Ray, Opacus, Alembic, "
+            "uvicorn) here; without it they go to DATA_DIR/logs/fedtext.log.",
+        ),
+    ] = False,
+) -> None:
+    """Federated, differentially private text classifiers."""
+    from fedtext.logs import setup
+
+    setup(_data_dir(), verbose=verbose)
+
+
+def _data_dir() -> Path:
+    from fedtext.settings import Settings
+
+    try:
+        return Settings().data_dir
+    except ValueError:  # the command itself reports a bad setting
+        return Path(os.environ.get("FEDTEXT_DATA_DIR") or "./var")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
-from fedtext.cli.console import UserError, console, fail, open_platform
+from fedtext.cli.console import UserError, console, fail, open_platform, settings
 from fedtext.cli.run_options import run_options
+from fedtext.format import num
 from runs.spec import RunSpec, key
 
-# RunSpec settings that `simulate` takes as options; the rest are its own (`--tenants N`
-# names the simulated tenants, `--insecure` turns secure mode off, `--resume RUN_ID`).
+# RunSpec settings that `simulate` takes as options; the rest are its own (`--tenant NAME`
+# or `--tenants N` name the simulated tenants, `--insecure` turns secure mode off,
+# `--resume RUN_ID`).
 SIMULATE_SETTINGS = tuple(
     name
     for name in RunSpec.model_fields
@@ -24,84 +27,192 @@ SIMULATE_SETTINGS = tuple(
 
 @run_options(SIMULATE_SETTINGS)
 def simulate(
-    tenants: Annotated[int, typer.Option(help="Number of simulated tenants (one node each).")] = 3,
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tenant",
+            help="A tenant to train (repeat the option; existing tenants are used, missing "
+            "ones created) [default: PREFIX-1..N]",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="Training data, CSV or JSONL with text and label: one FILE split over the "
+            "tenants by --partitioning, or TENANT=FILE once per tenant [default: the demo "
+            "tweet corpus]",
+            show_default=False,
+        ),
+    ] = None,
+    tenants: Annotated[
+        int, typer.Option(help="Number of simulated tenants when no --tenant is given.")
+    ] = 3,
+    prefix: Annotated[str, typer.Option(help="Names of those tenants: PREFIX-1..N.")] = "sim",
     gpu_fraction: Annotated[float, typer.Option(help="GPU share per virtual client.")] = 0.0,
-    prefix: Annotated[str, typer.Option(help="Tenant names are PREFIX-1..N.")] = "sim",
     resume: Annotated[
-        str | None, typer.Option(help="Continue run RUN_ID from its last checkpoint.")
+        str | None,
+        typer.Option(help="Continue run RUN_ID from its last checkpoint.", show_default=False),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Turn secure_mode off (tests only).")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the libraries' logs here too.")
+    ] = False,
     settings: dict[str, Any] | None = None,
 ) -> None:
-    """Run a simulated federation on the demo corpus; missing tenants are created."""
+    """Train a simulated federation: named tenants on their own files or the demo corpus.
+
+    Each tenant ends with an encrypted model version; the command prints a predict key per
+    tenant and the lines that serve and query it.
+    """
+    from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
+    from fedtext.logs import current, setup
     from fedtext.progress import watch_run
-    from runs.simulation import SimulationConfig, SimulationFailed
+    from runs.simulation import SimulationConfig, SimulationFailed, data_labels, preflight
     from runs.simulation import resume as resume_run
     from runs.simulation import simulate as run_sim
-    from tenancy.db import session_scope
-    from tenancy.errors import NotFound
-    from tenancy.tenants import check_name, create_tenant, get_tenant
+    from tenancy.errors import InvalidInput
 
+    if verbose:
+        setup(settings_dir(), verbose=True)
     platform = open_platform()
-    logging.basicConfig(level=logging.WARNING)
     run_id = resume or uuid.uuid4().hex
     try:
         if resume:
             result = watch_run(platform, run_id, lambda: resume_run(platform, run_id), console)
         else:
-            if tenants < 2:
-                raise UserError("--tenants should be at least 2.")
-            names = [f"{prefix}-{i}" for i in range(1, tenants + 1)]
-            for n in names:
-                check_name(n)
-            given = settings or {}
-            for option in ("client_dp_noise", "client_dp_clip"):
-                if option in given and given.get("client_dp") != "fixed":
-                    raise UserError(f"--{key(option)} applies with --client-dp fixed.")
+            asked = _config(tenant or [], data or [], tenants, prefix, settings or {})
             config = SimulationConfig.parse(
                 {
-                    **given,
-                    "tenants": names,
+                    **asked,
                     "gpu_fraction": gpu_fraction,
                     "secure_mode": not insecure,
                 }
             )
-            with session_scope(platform.engine) as session:
-                for n in names:
-                    try:
-                        get_tenant(session=session, name=n)
-                    except NotFound:
-                        create_tenant(session=session, keyring=platform.keyring, name=n)
-                        console.print(f"created tenant {n}")
+            if "labels" not in (settings or {}) and (config.data_file or config.data_files):
+                config = SimulationConfig.parse({**config.public(), "labels": data_labels(config)})
+            # Checked before a tenant is created, anything trains or anything is charged.
+            counts = preflight(config, _ensure_tenants(platform, list(config.tenants), False))
+            _ensure_tenants(platform, list(config.tenants), True)
+            if config.data_file or config.data_files:
+                sizes = ", ".join(f"{t} {n}" for t, n in counts.items())
+                console.print(f"Training examples: {sizes}; labels: {', '.join(config.labels)}.")
             result = watch_run(platform, run_id, lambda: run_sim(platform, config, run_id), console)
-    except (SimulationFailed, ValueError) as exc:
-        raise fail(str(exc), code=1) from None
+    except (SimulationFailed, ValueError, InvalidInput) as exc:
+        raise fail(str(exc), code=1 if isinstance(exc, SimulationFailed) else 2) from None
+    order = list(result.summary["tenants"])
+    if not resume:
+        order = list(config.tenants)
+    _print_result(result.run_id, result.summary, order)
+    ended = {n: result.summary["tenants"][n] for n in order if n in result.summary["tenants"]}
+    own_data = not resume and bool(config.data_file or config.data_files)
+    print_handoffs(
+        console,
+        handoffs(platform, ended),
+        log_file=current(),
+        sample="your text here" if own_data else SAMPLE_INPUT,
+    )
+
+
+def settings_dir() -> Path:
+    return settings().data_dir
+
+
+def _config(
+    names: list[str], data: list[str], count: int, prefix: str, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's settings from the command's options (checked, with what to change)."""
+    for option in ("client_dp_noise", "client_dp_clip"):
+        if option in given and given.get("client_dp") != "fixed":
+            raise UserError(f"--{key(option)} applies with --client-dp fixed.")
+    per_tenant = [d for d in data if "=" in d]
+    if per_tenant and len(per_tenant) != len(data):
+        raise UserError("Give --data FILE once, or --data TENANT=FILE for every tenant.")
+    if len(data) > 1 and not per_tenant:
+        raise UserError("One --data FILE is split over the tenants; name more as TENANT=FILE.")
+    files: dict[str, str] = {}
+    for entry in per_tenant:
+        name, _, path = entry.partition("=")
+        if name.strip() in files:
+            raise UserError(f"--data names {name.strip()} twice.")
+        files[name.strip()] = path.strip()
+    if files and not names:
+        names = list(files)
+    if not names:
+        if count < 2:
+            raise UserError("--tenants should be at least 2.")
+        names = [f"{prefix}-{i}" for i in range(1, count + 1)]
+    if len(names) < 2:
+        raise UserError("A federation needs at least two tenants: give --tenant twice or more.")
+    if files and set(files) != set(names):
+        raise UserError(
+            f"--data names {', '.join(files)} but the tenants are {', '.join(names)}: "
+            "give each tenant one file."
+        )
+    out: dict[str, Any] = {**given, "tenants": names}
+    for path in [*files.values(), *([data[0]] if data and not files else [])]:
+        if not Path(path).is_file():
+            raise UserError(f"Data file not found: {path}")
+    if files:
+        out["data_files"] = {n: str(Path(p).resolve()) for n, p in files.items()}
+    elif data:
+        out["data_file"] = str(Path(data[0]).resolve())
+    if data:
+        # A tenant's own file is used whole unless the user caps it.
+        out.setdefault("max_train_examples", 0)
+        out.setdefault("max_test_examples", 0)
+    return out
+
+
+def _ensure_tenants(platform: Any, names: list[str], create: bool) -> dict[str, float]:
+    """Each existing tenant's budget delta (for the checks); ``create``: the missing ones
+    are created."""
+    from tenancy.db import session_scope
+    from tenancy.errors import NotFound
+    from tenancy.tenants import check_name, create_tenant, get_tenant
+
+    for n in names:
+        check_name(n)
+    deltas = {}
+    with session_scope(platform.engine) as session:
+        for n in names:
+            try:
+                row = get_tenant(session=session, name=n)
+            except NotFound:
+                if not create:
+                    continue
+                row = create_tenant(session=session, keyring=platform.keyring, name=n)
+                console.print(f"Created tenant {n} (budget epsilon {num(row.budget_epsilon)}).")
+            deltas[n] = row.budget_delta
+    return deltas
+
+
+def _print_result(run_id: str, summary: dict[str, Any], order: list[str]) -> None:
     table = Table(
-        "tenant", "train", "test", "global acc", "global F1", "personal acc", "personal F1",
-        "run epsilon", "noise", "version",
+        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "model",
+        box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
+        title="Results (full precision: the run's JSON summary)",
+        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized);\n"
+        "test size and scores as released with DP noise",
     )  # fmt: skip
-    for name, t in result.summary["tenants"].items():
+    tenants = summary["tenants"]
+    for name in sorted(tenants, key=lambda n: order.index(n) if n in order else len(order)):
+        t = tenants[name]
         table.add_row(
             name,
-            str(t["train_examples"]),
-            str(t["test_examples"]),
-            _num(t["global_accuracy"]),
-            _num(t["global_macro_f1"]),
-            _num(t["personalized_accuracy"]),
-            _num(t["personalized_macro_f1"]),
-            f"{t['run_epsilon']:.3f}",
-            f"{t['noise_multiplier']:.3f}",
+            num(t["train_examples"]),
+            num(t["test_examples"], "-"),
+            f"{num(t['global_accuracy'])}/{num(t['personalized_accuracy'])}",
+            f"{num(t['global_macro_f1'])}/{num(t['personalized_macro_f1'])}",
+            num(t["run_epsilon"]),
             f"{t['model']} v{t['version']}",
         )
-    console.print(f"Run {result.run_id} completed.")
+    console.print(f"Run {run_id} completed.")
     console.print(table)
     for kind in ("refused", "failed", "rejected"):
-        for reason in result.summary.get(kind, []):
+        for reason in summary.get(kind, []):
             console.print(f"[yellow]{kind}:[/yellow] {reason}")
-    if "client_level_dp" in result.summary:
-        c = result.summary["client_level_dp"]
-        console.print(f"client-level DP: epsilon {c['epsilon']:.3f} at delta {c['delta']:g}")
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    if "client_level_dp" in summary:
+        c = summary["client_level_dp"]
+        console.print(f"client-level DP: epsilon {num(c['epsilon'])} at delta {c['delta']:g}")

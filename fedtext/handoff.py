@@ -1,0 +1,118 @@
+"""How a training command ends: per tenant, what it can use now.
+
+Its model and version (and whether that version serves), a predict key (created when the
+tenant has no live one; shown once), and a `fedtext serve` and a curl line to paste.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from sqlmodel import Session, col, select
+
+from tenancy.db import session_scope
+from tenancy.platform import Platform
+from tenancy.registry import deployed_version
+from tenancy.tables import ApiKey
+from tenancy.tenants import Scope, create_api_key, get_tenant, is_live, key_scopes
+
+# A token command that works wherever fedtext is installed (no openssl needed).
+TOKEN_COMMAND = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+SAMPLE_INPUT = "my flight was delayed again"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    tenant: str
+    model: str
+    version: int
+    serving: int | None  # the version that serves now, if any
+    key: str | None  # a new predict key (shown once), or None when one exists
+    key_prefix: str
+
+
+def predict_key(platform: Platform, tenant: str) -> tuple[str | None, str]:
+    """A new predict key for ``tenant`` when it has no live predict key: (secret, prefix);
+    else (None, the newest live predict key's prefix)."""
+    with session_scope(platform.engine) as session:
+        row = get_tenant(session=session, name=tenant)
+        keys = session.exec(
+            select(ApiKey).where(ApiKey.tenant_id == row.id).order_by(col(ApiKey.created_at).desc())
+        ).all()
+        for k in keys:
+            if Scope.predict in key_scopes(k) and is_live(k, row):
+                return None, k.prefix
+        created, secret = create_api_key(
+            session=session, tenant=row, scopes=[Scope.predict], name="first predict key"
+        )
+        return secret, created.prefix
+
+
+def handoffs(platform: Platform, tenants: dict[str, dict[str, object]]) -> list[Handoff]:
+    """One handoff per tenant of a run's summary (``summary["tenants"]``)."""
+    out = []
+    for name, info in tenants.items():
+        model, version = str(info["model"]), int(str(info["version"]))
+        with Session(platform.engine) as session:
+            tenant = get_tenant(session=session, name=name)
+            live = deployed_version(session=session, tenant_id=tenant.id, name=model)
+        secret, prefix = predict_key(platform, name)
+        out.append(Handoff(name, model, version, live.version if live else None, secret, prefix))
+    return out
+
+
+def serve_command(env: dict[str, str] | None = None, port: int = 8000) -> str:
+    """A ready-to-paste `fedtext serve` line (with the settings a demo's directory needs)."""
+    settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    token = f'FEDTEXT_OPERATOR_TOKEN="$({TOKEN_COMMAND})"'
+    return " ".join(p for p in (settings, token, "fedtext serve --port", str(port)) if p)
+
+
+def curl_command(model: str, key: str, text: str = SAMPLE_INPUT, port: int = 8000) -> str:
+    body = json.dumps({"inputs": [text], "top_k": 2})
+    return (
+        f"curl -s -X POST localhost:{port}/v1/models/{model}/predict "
+        f'-H "Authorization: Bearer {key}" -H "content-type: application/json" '
+        f"-d {shlex.quote(body)}"
+    )
+
+
+def print_handoffs(
+    console: Console,
+    items: list[Handoff],
+    *,
+    env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+    sample: str = SAMPLE_INPUT,
+) -> None:
+    """The lines a person pastes next: serve, then one curl per tenant."""
+    console.print("[bold]Next[/bold]: start the API (leave it running), then ask a tenant's model:")
+    console.print(f"  {escape(serve_command(env))}")
+    for h in items:
+        if h.serving == h.version:
+            state = "serving"
+        elif h.serving is None:
+            state = "not deployed"
+        else:
+            state = (
+                f"v{h.serving} still serves; deploy v{h.version} with POST "
+                f"/v1/models/{h.model}/versions/{h.version}/deploy (admin key)"
+            )
+        console.print(f"[bold]{h.tenant}[/bold]: model {h.model} v{h.version} ({escape(state)})")
+        if h.key:
+            console.print(f"  predict key (shown once): {h.key}")
+            key = h.key
+        else:
+            console.print(
+                f"  predict key: your existing key {h.key_prefix}... "
+                f"(another: fedtext keys create --tenant {h.tenant})"
+            )
+            key = f"$PREDICT_KEY_{h.tenant.upper().replace('-', '_')}"
+        console.print(f"  {escape(curl_command(h.model, key, sample))}")
+    if log_file is not None:
+        console.print(f"Library logs: {log_file} (--verbose shows them here)")
