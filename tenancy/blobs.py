@@ -1,4 +1,9 @@
-"""Blob storage for ciphertexts (a local directory by default)."""
+"""Blob storage for ciphertexts: a local directory (default) or the platform database.
+
+Blobs are AES-GCM ciphertexts whose SHA-256 is recorded on their ``model_version`` row;
+a store never sees a key. The database backend lets several API replicas share one
+PostgreSQL and no disk (heads are kilobytes).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from sqlalchemy import Engine, delete, insert, select
+
 from tenancy.errors import InvalidInput, NotFound
+from tenancy.tables import Blob, utcnow
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
@@ -23,6 +31,12 @@ class BlobStore(ABC):
     def delete(self, key: str) -> None: ...
 
 
+def check_key(key: str) -> str:
+    if not _KEY.match(key) or ".." in key.split("/"):
+        raise InvalidInput(f"Invalid blob key {key!r}.")
+    return key
+
+
 class LocalBlobStore(BlobStore):
     """Files under ``root``, written atomically with mode 0600."""
 
@@ -30,9 +44,7 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root)
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key) or ".." in key.split("/"):
-            raise InvalidInput(f"Invalid blob key {key!r}.")
-        return self.root / key
+        return self.root / check_key(key)
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -53,3 +65,53 @@ class LocalBlobStore(BlobStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+class DatabaseBlobStore(BlobStore):
+    """Rows of the ``blob`` table, each write in its own transaction (PostgreSQL).
+
+    A blob is written before the row that names it commits (as a file would be), so a
+    write that is rolled back leaves an unreferenced blob, never a row without its blob.
+    SQLite is refused: its single writer would make the blob's own transaction wait for
+    the caller's open one.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        if engine.dialect.name == "sqlite":
+            raise ValueError(
+                "Database blobs need PostgreSQL (FEDTEXT_DATABASE_URL); with SQLite keep "
+                "FEDTEXT_BLOB_STORE=file."
+            )
+        self.engine = engine
+        self._table = Blob.__table__  # type: ignore[attr-defined]
+
+    def put(self, key: str, data: bytes) -> None:
+        table = self._table
+        with self.engine.begin() as conn:
+            conn.execute(delete(table).where(table.c.key == check_key(key)))
+            conn.execute(insert(table).values(key=key, data=data, created_at=utcnow()))
+
+    def get(self, key: str) -> bytes:
+        table = self._table
+        with self.engine.connect() as conn:
+            data = conn.execute(select(table.c.data).where(table.c.key == check_key(key))).scalar()
+        if data is None:
+            raise NotFound(f"Blob {key} is missing from the store.")
+        return bytes(data)
+
+    def delete(self, key: str) -> None:
+        table = self._table
+        with self.engine.begin() as conn:
+            conn.execute(delete(table).where(table.c.key == check_key(key)))
+
+
+BLOB_STORES = ("file", "database")
+
+
+def create_blob_store(kind: str, engine: Engine, root: Path) -> BlobStore:
+    """The blob store named ``kind``: ``file`` (under ``root``) or ``database``."""
+    if kind == "file":
+        return LocalBlobStore(root)
+    if kind == "database":
+        return DatabaseBlobStore(engine)
+    raise ValueError(f"Unknown blob store {kind!r}; known: {list(BLOB_STORES)}.")

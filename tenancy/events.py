@@ -5,26 +5,36 @@ live and which version is deployed). Tenancy must not import them, so they subsc
 and the write functions ``record`` each change on their session; subscribers hear it
 after that session commits (a change that is never committed is never announced).
 
-Only this process hears: changes made by another process (the CLI, another API worker)
-reach a memo through its own periodic refresh.
+Other processes (the CLI, other API replicas on the same database) learn of a change
+from the ``tenancy_change`` log: ``record`` also adds the change to it in the same
+transaction, and each API reads it every lookup interval through a ``ChangeFeed``
+(serving/lookups.py), announcing what *other* processes wrote to its own subscribers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import delete, event, func, select
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlmodel import col
+
+from tenancy.tables import TenancyChange, utcnow
 
 log = logging.getLogger("fedtext.tenancy.events")
 
 _PENDING = "fedtext.tenancy.changes"  # key in Session.info
+# This process, in the change log: its own rows are announced at commit, not read back.
+ORIGIN = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
 
 
 class ChangeKind(StrEnum):
@@ -71,8 +81,13 @@ def subscribe(listener: Listener) -> Callable[[], None]:
 
 
 def record(session: Session, change: Change) -> None:
-    """Announce ``change`` to subscribers when ``session`` commits."""
+    """Announce ``change`` to subscribers when ``session`` commits (here and elsewhere)."""
     session.info.setdefault(_PENDING, []).append(change)
+    session.add(
+        TenancyChange(
+            kind=change.kind.value, tenant_id=change.tenant_id, name=change.name, origin=ORIGIN
+        )
+    )
 
 
 def publish(change: Change) -> None:
@@ -105,3 +120,53 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     # still commit; announcing too much is harmless, too little is not).
     if transaction.parent is None and not transaction.nested:
         session.info.pop(_PENDING, None)
+
+
+class ChangeFeed:
+    """The changes other processes committed, read from the ``tenancy_change`` log.
+
+    ``poll`` returns, in order, the rows added since the previous poll whose origin is
+    another process (the first poll only finds where the log ends: a fresh process has
+    nothing memoized). PostgreSQL hands out ids before commit, so a transaction may commit
+    a smaller id after a larger one was read: each poll re-reads the last ``window`` ids
+    and skips those already seen. Rows older than ``keep`` are pruned now and then.
+    """
+
+    def __init__(self, *, window: int = 256, keep: timedelta = timedelta(hours=1)) -> None:
+        self.window = window
+        self.keep = keep
+        self._last: int | None = None
+        self._seen: set[int] = set()
+        self._polls = 0
+
+    def poll(self, session: Session) -> list[Change]:
+        first = self._last is None
+        if self._last is None:
+            self._last = int(session.execute(select(func.max(TenancyChange.id))).scalar() or 0)
+        floor = max(0, self._last - self.window)
+        rows = session.execute(
+            select(TenancyChange)
+            .where(col(TenancyChange.id) > floor)
+            .order_by(col(TenancyChange.id))
+        ).scalars()
+        changes: list[Change] = []
+        for row in rows:
+            assert row.id is not None
+            if row.id in self._seen:
+                continue
+            self._seen.add(row.id)
+            self._last = max(self._last, row.id)
+            if row.origin != ORIGIN and not first:
+                try:
+                    kind = ChangeKind(row.kind)
+                except ValueError:  # written by a newer version: the memo is cleared anyway
+                    kind = ChangeKind.serving_options
+                changes.append(Change(kind, row.tenant_id, row.name))
+        self._seen = {i for i in self._seen if i > self._last - self.window}
+        self._polls += 1
+        if self._polls % 600 == 0:
+            session.execute(
+                delete(TenancyChange).where(col(TenancyChange.created_at) < utcnow() - self.keep)
+            )
+            session.commit()
+        return changes

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from tenancy.blobs import BlobStore, LocalBlobStore
+from tenancy.blobs import BlobStore, create_blob_store
 from tenancy.db import get_engine
 from tenancy.keyring import Keyring, create_key_provider
 
@@ -27,6 +27,8 @@ class Platform:
         key_provider: str = "file",
         kek_file: Path,
         kek_env: str = "FEDTEXT_KEK",
+        blob_store: str = "file",
     ) -> Platform:
         provider = create_key_provider(key_provider, kek_file=kek_file, kek_env=kek_env)
-        return cls(get_engine(database_url), Keyring(provider), LocalBlobStore(blob_dir))
+        engine = get_engine(database_url)
+        return cls(engine, Keyring(provider), create_blob_store(blob_store, engine, blob_dir))

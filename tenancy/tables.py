@@ -123,4 +123,45 @@ class FederationPartner(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-TABLES = [Tenant, ApiKey, DataKey, ModelVersion, TrainingRun, RoundMetric, FederationPartner]
+class Blob(SQLModel, table=True):
+    """An encrypted blob kept in the database (``FEDTEXT_BLOB_STORE=database``).
+
+    Heads are kilobytes: replicas of the API that share one database then need no
+    shared disk. The bytes are ciphertext; the key and hash live on ``model_version``.
+    """
+
+    __tablename__ = "blob"
+    key: str = Field(primary_key=True, max_length=255)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TenancyChange(SQLModel, table=True):
+    """A committed tenancy change, for the API processes that did not make it.
+
+    Each process announces its own changes at once (tenancy.events); the others read
+    this log every lookup interval and apply the same change (forget memoized answers,
+    drop a deleted tenant's decrypted models). ``origin`` names the writing process, so
+    it skips its own rows. Old rows are pruned by the readers.
+    """
+
+    __tablename__ = "tenancy_change"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32)
+    tenant_id: str = Field(max_length=64)
+    name: str | None = Field(default=None, max_length=63)
+    origin: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+TABLES = [
+    Tenant,
+    ApiKey,
+    DataKey,
+    ModelVersion,
+    TrainingRun,
+    RoundMetric,
+    FederationPartner,
+    Blob,
+    TenancyChange,
+]

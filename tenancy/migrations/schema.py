@@ -22,6 +22,8 @@ TENANCY_TABLES = (
     "training_run",
     "round_metric",
     "federation_partner",
+    "blob",
+    "tenancy_change",
 )
 PRIVACY_TABLES = (
     "privacy_event",
