@@ -200,8 +200,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, FEDTEXT_DATA_DIR=str(data_dir), FEDTEXT_LOG_LEVEL="INFO")
         env.pop("FEDTEXT_DATABASE_URL", None)
+        self.operator = secrets.token_urlsafe(32)  # /metrics is the operator's
         if kind == "fedtext":
-            env["FEDTEXT_OPERATOR_TOKEN"] = secrets.token_urlsafe(32)
+            env["FEDTEXT_OPERATOR_TOKEN"] = self.operator
             for name, value in opts.items():
                 env[f"FEDTEXT_SERVE_{name.upper()}"] = str(value)
             cmd = [str(Path(sys.executable).parent / "fedtext"), "serve", "--port", str(self.port)]
@@ -254,7 +255,8 @@ class Server:
         from prometheus_client.parser import text_string_to_metric_families
 
         out: dict[str, float] = {}
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        scrape = {"Authorization": f"Bearer {self.operator}"}
+        text = httpx.get(f"{self.url}/metrics", headers=scrape, timeout=10).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))

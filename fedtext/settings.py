@@ -43,12 +43,37 @@ class Settings(BaseSettings):
         description="Seconds the predict path reuses a key's and a deployment's database answer "
         "(changes through the API apply at once; from other processes within this); 0: off.",
     )
+    max_budget_epsilon: float = Field(
+        default=100.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="The largest epsilon budget a tenant (or the operator) may set; larger "
+        "values are refused naming this bound.",
+    )
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=1 << 20, description="Larger request bodies get 413.")
     rate_limit_per_second: float | None = Field(
         default=100.0, description="Requests per second per API key (429 beyond); unset: off."
     )
     rate_limit_burst: int = Field(default=200, description="Requests a key may send at once.")
+    failed_auth_per_second: float | None = Field(
+        default=1.0,
+        description="Failed authentications (401) per second per client address; beyond it "
+        "unknown credentials from that address get 429 without a database lookup. Unset: off.",
+    )
+    failed_auth_burst: int = Field(default=20, description="Failures an address may make at once.")
+    max_header_bytes: int = Field(
+        default=16 * 1024, description="Largest request line plus headers (431 beyond)."
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request's headers (408)."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send a request's body (408)."
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections per API process (503 beyond)."
+    )
     superlink: str | None = Field(
         default=None,
         description="host:port of a SuperLink: `POST /v1/runs` then runs on that federation "

@@ -31,6 +31,25 @@ class BudgetError(ValueError):
     """A budget change that cannot be made; the message says why."""
 
 
+# The largest epsilon budget an operator lets tenants set unless configured otherwise
+# (FEDTEXT_MAX_BUDGET_EPSILON). Past a few tens, an epsilon bounds nothing a reader could
+# use; an unbounded value (1e308, Infinity) would make the gate a formality.
+DEFAULT_MAX_EPSILON = 100.0
+
+
+def check_epsilon_budget(epsilon: float, *, max_epsilon: float = DEFAULT_MAX_EPSILON) -> None:
+    """BudgetError unless ``epsilon`` is a finite positive number within ``max_epsilon``."""
+    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon)):
+        raise BudgetError("The epsilon budget should be a finite number.")
+    if epsilon <= 0:
+        raise BudgetError("The epsilon budget should be a positive value.")
+    if epsilon > max_epsilon:
+        raise BudgetError(
+            f"The epsilon budget {epsilon:g} exceeds this platform's bound of {max_epsilon:g} "
+            "(the operator's FEDTEXT_MAX_BUDGET_EPSILON)."
+        )
+
+
 class HasBudget(Protocol):
     """What the gate needs of a tenant (privacy/ does not import tenancy/)."""
 
@@ -186,6 +205,7 @@ def change_budget(
     actor: str,
     reason: str = "",
     dataset: str = TENANT_WIDE,
+    max_epsilon: float = DEFAULT_MAX_EPSILON,
 ) -> BudgetChange:
     """Set the tenant's (or one dataset's) epsilon budget and record the change.
 
@@ -196,13 +216,10 @@ def change_budget(
     Raises
     ------
     BudgetError
-        If ``new_epsilon`` is not a positive finite number, ``dataset`` is not a
-        valid name, or ``actor`` is empty.
+        If ``new_epsilon`` is not a positive finite number within ``max_epsilon`` (the
+        operator's bound), ``dataset`` is not a valid name, or ``actor`` is empty.
     """
-    if not (isinstance(new_epsilon, int | float) and math.isfinite(new_epsilon)):
-        raise BudgetError("The new epsilon budget should be a finite number.")
-    if new_epsilon <= 0:
-        raise BudgetError("The new epsilon budget should be a positive value.")
+    check_epsilon_budget(new_epsilon, max_epsilon=max_epsilon)
     if not actor.strip():
         raise BudgetError("A budget change needs the actor who makes it.")
     if len(reason) > 500:

@@ -18,11 +18,14 @@ from prometheus_client import Histogram
 from sqlmodel import Session
 
 from models import ModelSpec
+from models.inputs import text_inputs
 from runs.lifecycle import HEARTBEAT_SECONDS, reap_orphaned_runs
 from serving import oip
-from serving.batching import MicroBatcher, Rows
+from serving.batching import InputRejected, MicroBatcher, Rows
 from serving.config import ServingConfig
 from serving.console import router as console_router
+from serving.credentials import CredentialMiddleware
+from serving.errors import add_error_handlers
 from serving.fastlane import PREDICT_ROUTE, PredictFastLane
 from serving.launcher import RunLauncher
 from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
@@ -61,9 +64,36 @@ def _timed_batch(
     texts: list[str],
 ) -> Rows:
     started = time.perf_counter()
-    rows = run_batch(model, spec, texts)
+    try:
+        rows = run_batch(model, spec, texts)
+    except Exception:
+        rejected = first_rejected_input(spec, texts)
+        if rejected is None:
+            raise  # not an input's fault: the request fails as a server error
+        raise rejected from None
     histogram.observe(time.perf_counter() - started)
     return rows
+
+
+def first_rejected_input(spec: ModelSpec, texts: list[str]) -> InputRejected | None:
+    """The first input that ``spec``'s tokenizer (or encoder) refuses on its own, if any.
+
+    Called only after a batch failed, to tell a client's bad input (a 422 naming it) from
+    a fault of the model or the server (a 500).
+    """
+    for i, text in enumerate(texts):
+        try:
+            text_inputs(spec, [text])
+        except Exception as exc:
+            surrogate = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+            reason = (
+                f"it holds a lone surrogate (U+{ord(surrogate):04X}), which is not Unicode "
+                "text; send UTF-8"
+                if surrogate is not None
+                else f"the model's tokenizer refused it ({type(exc).__name__})"
+            )
+            return InputRejected(i, reason)
+    return None
 
 
 # How often the API looks for runs whose worker is gone.
@@ -189,15 +219,20 @@ def create_app(
         service=service,
     )
     # Inside the observability middleware, so 413 and 429 are logged and counted too.
-    if limits.rate_per_second is not None:
+    if limits.rate_per_second is not None or limits.failed_auth_per_second is not None:
         app.add_middleware(
             RateLimitMiddleware,
             rate=limits.rate_per_second,
             burst=limits.burst,
             max_buckets=limits.max_buckets,
+            failed_auth_rate=limits.failed_auth_per_second,
+            failed_auth_burst=limits.failed_auth_burst,
         )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)
+    # Outside every layer that reads the credential: two Authorization headers are a 400.
+    app.add_middleware(CredentialMiddleware)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    add_error_handlers(app)
     _document_string_details(app)
     return app
 

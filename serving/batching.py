@@ -1,11 +1,3 @@
-"""Micro-batching: concurrent requests for one model share a forward pass.
-
-A request's inputs join the model's open batch. The batch goes to the inference threads
-when it is full, or once ``max_wait`` has passed *and* the model has a free slot: while
-all of a model's slots are busy, arrivals keep joining the next batch instead of queueing
-as many small ones, so batches grow with the load.
-"""
-
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +6,45 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 Rows = list[list[float]]  # one row of class probabilities per input
+Span = tuple[int, int]  # one request's inputs in a batch: [start, stop)
+
+
+class InputRejected(ValueError):
+    """One input of a request cannot be processed (the tokenizer refused it): a 422.
+
+    ``index`` is the input's position in the texts given to the function that raised it;
+    ``run_isolated`` retries a request alone, so there it is the position in the request.
+    """
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"inputs[{index}] cannot be processed: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+def run_isolated(
+    infer: Callable[[list[str]], Rows], texts: list[str], spans: Sequence[Span]
+) -> list[Rows | Exception]:
+    """Run one batch of several requests' inputs so that a bad request fails alone.
+
+    The batch runs once; if it raises, each request (span) is run alone, so only the
+    requests whose own inputs fail get an exception and the others their rows. Blocking:
+    call it off the event loop. Returns, per span, its rows or the exception it raised.
+    """
+    try:
+        rows = infer(texts)
+    except Exception as exc:
+        if len(spans) == 1:
+            return [exc]
+    else:
+        return [rows[start:stop] for start, stop in spans]
+    results: list[Rows | Exception] = []
+    for start, stop in spans:
+        try:
+            results.append(infer(texts[start:stop]))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 @dataclass
@@ -101,21 +132,26 @@ class MicroBatcher:
         self._inflight += 1
         if self._on_batch is not None:
             self._on_batch(len(batch.texts), len(batch.waiters))
-        task = loop.run_in_executor(self._executor, self._infer, batch.texts)
+        spans = [(start, stop) for start, stop, _ in batch.waiters]
+        task = loop.run_in_executor(self._executor, run_isolated, self._infer, batch.texts, spans)
         task.add_done_callback(lambda t: self._done(loop, batch, t))
 
     def _done(
-        self, loop: asyncio.AbstractEventLoop, batch: _Pending, task: asyncio.Future[Rows]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: _Pending,
+        task: asyncio.Future[list[Rows | Exception]],
     ) -> None:
         self._inflight -= 1
         exc = None if task.cancelled() else task.exception()
-        rows = None if exc is not None or task.cancelled() else task.result()
-        for start, stop, fut in batch.waiters:
+        results = None if exc is not None or task.cancelled() else task.result()
+        for i, (_, _, fut) in enumerate(batch.waiters):
             if fut.done():  # the client went away
                 continue
-            if rows is not None:
-                fut.set_result(rows[start:stop])
+            result = results[i] if results is not None else (exc or asyncio.CancelledError())
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
             else:
-                fut.set_exception(exc or asyncio.CancelledError())
+                fut.set_result(result)
         if self._pending.texts and (self._due or len(self._pending.texts) >= self.max_batch):
             self._send(loop)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+
+from privacy.budget import DEFAULT_MAX_EPSILON
 
 
 def available_cores() -> int:
@@ -38,6 +41,8 @@ class ServingConfig:
     # Seconds the predict path reuses a credential's and a deployment's database answer
     # (serving/lookups.py); 0 asks the database on every request.
     lookup_ttl_s: float = 1.0
+    # The largest epsilon budget a tenant or operator may set over HTTP (422 beyond).
+    max_budget_epsilon: float = DEFAULT_MAX_EPSILON
 
     def __post_init__(self) -> None:
         if self.cache_models < 1 or self.cache_bytes < 1:
@@ -48,6 +53,8 @@ class ServingConfig:
             raise ValueError("max_wait_ms should be zero or positive.")
         if self.inference_threads < 1:
             raise ValueError("inference_threads should be at least 1.")
+        if not (math.isfinite(self.max_budget_epsilon) and self.max_budget_epsilon > 0):
+            raise ValueError("max_budget_epsilon should be a positive finite number.")
         if self.lookup_ttl_s < 0:
             raise ValueError("lookup_ttl_s should be zero or positive.")
         if self.torch_threads is not None and self.torch_threads < 1:

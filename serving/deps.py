@@ -6,11 +6,12 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
+from serving.credentials import RepeatedAuthorization, request_credential
 from serving.launcher import RunLauncher
 from serving.lookups import Caller
 from serving.metrics import ServingMetrics
@@ -19,7 +20,6 @@ from serving.predict import (
     PredictTarget,
     Refusal,
     authenticate_caller,
-    bearer_credential,
     require_scope,
 )
 from serving.registry import ModelCache
@@ -32,7 +32,10 @@ class _Bearer(HTTPBearer):
     an HTTPBearer still, so /openapi.json declares the scheme."""
 
     async def __call__(self, request: Request) -> str | None:  # type: ignore[override]
-        return bearer_credential(request.headers.get("Authorization"))
+        try:
+            return request_credential(request.scope)
+        except RepeatedAuthorization as exc:  # CredentialMiddleware answers these first
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
 
 
 _bearer = _Bearer(scheme_name="HTTPBearer", auto_error=False)
@@ -84,6 +87,10 @@ def get_session(platform: Annotated[Platform, Depends(get_platform)]) -> Iterato
     with Session(platform.engine, expire_on_commit=False) as session:
         yield session
 
+
+# Versions are BIGINT columns: a larger number is a 422 here, not an overflow in the driver.
+MAX_VERSION = 2**63 - 1
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="A model version number.")]
 
 PlatformDep = Annotated[Platform, Depends(get_platform)]
 ConfigDep = Annotated[ServingConfig, Depends(get_config)]

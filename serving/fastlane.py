@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import re
 
-from fastapi import HTTPException
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.credentials import request_credential
 from serving.limits import send_bytes, send_json
-from serving.predict import PredictService, Refusal, bearer_credential, parse_request
+from serving.predict import PredictService, Refusal, parse_request
 
 PREDICT_ROUTE = "/v1/models/{name}/predict"
 _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
 
 
 def header(scope: Scope, name: bytes) -> str | None:
-    """The first value of header ``name`` (lowercase bytes) of an ASGI request, or None."""
+    """The first value of header ``name`` (lowercase bytes) of an ASGI request, or None
+    (never used for Authorization: serving/credentials.py reads that one)."""
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
@@ -48,7 +50,7 @@ class PredictFastLane:
         )
         target = None
         if match is not None and header(scope, b"content-type") == "application/json":
-            credential = bearer_credential(header(scope, b"authorization"))
+            credential = request_credential(scope)
             target = self.service.warm(credential, match.group(1))
         if target is None:
             await self.app(scope, receive, send)
@@ -56,8 +58,9 @@ class PredictFastLane:
         messages: list[Message] = []
         try:
             body = await _read_body(receive, messages)
-        except HTTPException as exc:  # the body-size limit, while streaming
-            await send_json(send, exc.status_code, {"detail": exc.detail})
+        except HTTPException as exc:  # the body-size limit, while streaming (Starlette's:
+            # FastAPI's HTTPException is a subclass, so catching that one missed it: a 500)
+            await send_json(send, exc.status_code, {"detail": exc.detail}, {"Connection": "close"})
             return
         if body is None:  # the client went away
             return

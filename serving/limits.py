@@ -1,4 +1,5 @@
-"""Request limits at the edge: body size (413) and a per-key rate limit (429 + Retry-After)."""
+"""Request limits at the edge: body size (413), rate limits (429 + Retry-After), and the
+connection-level limits ``fedtext serve`` applies (serving/connections.py)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,52 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.predict import bearer_credential
+from serving.credentials import request_credential
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one API process accepts from a client, at the HTTP and the connection level."""
+
     # 64 inputs of 2000 characters, escaped as JSON, fit well under 1 MiB.
     max_body_bytes: int = 1 << 20
-    # Per API key (or operator token): a token bucket of ``burst`` requests refilled at
-    # ``rate_per_second``. None (the library default: tests, benchmarks) turns it off;
-    # ``fedtext serve`` turns it on from FEDTEXT_RATE_LIMIT_PER_SECOND.
+    # Per API key (or operator token), once the credential has authenticated: a token
+    # bucket of ``burst`` requests refilled at ``rate_per_second``. None (the library
+    # default: tests, benchmarks) turns it off; ``fedtext serve`` turns it on from
+    # FEDTEXT_RATE_LIMIT_PER_SECOND.
     rate_per_second: float | None = None
     burst: int = 100
+    # Failed authentication (401), per client address: a credential that has not
+    # authenticated is let through only while its address has failures left, so guessing
+    # keys (each guess a database lookup) is slow whatever credentials are sent. None: off.
+    failed_auth_per_second: float | None = None
+    failed_auth_burst: int = 20
     # Buckets kept in memory (least recently used go first): forged tokens cannot grow it.
     max_buckets: int = 10_000
+    # Connection-level limits (serving/connections.py; ``fedtext serve`` only): a request
+    # head larger than this is refused 431; the head must arrive within
+    # ``header_timeout_s`` and the body within ``body_timeout_s`` (else 408 and the
+    # connection is closed); beyond ``max_connections`` open connections a new one gets 503.
+    max_header_bytes: int = 16 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes should be positive.")
-        if self.rate_per_second is not None and self.rate_per_second <= 0:
-            raise ValueError("rate_per_second should be positive (or None for no limit).")
-        if self.burst < 1 or self.max_buckets < 1:
-            raise ValueError("burst and max_buckets should be at least 1.")
+        for name in ("rate_per_second", "failed_auth_per_second"):
+            rate = getattr(self, name)
+            if rate is not None and not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"{name} should be a positive number (or None for no limit).")
+        if self.burst < 1 or self.failed_auth_burst < 1 or self.max_buckets < 1:
+            raise ValueError("burst, failed_auth_burst and max_buckets should be at least 1.")
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes should be at least 1024.")
+        if not (self.header_timeout_s > 0 and self.body_timeout_s > 0):
+            raise ValueError("header_timeout_s and body_timeout_s should be positive.")
+        if self.max_connections < 1:
+            raise ValueError("max_connections should be at least 1.")
 
 
 async def send_json(
@@ -120,38 +145,118 @@ class TokenBuckets:
                 self._buckets.popitem(last=False)
             return wait
 
+    def peek(self, key: str, now: float | None = None) -> float:
+        """0 when ``key`` has a token left, else the seconds until one is back (takes none)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _hashed(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()[:32]
+
 
 class RateLimitMiddleware:
-    """429 with Retry-After when one credential sends faster than its bucket refills.
+    """429 with Retry-After: per key once authenticated, per address for failed attempts.
 
-    The bucket is keyed by a hash of the whole presented credential (the bearer credential
-    as every other path reads it, else the raw header), so a forged token that borrows a
-    real key's prefix gets a bucket of its own and cannot starve the key. Requests without
-    an Authorization header (health checks) are not limited here.
+    A credential that has authenticated in this process (its response was not a 401) is
+    limited by a bucket of its own, keyed by a hash of the whole credential as the one
+    parser reads it (serving/credentials.py: a forged token that borrows a real key's
+    prefix is another credential, and ``bearer``/``Bearer`` are one). Any other request
+    with a credential, and every 401, draws on the client address's failure bucket: once
+    it is empty, unknown credentials from that address are refused before any database
+    lookup, while keys that have authenticated keep their own limit. Requests without an
+    ``Authorization`` header (health checks) are limited only by their 401s.
+
+    Behind a proxy every client has the proxy's address: run uvicorn with
+    ``--forwarded-allow-ips`` for the proxy so the client's own address is used.
     """
 
-    def __init__(self, app: ASGIApp, *, rate: float, burst: int, max_buckets: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rate: float | None,
+        burst: int,
+        max_buckets: int,
+        failed_auth_rate: float | None = None,
+        failed_auth_burst: int = 20,
+    ) -> None:
         self.app = app
         self.rate = rate
-        self.buckets = TokenBuckets(rate, burst, max_buckets)
+        self.buckets = TokenBuckets(rate, burst, max_buckets) if rate is not None else None
+        self.failed_rate = failed_auth_rate
+        self.failures = (
+            TokenBuckets(failed_auth_rate, failed_auth_burst, max_buckets)
+            if failed_auth_rate is not None
+            else None
+        )
+        # Hashes of credentials that authenticated (bounded like the buckets).
+        self.authenticated: OrderedDict[str, None] = OrderedDict()
+        self.max_known = max_buckets
+
+    def _known(self, key: str) -> bool:
+        if key in self.authenticated:
+            self.authenticated.move_to_end(key)
+            return True
+        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    credential = bearer_credential(value.decode("latin-1"))
-                    presented = value if credential is None else credential.encode()
-                    key = hashlib.sha256(presented).hexdigest()[:32]
-                    wait = self.buckets.take(key)
-                    if wait > 0:
-                        retry = max(1, math.ceil(wait))
-                        await _send_json(
-                            send,
-                            429,
-                            f"Rate limit exceeded: {self.rate:g} requests per second per key; "
-                            f"retry after {retry} s.",
-                            {"Retry-After": str(retry)},
-                        )
-                        return
-                    break
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        credential = request_credential(scope)
+        key = _hashed(credential) if credential is not None else None
+        address = _client_address(scope)
+        known = key is not None and self._known(key)
+        if known and self.buckets is not None:
+            assert key is not None
+            wait = self.buckets.take(key)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await _send_json(
+                    send,
+                    429,
+                    f"Rate limit exceeded: {self.rate:g} requests per second per key; "
+                    f"retry after {retry} s.",
+                    {"Retry-After": str(retry)},
+                )
+                return
+        elif key is not None and self.failures is not None:
+            wait = self.failures.peek(address)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await _send_json(
+                    send,
+                    429,
+                    f"Too many failed authentications from this address: "
+                    f"{self.failed_rate:g} per second; retry after {retry} s.",
+                    {"Retry-After": str(retry)},
+                )
+                return
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] == 401:
+                    if self.failures is not None:
+                        self.failures.take(address)
+                    if key is not None:
+                        self.authenticated.pop(key, None)
+                elif key is not None and not known:
+                    # Authenticated (or at least not refused as unknown): its own bucket
+                    # from now on, this request included.
+                    self.authenticated[key] = None
+                    while len(self.authenticated) > self.max_known:
+                        self.authenticated.popitem(last=False)
+                    if self.buckets is not None:
+                        self.buckets.take(key)
+            await send(message)
+
+        await self.app(scope, receive, watch)

@@ -21,7 +21,9 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
+from serving.batching import InputRejected
 from serving.config import ServingConfig
+from serving.credentials import bearer_credential  # noqa: F401  (re-exported: the one parser)
 from serving.lookups import Caller, PredictLookups
 from serving.registry import (
     ModelCache,
@@ -37,21 +39,6 @@ from tenancy.platform import Platform
 from tenancy.tenants import Scope, authenticate, has_scope
 
 log = logging.getLogger("fedtext.serving")
-
-
-def bearer_credential(authorization: str | None) -> str | None:
-    """The credential in an ``Authorization: Bearer <credential>`` header value, else None.
-
-    The only parser of the header: FastAPI's dependencies, the fast lane and the rate
-    limiter all read it through here (same rule as FastAPI's ``HTTPBearer``).
-    """
-    if not authorization:
-        return None
-    scheme, _, credential = authorization.partition(" ")
-    credential = credential.strip()
-    if not credential or scheme.lower() != "bearer":
-        return None
-    return credential
 
 
 class Refusal(Exception):
@@ -197,7 +184,10 @@ class PredictService:
         """
         self.check_inputs(request.inputs)
         served = target.served
-        rows = await served.predict_rows(request.inputs)
+        try:
+            rows = await served.predict_rows(request.inputs)
+        except InputRejected as exc:  # this request's own input; others in its batch ran
+            raise Refusal(422, str(exc)) from None
         return json.dumps(prediction_body(served, rows, request.top_k)).encode()
 
     # ------------------------------------------------------------- tenancy changes

@@ -33,6 +33,7 @@ def serve(
 
     from serving.app import create_app
     from serving.config import ServingConfig, default_inference_threads
+    from serving.connections import server_config
     from serving.logs import configure_json_logging
     from serving.oip import GrpcEndpoint
 
@@ -67,6 +68,20 @@ def serve(
         if grpc_port
         else None
     )
+    try:
+        limits = Limits(
+            max_body_bytes=config.max_body_bytes,
+            rate_per_second=config.rate_limit_per_second,
+            burst=config.rate_limit_burst,
+            failed_auth_per_second=config.failed_auth_per_second,
+            failed_auth_burst=config.failed_auth_burst,
+            max_header_bytes=config.max_header_bytes,
+            header_timeout_s=config.header_timeout_s,
+            body_timeout_s=config.body_timeout_s,
+            max_connections=config.max_connections,
+        )
+    except ValueError as exc:
+        raise UserError(f"FEDTEXT_* limits: {exc}") from None
     platform = open_platform(config)
     launcher: RunLauncher
     if config.superlink:
@@ -92,12 +107,9 @@ def serve(
             inference_threads=config.serve_inference_threads or default_inference_threads(),
             torch_threads=config.serve_torch_threads,
             lookup_ttl_s=config.serve_lookup_ttl_s,
+            max_budget_epsilon=config.max_budget_epsilon,
         ),
-        limits=Limits(
-            max_body_bytes=config.max_body_bytes,
-            rate_per_second=config.rate_limit_per_second,
-            burst=config.rate_limit_burst,
-        ),
+        limits=limits,
         run_launcher=launcher,
         grpc=grpc,
     )
@@ -105,13 +117,14 @@ def serve(
     # collector's sight, its full collections stop adding tens of ms to tail latency.
     gc.collect()
     gc.freeze()
-    # Our middleware writes one JSON line per request; uvicorn's own access log would repeat it.
-    uvicorn.run(
+    # Our middleware writes one JSON line per request; uvicorn's own access log would repeat
+    # it. The protocol adds head-size, timeout and connection limits (serving/connections.py).
+    server = server_config(
         app_,
         host=bind,
         port=port or config.api_port,
+        limits=limits,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
-        log_config=None,
-        access_log=False,
     )
+    uvicorn.Server(server).run()

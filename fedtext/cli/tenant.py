@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from sqlmodel import Session
 
-from fedtext.cli.console import UserError, console, group, open_platform
+from fedtext.cli.console import UserError, console, group, open_platform, settings
 
 tenant_app = group("Create and list tenants (operator).")
 
@@ -23,10 +23,15 @@ def tenant_create(
     budget_delta: Annotated[float, typer.Option(help="Delta at which the budget is kept.")] = 1e-5,
 ) -> None:
     """Create a tenant and print its first admin key (shown once)."""
+    from privacy.budget import BudgetError, check_epsilon_budget
     from tenancy.db import session_scope
     from tenancy.errors import TenancyError
     from tenancy.tenants import Scope, create_api_key, create_tenant
 
+    try:
+        check_epsilon_budget(budget_epsilon, max_epsilon=settings().max_budget_epsilon)
+    except BudgetError as exc:
+        raise UserError(str(exc)) from None
     platform = open_platform()
     try:
         with session_scope(platform.engine) as session:
@@ -88,6 +93,7 @@ def tenant_budget(
                 actor=f"operator {os.environ.get('USER', 'cli')}",
                 reason=reason,
                 dataset=dataset or TENANT_WIDE,
+                max_epsilon=settings().max_budget_epsilon,
             )
     except (NotFound, BudgetError) as exc:
         raise UserError(str(exc)) from None

@@ -1,12 +1,12 @@
-"""Liveness, readiness and Prometheus metrics (no credentials: nothing tenant-specific here)."""
+"""Liveness and readiness (no credentials), and Prometheus metrics (the operator token:
+request counts, latencies and cache sizes describe every tenant's traffic)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Response, status
 from sqlalchemy import text
-from starlette.concurrency import run_in_threadpool
 
-from serving.deps import MetricsDep, PlatformDep
+from serving.deps import MetricsDep, Operator, PlatformDep
 from serving.metrics import CONTENT_TYPE_LATEST
 from tenancy.errors import KeyProviderError
 
@@ -37,7 +37,9 @@ def readyz(platform: PlatformDep) -> dict[str, str]:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(registry: MetricsDep) -> Response:
-    """Prometheus text format: requests, latency, batch sizes, model cache and loads."""
-    body = await run_in_threadpool(registry.render)
+def metrics(registry: MetricsDep, _operator: Operator) -> Response:
+    """Prometheus text format: requests, latency, batch sizes, model cache and loads.
+
+    Behind the operator token (a scraper sends it as a bearer token)."""
+    body = registry.render()  # a plain def: FastAPI runs it in its thread pool
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, SessionDep
+from serving.deps import AdminCaller, SessionDep, VersionPath
 from serving.routers.models import _version, _version_public, _versions
 from serving.schemas import ModelVersionPublic
 from tenancy.registry import deploy_version
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionPublic)
 def get_one(
-    name: str, version: int, caller: AdminCaller, session: SessionDep
+    name: str, version: VersionPath, caller: AdminCaller, session: SessionDep
 ) -> ModelVersionPublic:
     return _version_public(_version(session, caller.tenant.id, name, version))
 

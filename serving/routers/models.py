@@ -8,7 +8,14 @@ import logging
 from fastapi import APIRouter, HTTPException, Response, status
 from sqlmodel import col, func, select
 
-from serving.deps import AdminCaller, PredictServiceDep, PredictTargetDep, SessionDep, refused
+from serving.deps import (
+    AdminCaller,
+    PredictServiceDep,
+    PredictTargetDep,
+    SessionDep,
+    VersionPath,
+    refused,
+)
 from serving.model_options import ServingOptions, ServingOptionsPublic
 from serving.predict import Refusal
 from serving.schemas import (
@@ -79,7 +86,9 @@ def list_versions(name: str, caller: AdminCaller, session: SessionDep) -> list[M
 
 
 @router.post("/{name}/versions/{version}/deploy", response_model=ModelVersionPublic)
-def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) -> ModelVersionPublic:
+def deploy(
+    name: str, version: VersionPath, caller: AdminCaller, session: SessionDep
+) -> ModelVersionPublic:
     _versions(session, caller.tenant.id, name)
     try:
         row = deploy_version(
@@ -93,7 +102,7 @@ def deploy(name: str, version: int, caller: AdminCaller, session: SessionDep) ->
 
 @router.get("/{name}/versions/{version}/serving", response_model=ServingOptionsPublic)
 def get_serving_options(
-    name: str, version: int, caller: AdminCaller, session: SessionDep
+    name: str, version: VersionPath, caller: AdminCaller, session: SessionDep
 ) -> ServingOptionsPublic:
     row = _version(session, caller.tenant.id, name, version)
     return ServingOptionsPublic(
@@ -104,7 +113,7 @@ def get_serving_options(
 @router.put("/{name}/versions/{version}/serving", response_model=ServingOptionsPublic)
 def set_serving_options(
     name: str,
-    version: int,
+    version: VersionPath,
     body: ServingOptions,
     caller: AdminCaller,
     session: SessionDep,

@@ -19,7 +19,7 @@ from privacy.ledger import TENANT_WIDE, budget_changes, lock_tenant, tenant_even
 from privacy.report import render_html, signed_report
 from privacy.reservations import outstanding
 from runs.lifecycle import active_run_ids
-from serving.deps import AdminCaller, PlatformDep, SessionDep
+from serving.deps import AdminCaller, ConfigDep, PlatformDep, SessionDep
 from serving.schemas import (
     BudgetChangePublic,
     BudgetChangeRequest,
@@ -57,7 +57,7 @@ def budget(caller: AdminCaller, session: SessionDep) -> BudgetPublic:
 
 @router.post("/budget", response_model=BudgetChangePublic, status_code=status.HTTP_201_CREATED)
 def set_budget(
-    body: BudgetChangeRequest, caller: AdminCaller, session: SessionDep
+    body: BudgetChangeRequest, caller: AdminCaller, session: SessionDep, config: ConfigDep
 ) -> BudgetChangePublic:
     """Set the tenant's (or one dataset's) epsilon budget; the change is recorded."""
     lock_tenant(session, caller.tenant.id)  # not between a run's budget check and its charge
@@ -71,6 +71,7 @@ def set_budget(
             actor=f"admin key {caller.key.prefix}",
             reason=body.reason,
             dataset=body.dataset or TENANT_WIDE,
+            max_epsilon=config.max_budget_epsilon,
         )
     except BudgetError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None

@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session
 
-from serving.deps import Operator, PlatformDep, SessionDep
+from privacy.budget import BudgetError, check_epsilon_budget
+from serving.deps import ConfigDep, Operator, PlatformDep, SessionDep
 from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.rotation import delete_tenant, deleted_tenants
@@ -17,8 +18,16 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 @router.post("", response_model=TenantCreated, status_code=status.HTTP_201_CREATED)
 def create(
-    body: TenantCreate, _operator: Operator, session: SessionDep, platform: PlatformDep
+    body: TenantCreate,
+    _operator: Operator,
+    session: SessionDep,
+    platform: PlatformDep,
+    config: ConfigDep,
 ) -> TenantCreated:
+    try:
+        check_epsilon_budget(body.budget_epsilon, max_epsilon=config.max_budget_epsilon)
+    except BudgetError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
         tenant = create_tenant(
             session=session,

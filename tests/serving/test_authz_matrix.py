@@ -32,7 +32,7 @@ CREDENTIALS = [
     "own predict key",
     "own admin key",
 ]
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"}
+PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
     routes = [
         Route("POST", "/v1/tenants", "/v1/tenants", "operator", 201, {"name": "initech"}),
         Route("GET", "/v1/tenants", "/v1/tenants", "operator", 200),
+        Route("GET", "/metrics", "/metrics", "operator", 200),
         Route(
             "DELETE", "/v1/tenants/{tenant_id}", f"/v1/tenants/{acme.tenant.id}", "operator", 200
         ),
@@ -212,7 +213,7 @@ def test_authorization_matrix(world: World) -> None:
                 assert not world.acme_ids & set(_ids(r.json())), route.path
     wrong = {k: v for k, v in results.items() if v[0] != v[1]}
     assert not wrong, "\n".join(f"{k}: got {v[0]}, want {v[1]} {v[2]}" for k, v in wrong.items())
-    assert len(results) == len(world.routes) * len(CREDENTIALS) - 3
+    assert len(results) == len(world.routes) * len(CREDENTIALS) - 4
     operator = {"Authorization": f"Bearer {OPERATOR}"}
     for route in [r for r in world.routes if r.kind == "operator"]:
         r = world.client.request(route.method, route.url, json=route.body, headers=operator)

@@ -76,7 +76,10 @@ def test_concurrent_requests_over_http_share_forward_passes(sqlite_platform: Pla
     acme = make_tenant(sqlite_platform, "acme")
     store_tiny_model(sqlite_platform, acme.tenant)
     # A long wait makes coalescing certain on a busy machine; answers must not change.
-    app = create_app(sqlite_platform, ServingConfig(max_batch=64, max_wait_ms=200))
+    operator = "op-" + "m" * 40
+    app = create_app(
+        sqlite_platform, ServingConfig(operator_token=operator, max_batch=64, max_wait_ms=200)
+    )
     texts = [f"the flight number {i} was late" for i in range(24)]
 
     async def drive(url: str) -> list[dict[str, object]]:
@@ -96,7 +99,8 @@ def test_concurrent_requests_over_http_share_forward_passes(sqlite_platform: Pla
 
     with BackgroundServer(app) as server:
         batched = asyncio.run(drive(server.url))
-        metrics = _samples(httpx.get(f"{server.url}/metrics").text)
+        scrape = {"Authorization": f"Bearer {operator}"}
+        metrics = _samples(httpx.get(f"{server.url}/metrics", headers=scrape).text)
         alone = httpx.post(
             f"{server.url}/v1/models/lstm/predict",
             json={"inputs": texts, "top_k": 3},

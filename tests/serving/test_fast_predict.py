@@ -70,7 +70,7 @@ def test_warm_answers_equal_the_database_path(
     assert warm.headers["content-type"] == cold.headers["content-type"] == "application/json"
     # The warm request is counted under the route's template like any other (the fixture's
     # first request and this one).
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR}"}).text
     assert (
         'fedtext_http_requests_total{method="POST",route="/v1/models/{name}/predict",'
         'status="200"} 2.0'

@@ -44,13 +44,17 @@ def acme(platform: Platform) -> TenantFixture:
 
 
 def test_metrics_parse_as_prometheus_text(platform: Platform, acme: TenantFixture) -> None:
-    with TestClient(create_app(platform, ServingConfig())) as client:
+    operator = "op-" + "m" * 40
+    with TestClient(create_app(platform, ServingConfig(operator_token=operator))) as client:
         for _ in range(3):
             r = client.post(
                 "/v1/models/lstm/predict", json={"inputs": ["hi"]}, headers=acme.predict
             )
             assert r.status_code == 200
-        r = client.get("/metrics")
+        # The operator's: request counts and cache sizes describe every tenant's traffic.
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=acme.admin).status_code == 401
+        r = client.get("/metrics", headers={"Authorization": f"Bearer {operator}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
