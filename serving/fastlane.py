@@ -65,7 +65,7 @@ class PredictFastLane:
         if body is None:  # the client went away
             return
         request = parse_request(body)
-        if request is None:
+        if request is None or request.explain:  # explanations: the route (serving/explain.py)
             await self.app(scope, _replay(messages, receive), send)
             return
         scope["route"] = self.route

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -156,6 +156,11 @@ class ModelPublic(BaseModel):
 class PredictRequest(BaseModel):
     inputs: list[str] = Field(min_length=1)
     top_k: int = Field(default=1, ge=1)
+    explain: bool = Field(
+        default=False,
+        description="Add per-word attributions of each predicted label (slower: "
+        "POST /v1/models/{name}/explain says more).",
+    )
 
 
 class LabelScore(BaseModel):
@@ -163,10 +168,54 @@ class LabelScore(BaseModel):
     score: float
 
 
+class TokenAttribution(BaseModel):
+    token: str = Field(description="A word as written in the input (word pieces merged).")
+    start: int = Field(description="Its first character's index in the input.")
+    end: int = Field(description="One past its last character.")
+    attribution: float = Field(description="Its share of score - baseline_score.")
+
+
+class Explanation(BaseModel):
+    label: str = Field(description="The label explained (default: the predicted one).")
+    score: float = Field(description="The label's probability for the input.")
+    baseline_score: float = Field(
+        description="The label's probability when every word's tokens are [PAD]."
+    )
+    method: Literal["integrated-gradients", "occlusion"] = Field(
+        description="Integrated gradients on the input embeddings; occlusion (each word "
+        "replaced by [PAD] alone) for int8 models, which have no gradients."
+    )
+    tokens: list[TokenAttribution]
+    delta: float = Field(
+        description="sum(attributions) - (score - baseline_score): the integration error "
+        "(completeness); for occlusion, how far its parts are from the whole."
+    )
+    truncated: bool = Field(description="The input is longer than the model reads.")
+
+
 class PredictResponse(BaseModel):
     model: str
     version: int
     predictions: list[list[LabelScore]]
+    explanations: list[Explanation] | None = Field(
+        default=None, description='With "explain": true, one per input.'
+    )
+
+
+class ExplainRequest(BaseModel):
+    inputs: list[str] = Field(min_length=1, max_length=16)
+    label: str | None = Field(
+        default=None, description="The label to explain; default: each input's predicted one."
+    )
+    steps: int = Field(
+        default=64, ge=8, le=512, description="Integration steps: more, smaller delta, slower."
+    )
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    version: int
+    explanations: list[Explanation]
 
 
 class BudgetPublic(BaseModel):

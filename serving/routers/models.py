@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
 import json
 import logging
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from sqlmodel import col, func, select
 
 from serving.deps import (
@@ -17,8 +21,10 @@ from serving.deps import (
     refused,
 )
 from serving.model_options import ServingOptions, ServingOptionsPublic
-from serving.predict import Refusal
+from serving.predict import PredictTarget, Refusal
 from serving.schemas import (
+    ExplainRequest,
+    ExplainResponse,
     ModelPublic,
     ModelVersionPublic,
     PredictRequest,
@@ -143,7 +149,7 @@ def _version(session: SessionDep, tenant_id: str, name: str, version: int) -> Mo
 
 @router.post("/{name}/predict", response_model=PredictResponse)
 async def predict(
-    body: PredictRequest, target: PredictTargetDep, service: PredictServiceDep
+    request: Request, body: PredictRequest, target: PredictTargetDep, service: PredictServiceDep
 ) -> Response:
     """Top-k labels per input; the forward pass is shared with concurrent requests.
 
@@ -154,4 +160,61 @@ async def predict(
         content = await service.answer(target, body)
     except Refusal as exc:
         raise refused(exc) from None
+    if body.explain:  # the fast lane leaves these to this route
+        answer = json.loads(content)
+        answer["explanations"] = await _explain(request, target, body.inputs, None, EXPLAIN_STEPS)
+        content = json.dumps(answer).encode()
     return Response(content, media_type="application/json")
+
+
+EXPLAIN_STEPS = 64  # integration steps of "explain": true on predict (ExplainRequest's default)
+
+
+@router.post("/{name}/explain", response_model=ExplainResponse)
+async def explain(
+    request: Request, body: ExplainRequest, target: PredictTargetDep, service: PredictServiceDep
+) -> ExplainResponse:
+    """Per-word attributions of each input's predicted label (or of ``label``).
+
+    Integrated gradients on the input embeddings (occlusion for int8 models): the
+    attributions of an input sum to ``score - baseline_score`` up to ``delta``. A key with
+    the predict scope may ask; the model is resolved as for predictions.
+    """
+    try:
+        service.check_inputs(body.inputs)
+    except Refusal as exc:
+        raise refused(exc) from None
+    found = await _explain(request, target, body.inputs, body.label, body.steps)
+    served = target.served
+    return ExplainResponse.model_validate(
+        {"model": served.name, "version": served.version, "explanations": found}
+    )
+
+
+async def _explain(
+    request: Request, target: PredictTarget, texts: list[str], label: str | None, steps: int
+) -> list[dict[str, object]]:
+    """Explanations as plain data, computed off the event loop, one request at a time
+    (each costs ``steps`` forward and backward passes)."""
+    from serving.explain import explain as attributions
+
+    served = target.served
+    state = request.app.state
+    if getattr(state, "explain_slot", None) is None:
+        state.explain_slot = asyncio.Semaphore(1)
+    try:
+        async with state.explain_slot:
+            found = await run_in_threadpool(
+                functools.partial(
+                    attributions,
+                    served.model,
+                    served.spec,
+                    texts,
+                    label=label,
+                    steps=steps,
+                    quantized=served.quantize is not None,
+                )
+            )
+    except ValueError as exc:  # a label the model does not have
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return [dataclasses.asdict(e) for e in found]
