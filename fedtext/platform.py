@@ -10,6 +10,7 @@ import privacy.reservations  # noqa: F401  (its table, like the ledger's, is mig
 from fedtext.settings import Settings
 from privacy.ledger import create_tables as create_ledger_tables
 from tenancy.db import create_tables
+from tenancy.files import private_dir
 from tenancy.platform import Platform
 
 BASELINE = "0001"
@@ -17,7 +18,7 @@ _LOCK_ID = 0x66656474  # "fedt": one migrator at a time on PostgreSQL
 
 
 def platform_from_settings(settings: Settings) -> Platform:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)  # 0700 whatever the umask: keys, blobs and the database
     platform = Platform.create(
         database_url=settings.resolved_database_url,
         blob_dir=settings.blob_dir,

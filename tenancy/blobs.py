@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, delete, insert, select
 
+from tenancy.files import private_dir
 from tenancy.errors import InvalidInput, NotFound
 from tenancy.tables import Blob, utcnow
 
@@ -48,7 +49,7 @@ class LocalBlobStore(BlobStore):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)  # every level 0700, whatever the umask
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:

@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, event
 from sqlmodel import Session, SQLModel, create_engine
 
+from tenancy.files import private_file
 from tenancy.tables import TABLES
 
 
@@ -17,7 +18,10 @@ from tenancy.tables import TABLES
 def get_engine(url: str) -> Engine:
     """One engine per URL per process; SQLite files get their directory and WAL mode."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            # Created 0600 before SQLite opens it; its -wal and -shm files copy that mode.
+            private_file(Path(path))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from tenancy import crypto
 from tenancy.errors import KeyProviderError, NotFound
+from tenancy.files import private_dir
 from tenancy.tables import DataKey, Tenant
 
 
@@ -64,7 +65,7 @@ class FileKeyProvider(KeyProvider):
 
     def _load(self) -> dict[int, bytes]:
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.path.parent)
             data = {"current": 1, "keys": {"1": base64.b64encode(crypto.generate_key()).decode()}}
             # O_EXCL + 0600: never readable by others, never clobber a concurrent creator.
             try:

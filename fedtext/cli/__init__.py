@@ -68,6 +68,9 @@ def _data_dir() -> Path:
 
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # What the CLI writes (database, keys, blobs, logs, run folders) is its owner's only,
+    # whatever umask it was started with (docs/SECURITY.md).
+    os.umask(0o077)
     app()
 
 

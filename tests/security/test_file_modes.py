@@ -1,0 +1,73 @@
+"""What the platform writes is its owner's only (0600 files, 0700 folders), whatever the umask."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.settings import Settings
+from tests.factories import make_tenant, store_tiny_model
+
+
+@pytest.fixture
+def umask_000() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (and root) with its permission bits, as octal text."""
+    out = {".": oct(stat.S_IMODE(root.stat().st_mode))}
+    for path in root.rglob("*"):
+        out[str(path.relative_to(root))] = oct(stat.S_IMODE(path.lstat().st_mode))
+    return out
+
+
+def _assert_private(root: Path) -> None:
+    modes = _modes(root)
+    wrong = {
+        name: mode
+        for name, mode in modes.items()
+        if mode != ("0o700" if (root / name).is_dir() else "0o600")
+    }
+    assert not wrong, f"readable by others under umask 000: {wrong}"
+
+
+def test_platform_files_are_private_under_umask_000(tmp_path: Path, umask_000: None) -> None:
+    data = tmp_path / "deep" / "data"  # parents created too
+    platform = platform_from_settings(Settings(data_dir=data))
+    upgrade_schema(platform)
+    acme = make_tenant(platform, "acme")  # a data key wrapped by a new KEK file
+    store_tiny_model(platform, acme.tenant)  # a blob in a new tenant folder
+    names = {p.name for p in data.rglob("*")}
+    assert {"fedtext.db", "kek.key", "keys", "blobs"} <= names
+    assert any(n.endswith(".ftx") for n in names)
+    _assert_private(data)
+    assert oct(stat.S_IMODE((tmp_path / "deep").stat().st_mode)) == "0o700"
+
+
+def test_cli_writes_private_files_under_umask_000(tmp_path: Path) -> None:
+    """The CLI sets its own umask: its database, key file and logs are private too."""
+    env = {**os.environ, "FEDTEXT_DATA_DIR": str(tmp_path / "data")}
+    env.pop("FEDTEXT_DATABASE_URL", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "fedtext.cli", "tenant", "create", "acme"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0),  # the umask a careless service unit leaves
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "fedtext.db").exists()
+    _assert_private(tmp_path / "data")
