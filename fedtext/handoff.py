@@ -34,6 +34,7 @@ class Handoff:
     serving: int | None  # the version that serves now, if any
     key: str | None  # a new predict key (shown once), or None when one exists
     key_prefix: str
+    why: str = ""  # why a new version does not serve yet (the run's deploy decision)
 
 
 def predict_key(platform: Platform, tenant: str) -> tuple[str | None, str]:
@@ -100,8 +101,9 @@ def print_handoffs(
             state = "not deployed"
         else:
             state = (
-                f"v{h.serving} still serves; deploy v{h.version} with POST "
-                f"/v1/models/{h.model}/versions/{h.version}/deploy (admin key)"
+                f"v{h.serving} still serves{': ' + h.why if h.why else ''}; deploy "
+                f"v{h.version} with POST /v1/models/{h.model}/versions/{h.version}/deploy "
+                "(admin key)"
             )
         console.print(f"[bold]{h.tenant}[/bold]: model {h.model} v{h.version} ({escape(state)})")
         if h.key:

@@ -168,3 +168,21 @@ class _Redirect:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._original, name)
+
+
+# Libraries whose records a serving process keeps in the log file, whatever its own
+# handlers print (the API's JSON request lines stay on standard output).
+SERVING_QUIET = ("alembic", "flwr", "ray", "opacus", "py.warnings")
+
+
+def keep_in_file(names: tuple[str, ...] = SERVING_QUIET) -> None:
+    """Route these loggers to the log file only (not verbose, after :func:`setup`): for a
+    command that sets up its own console logging afterwards, as `fedtext serve` does."""
+    if _State.verbose or not _State.handlers:
+        return
+    for name in names:
+        logger = logging.getLogger(name)
+        for handler in _State.handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.propagate = False

@@ -78,8 +78,13 @@ class SimulationConfig(RunSpec):
 
     def client_overrides(self) -> dict[str, Any]:
         """What the simulated nodes read: their share of the demo corpus."""
+        own_data = {"data-file": self.data_file, "data-files": self.data_files}
         return {
-            **{k: v for k, v in self.run_config().items() if k in CLIENT_KEYS},
+            **{
+                k: v
+                for k, v in self.run_config().items()
+                if k in CLIENT_KEYS and (k not in own_data or own_data[k])
+            },
             "inject-fault": self.inject_fault,
         }
 

@@ -42,6 +42,8 @@ AUTO = "auto"
 # nodes train on their own files.
 SIMULATION_ONLY = ("tenants", "partitioning", "alpha", "max_train_examples", "max_test_examples")
 CLIENT_DP = ("off", "fixed")
+# Which of a run's new model versions serve at once (server/release.py decides).
+DEPLOY_POLICIES = ("if-better", "first", "always", "never")
 
 
 def strategy_names() -> list[str]:
@@ -213,10 +215,11 @@ class RunSpec(_FamilyDefaults):
     # Off by default: a kept head keeps its KEK version in use; it is dropped when any of the
     # run's tenants is deleted.
     keep_head: bool = Field(default=False, description="Keep the final global head (LP-FT).")
-    deploy: Annotated[str, _one_of(("first", "always", "never"), "deploy policy")] = Field(
-        default="first",
-        description="Which new versions serve at once: first (a tenant's first version of "
-        "the model; later ones await an admin), always or never.",
+    deploy: Annotated[str, _one_of(DEPLOY_POLICIES, "deploy policy")] = Field(
+        default="if-better",
+        description="Which new versions serve at once: if-better (the tenant's first "
+        "version, or one whose held-out macro-F1 beats the serving one's), first (only a "
+        "tenant's first version), always or never; the others await an admin's deploy.",
     )
     # Simulation only (SIMULATION_ONLY): how simulated nodes share the demo corpus.
     tenants: Names = Field(

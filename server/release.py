@@ -3,6 +3,7 @@ tenant's model stored encrypted under its data key, the summary, the signed ledg
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -24,7 +25,7 @@ from server.strategy import PrivateStrategy
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, store_model_version
-from tenancy.tables import Tenant
+from tenancy.tables import ModelVersion, Tenant
 
 log = logging.getLogger("fedtext.server")
 
@@ -116,9 +117,8 @@ def release_models(
             metrics["macro_f1"] = (
                 metrics["personalized_macro_f1"] if own else metrics["global_macro_f1"]
             )
-            first = (
-                deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name) is None
-            )
+            serving = deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name)
+            deploy, decision = deploy_decision(cfg.deploy, serving, metrics["macro_f1"])
             row = store_model_version(
                 session=session,
                 keyring=platform.keyring,
@@ -128,8 +128,8 @@ def release_models(
                 spec_json=spec.to_json(),
                 weights=own if own else global_weights,
                 run_id=cfg.run_id,
-                metrics={**metrics, "personalized": own is not None},
-                deploy=cfg.deploy == "always" or (cfg.deploy == "first" and first),
+                metrics={**metrics, "personalized": own is not None, "deploy": decision},
+                deploy=deploy,
             )
             tenants[tenant.name] = {
                 **metrics,
@@ -143,6 +143,7 @@ def release_models(
                 "model": cfg.model_name,
                 "version": row.version,
                 "deployed": row.deployed,
+                "deploy": decision,
             }
     summary: dict[str, Any] = {
         "tenants": tenants,
@@ -169,6 +170,42 @@ def release_models(
             "epsilon": compose_epsilon([(cfg.client_dp_noise, 1.0, cfg.rounds)], delta),
         }
     return summary
+
+
+def deploy_decision(
+    policy: str, serving: ModelVersion | None, macro_f1: float | None
+) -> tuple[bool, dict[str, Any]]:
+    """Whether a tenant's new version serves at once under the run's ``deploy`` policy, and
+    why (recorded on the version).
+
+    ``if-better`` compares the tenant's held-out macro-F1 as released (DP-noised, the only
+    figure the coordinator has) with the one recorded on the serving version; without both
+    figures the new version waits for an admin, as under ``first``.
+    """
+    if serving is None:
+        deploy = policy != "never"
+        return deploy, {"policy": policy, "deployed": deploy, "reason": "first version"}
+    if policy in ("always", "never", "first"):
+        reason = {"always": "policy always", "never": "policy never", "first": "not the first"}
+        return policy == "always", {
+            "policy": policy, "deployed": policy == "always", "reason": reason[policy],
+        }  # fmt: skip
+    previous = json.loads(serving.metrics_json or "{}").get("macro_f1")
+    if macro_f1 is None or previous is None:
+        return False, {
+            "policy": policy,
+            "deployed": False,
+            "reason": "no released held-out macro-F1 to compare; an admin deploys it",
+            "compared_with": serving.version,
+        }
+    better = macro_f1 > previous
+    return better, {
+        "policy": policy,
+        "deployed": better,
+        "reason": f"held-out macro-F1 {macro_f1:.3f} vs {previous:.3f} of v{serving.version}",
+        "metric": "macro_f1",
+        "compared_with": serving.version,
+    }
 
 
 def metrics_release(plan: TenantPlan) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fedtext.cli.console import console, fail, settings
 
@@ -17,7 +18,9 @@ from fedtext.cli.console import console, fail, settings
 def demo(
     rounds: Annotated[
         int | None,
-        typer.Option(help="Federated rounds [default: the model family's]", show_default=False),
+        typer.Option(
+            help=escape("Federated rounds [default: the model family's]"), show_default=False
+        ),
     ] = None,
     epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant.")] = 4.0,
     max_train_examples: Annotated[int, typer.Option(help="Training examples per tenant.")] = 3000,
@@ -26,7 +29,7 @@ def demo(
         Path | None,
         typer.Option(
             help="Where the demo keeps its database and keys (reset first) "
-            "[default: FEDTEXT_DATA_DIR/demo]",
+            "(default: FEDTEXT_DATA_DIR/demo)",
             show_default=False,
         ),
     ] = None,

@@ -18,6 +18,10 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name.")],
     scopes: Annotated[str, typer.Option(help="Comma-separated: admin, predict.")] = "predict",
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    secret_only: Annotated[
+        bool,
+        typer.Option("--secret-only", help="Print only the key, e.g. KEY=$(fedtext keys ...)."),
+    ] = False,
 ) -> None:
     """Create an API key for a tenant (printed once)."""
     from tenancy.db import session_scope
@@ -31,6 +35,9 @@ def keys_create(
             key, secret = create_api_key(session=session, tenant=row, scopes=scopes, name=name)
     except TenancyError as exc:
         raise UserError(str(exc)) from None
+    if secret_only:
+        print(secret)
+        return
     console.print(f"Key {key.prefix} ({key.scopes}) for {tenant} (shown once): {secret}")
 
 

@@ -22,11 +22,17 @@ def _option_type(annotation: Any) -> type:
     return annotation if annotation in (bool, int, float) else str
 
 
+def env_var(name: str) -> str:
+    """The environment variable a run option also reads: FEDTEXT_RUN_<NAME>."""
+    return f"FEDTEXT_RUN_{name.upper()}"
+
+
 def run_options(names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add one ``--kebab-name`` option per RunSpec setting in ``names`` to a command.
 
-    The command receives them as ``settings``: only what the user gave, so RunSpec (and the
-    model family) decide every default in one place.
+    The command receives them as ``settings``: only what the user gave (as an option or as
+    ``FEDTEXT_RUN_<NAME>`` in the environment), so RunSpec (and the model family) decide
+    every default in one place.
     """
     names = tuple(names)
 
@@ -55,7 +61,8 @@ def run_options(names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable
                     inspect.Parameter.KEYWORD_ONLY,
                     default=None,
                     annotation=Annotated[
-                        kind | None, typer.Option(flag, help=text, show_default=False)
+                        kind | None,
+                        typer.Option(flag, help=text, show_default=False, envvar=env_var(name)),
                     ],
                 )
             )

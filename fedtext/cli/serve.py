@@ -48,6 +48,9 @@ def serve(
     else:
         token = config.operator_token
     configure_json_logging(config.log_level)
+    from fedtext.logs import keep_in_file
+
+    keep_in_file()  # Alembic's migrations and the libraries' warnings: the log file only
     from runs.federation import FederationRunLauncher
     from runs.flower import FlowerError
     from runs.worker import LocalRunLauncher
@@ -108,6 +111,9 @@ def serve(
             torch_threads=config.serve_torch_threads,
             lookup_ttl_s=config.serve_lookup_ttl_s,
             max_budget_epsilon=config.max_budget_epsilon,
+            shared_encoder=config.serve_shared_encoder,
+            encoder_precision=config.serve_encoder_precision,
+            encoder_device=config.serve_encoder_device,
         ),
         limits=limits,
         run_launcher=launcher,

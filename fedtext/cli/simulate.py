@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from fedtext.cli.console import UserError, console, fail, open_platform, settings
@@ -31,8 +32,10 @@ def simulate(
         list[str] | None,
         typer.Option(
             "--tenant",
-            help="A tenant to train (repeat the option; existing tenants are used, missing "
-            "ones created) [default: PREFIX-1..N]",
+            help=escape(
+                "A tenant to train (repeat the option; existing tenants are used, missing "
+                "ones created) [default: PREFIX-1..N]"
+            ),
             show_default=False,
         ),
     ] = None,
@@ -40,9 +43,11 @@ def simulate(
         list[str] | None,
         typer.Option(
             "--data",
-            help="Training data, CSV or JSONL with text and label: one FILE split over the "
-            "tenants by --partitioning, or TENANT=FILE once per tenant [default: the demo "
-            "tweet corpus]",
+            help=escape(
+                "Training data, CSV or JSONL with text and label: one FILE split over the "
+                "tenants by --partitioning, or TENANT=FILE once per tenant [default: the "
+                "demo tweet corpus]"
+            ),
             show_default=False,
         ),
     ] = None,
@@ -63,8 +68,8 @@ def simulate(
 ) -> None:
     """Train a simulated federation: named tenants on their own files or the demo corpus.
 
-    Each tenant ends with an encrypted model version; the command prints a predict key per
-    tenant and the lines that serve and query it.
+    Prints each tenant's model version, a predict key and the lines to serve and query it.
+    Every run option also reads FEDTEXT_RUN_<OPTION> from the environment.
     """
     from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
     from fedtext.logs import current, setup
