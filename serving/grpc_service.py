@@ -23,6 +23,7 @@ import logging
 import grpc
 from starlette.concurrency import run_in_threadpool
 
+from serving.credentials import bearer_credential
 from serving.oip import (
     EXTENSIONS,
     LABEL,
@@ -42,7 +43,7 @@ from serving.oip import (
     single_input,
     texts_from_input,
 )
-from serving.predict import PredictService, Refusal, bearer_credential
+from serving.predict import PredictService, Refusal
 from serving.proto import grpc_service_pb2 as pb
 from serving.proto import grpc_service_pb2_grpc as pb_grpc
 

@@ -27,7 +27,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text as sql_text
 from starlette.concurrency import run_in_threadpool
 
-from serving.predict import PredictService, PredictTarget, Refusal, bearer_credential
+from serving.batching import InputRejected
+from serving.credentials import request_credential
+from serving.predict import PredictService, PredictTarget, Refusal
 
 INPUT = "text"
 LABEL = "label"
@@ -149,7 +151,10 @@ async def infer(
     """The deployed model's probabilities for ``texts`` (the predict service's checks, batcher)."""
     target = await resolve(service, credential, name, version)
     service.check_inputs(texts)
-    rows = await target.served.predict_rows(texts)
+    try:
+        rows = await target.served.predict_rows(texts)
+    except InputRejected as exc:  # the tokenizer refused one of this request's inputs
+        raise Refusal(422, str(exc)) from None
     served = target.served
     return Inference(
         served.name, served.version, served.spec.labels, np.asarray(rows, dtype=np.float32)
@@ -213,7 +218,7 @@ def _service(request: Request) -> PredictService:
 
 
 def _credential(request: Request) -> str | None:
-    return bearer_credential(request.headers.get("authorization"))
+    return request_credential(request.scope)
 
 
 @router.get("/health/live")

@@ -1,0 +1,44 @@
+"""The fedtext Python SDK: ``Client`` (sync) and ``AsyncClient`` on httpx.
+
+>>> from fedtext.client import Client
+>>> with Client("http://127.0.0.1:8000", key) as api:            # doctest: +SKIP
+...     api.predict("sentiment", ["lovely crew"], top_k=3).predictions
+
+Results are the API's own response models (serving/schemas.py); refusals raise
+``ApiError`` subclasses with ``status`` and ``message``; 429 and 503 are retried with
+backoff, honouring ``Retry-After`` (``RetryPolicy``).
+"""
+
+from fedtext.client._core import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RetryPolicy,
+    ServerError,
+    Unauthorized,
+    Unavailable,
+)
+from fedtext.client.aio import AsyncClient
+from fedtext.client.sync import Client
+
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "Conflict",
+    "Forbidden",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "RetryPolicy",
+    "ServerError",
+    "Unauthorized",
+    "Unavailable",
+]
