@@ -206,6 +206,8 @@ class Server:
             for name, value in opts.items():
                 env[f"FEDTEXT_SERVE_{name.upper()}"] = str(value)
             cmd = [str(Path(sys.executable).parent / "fedtext"), "serve", "--port", str(self.port)]
+            self.grpc_port = _free_port()  # the Open Inference Protocol's gRPC port
+            cmd += ["--grpc-port", str(self.grpc_port)]
         else:
             cmd = [sys.executable, __file__, "_baseline", str(data_dir), str(self.port)]
         self._log = log_path.open("ab")
@@ -480,6 +482,13 @@ def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
             run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
             _record(result, "runs", "fedtext", run)
             _log(f"fedtext c={c}: {run}")
+        # The c=64 scenario again over gRPC (bench/grpc_load.py): same server, same run.
+        from bench.grpc_load import drive as drive_grpc
+
+        grpc_address = f"127.0.0.1:{server.grpc_port}"
+        run = drive_grpc(tmp, server.proc.pid, grpc_address, keys, load_texts, 64, seconds, warmup)
+        _record(result, "runs", "fedtext-grpc", run)
+        _log(f"fedtext over gRPC c=64: {run}")
         m = server.metrics()
         bsum = m.get("fedtext_batch_size_sum{}", 0.0)
         bcount = m.get("fedtext_batch_size_count{}", 1.0)
