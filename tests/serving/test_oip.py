@@ -110,7 +110,9 @@ def _by_label(v1: dict[str, object]) -> list[dict[str, float]]:
     return [{p["label"]: p["score"] for p in row} for row in rows]
 
 
-def _check_equal(labels: list[str], label_out: np.ndarray, probs: np.ndarray, v1: dict) -> None:  # type: ignore[type-arg]
+def _check_equal(
+    labels: list[str], label_out: np.ndarray, probs: np.ndarray, v1: dict[str, object]
+) -> None:
     expected = _by_label(v1)
     assert probs.dtype == np.float32 and probs.shape == (len(expected), len(labels))
     for row, want, label in zip(probs, expected, label_out.reshape(-1), strict=True):
@@ -123,7 +125,6 @@ def _check_equal(labels: list[str], label_out: np.ndarray, probs: np.ndarray, v1
 
 def test_tritonclient_http_round_trip_equals_the_v1_route(live: Live) -> None:
     client = httpclient.InferenceServerClient(url=live.http)
-    auth = bearer(live.acme.predict_key)
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("sentiment", headers=bearer(live.acme.predict_key))
     meta = client.get_model_metadata("sentiment", headers=bearer(live.acme.predict_key))
@@ -141,7 +142,9 @@ def test_tritonclient_http_round_trip_equals_the_v1_route(live: Live) -> None:
     column = httpclient.InferInput("text", [len(TEXTS), 1], "BYTES")
     column.set_data_from_numpy(np.array([[t] for t in TEXTS], dtype=object), binary_data=False)
     probs_only = [httpclient.InferRequestedOutput("probabilities", binary_data=False)]
-    result = client.infer("sentiment", [column], outputs=probs_only, headers=bearer(live.acme.predict_key))
+    result = client.infer(
+        "sentiment", [column], outputs=probs_only, headers=bearer(live.acme.predict_key)
+    )
     assert result.as_numpy("label") is None
     response = result.get_response()
     assert response["model_version"] == "1" and "data" in response["outputs"][0]
