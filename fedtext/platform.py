@@ -25,6 +25,7 @@ def platform_from_settings(settings: Settings) -> Platform:
         key_provider=settings.key_provider,
         kek_file=settings.resolved_kek_file,
         kek_env=settings.kek_env,
+        pkcs11=settings.pkcs11_config(),
     )
     return platform
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tenancy.hsm import Pkcs11Config
 
 _PLACEHOLDER_TOKENS = {"", "changeme", "change-me", "secret", "operator"}
 
@@ -20,9 +22,22 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default is a SQLite file in data_dir."
     )
-    key_provider: str = Field(default="file", description="'file' or 'env'.")
+    key_provider: str = Field(
+        default="file",
+        description="'pkcs11' (an HSM: use it in production), 'file' or 'env' (development).",
+    )
     kek_file: Path | None = Field(default=None, description="Default: data_dir/keys/kek.key.")
     kek_env: str = Field(default="FEDTEXT_KEK", description="Env var holding a base64 KEK.")
+    pkcs11_module: str | None = Field(
+        default=None,
+        description="The HSM vendor's PKCS#11 library (SoftHSM2: "
+        "/usr/lib/softhsm/libsofthsm2.so), for key_provider 'pkcs11'.",
+    )
+    pkcs11_token: str | None = Field(default=None, description="The token's label.")
+    pkcs11_pin: SecretStr | None = Field(default=None, description="The token's user PIN.")
+    pkcs11_key_label: str = Field(
+        default="fedtext-kek", description="Label prefix of the KEKs in the token."
+    )
     operator_token: str | None = None
     dev_mode: bool = Field(default=False, description="Allows a generated operator token.")
     api_host: str = "127.0.0.1"
@@ -94,12 +109,25 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FEDTEXT_OPERATOR_TOKEN must be at least 32 characters outside dev mode."
             )
+        if self.key_provider == "pkcs11":
+            self.pkcs11_config()  # a missing module, token label or PIN, named now
         if self.superlink and self.superlink_ca is None:
             raise ValueError(
                 "FEDTEXT_SUPERLINK needs FEDTEXT_SUPERLINK_CA (the federation's ca.crt): "
                 "the SuperLink only speaks TLS."
             )
         return self
+
+    def pkcs11_config(self) -> Pkcs11Config | None:
+        """The token settings of key_provider 'pkcs11' (None for the other providers)."""
+        if self.key_provider != "pkcs11":
+            return None
+        return Pkcs11Config(
+            module=self.pkcs11_module or "",
+            token_label=self.pkcs11_token or "",
+            pin=self.pkcs11_pin.get_secret_value() if self.pkcs11_pin else "",
+            key_label=self.pkcs11_key_label,
+        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive
 from runs.status import RunStatus
 from tenancy.blobs import LocalBlobStore
+from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
 from tenancy.keyring import EnvKeyProvider, FileKeyProvider
 from tenancy.platform import Platform
 
@@ -100,6 +101,12 @@ class LocalRunLauncher(WorkerLauncher):
             env["FEDTEXT_WORKER_KEK_FILE"] = str(provider.path.resolve())
         elif isinstance(provider, EnvKeyProvider):
             env["FEDTEXT_WORKER_KEK_ENV"] = provider.variable
+        elif isinstance(provider, Pkcs11KeyProvider):
+            # The worker opens the same token itself (the KEK never leaves it).
+            env["FEDTEXT_WORKER_PKCS11_MODULE"] = provider.config.module
+            env["FEDTEXT_WORKER_PKCS11_TOKEN"] = provider.config.token_label
+            env["FEDTEXT_WORKER_PKCS11_PIN"] = provider.config.pin
+            env["FEDTEXT_WORKER_PKCS11_KEY_LABEL"] = provider.config.key_label
         super().__init__(env, log_dir)
 
     def check(self, config: dict[str, Any]) -> None:
@@ -138,6 +145,14 @@ def _platform_from_env() -> Platform:
         env["FEDTEXT_WORKER_KEY_PROVIDER"],
         kek_file=Path(env.get("FEDTEXT_WORKER_KEK_FILE", "kek.key")),
         kek_env=env.get("FEDTEXT_WORKER_KEK_ENV", "FEDTEXT_KEK"),
+        pkcs11=Pkcs11Config(
+            module=env["FEDTEXT_WORKER_PKCS11_MODULE"],
+            token_label=env["FEDTEXT_WORKER_PKCS11_TOKEN"],
+            pin=env["FEDTEXT_WORKER_PKCS11_PIN"],
+            key_label=env["FEDTEXT_WORKER_PKCS11_KEY_LABEL"],
+        )
+        if "FEDTEXT_WORKER_PKCS11_MODULE" in env
+        else None,
     )
     from tenancy.db import get_engine
     from tenancy.keyring import Keyring

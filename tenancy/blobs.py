@@ -14,8 +14,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine, delete, insert, select
 
-from tenancy.files import private_dir
 from tenancy.errors import InvalidInput, NotFound
+from tenancy.files import private_dir
 from tenancy.tables import Blob, utcnow
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")

@@ -8,6 +8,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlmodel import Session, col, select
 
@@ -15,6 +16,9 @@ from tenancy import crypto
 from tenancy.errors import KeyProviderError, NotFound
 from tenancy.files import private_dir
 from tenancy.tables import DataKey, Tenant
+
+if TYPE_CHECKING:
+    from tenancy.hsm import Pkcs11Config
 
 
 class KeyProvider(ABC):
@@ -43,6 +47,24 @@ class KeyProvider(ABC):
     def retire_version(self, version: int) -> None:
         """Forget an old KEK version (the caller checks that nothing uses it)."""
         raise KeyProviderError(f"The {self.name} key provider cannot retire KEK versions.")
+
+    # Providers that hold KEKs in software implement the three operations below with the
+    # KEK's bytes; a provider whose KEKs never leave their device (tenancy/hsm.py)
+    # overrides them and does each inside the device.
+
+    def wrap_key(self, version: int, key: bytes, associated_data: bytes) -> bytes:
+        """``key`` encrypted (AES-256-GCM) under KEK ``version`` with ``associated_data``."""
+        return crypto.encrypt(self.get_kek(version), key, associated_data)
+
+    def unwrap_key(self, version: int, wrapped: bytes, associated_data: bytes) -> bytes:
+        """Inverse of :meth:`wrap_key`; DecryptionError on any mismatch."""
+        return crypto.decrypt(
+            self.get_kek(version), wrapped, associated_data, what="wrapped data key"
+        )
+
+    def derive_key(self, version: int, purpose: str) -> bytes:
+        """A 256-bit key for ``purpose`` derived from KEK ``version`` (never the KEK itself)."""
+        return crypto.derive_key(self.get_kek(version), purpose)
 
 
 def _decode_key(text: str, where: str) -> bytes:
@@ -144,13 +166,27 @@ class EnvKeyProvider(KeyProvider):
         return _decode_key(value, self.variable)
 
 
-def create_key_provider(name: str, *, kek_file: Path, kek_env: str) -> KeyProvider:
-    """Registry of key providers; unknown names raise ValueError."""
+def create_key_provider(
+    name: str, *, kek_file: Path, kek_env: str, pkcs11: Pkcs11Config | None = None
+) -> KeyProvider:
+    """Registry of key providers; unknown names raise ValueError.
+
+    ``pkcs11`` (the token's module, label and PIN) is needed by, and only by, "pkcs11".
+    """
     if name == "file":
         return FileKeyProvider(kek_file)
     if name == "env":
         return EnvKeyProvider(kek_env)
-    raise ValueError(f"Unknown key provider {name!r}; known: env, file.")
+    if name == "pkcs11":
+        from tenancy.hsm import Pkcs11KeyProvider
+
+        if pkcs11 is None:
+            raise ValueError(
+                "The pkcs11 key provider needs FEDTEXT_PKCS11_MODULE, FEDTEXT_PKCS11_TOKEN "
+                "and FEDTEXT_PKCS11_PIN."
+            )
+        return Pkcs11KeyProvider(pkcs11)
+    raise ValueError(f"Unknown key provider {name!r}; known: env, file, pkcs11.")
 
 
 def _wrap_aad(tenant_id: str, kek_version: int) -> bytes:
@@ -165,8 +201,8 @@ class Keyring:
 
     def create_data_key(self, session: Session, tenant: Tenant) -> None:
         version = self.provider.current_version()
-        wrapped = crypto.encrypt(
-            self.provider.get_kek(version), crypto.generate_key(), _wrap_aad(tenant.id, version)
+        wrapped = self.provider.wrap_key(
+            version, crypto.generate_key(), _wrap_aad(tenant.id, version)
         )
         session.add(DataKey(tenant_id=tenant.id, wrapped=wrapped, kek_version=version))
         session.flush()
@@ -174,10 +210,10 @@ class Keyring:
     def platform_key(self, purpose: str) -> tuple[int, bytes]:
         """(KEK version, key) for platform data such as run checkpoints, derived from the KEK."""
         version = self.provider.current_version()
-        return version, crypto.derive_key(self.provider.get_kek(version), f"fedtext:{purpose}")
+        return version, self.provider.derive_key(version, f"fedtext:{purpose}")
 
     def platform_key_version(self, purpose: str, version: int) -> bytes:
-        return crypto.derive_key(self.provider.get_kek(version), f"fedtext:{purpose}")
+        return self.provider.derive_key(version, f"fedtext:{purpose}")
 
     def _data_key_row(self, session: Session, tenant_id: str) -> DataKey:
         row = session.exec(
@@ -200,11 +236,8 @@ class Keyring:
             return self._unwrap(self._data_key_row(session, tenant_id))
 
     def _unwrap(self, row: DataKey) -> bytes:
-        return crypto.decrypt(
-            self.provider.get_kek(row.kek_version),
-            row.wrapped,
-            _wrap_aad(row.tenant_id, row.kek_version),
-            what="wrapped data key",
+        return self.provider.unwrap_key(
+            row.kek_version, row.wrapped, _wrap_aad(row.tenant_id, row.kek_version)
         )
 
     def replace_data_key(self, session: Session, tenant_id: str) -> tuple[bytes, bytes]:
@@ -220,7 +253,7 @@ class Keyring:
         for row in old_rows:
             session.delete(row)
         session.flush()
-        wrapped = crypto.encrypt(self.provider.get_kek(version), new, _wrap_aad(tenant_id, version))
+        wrapped = self.provider.wrap_key(version, new, _wrap_aad(tenant_id, version))
         session.add(DataKey(tenant_id=tenant_id, wrapped=wrapped, kek_version=version))
         session.flush()
         return old, new
@@ -236,9 +269,7 @@ class Keyring:
     def rewrap_one(self, session: Session, row: DataKey, version: int) -> None:
         """Rewrap one data key under KEK ``version``; the row changes in one UPDATE."""
         key = self._unwrap(row)
-        row.wrapped = crypto.encrypt(
-            self.provider.get_kek(version), key, _wrap_aad(row.tenant_id, version)
-        )
+        row.wrapped = self.provider.wrap_key(version, key, _wrap_aad(row.tenant_id, version))
         row.kek_version = version
         session.add(row)
         session.flush()

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from tenancy.blobs import BlobStore, create_blob_store
 from tenancy.db import get_engine
+from tenancy.hsm import Pkcs11Config
 from tenancy.keyring import Keyring, create_key_provider
 
 
@@ -28,7 +29,10 @@ class Platform:
         kek_file: Path,
         kek_env: str = "FEDTEXT_KEK",
         blob_store: str = "file",
+        pkcs11: Pkcs11Config | None = None,
     ) -> Platform:
-        provider = create_key_provider(key_provider, kek_file=kek_file, kek_env=kek_env)
+        provider = create_key_provider(
+            key_provider, kek_file=kek_file, kek_env=kek_env, pkcs11=pkcs11
+        )
         engine = get_engine(database_url)
         return cls(engine, Keyring(provider), create_blob_store(blob_store, engine, blob_dir))
