@@ -209,13 +209,14 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
     """
     table = Table(
         "tenant", "train", "test", "acc g/p", "F1 g/p", "eps/budget",
-        "model", box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
+        "model", box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
         title="Results (full precision: the run's JSON summary)",
         # Only DP outputs leave a node: the test split's size and scores are computed
         # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
         caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized);\n"
         "test size and scores as released with DP noise",
     )  # fmt: skip
+    table.columns[-1].no_wrap = True
     for t in report.tenants:
         table.add_row(
             t.name,

@@ -51,7 +51,7 @@ def _render(platform: Platform, run_id: str, progress: Progress, task: TaskID) -
         "tenant", f"rounds (of {rounds})" if rounds else "rounds",
         *(["personalized"] if personalize else []),
         "accuracy g/p", "macro-F1 g/p",
-        box=box.SIMPLE_HEAD, caption_justify="left",
+        box=box.SIMPLE_HEAD, pad_edge=False, caption_justify="left",
         caption="g: the global model / p: personalized; test scores as released with DP noise",
     )  # fmt: skip
     latest: dict[str, dict[str, RoundMetric]] = {}

@@ -196,11 +196,12 @@ def _ensure_tenants(platform: Any, names: list[str], create: bool) -> dict[str, 
 def _print_result(run_id: str, summary: dict[str, Any], order: list[str]) -> None:
     table = Table(
         "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "model",
-        box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
+        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
         title="Results (full precision: the run's JSON summary)",
         caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized);\n"
         "test size and scores as released with DP noise",
     )  # fmt: skip
+    table.columns[-1].no_wrap = True
     tenants = summary["tenants"]
     for name in sorted(tenants, key=lambda n: order.index(n) if n in order else len(order)):
         t = tenants[name]
