@@ -48,6 +48,14 @@ def serve(
     else:
         token = config.operator_token
     configure_json_logging(config.log_level)
+    kek = config.resolved_kek_file.resolve()
+    if config.key_provider == "file" and kek.is_relative_to(config.data_dir.resolve()):
+        # Insecure modes are loud: a copy of the data directory then decrypts every model.
+        console.print(
+            f"warning: the key-encryption key is a file inside the data directory ({kek}); "
+            "a copy of the directory decrypts every tenant's models. In production use "
+            "FEDTEXT_KEY_PROVIDER=pkcs11 (an HSM; docs/SECURITY.md)."
+        )
     from fedtext.logs import keep_in_file
 
     keep_in_file()  # Alembic's migrations and the libraries' warnings: the log file only
