@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -26,6 +27,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from fedtext.certificates import create_credentials
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.server_thread import free_port
 from fedtext.settings import Settings
@@ -61,6 +63,48 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
+def _serve(
+    data: Path,
+    http_port: int,
+    grpc_port: int,
+    *extra: str,
+    scheme: str = "http",
+    verify: object = True,
+) -> subprocess.Popen[bytes]:
+    """`fedtext serve` on ``data``, once its /readyz answers."""
+    env = {
+        **os.environ,
+        "FEDTEXT_DATA_DIR": str(data),
+        "FEDTEXT_OPERATOR_TOKEN": TOKEN,
+        "FEDTEXT_LOG_LEVEL": "WARNING",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("FEDTEXT_DATABASE_URL", None)
+    with (data / "serve.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtext.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(http_port), "--grpc-port", str(grpc_port), *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            url = f"{scheme}://127.0.0.1:{http_port}/readyz"
+            if httpx.get(url, timeout=1, verify=verify).is_success:  # type: ignore[arg-type]
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"fedtext serve did not start:\n{(data / 'serve.log').read_text()}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     data = tmp_path_factory.mktemp("oip")
@@ -72,36 +116,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     store_tiny_model(platform, globex.tenant, name="private", seed=2)
     platform.engine.dispose()
     http_port, grpc_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "FEDTEXT_DATA_DIR": str(data),
-        "FEDTEXT_OPERATOR_TOKEN": TOKEN,
-        "FEDTEXT_LOG_LEVEL": "WARNING",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("FEDTEXT_DATABASE_URL", None)
-    log = (data / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedtext.cli", "serve", "--host", "127.0.0.1",
-         "--port", str(http_port), "--grpc-port", str(grpc_port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = _serve(data, http_port, grpc_port)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"fedtext serve did not start:\n{(data / 'serve.log').read_text()}")
-            time.sleep(0.2)
         yield Live(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", acme, globex)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        _stop(proc)
 
 
 def _by_label(v1: dict[str, object]) -> list[dict[str, float]]:
@@ -299,3 +318,32 @@ def test_grpc_bad_tensors_are_invalid_argument_with_a_clear_message(live: Live) 
     assert [o.name for o in ok.outputs] == ["label", "probabilities"]
     assert json.loads(ok.parameters["labels"].string_param) == ["negative", "neutral", "positive"]
     channel.close()
+
+
+def test_grpc_and_http_speak_tls_with_the_same_certificate(tmp_path: Path) -> None:
+    made = create_credentials(tmp_path / "creds", hosts=["127.0.0.1"], tenants=[])
+    cert, key, ca = made.layout.server_cert, made.layout.server_key, made.layout.ca_cert
+    data = tmp_path / "data"
+    platform = platform_from_settings(Settings(data_dir=data))
+    upgrade_schema(platform)
+    acme = make_tenant(platform, "acme")
+    store_tiny_model(platform, acme.tenant, name="sentiment")
+    platform.engine.dispose()
+    http_port, grpc_port = free_port(), free_port()
+    tls = ("--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    proc = _serve(data, http_port, grpc_port, *tls, scheme="https", verify=str(ca))
+    try:
+        client = grpcclient.InferenceServerClient(
+            url=f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(ca)
+        )
+        text = grpcclient.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"lovely crew"], dtype=object))
+        result = client.infer("sentiment", [text], headers=bearer(acme.predict_key))
+        assert result.as_numpy("probabilities").shape == (1, 3)
+        client.close()
+        plain = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        with pytest.raises(InferenceServerException):  # no TLS, no answer
+            plain.is_server_live(client_timeout=3)
+        plain.close()
+    finally:
+        _stop(proc)
