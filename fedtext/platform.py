@@ -26,6 +26,7 @@ def platform_from_settings(settings: Settings) -> Platform:
         kek_file=settings.resolved_kek_file,
         kek_env=settings.kek_env,
         pkcs11=settings.pkcs11_config(),
+        blob_store=settings.blob_store,
     )
     return platform
 

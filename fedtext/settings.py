@@ -58,6 +58,22 @@ class Settings(BaseSettings):
         description="Seconds the predict path reuses a key's and a deployment's database answer "
         "(changes through the API apply at once; from other processes within this); 0: off.",
     )
+    serve_shared_encoder: bool = Field(
+        default=True,
+        description="encoder-head models share one encoder per process, batched across "
+        "tenants; false serves them per model.",
+    )
+    serve_encoder_precision: str = Field(
+        default="fp32", description="Shared encoder: fp32 (exact), bf16, or int8 (CPU)."
+    )
+    serve_encoder_device: str = Field(
+        default="auto", description="Shared encoder: auto (CUDA when present), cpu or cuda."
+    )
+    blob_store: str = Field(
+        default="file",
+        description="Where encrypted blobs live: file (data_dir/blobs) or database "
+        "(PostgreSQL; replicas of the API need no shared disk).",
+    )
     max_budget_epsilon: float = Field(
         default=100.0,
         gt=0,

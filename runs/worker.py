@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 
 from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive
 from runs.status import RunStatus
-from tenancy.blobs import LocalBlobStore
+from tenancy.blobs import DatabaseBlobStore, LocalBlobStore, create_blob_store
 from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
 from tenancy.keyring import EnvKeyProvider, FileKeyProvider
 from tenancy.platform import Platform
@@ -89,14 +89,20 @@ class LocalRunLauncher(WorkerLauncher):
     """Starts simulated runs' workers on this machine for the platform the API serves."""
 
     def __init__(self, platform: Platform, log_dir: Path) -> None:
-        if not isinstance(platform.store, LocalBlobStore):
-            raise ValueError("The local run launcher needs a local blob store.")
+        store = platform.store
+        if not isinstance(store, LocalBlobStore | DatabaseBlobStore):
+            raise ValueError("The local run launcher needs a file or database blob store.")
         provider = platform.keyring.provider
         env = {
             "FEDTEXT_WORKER_DATABASE_URL": engine_url(platform.engine),
-            "FEDTEXT_WORKER_BLOB_DIR": str(platform.store.root.resolve()),
+            # Database blobs: the worker writes its models where the API reads them.
+            "FEDTEXT_WORKER_BLOB_STORE": "database",
+            "FEDTEXT_WORKER_BLOB_DIR": "",
             "FEDTEXT_WORKER_KEY_PROVIDER": provider.name,
         }
+        if isinstance(store, LocalBlobStore):
+            env["FEDTEXT_WORKER_BLOB_STORE"] = "file"
+            env["FEDTEXT_WORKER_BLOB_DIR"] = str(store.root.resolve())
         if isinstance(provider, FileKeyProvider):
             env["FEDTEXT_WORKER_KEK_FILE"] = str(provider.path.resolve())
         elif isinstance(provider, EnvKeyProvider):
@@ -157,11 +163,11 @@ def _platform_from_env() -> Platform:
     from tenancy.db import get_engine
     from tenancy.keyring import Keyring
 
-    return Platform(
-        get_engine(env["FEDTEXT_WORKER_DATABASE_URL"]),
-        Keyring(provider),
-        LocalBlobStore(Path(env["FEDTEXT_WORKER_BLOB_DIR"])),
+    engine = get_engine(env["FEDTEXT_WORKER_DATABASE_URL"])
+    store = create_blob_store(
+        env.get("FEDTEXT_WORKER_BLOB_STORE", "file"), engine, Path(env["FEDTEXT_WORKER_BLOB_DIR"])
     )
+    return Platform(engine, Keyring(provider), store)
 
 
 def _heartbeat(engine: Engine, run_id: str, stop: threading.Event) -> None:

@@ -45,6 +45,7 @@ from serving.routers import (
     runs,
     tenants,
 )
+from serving.shared_encoder import SharedEncoders
 from tenancy import events
 from tenancy.platform import Platform
 
@@ -202,6 +203,18 @@ def create_app(
         max_bytes=config.cache_bytes,
         metrics=metrics,
         make_batcher=make_batcher,
+        heads=SharedEncoders(
+            executor=executor,
+            precision=config.encoder_precision,
+            device=config.encoder_device,
+            max_batch=config.max_batch,
+            max_wait=config.max_wait_ms / 1000,
+            max_inflight=config.inference_threads,
+            on_batch=observe_batch,
+            observe=metrics.inference.observe,
+        )
+        if config.shared_encoder
+        else None,
     )
     app.state.lookups = lookups = PredictLookups(config.lookup_ttl_s)
     app.state.predict = service = PredictService(platform, app.state.cache, lookups, config)

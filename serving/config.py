@@ -43,6 +43,11 @@ class ServingConfig:
     lookup_ttl_s: float = 1.0
     # The largest epsilon budget a tenant or operator may set over HTTP (422 beyond).
     max_budget_epsilon: float = DEFAULT_MAX_EPSILON
+    # encoder-head models: one encoder per process batched across tenants, private heads
+    # applied after (serving/shared_encoder.py); False serves them per model like the rest.
+    shared_encoder: bool = True
+    encoder_precision: str = "fp32"  # fp32 (exact) | bf16 | int8 (CPU)
+    encoder_device: str = "auto"  # auto (CUDA when present) | cpu | cuda
 
     def __post_init__(self) -> None:
         if self.cache_models < 1 or self.cache_bytes < 1:

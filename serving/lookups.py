@@ -10,6 +10,10 @@ queries, several times the batched forward pass itself, so the answers are memoi
   (the CLI, another API worker) are seen within about ``ttl``.
 - An entry older than twice ``ttl`` (the refresher stalled: a database outage) is not used;
   the request then goes to the database like a first one.
+- Changes that other processes commit through tenancy's write functions are read from
+  tenancy's change log on the same refresh (``tenancy.events.ChangeFeed``) and announced
+  here as if made in this process: a tenant deleted through another replica or the CLI
+  has its decrypted models dropped from this process's cache within about ``ttl``.
 - Changes made in this process through tenancy's write functions (revoke a key, delete a
   tenant, deploy, roll back, change serving options, rotate a data key) clear the memo as
   they commit: serving/predict.py subscribes to ``tenancy.events``. No route has to.
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
+from tenancy import events
 from tenancy.tables import ApiKey, ModelVersion, Tenant
 from tenancy.tenants import hash_key, is_live
 
@@ -50,6 +55,7 @@ class PredictLookups:
         self._deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
         # Bumped by clear(): an answer read before a change must not be kept after it.
         self.generation = 0
+        self.feed = events.ChangeFeed()
 
     def _fresh(self, stamped: tuple[float, object] | None) -> bool:
         return stamped is not None and time.monotonic() - stamped[0] < 2 * self.ttl
@@ -92,7 +98,14 @@ class PredictLookups:
             self._deployed.clear()
 
     def refresh(self, session: Session) -> None:
-        """Re-read every memoized answer in two queries (blocking: run it off the loop)."""
+        """Apply other processes' changes, then re-read every memoized answer (blocking).
+
+        Three queries: the change log, the keys, the deployments.
+        """
+        for change in self.feed.poll(session):
+            # To this process's subscribers (the predict service clears this memo and
+            # evicts a deleted tenant's models), never back to the log.
+            events.publish(change)
         with self._lock:
             generation = self.generation
             callers = {digest: entry for digest, (_, entry) in self._callers.items()}

@@ -1,5 +1,9 @@
 """Served models: decrypted in memory on first use, kept in an LRU bounded by count and bytes.
 
+A head of the ``encoder-head`` family served on the process's shared encoder
+(serving/shared_encoder.py) is a few kilobytes: heads count against the bytes bound only,
+so tens of thousands fit where ``max_models`` whole models do.
+
 The encrypted blobs sit behind ``tenancy.blobs.BlobStore``; ``tenancy.registry`` checks
 each blob's SHA-256 (recorded in the database) before it decrypts, in memory only. Here a
 decrypted model lives exactly as long as its cache entry: eviction drops the last
@@ -24,6 +28,7 @@ from models.encoder_head import FAMILY as ENCODER_HEAD
 from serving.batching import MicroBatcher, Rows
 from serving.metrics import ServingMetrics
 from serving.optimize import prepare_for_inference, resident_bytes
+from serving.shared_encoder import CrossTenantBatcher, SharedEncoders, SharedHead
 from tenancy.errors import DecryptionError, IntegrityError, NotFound
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, read_model_weights
@@ -32,6 +37,11 @@ from tenancy.tables import ModelVersion
 log = logging.getLogger("fedtext.serving.registry")
 
 CacheKey = tuple[str, str, int]  # (tenant id, model name, version)
+
+# What a cached head holds beyond its tensors' bytes (module, parameter and cache-entry
+# objects), so that the bytes bound counts what memory heads really take. Measured in
+# bench/serving.py (resident memory from 20 to 2,000 heads): about 8 KiB a head.
+HEAD_OVERHEAD_BYTES = 8 * 1024
 
 
 class UnknownModel(NotFound):
@@ -74,7 +84,9 @@ class ServedModel:
     quantize: str | None
     nbytes: int  # decrypted float weights; the LRU's byte bound counts these
     load_seconds: float
-    batcher: MicroBatcher | None = field(default=None, repr=False)
+    batcher: MicroBatcher | SharedHead | None = field(default=None, repr=False)
+    # A head on the shared encoder: counted by bytes only, batched across tenants.
+    shared: bool = False
 
     @property
     def key(self) -> CacheKey:
@@ -100,8 +112,18 @@ def top_labels(labels: tuple[str, ...], row: list[float], top_k: int) -> list[tu
     return [(labels[i], row[i]) for i in order]
 
 
-def load_served_model(session: Session, platform: Platform, row: ModelVersion) -> ServedModel:
-    """Fetch, check, decrypt and rebuild one model version, in memory only (no cache)."""
+def load_served_model(
+    session: Session,
+    platform: Platform,
+    row: ModelVersion,
+    check_encoder: Callable[[ModelSpec], object] | None = None,
+) -> ServedModel:
+    """Fetch, check, decrypt and rebuild one model version, in memory only (no cache).
+
+    ``check_encoder`` refuses (EncoderError) an encoder-head spec whose encoder is not the
+    one it will run on; by default the process's CPU encoder of that name is loaded and
+    checked (``models.spec_encoder``).
+    """
     started = time.perf_counter()
     try:
         weights = read_model_weights(
@@ -116,7 +138,8 @@ def load_served_model(session: Session, platform: Platform, row: ModelVersion) -
     try:
         spec = ModelSpec.from_json(row.spec_json)
         if spec.family == ENCODER_HEAD:
-            spec_encoder(spec)  # a head trained on other features is refused here, at load
+            # A head trained on other features is refused here, at load.
+            (check_encoder or spec_encoder)(spec)
         model = load_weights(build_model(spec), weights)
     except EncoderError as exc:
         raise ModelLoadError(f"{row.name} v{row.version}: {exc}", "encoder") from None
@@ -135,6 +158,13 @@ def load_served_model(session: Session, platform: Platform, row: ModelVersion) -
         nbytes=nbytes,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _family(row: ModelVersion) -> str | None:
+    try:
+        return ModelSpec.from_json(row.spec_json).family
+    except ValueError:
+        return None  # load_served_model refuses it with its reason
 
 
 def find_deployed(session: Session, tenant_id: str, name: str) -> ModelVersion:
@@ -168,6 +198,7 @@ class ModelCache:
         max_bytes: int = 512 * 2**20,
         metrics: ServingMetrics | None = None,
         make_batcher: Callable[[ServedModel], MicroBatcher] | None = None,
+        heads: SharedEncoders | None = None,
     ) -> None:
         if max_models < 1:
             raise ValueError("max_models should be at least 1.")
@@ -178,8 +209,10 @@ class ModelCache:
         self.max_bytes = max_bytes
         self.metrics = metrics or ServingMetrics()
         self._make_batcher = make_batcher
+        self.heads = heads  # None: encoder-head models are served per model, like the others
         self._items: OrderedDict[CacheKey, ServedModel] = OrderedDict()
         self._bytes = 0
+        self._models = 0  # entries that count against max_models (not shared heads)
         self._loading: dict[
             tuple[CacheKey, str | None], concurrent.futures.Future[ServedModel]
         ] = {}
@@ -188,6 +221,11 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+    @property
+    def models(self) -> int:
+        """Cached whole models (the entries ``max_models`` bounds; heads are not counted)."""
+        return self._models
 
     def cached_keys(self) -> list[CacheKey]:
         """Cached keys, least recently used first."""
@@ -238,7 +276,7 @@ class ModelCache:
         if not leader:
             return pending.result()  # re-raises the leader's error: no retry storm
         try:
-            served = load_served_model(session, self.platform, row)
+            served = self._load(session, row)
         except BaseException as exc:
             with self._lock:
                 del self._loading[flight]
@@ -249,20 +287,44 @@ class ModelCache:
         self.metrics.load_seconds.labels(served.spec.family, str(served.quantize)).observe(
             served.load_seconds
         )
-        if self._make_batcher is not None:
+        if self._make_batcher is not None and served.batcher is None:
             served.batcher = self._make_batcher(served)
         with self._lock:
             del self._loading[flight]
             self._drop(key)  # a stale entry (other quantization) of the same version
             self._items[key] = served
             self._bytes += served.nbytes
+            self._models += not served.shared
             while len(self._items) > 1 and (
-                len(self._items) > self.max_models or self._bytes > self.max_bytes
+                self._models > self.max_models or self._bytes > self.max_bytes
             ):
-                self._drop(next(iter(self._items)))
+                self._drop(self._victim())
             self._publish()
         pending.set_result(served)
         return served
+
+    def _load(self, session: Session, row: ModelVersion) -> ServedModel:
+        """Load ``row``; an encoder-head model goes on the shared encoder when there is one."""
+        heads = self.heads
+        if heads is None or _family(row) != ENCODER_HEAD:
+            return load_served_model(session, self.platform, row)
+        batchers: list[CrossTenantBatcher] = []
+
+        def check(spec: ModelSpec) -> None:
+            # Checked against the shared runtime: the encoder weights in memory.
+            batchers.append(heads.batcher(spec))
+
+        served = load_served_model(session, self.platform, row, check_encoder=check)
+        served.batcher = batchers[0].attach(served.model, served.spec, row.tenant_id)
+        served.shared = True
+        served.nbytes += HEAD_OVERHEAD_BYTES
+        return served
+
+    def _victim(self) -> CacheKey:
+        """The entry to drop: the least recently used one of the bound that is exceeded."""
+        if self._models > self.max_models:
+            return next(k for k, v in self._items.items() if not v.shared)
+        return next(iter(self._items))
 
     def cached(self, row: ModelVersion) -> ServedModel | None:
         """The model for ``row`` if it is in memory (a cache hit), else None; never loads."""
@@ -295,6 +357,7 @@ class ModelCache:
         if served is None:
             return False
         self._bytes -= served.nbytes
+        self._models -= not served.shared
         self.metrics.cache_evictions.inc()
         # Requests already holding the model finish with it; then nothing references it.
         log.info(

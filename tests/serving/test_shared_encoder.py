@@ -1,0 +1,230 @@
+"""Heads of many tenants on one shared encoder: batched across tenants, isolated, by bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from models import ModelSpec, build_model, save_weights, text_inputs
+from serving.app import create_app
+from serving.config import ServingConfig
+from serving.registry import HEAD_OVERHEAD_BYTES, ModelCache, find_deployed
+from serving.shared_encoder import (
+    CrossTenantBatcher,
+    EncoderRuntime,
+    SharedEncoders,
+    pick_device,
+)
+from tenancy.db import session_scope
+from tenancy.platform import Platform
+from tenancy.registry import store_model_version
+from tests.factories import TenantFixture, make_tenant
+
+LABELS = ["negative", "neutral", "positive"]
+# Lengths differ a lot, so a mixed batch pads each sentence far beyond its own length.
+TEXTS = {
+    "acme": ["thanks for the upgrade, lovely crew", "ok"],
+    "globex": ["lost my bag again and nobody at the desk would even look at the tracking number"],
+    "initech": ["gate 12 at noon", "the \ud800 lone surrogate reads as a replacement character"],
+}
+
+
+def assert_same(got: list[list[float]], expected: list[list[float]]) -> None:
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def random_head(spec: ModelSpec) -> torch.nn.Module:
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model.eval()
+
+
+def store_head(
+    platform: Platform, tenant: TenantFixture, seed: int, spec: ModelSpec | None = None
+) -> torch.nn.Module:
+    spec = spec or ModelSpec.create("encoder-head", LABELS)
+    torch.manual_seed(seed)
+    model = random_head(spec)
+    with session_scope(platform.engine) as session:
+        store_model_version(
+            session=session, keyring=platform.keyring, store=platform.store,
+            tenant=tenant.tenant, name="sentiment", spec_json=spec.to_json(),
+            weights=save_weights(model), deploy=True,
+        )  # fmt: skip
+    return model
+
+
+def test_mixed_tenant_batches_give_each_tenant_exactly_what_it_gets_alone(
+    sqlite_platform: Platform,
+) -> None:
+    platform = sqlite_platform
+    tenants = {name: make_tenant(platform, name) for name in TEXTS}
+    models = {name: store_head(platform, t, seed=i) for i, (name, t) in enumerate(tenants.items())}
+    batches: list[tuple[int, int]] = []
+    executor = ThreadPoolExecutor(1)
+    shared = SharedEncoders(
+        executor=executor, device="cpu", max_batch=64, max_wait=0.05,
+        on_batch=lambda inputs, requests: batches.append((inputs, requests)),
+    )  # fmt: skip
+    cache = ModelCache(platform, heads=shared)
+    with Session(platform.engine) as session:
+        served = {
+            name: cache.get(session, find_deployed(session, t.tenant.id, "sentiment"))
+            for name, t in tenants.items()
+        }
+
+    async def together() -> list[list[list[float]]]:
+        return await asyncio.gather(*(served[n].predict_rows(TEXTS[n]) for n in TEXTS))
+
+    async def alone(name: str) -> list[list[float]]:
+        return await served[name].predict_rows(TEXTS[name])
+
+    mixed = dict(zip(TEXTS, asyncio.run(together()), strict=True))
+    assert batches == [(5, 3)]  # one encoder batch held all three tenants' requests
+    for name, texts in TEXTS.items():
+        single = asyncio.run(alone(name))
+        assert batches[-1] == (len(texts), 1)
+        assert_same(mixed[name], single)
+        # ... and what the per-model path (features padded as in training) gives.
+        spec = served[name].spec
+        with torch.no_grad():
+            expected = torch.softmax(models[name](*text_inputs(spec, texts)), -1).tolist()
+        assert_same(mixed[name], expected)
+    # Different heads really gave different answers on the shared features.
+    differ = torch.tensor(served["acme"].infer(["ok"])) - torch.tensor(
+        served["globex"].infer(["ok"])
+    )
+    assert differ.abs().max() > 1e-3
+    executor.shutdown()
+
+
+def test_heads_count_by_bytes_not_by_models_and_are_evicted_under_a_small_cache(
+    sqlite_platform: Platform,
+) -> None:
+    platform = sqlite_platform
+    tenants = [make_tenant(platform, f"t{i}") for i in range(4)]
+    for i, t in enumerate(tenants):
+        store_head(platform, t, seed=i)
+    head_bytes = (384 * 3 + 3) * 4 + HEAD_OVERHEAD_BYTES
+    executor = ThreadPoolExecutor(1)
+    # Room for two heads by bytes; max_models=1 bounds whole models only.
+    cache = ModelCache(
+        platform, max_models=1, max_bytes=int(2.5 * head_bytes),
+        heads=SharedEncoders(executor=executor, device="cpu"),
+    )  # fmt: skip
+    with Session(platform.engine) as session:
+        rows = [find_deployed(session, t.tenant.id, "sentiment") for t in tenants]
+        for row in rows[:2]:
+            assert cache.get(session, row).shared
+        assert cache.models == 0 and len(cache.cached_keys()) == 2  # both heads kept
+        assert cache.nbytes == 2 * head_bytes
+        cache.get(session, rows[0])  # t0 used again: t1 is now the least recently used
+        cache.get(session, rows[2])
+        cache.get(session, rows[3])
+    kept = {key[0] for key in cache.cached_keys()}
+    assert kept == {tenants[2].tenant.id, tenants[3].tenant.id}
+    assert cache.nbytes == 2 * head_bytes
+    assert cache.metrics.cache_evictions._value.get() == 2
+    executor.shutdown()
+
+
+def test_a_head_trained_on_another_encoder_is_refused_clearly(platform: Platform) -> None:
+    acme = make_tenant(platform, "acme")
+    spec = ModelSpec.create("encoder-head", LABELS)
+    config = dict(spec.config, encoder_sha256="0" * 64)  # the same name, other files
+    store_head(platform, acme, seed=0, spec=dataclasses.replace(spec, config=config))
+    with TestClient(create_app(platform, ServingConfig(encoder_device="cpu"))) as client:
+        r = client.post(
+            "/v1/models/sentiment/predict", json={"inputs": ["hello"]}, headers=acme.predict
+        )
+        assert r.status_code == 500
+        assert "not the one the model was trained with" in r.json()["detail"]
+        assert client.app.state.cache.cached_keys() == []  # type: ignore[attr-defined]
+    # The runtime's own reason names both hashes (what the operator's log gets).
+    runtime = SharedEncoders(executor=ThreadPoolExecutor(1), device="cpu")
+    with pytest.raises(ValueError, match=r"SHA-256 000000000000\.\.\..*has SHA-256"):
+        runtime.batcher(ModelSpec.from_json(dataclasses.replace(spec, config=config).to_json()))
+
+
+def test_shared_heads_over_http_keep_tenants_apart(platform: Platform) -> None:
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    acme_head = store_head(platform, acme, seed=1)
+    store_head(platform, globex, seed=2)
+    spec = ModelSpec.create("encoder-head", LABELS)
+    with TestClient(create_app(platform, ServingConfig(encoder_device="cpu"))) as client:
+        r = client.post(
+            "/v1/models/sentiment/predict",
+            json={"inputs": TEXTS["acme"], "top_k": 3},
+            headers=acme.predict,
+        )
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            expected = torch.softmax(acme_head(*text_inputs(spec, TEXTS["acme"])), -1)
+        for row, probs in zip(r.json()["predictions"], expected, strict=True):
+            got = {p["label"]: p["score"] for p in row}
+            assert [got[label] for label in LABELS] == pytest.approx(probs.tolist(), abs=1e-5)
+        # globex's key names acme's model name: it gets its own head, never acme's.
+        other = client.post(
+            "/v1/models/sentiment/predict",
+            json={"inputs": TEXTS["acme"], "top_k": 3},
+            headers=globex.predict,
+        ).json()
+        assert other["predictions"] != r.json()["predictions"]
+        # A model only acme has is a 404 for globex, even with acme's head in memory.
+        store_head(platform, acme, seed=3)  # v2 of acme's "sentiment"
+        with session_scope(platform.engine) as session:
+            spec_json = ModelSpec.create("encoder-head", LABELS).to_json()
+            store_model_version(
+                session=session, keyring=platform.keyring, store=platform.store,
+                tenant=acme.tenant, name="private", spec_json=spec_json,
+                weights=save_weights(acme_head), deploy=True,
+            )  # fmt: skip
+        ok = client.post(
+            "/v1/models/private/predict", json={"inputs": ["hi"]}, headers=acme.predict
+        )
+        assert ok.status_code == 200
+        r = client.post(
+            "/v1/models/private/predict", json={"inputs": ["hi"]}, headers=globex.predict
+        )
+        assert r.status_code == 404
+
+
+def test_the_encoder_device_defaults_to_cuda_when_there_is_one() -> None:
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="Unknown encoder device"):
+        pick_device("tpu")
+    with pytest.raises(ValueError, match="Unknown encoder precision"):
+        SharedEncoders(executor=ThreadPoolExecutor(1), precision="fp8")
+
+
+def test_reduced_precisions_approximate_fp32_and_never_mix_tenants_in_a_pass() -> None:
+    from models import load_encoder
+
+    encoder = load_encoder("minilm-l6")
+    texts = [t for ts in TEXTS.values() for t in ts]
+    exact = EncoderRuntime(encoder, "fp32").encode(texts, 128)
+    spec = ModelSpec.create("encoder-head", LABELS)
+    torch.manual_seed(0)
+    for precision, floor in (("int8", 0.75), ("bf16", 0.98)):
+        runtime = EncoderRuntime(encoder, precision)
+        assert not runtime.exact
+        cosine = torch.nn.functional.cosine_similarity(runtime.encode(texts, 128), exact, dim=-1)
+        assert cosine.min() > floor, (precision, cosine)
+        # int8 scales activations per tensor: a pass's inputs share their rounding. Each
+        # tenant gets its own pass, so its scores are what it gets alone, bit for bit.
+        batcher = CrossTenantBatcher(
+            runtime, executor=ThreadPoolExecutor(1), max_batch=64, max_wait=0.0
+        )
+        heads = {n: batcher.attach(random_head(spec), spec, n) for n in TEXTS}
+        mixed = batcher.run([(heads[n], TEXTS[n]) for n in TEXTS])
+        for (name, texts_), rows in zip(TEXTS.items(), mixed, strict=True):
+            assert rows == batcher.run([(heads[name], texts_)])[0]
