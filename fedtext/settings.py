@@ -10,6 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tenancy.hsm import Pkcs11Config
 
+# How to make an operator token, in the messages that refuse one.
+TOKEN_HINT = (
+    "export FEDTEXT_OPERATOR_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+)
 _PLACEHOLDER_TOKENS = {"", "changeme", "change-me", "secret", "operator"}
 
 
@@ -119,11 +123,13 @@ class Settings(BaseSettings):
         token = self.operator_token
         if token is not None and token.strip().lower() in _PLACEHOLDER_TOKENS:
             raise ValueError(
-                "FEDTEXT_OPERATOR_TOKEN is a placeholder; set a random value of 32+ characters."
+                "FEDTEXT_OPERATOR_TOKEN is a placeholder; set a random value of 32+ characters: "
+                + TOKEN_HINT
             )
         if token is not None and len(token) < 32 and not self.dev_mode:
             raise ValueError(
-                "FEDTEXT_OPERATOR_TOKEN must be at least 32 characters outside dev mode."
+                f"FEDTEXT_OPERATOR_TOKEN must be at least 32 characters outside dev mode "
+                f"(it has {len(token)}): {TOKEN_HINT}"
             )
         if self.key_provider == "pkcs11":
             self.pkcs11_config()  # a missing module, token label or PIN, named now

@@ -62,7 +62,9 @@ def settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise UserError("; ".join(str(e["msg"]) for e in exc.errors())) from None
+        raise UserError(
+            "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        ) from None
 
 
 def open_platform(config: Settings | None = None) -> Platform:

@@ -9,7 +9,32 @@ db_app = group("Database schema.")
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Create the platform's tables where they are missing."""
+    """Create the platform's tables, or bring them to the newest migration."""
     config = settings()
+    before = _revision(config.resolved_database_url)
     open_platform(config)
-    console.print(f"Schema is up to date at {config.resolved_database_url}")
+    after = _revision(config.resolved_database_url)
+    where = config.resolved_database_url
+    if before is None:
+        console.print(f"Created the schema (revision {after}) at {where}")
+    elif before != after:
+        console.print(f"Upgraded the schema from revision {before} to {after} at {where}")
+    else:
+        console.print(f"Schema is up to date (revision {after}) at {where}")
+
+
+def _revision(url: str) -> str | None:
+    """The database's Alembic revision; None for a database without our tables."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect
+
+    from tenancy.db import get_engine
+
+    engine = get_engine(url)
+    try:
+        with engine.connect() as conn:
+            if "tenant" not in inspect(conn).get_table_names():
+                return None
+            return MigrationContext.configure(conn).get_current_revision() or "unversioned"
+    finally:
+        engine.dispose()

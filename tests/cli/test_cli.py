@@ -63,3 +63,19 @@ def test_audit_verify_names_the_first_tampered_entry(data_dir: Path) -> None:
     broken = runner.invoke(app, ["audit", "verify"])
     assert broken.exit_code == 1
     assert "tenant tenant-a entry 2" in broken.output and "edited" in broken.output
+
+
+def test_db_upgrade_says_whether_it_created_or_found_the_schema(data_dir: Path) -> None:
+    first = runner.invoke(app, ["db", "upgrade"])
+    assert first.exit_code == 0 and "Created the schema (revision " in first.output
+    again = runner.invoke(app, ["db", "upgrade"])
+    assert again.exit_code == 0 and "Schema is up to date (revision " in again.output
+
+
+def test_a_short_operator_token_is_refused_with_a_way_to_make_one(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDTEXT_OPERATOR_TOKEN", "short")
+    r = runner.invoke(app, ["db", "upgrade"])
+    assert r.exit_code == 2 and "at least 32 characters" in r.output
+    assert "secrets.token_urlsafe(32)" in r.output and "Value error" not in r.output
