@@ -41,6 +41,7 @@ class Served:
     pid: int
     operator: str
     acme: TenantFixture
+    data: Path
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -51,7 +52,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    data = tmp_path_factory.mktemp("served")
+    data = tmp_path_factory.mktemp("served") / "data"
     platform = platform_from_settings(Settings(data_dir=data))
     upgrade_schema(platform)
     acme = make_tenant(platform, "acme")
@@ -73,17 +74,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "FEDTEXT_LOG_LEVEL": "WARNING",
     }
     env.pop("FEDTEXT_DATABASE_URL", None)
-    log = (data / "serve.log").open("wb")
+    log_path = data.parent / "serve.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedtext.cli", "serve", "--port", str(port), "--grpc-port", "0"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.umask(0),  # what it writes must be private all the same
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, (data / "serve.log").read_text()[-3000:]
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         assert time.monotonic() < deadline, "fedtext serve did not become ready"
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -91,7 +94,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         except httpx.TransportError:
             time.sleep(0.2)
     try:
-        yield Served(url, port, proc.pid, operator, acme)
+        yield Served(url, port, proc.pid, operator, acme, data)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -149,7 +152,6 @@ def test_repeated_authorization_is_400_on_every_path(served: Served) -> None:
 
 
 def test_case_variants_of_bearer_share_one_bucket(served: Served) -> None:
-    time.sleep(1.2)  # the key's bucket refills (5/s, burst 5)
     secret = served.acme.admin_key
     codes = []
     started = time.monotonic()
@@ -244,7 +246,6 @@ def test_connections_beyond_the_cap_get_503(served: Served) -> None:
 
 
 def test_chunked_body_over_the_limit_on_the_fast_lane_is_413(served: Served) -> None:
-    time.sleep(1.2)
     _warm(served)
 
     def chunks() -> Iterator[bytes]:
@@ -262,7 +263,6 @@ def test_chunked_body_over_the_limit_on_the_fast_lane_is_413(served: Served) -> 
 
 
 def test_nan_overflow_and_surrogates_are_4xx_with_json(served: Served) -> None:
-    time.sleep(1.2)
     admin = {**served.acme.admin, "Content-Type": "application/json"}
     predict = {**served.acme.predict, "Content-Type": "application/json"}
     cases = [
@@ -307,7 +307,7 @@ def test_budgets_are_bounded_by_the_operator_setting(served: Served) -> None:
 
 
 def test_metrics_need_the_operator_token(served: Served) -> None:
-    time.sleep(1.2)
+    time.sleep(0.6)  # the admin key's bucket (5/s) after the budget test
     assert httpx.get(served.url + "/metrics").status_code == 401
     assert httpx.get(served.url + "/metrics", headers=served.acme.admin).status_code == 401
     r = httpx.get(served.url + "/metrics", headers={"Authorization": f"Bearer {served.operator}"})
@@ -323,7 +323,7 @@ def _from(address: str, served: Served) -> httpx.Client:
 
 
 def test_failed_authentication_is_limited_per_address(served: Served) -> None:
-    time.sleep(1.2)
+    time.sleep(0.4)
     with _from("127.0.0.2", served) as client, _from("127.0.0.3", served) as other:
         assert client.get("/v1/keys", headers=served.acme.admin).status_code == 200
         codes = [
@@ -342,3 +342,17 @@ def test_failed_authentication_is_limited_per_address(served: Served) -> None:
         # Another address has its own failures.
         r = other.get("/v1/keys", headers={"Authorization": "Bearer ftk_guess"})
         assert r.status_code == 401
+
+
+# -- finding 5: file modes (the server was started under umask 000)
+
+
+def test_what_the_server_wrote_is_private(served: Served) -> None:
+    written = [served.data / "fedtext.db-wal", served.data / "fedtext.db-shm"]
+    assert all(p.exists() for p in written)  # the server's own SQLite files
+    wrong = {
+        str(p.relative_to(served.data)): oct(p.stat().st_mode & 0o777)
+        for p in [served.data, *served.data.rglob("*")]
+        if p.stat().st_mode & 0o777 != (0o700 if p.is_dir() else 0o600)
+    }
+    assert not wrong, f"readable by others: {wrong}"
