@@ -1,6 +1,7 @@
 """Training runs (admin): start one, follow it, cancel it.
 
-The tenant that creates a run is its owner and the only tenant that sees it; the run
+The tenant that creates a run is its owner and the only tenant that sees it (a run started
+from the command line has no owner: the admins of the tenants it charged see it); the run
 trains the caller together with the tenants it names (``participants``), which must
 exist and must have agreed (each one's admin lists the caller with ``PUT /v1/partners``:
 a run spends the participant's privacy budget and, on a federation, trains on its data).
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from sqlmodel import Session, col, select
+from sqlmodel import Session, and_, col, or_, select
 
 from privacy.budget import check_release
 from privacy.evaluation import DEFAULT_EVAL_NOISE
-from privacy.ledger import lock_tenant
+from privacy.ledger import PrivacyEvent, lock_tenant
 from privacy.reservations import ESTIMATE, estimate_releases, outstanding, reserve
 from runs.lifecycle import active_run_ids, cancel_run, end_run, new_run
 from runs.status import RunStatus
@@ -69,6 +70,31 @@ def _own_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
         # Another tenant's run and a missing one look the same.
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such run.")
     return run
+
+
+def _charged_runs(tenant_id: str) -> Any:
+    """Runs that charged this tenant's ledger (a run started from the CLI has no owner;
+    its participants' admins see it, as the budget it spent is theirs)."""
+    return select(PrivacyEvent.run_id).where(PrivacyEvent.tenant_id == tenant_id).distinct()
+
+
+def _visible(tenant_id: str) -> Any:
+    """The runs a tenant's admin reads: its own, and CLI runs that charged it."""
+    return or_(
+        TrainingRun.owner_tenant_id == tenant_id,
+        and_(
+            col(TrainingRun.owner_tenant_id).is_(None),
+            col(TrainingRun.id).in_(_charged_runs(tenant_id)),
+        ),
+    )
+
+
+def _visible_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
+    run = session.exec(select(TrainingRun).where(TrainingRun.id == run_id, _visible(tenant_id)))
+    found = run.first()
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such run.")
+    return found
 
 
 @router.post("", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED)
@@ -189,7 +215,7 @@ def list_runs(
 ) -> list[RunPublic]:
     rows = session.exec(
         select(TrainingRun)
-        .where(TrainingRun.owner_tenant_id == caller.tenant.id)
+        .where(_visible(caller.tenant.id))
         .order_by(col(TrainingRun.created_at).desc())
         .limit(limit)
     )
@@ -198,7 +224,7 @@ def list_runs(
 
 @router.get("/{run_id}", response_model=RunPublic)
 def get_run(run_id: str, caller: AdminCaller, session: SessionDep) -> RunPublic:
-    return _public(session, _own_run(session, run_id, caller.tenant.id), caller.tenant.id)
+    return _public(session, _visible_run(session, run_id, caller.tenant.id), caller.tenant.id)
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)

@@ -325,3 +325,52 @@ def test_the_worker_follows_the_serverapps_record_of_the_run(platform: Platform)
     timer.join()
     # An end that is already recorded is kept: a late failure does not overwrite a cancel.
     assert end_run(platform.engine, "r1", "failed", "late") is False
+
+
+def test_a_cli_run_is_visible_to_the_admins_of_the_tenants_it_charged(
+    platform: Platform, tmp_path: Path
+) -> None:
+    from privacy.ledger import create_tables, record_event
+    from privacy.params import DPParams
+    from runs.lifecycle import record_request
+    from tenancy.db import session_scope
+
+    acme, globex, initech = (make_tenant(platform, n) for n in ("acme", "globex", "initech"))
+    create_tables(platform.engine)
+    # `fedtext simulate` records its run without an owner; round 1 charges both tenants.
+    record_request(
+        platform.engine, "cli-run", {"tenants": ["acme", "globex"], "rounds": 1}, merge=False
+    )
+    with session_scope(platform.engine) as session:
+        for t in (acme, globex):
+            record_event(
+                session, tenant_id=t.tenant.id, run_id="cli-run", round=1,
+                params=DPParams(1.0, 0.1, 10, 1.0, 1e-5), spec_sha256="0" * 64,
+            )  # fmt: skip
+    with _app(platform, tmp_path) as c:
+        for t in (acme, globex):
+            listed = c.get("/v1/runs", headers=t.admin).json()
+            assert [r["id"] for r in listed] == ["cli-run"]
+            assert listed[0]["participants"] == ["acme", "globex"]
+            assert c.get("/v1/runs/cli-run", headers=t.admin).status_code == 200
+        # A tenant it did not charge sees nothing of it; only an owner cancels over HTTP.
+        assert c.get("/v1/runs", headers=initech.admin).json() == []
+        assert c.get("/v1/runs/cli-run", headers=initech.admin).status_code == 404
+        assert c.post("/v1/runs/cli-run/cancel", headers=acme.admin).status_code == 404
+
+
+def test_a_run_too_small_for_its_batch_is_refused_before_it_is_recorded(
+    platform: Platform, tmp_path: Path
+) -> None:
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    agree(platform, globex, "acme")
+    with _app(platform, tmp_path) as c:
+        r = c.post(
+            "/v1/runs",
+            json={**TINY_RUN, "max_train_examples": 40, "batch_size": 64},
+            headers=acme.admin,
+        )
+        assert r.status_code == 422, r.text
+        assert "40 training examples, fewer than the batch size 64" in r.json()["detail"]
+        assert "use batch size 8" in r.json()["detail"]
+        assert c.get("/v1/runs", headers=acme.admin).json() == []
