@@ -183,22 +183,39 @@ def _texts(request: pb.ModelInferRequest) -> list[str]:
     return texts_from_input(tensor.name, tensor.datatype, list(tensor.shape), elements)
 
 
-async def start_grpc_server(service: PredictService, endpoint: GrpcEndpoint) -> grpc.aio.Server:
-    """A started ``grpc.aio`` server on the running event loop; stop it with ``stop(grace)``."""
+async def start_grpc_server(
+    service: PredictService, endpoint: GrpcEndpoint
+) -> grpc.aio.Server | None:
+    """A started ``grpc.aio`` server on the running event loop; stop it with ``stop(grace)``.
+
+    None when the port is taken and ``endpoint.required`` is False (logged as a warning).
+    """
     options = [
         ("grpc.max_receive_message_length", endpoint.max_message_bytes),
         ("grpc.max_send_message_length", 64 * 2**20),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would
+        # silently share its connections with another process (and its tenants' keys).
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     address = f"{endpoint.host}:{endpoint.port}"
-    if endpoint.certfile is not None and endpoint.keyfile is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(endpoint.keyfile.read_bytes(), endpoint.certfile.read_bytes())]
+    try:
+        if endpoint.certfile is not None and endpoint.keyfile is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(endpoint.keyfile.read_bytes(), endpoint.certfile.read_bytes())]
+            )
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
+        if endpoint.required:
+            raise RuntimeError(f"The gRPC port {address} is not available: {exc}") from None
+        log.warning(
+            "gRPC port taken; serving HTTP only",
+            extra={"fields": {"address": address, "error": str(exc)}},
         )
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
+        return None
     await server.start()
     log.info(
         "gRPC server listening",

@@ -53,6 +53,9 @@ class GrpcEndpoint:
     keyfile: Path | None = None
     # The largest request message, bytes (the HTTP body limit's counterpart).
     max_message_bytes: int = 1 << 20
+    # False: a port that is taken only loses gRPC (a warning), as for the default port, so
+    # a second server on the host still serves HTTP; True (a port asked for): startup fails.
+    required: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -11,14 +11,20 @@ import typer
 
 from fedtext.cli.console import UserError, console, open_platform, settings
 
+DEFAULT_GRPC_PORT = 8081
+
 
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
     grpc_port: Annotated[
-        int,
-        typer.Option(help="Port of the Open Inference Protocol over gRPC (same host); 0: off."),
-    ] = 8081,
+        int | None,
+        typer.Option(
+            help="Port of the Open Inference Protocol over gRPC (same host); 0: off. "
+            f"Default {DEFAULT_GRPC_PORT}, skipped with a warning if taken.",
+            show_default=False,
+        ),
+    ] = None,
     ssl_certfile: Annotated[
         Path | None, typer.Option(help="TLS certificate (PEM) for HTTP and gRPC.")
     ] = None,
@@ -70,13 +76,14 @@ def serve(
     bind = host or config.api_host
     grpc = (
         GrpcEndpoint(
-            grpc_port,
+            DEFAULT_GRPC_PORT if grpc_port is None else grpc_port,
             bind,
             ssl_certfile,
             ssl_keyfile,
             max_message_bytes=config.max_body_bytes,
+            required=grpc_port is not None,
         )
-        if grpc_port
+        if grpc_port != 0
         else None
     )
     try:
@@ -141,4 +148,7 @@ def serve(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
-    uvicorn.Server(server).run()
+    running = uvicorn.Server(server)
+    running.run()
+    if not running.started:  # startup failed (a port taken, ...): the log says why
+        raise UserError("The server did not start; the log above says why.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -347,3 +348,23 @@ def test_grpc_and_http_speak_tls_with_the_same_certificate(tmp_path: Path) -> No
         plain.close()
     finally:
         _stop(proc)
+
+
+def test_a_grpc_port_asked_for_and_taken_stops_the_server_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    upgrade_schema(platform_from_settings(Settings(data_dir=data)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "FEDTEXT_DATA_DIR": str(data), "FEDTEXT_OPERATOR_TOKEN": TOKEN}
+        env.pop("FEDTEXT_DATABASE_URL", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "fedtext.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(free_port()), "--grpc-port", str(port)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert f"The gRPC port 127.0.0.1:{port} is not available" in done.stdout + done.stderr
