@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,13 +68,13 @@ class Settings(BaseSettings):
         description="encoder-head models share one encoder per process, batched across "
         "tenants; false serves them per model.",
     )
-    serve_encoder_precision: str = Field(
+    serve_encoder_precision: Literal["fp32", "bf16", "int8"] = Field(
         default="fp32", description="Shared encoder: fp32 (exact), bf16, or int8 (CPU)."
     )
-    serve_encoder_device: str = Field(
+    serve_encoder_device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Shared encoder: auto (CUDA when present), cpu or cuda."
     )
-    blob_store: str = Field(
+    blob_store: Literal["file", "database"] = Field(
         default="file",
         description="Where encrypted blobs live: file (data_dir/blobs) or database "
         "(PostgreSQL; replicas of the API need no shared disk).",
