@@ -28,9 +28,12 @@ from privacy.params import DPParams
 GENESIS = "0" * 64
 DEFAULT_DATASET = "default"
 PRIVACY_UNIT = "example"  # one training example of one tenant's dataset
-# What a release protects: a DP-SGD round ("train", personalization included) or the
-# noised counts of an evaluation ("evaluate", a Gaussian mechanism: q = 1, sensitivity 1).
-PURPOSES = ("train", "evaluate")
+# What a release protects: a DP-SGD round ("train"), a tenant's DP fine-tune of the final
+# global model after the last round ("personalize": DP-SGD like a round, but not a round),
+# or the noised counts of an evaluation ("evaluate", a Gaussian mechanism: q = 1,
+# sensitivity 1). Personalizations charged before "personalize" existed are "train"
+# entries at round R + 1.
+PURPOSES = ("train", "personalize", "evaluate")
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 

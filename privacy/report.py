@@ -67,7 +67,9 @@ class RoundRow(BaseModel):
     fedtext_version: str
     spec_sha256: str
     entry_hash: str
-    purpose: str = "train"  # or "evaluate": noised confusion counts (q = 1, sensitivity 1)
+    # "train" (a federated round), "personalize" (the tenant's DP fine-tune after the last
+    # round) or "evaluate" (noised confusion counts: q = 1, sensitivity 1)
+    purpose: str = "train"
     cumulative_epsilon: float | None  # PRV; None where the curve was thinned out
     cumulative_epsilon_rdp: float | None
 
@@ -210,7 +212,9 @@ def methodology(delta: float) -> list[MethodologyItem]:
             "Which mechanism is accounted?",
             "DP-SGD (Opacus): Poisson sampling at rate q, per-example gradient clipping to "
             "norm C, Gaussian noise of standard deviation sigma*C per step. Each ledger "
-            "entry is one round: 'steps' such steps with the recorded sigma and q.",
+            "entry is one federated round, or the tenant's personalization after the last "
+            "round (a DP fine-tune of the global model on its own data, charged like a "
+            "round but not a round): 'steps' such steps with the recorded sigma and q.",
         ),
         (
             "How are releases composed?",
@@ -262,7 +266,7 @@ def methodology(delta: float) -> list[MethodologyItem]:
             "platform's key-encryption key (not in the database): against a head kept "
             "outside the database, a deleted tail, a tenant's chain deleted, a budget "
             "edited outside the record or a chain rewritten and re-hashed is detected "
-            "(`fedtext audit verify --head FILE`). Keep the heads.",
+            "(the command fedtext audit verify --head FILE). Keep the heads.",
         ),
         (
             "Implementation caveats?",
@@ -277,7 +281,8 @@ def methodology(delta: float) -> list[MethodologyItem]:
         ),
         (
             "Is there an empirical check?",
-            "`fedtext audit canary` trains a small federation with canary sentences in "
+            "The command fedtext audit canary trains a small federation with canary "
+            "sentences in "
             "one tenant's data and derives a statistical lower bound on epsilon from a "
             "membership-inference test (one-run auditing, Steinke, Nasr and Jagielski "
             "2023). It can reveal a broken implementation; it cannot prove the upper "
@@ -453,7 +458,9 @@ def build_report(
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
-table{border-collapse:collapse;margin:.5rem 0 1.5rem}
+.wide{max-width:100%;overflow-x:auto;margin:.5rem 0 1.5rem}
+table{border-collapse:collapse;margin:0}
+h2,p,dd,figure{overflow-wrap:anywhere}figure svg{max-width:100%;height:auto}
 td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right;font-size:.85rem}
 th{background:#f3f3f3}td.l,th.l{text-align:left}
 .ok{color:#0a0;font-weight:bold}.bad{color:#c00;font-weight:bold}
@@ -548,7 +555,18 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int =
         + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wrapped: a wide table scrolls inside the page instead of widening it.
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide">{table}</div>'
+
+
+def _round_label(row: RoundRow) -> str:
+    """A round as a reader names it: the final phase's releases are not extra rounds."""
+    if row.purpose == "personalize":
+        return "personalization"
+    if row.purpose == "evaluate":
+        return "final evaluation"
+    return str(row.round)
 
 
 def _verdict(ok: bool, good: str = "OK", bad: str = "FAILED") -> str:
@@ -607,7 +625,7 @@ def render_html(report: AuditReport) -> str:
         [
             "#",
             "run",
-            "round",
+            "round or phase",
             "purpose",
             "dataset",
             "time (UTC)",
@@ -626,10 +644,10 @@ def render_html(report: AuditReport) -> str:
             [
                 w.seq,
                 w.run_id[:12],
-                w.round,
+                _round_label(w),
                 w.purpose,
                 w.dataset,
-                w.created_at.isoformat(),
+                w.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                 w.privacy_unit,
                 w.mechanism,
                 f"{w.noise_multiplier:.6g}",

@@ -34,7 +34,7 @@ class TenantPlan:
         """Every release the run plans for this tenant, as reserved and then charged."""
         out = [PlannedRelease(r, "train", self.round_params) for r in range(1, self.rounds + 1)]
         if self.personal_params:
-            out.append(PlannedRelease(self.rounds + 1, "train", self.personal_params))
+            out.append(PlannedRelease(self.rounds + 1, "personalize", self.personal_params))
         if self.eval_params:
             out.append(PlannedRelease(self.rounds + 1, "evaluate", self.eval_params))
         return out

@@ -49,7 +49,7 @@ def final_phase(
     def releases(p: TenantPlan) -> list[tuple[str, DPParams]]:
         out: list[tuple[str, DPParams]] = []
         if cfg.personalize_epochs and p.personal_params:
-            out.append(("train", p.personal_params))
+            out.append(("personalize", p.personal_params))
         if p.eval_params:
             out.append(("evaluate", p.eval_params))
         return out

@@ -436,7 +436,7 @@ def test_two_tenant_dp_federation_completes_with_ledger_and_encrypted_models(
         # Two rounds, one personalization and its released evaluation each, charged in
         # order, chains intact.
         assert {n: [(e.round, e.purpose) for e in evs] for n, evs in by_tenant.items()} == {
-            t: [(1, "train"), (2, "train"), (3, "train"), (3, "evaluate")] for t in TENANTS
+            t: [(1, "train"), (2, "train"), (3, "personalize"), (3, "evaluate")] for t in TENANTS
         }
         for evs in by_tenant.values():
             assert verify_chain(evs) is None

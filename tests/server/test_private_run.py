@@ -59,10 +59,11 @@ def test_a_run_releases_only_dp_outputs_charges_them_and_signs_the_heads(tmp_pat
         ids = {t.name: t.id for t in session.exec(select(Tenant))}
         for name in TENANTS:
             events = tenant_events(session, ids[name])
-            # Round 1, then personalization and its evaluation release at round 2.
+            # Round 1, then personalization (named as such, not a round) and the
+            # evaluation release, both charged with the final phase (recorded as 2).
             assert [(e.round, e.purpose) for e in events] == [
                 (1, "train"),
-                (2, "train"),
+                (2, "personalize"),
                 (2, "evaluate"),
             ]
             assert (events[2].sample_rate, events[2].steps, events[2].clip_norm) == (1.0, 2, 1.0)
