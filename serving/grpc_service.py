@@ -17,13 +17,19 @@ imported into one process. Import this module only where a gRPC server runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from starlette.concurrency import run_in_threadpool
 
 from serving.credentials import bearer_credential
+from serving.limits import Limits, TokenBuckets
 from serving.oip import (
     EXTENSIONS,
     LABEL,
@@ -31,6 +37,7 @@ from serving.oip import (
     PROBABILITIES,
     SERVER_NAME,
     GrpcEndpoint,
+    Inference,
     bad_tensor,
     decode_bytes_elements,
     encode_bytes_elements,
@@ -43,11 +50,12 @@ from serving.oip import (
     single_input,
     texts_from_input,
 )
-from serving.predict import PredictService, Refusal
+from serving.predict import PredictService, PredictTarget, Refusal
 from serving.proto import grpc_service_pb2 as pb
 from serving.proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedtext.serving.grpc")
+T = TypeVar("T")
 
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -73,14 +81,109 @@ def _credential(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+class CallLimits:
+    """The HTTP rate limits (serving/limits.py) for gRPC calls, with the same rules: a
+    credential that has authenticated draws on its own bucket; any other, and every
+    UNAUTHENTICATED answer, on its peer address's failure bucket."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.rate, self.failed_rate = limits.rate_per_second, limits.failed_auth_per_second
+        self.buckets = (
+            TokenBuckets(self.rate, limits.burst, limits.max_buckets) if self.rate else None
+        )
+        self.failures = (
+            TokenBuckets(self.failed_rate, limits.failed_auth_burst, limits.max_buckets)
+            if self.failed_rate
+            else None
+        )
+        self.known: OrderedDict[str, None] = OrderedDict()
+        self.max_known = limits.max_buckets
+
+    def admit(self, credential: str | None, peer: str) -> Refusal | None:
+        """None when the call may go on, else its 429 refusal (before any database lookup)."""
+        key = _hashed(credential) if credential is not None else None
+        if key is not None and key in self.known and self.buckets is not None:
+            wait = self.buckets.take(key)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                return Refusal(
+                    429,
+                    f"Rate limit exceeded: {self.rate:g} requests per second per key; "
+                    f"retry after {retry} s.",
+                    {"retry-after": str(retry)},
+                )
+        elif key is not None and self.failures is not None:
+            wait = self.failures.peek(peer)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                return Refusal(
+                    429,
+                    f"Too many failed authentications from this address: "
+                    f"{self.failed_rate:g} per second; retry after {retry} s.",
+                    {"retry-after": str(retry)},
+                )
+        return None
+
+    def answered(self, credential: str | None, peer: str, status: int) -> None:
+        """Record how a call ended (an HTTP-like status) for the buckets."""
+        key = _hashed(credential) if credential is not None else None
+        if status == 401:
+            if self.failures is not None:
+                self.failures.take(peer)
+            if key is not None:
+                self.known.pop(key, None)
+        elif key is not None and key not in self.known:
+            self.known[key] = None
+            while len(self.known) > self.max_known:
+                self.known.popitem(last=False)
+            if self.buckets is not None:
+                self.buckets.take(key)
+
+
+def _hashed(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()[:32]
+
+
+def _peer_address(context: grpc.aio.ServicerContext) -> str:
+    peer = context.peer() or "unknown"  # "ipv4:127.0.0.1:54321", "ipv6:[::1]:54321"
+    return peer.rsplit(":", 1)[0]
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The protocol's six calls over one predict service."""
 
-    def __init__(self, service: PredictService) -> None:
+    def __init__(self, service: PredictService, limits: Limits | None = None) -> None:
         self.service = service
+        self.limits = CallLimits(limits) if limits is not None else None
 
     async def _abort(self, context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+        if refusal.headers and "retry-after" in refusal.headers:
+            context.set_trailing_metadata((("retry-after", refusal.headers["retry-after"]),))
         await context.abort(status_code(refusal), refusal.detail)
+
+    async def _model_call(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[str | None], Awaitable[T]],
+    ) -> T:
+        """Run a call that names a model: rate limits, then ``work(credential)``; a
+        Refusal becomes the call's status."""
+        credential = _credential(context)
+        peer = _peer_address(context)
+        if self.limits is not None:
+            refused = self.limits.admit(credential, peer)
+            if refused is not None:
+                await self._abort(context, refused)
+        try:
+            result = await work(credential)
+        except Refusal as exc:
+            if self.limits is not None:
+                self.limits.answered(credential, peer, exc.status)
+            await self._abort(context, exc)
+            raise  # unreachable: abort raises
+        if self.limits is not None:
+            self.limits.answered(credential, peer, 200)
+        return result
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -104,25 +207,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        try:
-            await resolve(self.service, _credential(context), request.name, request.version)
-        except Refusal as exc:
-            if exc.status == 409:  # exists, nothing deployed: not ready
-                return pb.ModelReadyResponse(ready=False)
-            await self._abort(context, exc)
-        return pb.ModelReadyResponse(ready=True)
+        async def work(credential: str | None) -> bool:
+            try:
+                await resolve(self.service, credential, request.name, request.version)
+            except Refusal as exc:
+                if exc.status == 409:  # exists, nothing deployed: not ready
+                    return False
+                raise
+            return True
+
+        return pb.ModelReadyResponse(ready=await self._model_call(context, work))
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            target = await resolve(
-                self.service, _credential(context), request.name, request.version
-            )
-        except Refusal as exc:
-            await self._abort(context, exc)
-            raise  # unreachable: abort raises
-        meta = model_metadata(target)
+        async def work(credential: str | None) -> PredictTarget:
+            return await resolve(self.service, credential, request.name, request.version)
+
+        meta = model_metadata(await self._model_call(context, work))
         return pb.ModelMetadataResponse(
             name=meta["name"],
             versions=meta["versions"],
@@ -135,19 +237,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        try:
+        async def work(credential: str | None) -> tuple[Inference, list[str]]:
             texts = _texts(request)
             outputs = requested_outputs([o.name for o in request.outputs])
-            result = await infer(
-                self.service,
-                _credential(context),
-                request.model_name,
-                request.model_version,
-                texts,
+            found = await infer(
+                self.service, credential, request.model_name, request.model_version, texts
             )
-        except Refusal as exc:
-            await self._abort(context, exc)
-            raise  # unreachable: abort raises
+            return found, outputs
+
+        result, outputs = await self._model_call(context, work)
         n, c = result.probabilities.shape
         response = pb.ModelInferResponse(
             model_name=result.model, model_version=str(result.version), id=request.id
@@ -198,7 +296,9 @@ async def start_grpc_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(service, endpoint.limits), server
+    )
     address = f"{endpoint.host}:{endpoint.port}"
     try:
         if endpoint.certfile is not None and endpoint.keyfile is not None:

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serving.batching import InputRejected
 from serving.credentials import request_credential
+from serving.limits import Limits
 from serving.predict import PredictService, PredictTarget, Refusal
 
 INPUT = "text"
@@ -56,6 +57,8 @@ class GrpcEndpoint:
     # False: a port that is taken only loses gRPC (a warning), as for the default port, so
     # a second server on the host still serves HTTP; True (a port asked for): startup fails.
     required: bool = True
+    # The HTTP API's per-key and failed-authentication rate limits, applied to gRPC calls.
+    limits: Limits | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -74,18 +74,6 @@ def serve(
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise UserError("TLS needs both --ssl-certfile and --ssl-keyfile.")
     bind = host or config.api_host
-    grpc = (
-        GrpcEndpoint(
-            DEFAULT_GRPC_PORT if grpc_port is None else grpc_port,
-            bind,
-            ssl_certfile,
-            ssl_keyfile,
-            max_message_bytes=config.max_body_bytes,
-            required=grpc_port is not None,
-        )
-        if grpc_port != 0
-        else None
-    )
     try:
         limits = Limits(
             max_body_bytes=config.max_body_bytes,
@@ -100,6 +88,19 @@ def serve(
         )
     except ValueError as exc:
         raise UserError(f"FEDTEXT_* limits: {exc}") from None
+    grpc = (
+        GrpcEndpoint(
+            DEFAULT_GRPC_PORT if grpc_port is None else grpc_port,
+            bind,
+            ssl_certfile,
+            ssl_keyfile,
+            max_message_bytes=config.max_body_bytes,
+            required=grpc_port is not None,
+            limits=limits,  # the per-key rate limits hold on gRPC too
+        )
+        if grpc_port != 0
+        else None
+    )
     platform = open_platform(config)
     launcher: RunLauncher
     if config.superlink:

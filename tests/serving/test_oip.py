@@ -71,6 +71,7 @@ def _serve(
     *extra: str,
     scheme: str = "http",
     verify: object = True,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """`fedtext serve` on ``data``, once its /readyz answers."""
     env = {
@@ -79,6 +80,7 @@ def _serve(
         "FEDTEXT_OPERATOR_TOKEN": TOKEN,
         "FEDTEXT_LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
+        **(env_extra or {}),
     }
     env.pop("FEDTEXT_DATABASE_URL", None)
     with (data / "serve.log").open("w") as log:
@@ -321,7 +323,7 @@ def test_grpc_bad_tensors_are_invalid_argument_with_a_clear_message(live: Live) 
     channel.close()
 
 
-def test_grpc_and_http_speak_tls_with_the_same_certificate(tmp_path: Path) -> None:
+def test_grpc_speaks_tls_and_keeps_the_per_key_rate_limit(tmp_path: Path) -> None:
     made = create_credentials(tmp_path / "creds", hosts=["127.0.0.1"], tenants=[])
     cert, key, ca = made.layout.server_cert, made.layout.server_key, made.layout.ca_cert
     data = tmp_path / "data"
@@ -332,7 +334,8 @@ def test_grpc_and_http_speak_tls_with_the_same_certificate(tmp_path: Path) -> No
     platform.engine.dispose()
     http_port, grpc_port = free_port(), free_port()
     tls = ("--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
-    proc = _serve(data, http_port, grpc_port, *tls, scheme="https", verify=str(ca))
+    limit = {"FEDTEXT_RATE_LIMIT_PER_SECOND": "0.5", "FEDTEXT_RATE_LIMIT_BURST": "2"}
+    proc = _serve(data, http_port, grpc_port, *tls, scheme="https", verify=str(ca), env_extra=limit)
     try:
         client = grpcclient.InferenceServerClient(
             url=f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(ca)
@@ -341,6 +344,12 @@ def test_grpc_and_http_speak_tls_with_the_same_certificate(tmp_path: Path) -> No
         text.set_data_from_numpy(np.array([b"lovely crew"], dtype=object))
         result = client.infer("sentiment", [text], headers=bearer(acme.predict_key))
         assert result.as_numpy("probabilities").shape == (1, 3)
+        # Burst 2 at 0.5/s: the second call passes, the third is refused as HTTP would (429).
+        client.infer("sentiment", [text], headers=bearer(acme.predict_key))
+        with pytest.raises(InferenceServerException) as limited:
+            client.infer("sentiment", [text], headers=bearer(acme.predict_key))
+        assert limited.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "Rate limit exceeded: 0.5 requests per second per key" in limited.value.message()
         client.close()
         plain = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
         with pytest.raises(InferenceServerException):  # no TLS, no answer
