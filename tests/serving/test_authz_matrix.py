@@ -33,6 +33,7 @@ CREDENTIALS = [
     "own admin key",
 ]
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"}
+PUBLIC |= {"/v2", "/v2/health/live", "/v2/health/ready"}  # the inference protocol's server calls
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         Route(
             "DELETE", "/v1/tenants/{tenant_id}", f"/v1/tenants/{acme.tenant.id}", "operator", 200
         ),
+        # The Open Inference Protocol (serving/oip.py) and explanations, before the admin's
+        # deploy below changes which version of lstm is served.
+        *_predict_routes(),
         Route("POST", "/v1/keys", "/v1/keys", "collection", 201, {"scopes": ["predict"]}),
         Route("GET", "/v1/keys", "/v1/keys", "collection", 200),
         Route("DELETE", "/v1/keys/{key_id}", f"/v1/keys/{victim_id}", "object", 200),
@@ -166,6 +170,23 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
     )
     with TestClient(app) as client:
         yield World(app, client, headers, routes, {victim_id, run_id, acme.tenant.id})
+
+
+def _predict_routes() -> list[Route]:
+    tensor = {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["late again"]}
+    infer = {"inputs": [tensor]}
+    explain = {"inputs": ["late again"], "steps": 8}
+    v2, v2v = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+    return [
+        Route("POST", "/v1/models/{name}/explain", "/v1/models/lstm/explain", "predict", 200,
+              explain),
+        Route("GET", v2, "/v2/models/lstm", "predict", 200),
+        Route("GET", v2v, "/v2/models/lstm/versions/1", "predict", 200),
+        Route("GET", f"{v2}/ready", "/v2/models/lstm/ready", "predict", 200),
+        Route("GET", f"{v2v}/ready", "/v2/models/lstm/versions/1/ready", "predict", 200),
+        Route("POST", f"{v2}/infer", "/v2/models/lstm/infer", "predict", 200, infer),
+        Route("POST", f"{v2v}/infer", "/v2/models/lstm/versions/1/infer", "predict", 200, infer),
+    ]  # fmt: skip
 
 
 def expected(route: Route, credential: str) -> int:
