@@ -113,7 +113,7 @@ def register(
     ] = None,
     connection: ConnectionOpt = DEFAULT_CONNECTION,
 ) -> None:
-    """Register tenant nodes' public keys with the SuperLink (``flwr supernode register``).
+    """Register tenant nodes' public keys with the SuperLink (flwr supernode register).
 
     A key that is already registered is reported as such; any other refusal fails.
     """
@@ -260,10 +260,10 @@ def run(
     connection: ConnectionOpt = DEFAULT_CONNECTION,
     settings: dict[str, Any] | None = None,
 ) -> None:
-    """Submit a run to the federation (``flwr run``) and wait for its status, read back.
+    """Submit a run to the federation (flwr run) and wait for its status, read back.
 
-    Exit 0 only when Flower reports finished:completed and the platform's TrainingRun
-    (when this machine sees the platform database) is completed; 1 when the run failed.
+    Exit 0 only when Flower reports finished:completed and the platform's run is completed.
+    Every run option also reads FEDTEXT_RUN_<OPTION> from the environment.
     """
     app_dir = find_app_dir(app)
     given = {key(name): value for name, value in (settings or {}).items()}

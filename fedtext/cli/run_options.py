@@ -62,7 +62,13 @@ def run_options(names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable
                     default=None,
                     annotation=Annotated[
                         kind | None,
-                        typer.Option(flag, help=text, show_default=False, envvar=env_var(name)),
+                        typer.Option(
+                            flag,
+                            help=text,
+                            show_default=False,
+                            envvar=env_var(name),
+                            show_envvar=False,  # one line in the command's help says so
+                        ),
                     ],
                 )
             )

@@ -15,8 +15,13 @@ DEFAULT_GRPC_PORT = 8081
 
 
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address. Default: FEDTEXT_API_HOST, else 127.0.0.1."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port. Default: FEDTEXT_API_PORT, else 8000.")
+    ] = None,
     grpc_port: Annotated[
         int | None,
         typer.Option(
