@@ -11,10 +11,45 @@ is asking).
 from __future__ import annotations
 
 import json
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 _CACHE = "fedtext.credential"  # the parsed credential, kept in the ASGI scope
+
+
+@dataclass
+class Authentication:
+    """Whether the code that checks credentials accepted this request's (see below)."""
+
+    succeeded: bool = False
+
+
+# Set per request by the rate limiter; the code that authenticates a credential (the
+# tenancy lookup, the predict memo, the operator check) says so through
+# ``note_authenticated``. A holder object, so that a dependency run in a worker thread
+# (with a copy of the context) marks the same request.
+_authentication: ContextVar[Authentication | None] = ContextVar(
+    "fedtext_authentication", default=None
+)
+
+
+def note_authenticated() -> None:
+    """Record that this request's credential authenticated (no-op outside a request)."""
+    holder = _authentication.get()
+    if holder is not None:
+        holder.succeeded = True
+
+
+def watch_authentication() -> tuple[Authentication, Token[Authentication | None]]:
+    """A fresh holder for the current request; reset the token when the request is done."""
+    holder = Authentication()
+    return holder, _authentication.set(holder)
+
+
+def stop_watching(token: Token[Authentication | None]) -> None:
+    _authentication.reset(token)
 
 
 class RepeatedAuthorization(ValueError):

@@ -11,7 +11,7 @@ from fastapi.security import HTTPBearer
 from sqlmodel import Session
 
 from serving.config import ServingConfig
-from serving.credentials import RepeatedAuthorization, request_credential
+from serving.credentials import RepeatedAuthorization, note_authenticated, request_credential
 from serving.launcher import RunLauncher
 from serving.lookups import Caller
 from serving.metrics import ServingMetrics
@@ -148,6 +148,7 @@ def require_operator(config: ConfigDep, credential: Credential) -> None:
             "Missing or invalid operator token.",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    note_authenticated()
 
 
 AdminCaller = Annotated[Caller, Depends(_require(Scope.admin))]

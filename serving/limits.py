@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.credentials import request_credential
+from serving.credentials import request_credential, stop_watching, watch_authentication
 
 
 @dataclass(frozen=True)
@@ -166,14 +166,16 @@ def _hashed(credential: str) -> str:
 class RateLimitMiddleware:
     """429 with Retry-After: per key once authenticated, per address for failed attempts.
 
-    A credential that has authenticated in this process (its response was not a 401) is
-    limited by a bucket of its own, keyed by a hash of the whole credential as the one
-    parser reads it (serving/credentials.py: a forged token that borrows a real key's
-    prefix is another credential, and ``bearer``/``Bearer`` are one). Any other request
-    with a credential, and every 401, draws on the client address's failure bucket: once
-    it is empty, unknown credentials from that address are refused before any database
-    lookup, while keys that have authenticated keep their own limit. Requests without an
-    ``Authorization`` header (health checks) are limited only by their 401s.
+    A credential that has authenticated in this process (the code that checks credentials
+    said so through ``serving.credentials.note_authenticated``: a public route answering
+    200 to a forged token does not count) is limited by a bucket of its own, keyed by a
+    hash of the whole credential as the one parser reads it (serving/credentials.py: a
+    forged token that borrows a real key's prefix is another credential, and
+    ``bearer``/``Bearer`` are one). Any other request with a credential, and every 401,
+    draws on the client address's failure bucket: once it is empty, unknown credentials
+    from that address are refused before any database lookup, while keys that have
+    authenticated keep their own limit. Requests without an ``Authorization`` header
+    (health checks) are limited only by their 401s.
 
     Behind a proxy every client has the proxy's address: run uvicorn with
     ``--forwarded-allow-ips`` for the proxy so the client's own address is used.
@@ -242,6 +244,8 @@ class RateLimitMiddleware:
                 )
                 return
 
+        seen, token = watch_authentication()
+
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
                 if message["status"] == 401:
@@ -249,9 +253,9 @@ class RateLimitMiddleware:
                         self.failures.take(address)
                     if key is not None:
                         self.authenticated.pop(key, None)
-                elif key is not None and not known:
-                    # Authenticated (or at least not refused as unknown): its own bucket
-                    # from now on, this request included.
+                elif key is not None and not known and seen.succeeded:
+                    # The code that checks credentials accepted it (not merely a route that
+                    # ignores credentials): its own bucket from now on, this request included.
                     self.authenticated[key] = None
                     while len(self.authenticated) > self.max_known:
                         self.authenticated.popitem(last=False)
@@ -259,4 +263,7 @@ class RateLimitMiddleware:
                         self.buckets.take(key)
             await send(message)
 
-        await self.app(scope, receive, watch)
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            stop_watching(token)

@@ -23,7 +23,10 @@ from sqlmodel import Session
 
 from serving.batching import InputRejected
 from serving.config import ServingConfig
-from serving.credentials import bearer_credential  # noqa: F401  (re-exported: the one parser)
+from serving.credentials import (  # bearer_credential re-exported: the one parser
+    bearer_credential,  # noqa: F401
+    note_authenticated,
+)
 from serving.lookups import Caller, PredictLookups
 from serving.registry import (
     ModelCache,
@@ -64,6 +67,7 @@ def authenticate_caller(session: Session, credential: str | None) -> Caller:
     found = authenticate(session=session, presented=credential)
     if found is None:
         raise unauthorized()
+    note_authenticated()  # the rate limiter limits it per key from now on
     return Caller(*found)
 
 
@@ -106,6 +110,8 @@ class PredictService:
         None says nothing about the request: ``resolve`` gives it its answer or refusal.
         """
         caller = self.lookups.caller(credential) if credential is not None else None
+        if caller is not None:
+            note_authenticated()  # a live key, memoized
         if caller is None or not has_scope(caller.key, Scope.predict):
             return None
         row = self.lookups.deployed(caller.tenant.id, name)

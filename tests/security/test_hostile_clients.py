@@ -344,6 +344,18 @@ def test_failed_authentication_is_limited_per_address(served: Served) -> None:
         assert r.status_code == 401
 
 
+def test_a_public_route_does_not_vouch_for_a_forged_token(served: Served) -> None:
+    """A 200 from /healthz says nothing about the token it was sent with: guesses that
+    alternate a public route and a protected one are still limited per address."""
+    with _from("127.0.0.4", served) as client:
+        codes = []
+        for _ in range(8):
+            forged = {"Authorization": f"Bearer ftk_{secrets.token_hex(16)}"}
+            assert client.get("/healthz", headers=forged).status_code in (200, 429)
+            codes.append(client.get("/v1/keys", headers=forged).status_code)
+        assert codes[:3] == [401, 401, 401] and set(codes[3:]) == {429}, codes
+
+
 # -- finding 5: file modes (the server was started under umask 000)
 
 
