@@ -39,6 +39,7 @@ from fedtext.cli.superlink import (
     SuperlinkOpt,
     connect,
 )
+from fedtext.format import num
 from runs.flower import (
     app_config_keys,
     build_run_config,
@@ -227,8 +228,9 @@ def _print_status(st: FederationRunStatus) -> None:
     for name, t in sorted(st.summary.get("tenants", {}).items()):
         table.add_row(
             f"tenant {name}",
-            f"{t.get('model')} v{t.get('version')}, accuracy {t.get('accuracy')}, "
-            f"epsilon {t.get('run_epsilon')}",
+            f"{t.get('model')} v{t.get('version')}, accuracy {num(t.get('accuracy'))}, "
+            f"macro-F1 {num(t.get('macro_f1'))} (DP-noised), epsilon {num(t.get('run_epsilon'))}"
+            + ("" if t.get("deployed", True) else ", waits for an admin's deploy"),
         )
     console.print(table)
 
