@@ -218,9 +218,9 @@ class RateLimitMiddleware:
         key = _hashed(credential) if credential is not None else None
         address = _client_address(scope)
         known = key is not None and self._known(key)
-        if known and self.buckets is not None:
+        if known:
             assert key is not None
-            wait = self.buckets.take(key)
+            wait = self.buckets.take(key) if self.buckets is not None else 0.0
             if wait > 0:
                 retry = max(1, math.ceil(wait))
                 await _send_json(

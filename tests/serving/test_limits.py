@@ -73,3 +73,28 @@ def test_token_bucket_refills_at_its_rate() -> None:
     b.take("a", now=0.0)
     b.take("b", now=0.0)
     assert len(b._buckets) == 2  # bounded
+
+
+def test_failed_authentication_is_limited_per_address_in_process(
+    sqlite_platform: Platform,
+) -> None:
+    acme = make_tenant(sqlite_platform, "acme")
+    limits = Limits(failed_auth_per_second=0.1, failed_auth_burst=2)
+    with _client(sqlite_platform, limits) as c:
+        assert c.get("/v1/keys", headers=acme.admin).status_code == 200
+        forged = [{"Authorization": f"Bearer ftk_forged{i}"} for i in range(4)]
+        codes = [c.get("/v1/keys", headers=h).status_code for h in forged]
+        assert codes == [401, 401, 429, 429]
+        # /healthz answering a forged token does not make it a known key.
+        assert c.get("/healthz", headers=forged[0]).status_code == 429
+        # The key that authenticated before is not blocked with its address.
+        assert c.get("/v1/keys", headers=acme.admin).status_code == 200
+
+
+def test_repeated_authorization_headers_are_400_in_process(sqlite_platform: Platform) -> None:
+    acme = make_tenant(sqlite_platform, "acme")
+    twice = [("authorization", acme.admin["Authorization"]), ("authorization", "Bearer x")]
+    with _client(sqlite_platform, Limits()) as c:
+        for path in ("/healthz", "/v1/keys", "/metrics"):
+            r = c.get(path, headers=twice)
+            assert r.status_code == 400 and "one Authorization header" in r.json()["detail"]
