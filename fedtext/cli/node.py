@@ -86,7 +86,7 @@ def node(
     ca_path = existing_file(ca, "CA certificate", hint)
     check_node_private_key(key_path)
     check_certificate(ca_path, "CA certificate")
-    data_path = _check_data(data, labels)
+    data_path = _check_data(data, labels, tenant)
     resolved_device = _check_device(device)
     check_reachable(superlink)
     scratch = Path(tempfile.mkdtemp(prefix=f"fedtext-node-{tenant}-"))
@@ -139,8 +139,10 @@ def node(
         raise fail(f"flower-supernode exited with code {code}; see its output above", code)
 
 
-def _check_data(data: Path, labels: str) -> Path:
-    from clients.data import DataError, load_labeled_file
+def _check_data(data: Path, labels: str, tenant: str = "") -> Path:
+    from clients.data import DataError, load_labeled_file, train_test_split
+    from runs.spec import RunSpec
+    from server.planning import PlanRefused, dp_schedule
 
     path = data.expanduser().resolve()
     names = [s.strip() for s in labels.split(",") if s.strip()]
@@ -150,6 +152,19 @@ def _check_data(data: Path, labels: str) -> Path:
         raise UserError(str(exc)) from None
     if len(loaded) < 2:
         raise UserError(f"{path}: {len(loaded)} example(s); a node needs a train and a test split.")
+    # The run's settings are the coordinator's; at the defaults, say now (not after the run
+    # is submitted) whether this data is enough for DP-SGD.
+    train, _ = train_test_split(loaded, 0.2, 0)
+    spec = RunSpec()
+    try:
+        dp_schedule(
+            tenant_name=tenant, num_train=len(train), target_epsilon=spec.epsilon,
+            delta=1e-5, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
+            rounds=spec.rounds, personalize_epochs=spec.personalize_epochs,
+        )  # fmt: skip
+    except PlanRefused as exc:
+        err.print(f"[yellow]note:[/yellow] at the default run settings, {exc}.")
+    err.print(f"{tenant}: {len(train)} training examples in {path.name}.")
     return path
 
 
