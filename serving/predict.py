@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from serving.batching import InputRejected
 from serving.config import ServingConfig
@@ -39,6 +39,7 @@ from serving.registry import (
 from serving.schemas import PredictRequest
 from tenancy.events import Change, ChangeKind
 from tenancy.platform import Platform
+from tenancy.tables import ModelVersion
 from tenancy.tenants import Scope, authenticate, has_scope
 
 log = logging.getLogger("fedtext.serving")
@@ -143,7 +144,7 @@ class PredictService:
                 served, row = self.cache.get_deployed(session, caller.tenant.id, name)
             except UnknownModel as exc:
                 # Another tenant's model and a missing one look the same: 404.
-                raise Refusal(404, str(exc)) from None
+                raise Refusal(404, _unknown_model(session, caller.tenant, exc)) from None
             except NotDeployed as exc:
                 raise Refusal(409, str(exc)) from None
             except ModelLoadError as exc:
@@ -228,3 +229,14 @@ def prediction_body(served: ServedModel, rows: list[list[float]], top_k: int) ->
         for row in rows
     ]
     return {"model": served.name, "version": served.version, "predictions": predictions}
+
+
+def _unknown_model(session: Session, tenant: Any, exc: Exception) -> str:
+    """A 404's message; a tenant with no model at all is told how to train its first."""
+    has_any = session.exec(select(ModelVersion.id).where(ModelVersion.tenant_id == tenant.id))
+    if has_any.first() is not None:
+        return str(exc)
+    return (
+        f"{exc} Tenant {tenant.name!r} has no model yet: train one with fedtext simulate "
+        f"--tenant {tenant.name} --tenant OTHER_TENANT (or POST /v1/runs with an admin key)."
+    )

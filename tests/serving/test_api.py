@@ -172,3 +172,18 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_predict_for_a_tenant_without_any_model_names_the_command_that_trains_one(
+    client: TestClient, acme: TenantFixture, globex: TenantFixture
+) -> None:
+    r = client.post(
+        "/v1/models/encoder-head/predict", json={"inputs": ["hi"]}, headers=globex.predict
+    )
+    assert r.status_code == 404
+    detail = r.json()["detail"]
+    assert "Tenant 'globex' has no model yet" in detail
+    assert "fedtext simulate --tenant globex" in detail
+    # A tenant with models hears only that this name is not one of them.
+    r = client.post("/v1/models/nosuch/predict", json={"inputs": ["hi"]}, headers=acme.predict)
+    assert r.status_code == 404 and r.json()["detail"] == "No model named 'nosuch'."
