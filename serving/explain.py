@@ -11,6 +11,9 @@ probability, the number the predict route returns.
 - ``encoder-head``: the public encoder's input embeddings, through the encoder, its
   masked-mean pooling and normalization, then the tenant's head: words, not the sentence
   vector, are what a user can read.
+  The encoder is the float32 one: where the server runs its shared encoder in bf16 or
+  int8 (FEDTEXT_SERVE_ENCODER_PRECISION), explained scores may differ from served ones
+  by that precision's error.
 - A dynamically quantized model has no gradients (int8 kernels): occlusion instead, each
   word replaced by ``[PAD]`` alone (its attribution is the score lost), which does not sum
   to the score difference; ``method`` says which one was used.

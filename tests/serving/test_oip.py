@@ -148,6 +148,7 @@ def _check_equal(
 def test_tritonclient_http_round_trip_equals_the_v1_route(live: Live) -> None:
     client = httpclient.InferenceServerClient(url=live.http)
     assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata()["name"] == "fedtext"
     assert client.is_model_ready("sentiment", headers=bearer(live.acme.predict_key))
     meta = client.get_model_metadata("sentiment", headers=bearer(live.acme.predict_key))
     labels = json.loads(meta["properties"]["labels"])
@@ -228,6 +229,8 @@ def test_tritonclient_grpc_round_trip_equals_the_v1_route(live: Live) -> None:
     client = grpcclient.InferenceServerClient(url=live.grpc)
     auth = bearer(live.acme.predict_key)
     assert client.is_server_live() and client.is_server_ready()
+    server = client.get_server_metadata(as_json=True)
+    assert server["name"] == "fedtext" and server["extensions"] == ["binary_tensor_data"]
     assert client.is_model_ready("sentiment", headers=bearer(live.acme.predict_key))
     assert not client.is_model_ready("draft", headers=bearer(live.acme.predict_key))
     meta = client.get_model_metadata("sentiment", headers=auth, as_json=True)
