@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from privacy.report import AuditReport
 from runs.spec import SIMULATION_ONLY, request_model
@@ -200,6 +200,21 @@ class PredictResponse(BaseModel):
     explanations: list[Explanation] | None = Field(
         default=None, description='With "explain": true, one per input.'
     )
+    warnings: list[InputWarning] | None = Field(
+        default=None, description="Inputs mostly unreadable by the model's vocabulary."
+    )
+
+
+class InputWarning(BaseModel):
+    """An input most of whose tokens the vocabulary does not know ([UNK])."""
+
+    input: int
+    unknown_tokens: int
+    tokens: int
+    message: str
+
+
+EXPLAIN_MAX_STEPS = 1024  # inputs x steps of one explanation request
 
 
 class ExplainRequest(BaseModel):
@@ -210,6 +225,17 @@ class ExplainRequest(BaseModel):
     steps: int = Field(
         default=64, ge=8, le=512, description="Integration steps: more, smaller delta, slower."
     )
+
+    @model_validator(mode="after")
+    def _bounded_work(self) -> ExplainRequest:
+        # Each step is a forward and a backward pass per input, and explanations are
+        # computed one request at a time: bound one request's work.
+        if len(self.inputs) * self.steps > EXPLAIN_MAX_STEPS:
+            raise ValueError(
+                f"inputs x steps is at most {EXPLAIN_MAX_STEPS} "
+                f"(got {len(self.inputs)} x {self.steps}); send fewer inputs or steps."
+            )
+        return self
 
 
 class ExplainResponse(BaseModel):

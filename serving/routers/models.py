@@ -23,6 +23,7 @@ from serving.deps import (
 from serving.model_options import ServingOptions, ServingOptionsPublic
 from serving.predict import PredictTarget, Refusal
 from serving.schemas import (
+    EXPLAIN_MAX_STEPS,
     ExplainRequest,
     ExplainResponse,
     ModelPublic,
@@ -156,6 +157,12 @@ async def predict(
     The predict service's FastAPI adapter (serving/predict.py); warm requests are answered
     by its ASGI adapter, serving/fastlane.py, before they get here.
     """
+    if body.explain and len(body.inputs) * EXPLAIN_STEPS > EXPLAIN_MAX_STEPS:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f'"explain": true takes at most {EXPLAIN_MAX_STEPS // EXPLAIN_STEPS} inputs; '
+            f"got {len(body.inputs)}.",
+        )
     try:
         content = await service.answer(target, body)
     except Refusal as exc:

@@ -202,12 +202,26 @@ def test_explain_refuses_like_predict_and_names_bad_labels(
     url = "/v1/models/sentiment/explain"
     assert client.post(url, json={"inputs": ["hi"]}).status_code == 401
     other = client.post(url, json={"inputs": ["hi"]}, headers=globex.predict)
-    assert other.status_code == 404 and other.json()["detail"] == "No model named 'sentiment'."
+    missing = client.post(
+        "/v1/models/nosuch/explain", json={"inputs": ["hi"]}, headers=globex.predict
+    )
+    assert other.status_code == missing.status_code == 404  # acme's model is not globex's
+    assert other.json()["detail"].replace("sentiment", "X") == missing.json()["detail"].replace(
+        "nosuch", "X"
+    )
     r = client.post(url, json={"inputs": ["hi"], "label": "angry"}, headers=acme.predict)
     assert r.status_code == 422 and "Unknown label 'angry'" in r.json()["detail"]
     r = client.post(url, json={"inputs": ["  "]}, headers=acme.predict)
     assert r.status_code == 422 and "is empty" in r.json()["detail"]
     assert client.post(url, json={"inputs": ["hi"] * 17}, headers=acme.predict).status_code == 422
+    r = client.post(url, json={"inputs": ["hi"] * 16, "steps": 128}, headers=acme.predict)
+    assert r.status_code == 422 and "inputs x steps is at most 1024" in r.text
+    r = client.post(
+        "/v1/models/sentiment/predict",
+        json={"inputs": ["hi"] * 17, "explain": True},
+        headers=acme.predict,
+    )
+    assert r.status_code == 422 and "at most 16 inputs" in r.json()["detail"]
 
 
 def test_an_int8_model_is_explained_by_occlusion(
