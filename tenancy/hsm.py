@@ -25,8 +25,11 @@ import contextlib
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from pkcs11 import exceptions as pkcs11_errors
 
 from tenancy import crypto
 from tenancy.errors import DecryptionError, KeyProviderError
@@ -35,6 +38,25 @@ from tenancy.keyring import KeyProvider
 # Where Debian's and Ubuntu's softhsm2 package puts its module (tests, development).
 SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 _NONCE_BYTES = crypto.NONCE_BYTES
+
+
+# A lost session (the HSM restarted, a network HSM reconnected): reopened once.
+_SESSION_LOST: tuple[type[Exception], ...] = (
+    pkcs11_errors.SessionHandleInvalid,
+    pkcs11_errors.SessionClosed,
+    pkcs11_errors.DeviceRemoved,
+    pkcs11_errors.DeviceError,
+    pkcs11_errors.TokenNotPresent,
+    pkcs11_errors.UserNotLoggedIn,
+)
+# A ciphertext that does not authenticate (SoftHSM2 reports a bad GCM tag as
+# CKR_GENERAL_ERROR, other tokens as CKR_ENCRYPTED_DATA_INVALID).
+_BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
+    pkcs11_errors.GeneralError,
+    pkcs11_errors.EncryptedDataInvalid,
+    pkcs11_errors.EncryptedDataLenRange,
+    pkcs11_errors.FunctionFailed,
+)
 
 
 @dataclass(frozen=True)
@@ -207,46 +229,71 @@ class Pkcs11KeyProvider(KeyProvider):
     def get_kek(self, version: int) -> bytes:
         raise KeyProviderError("A PKCS#11 KEK never leaves its token; it wraps keys inside it.")
 
+    def _in_token(self, operation: Callable[[], bytes]) -> bytes:
+        """Run ``operation`` under the lock; a lost session is reopened once; any other
+        token error (but a ciphertext that does not authenticate) is a KeyProviderError."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    return operation()
+                except _SESSION_LOST as exc:
+                    self._session = None
+                    if attempt == 2:
+                        raise KeyProviderError(
+                            f"The PKCS#11 token is unavailable: {exc!r}"
+                        ) from None
+                except pkcs11_errors.PKCS11Error as exc:
+                    raise KeyProviderError(f"The PKCS#11 token refused: {exc!r}") from None
+        raise AssertionError("unreachable")
+
     def wrap_key(self, version: int, key: bytes, associated_data: bytes) -> bytes:
         from pkcs11 import GCMParams, Mechanism
 
         nonce = os.urandom(_NONCE_BYTES)
-        with self._lock:
-            sealed = self._find(version).encrypt(
-                key,
-                mechanism=Mechanism.AES_GCM,
-                mechanism_param=GCMParams(nonce, associated_data, 128),
+
+        def seal() -> bytes:
+            kek = self._find(version)
+            return bytes(
+                kek.encrypt(
+                    key,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, associated_data, 128),
+                )
             )
-        return crypto.FORMAT_V1 + nonce + bytes(sealed)
+
+        return crypto.FORMAT_V1 + nonce + self._in_token(seal)
 
     def unwrap_key(self, version: int, wrapped: bytes, associated_data: bytes) -> bytes:
         from pkcs11 import GCMParams, Mechanism
-        from pkcs11.exceptions import PKCS11Error
 
         header = len(crypto.FORMAT_V1)
         if len(wrapped) < header + _NONCE_BYTES + 16 or not wrapped.startswith(crypto.FORMAT_V1):
             raise DecryptionError("The wrapped data key is not a fedtext ciphertext.")
         nonce = wrapped[header : header + _NONCE_BYTES]
-        with self._lock:
+
+        def open_() -> bytes:
             kek = self._find(version)
             try:
-                key = kek.decrypt(
-                    wrapped[header + _NONCE_BYTES :],
-                    mechanism=Mechanism.AES_GCM,
-                    mechanism_param=GCMParams(nonce, associated_data, 128),
+                return bytes(
+                    kek.decrypt(
+                        wrapped[header + _NONCE_BYTES :],
+                        mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(nonce, associated_data, 128),
+                    )
                 )
-            except PKCS11Error:
+            except _BAD_CIPHERTEXT:
                 raise DecryptionError(
                     "The wrapped data key failed authentication in the token: it was altered, "
                     "belongs to another tenant, or was wrapped by another KEK."
                 ) from None
-        return bytes(key)
+
+        return self._in_token(open_)
 
     def derive_key(self, version: int, purpose: str) -> bytes:
         from pkcs11 import Mechanism
 
-        with self._lock:
-            mac = self._find(version, "kdk-").sign(
-                purpose.encode() + b"\x01", mechanism=Mechanism.SHA256_HMAC
-            )
-        return bytes(mac)
+        def mac() -> bytes:
+            kdk = self._find(version, "kdk-")
+            return bytes(kdk.sign(purpose.encode() + b"\x01", mechanism=Mechanism.SHA256_HMAC))
+
+        return self._in_token(mac)

@@ -106,6 +106,9 @@ def test_the_kek_is_generated_in_the_token_and_never_leaves_it(token: Token) -> 
         provider.unwrap_key(1, wrapped, b"fedtext:dek:globex:kek-v1")
     with pytest.raises(DecryptionError):
         provider.unwrap_key(1, wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"fedtext:dek:acme:kek-v1")
+    # A session the token dropped (an HSM restart) is reopened, not reported as a bad key.
+    provider._session.close()
+    assert provider.unwrap_key(1, wrapped, b"fedtext:dek:acme:kek-v1") == b"k" * 32
     # Derived platform keys are stable and differ per purpose.
     assert provider.derive_key(1, "a") == provider.derive_key(1, "a") != provider.derive_key(1, "b")
 
