@@ -7,7 +7,8 @@ head of any size, waits for it and for the body forever, and takes every connect
 - a head-size limit: a request line plus headers larger than ``max_header_bytes`` is
   answered 431 and the connection closed, before the rest is buffered;
 - a head timeout: the head must arrive within ``header_timeout_s`` of the connection
-  (or of the previous response), else 408 and close (slow-header clients, idle sockets);
+  (or of the previous response), else 408 and close (slow-header clients); a connection
+  that sent nothing is closed without a response;
 - a body timeout: the body must arrive within ``body_timeout_s`` of the head, else 408
   (when no response has started) and close;
 - a connection cap: beyond ``max_connections`` open connections a new one is answered
@@ -65,7 +66,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         started = self.cycle is not None and self.cycle.response_started
         complete = self.cycle is None or self.cycle.response_complete
-        if what == "head" or (not started and not complete):
+        if (what == "head" and self._head_bytes) or (
+            what == "body" and not started and not complete
+        ):
+            # A connection that sent nothing is closed silently (as nginx does): a client
+            # about to reuse an idle connection must not read a 408 for a request it never
+            # sent.
             seconds = self.limits.header_timeout_s if what == "head" else self.limits.body_timeout_s
             self.transport.write(
                 _response(
