@@ -21,6 +21,8 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, select
 
+from models.encoders import DEFAULT_ENCODER
+from models.tokenizer import load_tokenizer
 from serving.batching import InputRejected
 from serving.config import ServingConfig
 from serving.credentials import (  # bearer_credential re-exported: the one parser
@@ -195,7 +197,11 @@ class PredictService:
             rows = await served.predict_rows(request.inputs)
         except InputRejected as exc:  # this request's own input; others in its batch ran
             raise Refusal(422, str(exc)) from None
-        return json.dumps(prediction_body(served, rows, request.top_k)).encode()
+        body = prediction_body(served, rows, request.top_k)
+        warnings = unknown_token_warnings(served.spec, request.inputs)
+        if warnings:  # only when some input is mostly unreadable: other bodies are unchanged
+            body["warnings"] = warnings
+        return json.dumps(body).encode()
 
     # ------------------------------------------------------------- tenancy changes
 
@@ -240,3 +246,34 @@ def _unknown_model(session: Session, tenant: Any, exc: Exception) -> str:
         f"{exc} Tenant {tenant.name!r} has no model yet: train one with fedtext simulate "
         f"--tenant {tenant.name} --tenant OTHER_TENANT (or POST /v1/runs with an admin key)."
     )
+
+
+# An input at least this share of whose tokens the vocabulary cannot read gets a warning.
+UNKNOWN_SHARE_WARNING = 0.5
+
+
+def unknown_token_warnings(spec: Any, texts: list[str]) -> list[dict[str, Any]]:
+    """Per mostly unreadable input: how many of its tokens the public vocabulary does not
+    know ([UNK]); such inputs all look alike to the model. ASCII text is never checked (the
+    vocabulary reads every ASCII character), nor models on an operator's own encoder."""
+    if getattr(spec.family_config(), "encoder", DEFAULT_ENCODER) != DEFAULT_ENCODER:
+        return []
+    out = []
+    for i, text in enumerate(texts):
+        if text.isascii():
+            continue
+        tokens = load_tokenizer().tokens(text)[1:-1]  # less [CLS] and [SEP]
+        unknown = tokens.count("[UNK]")
+        if tokens and unknown / len(tokens) >= UNKNOWN_SHARE_WARNING:
+            out.append(
+                {
+                    "input": i,
+                    "unknown_tokens": unknown,
+                    "tokens": len(tokens),
+                    "message": f"{unknown} of {len(tokens)} tokens are unknown to the model's "
+                    "vocabulary (English MiniLM); its prediction is unreliable. Other "
+                    "languages: an encoder-head model on a multilingual encoder "
+                    "(FEDTEXT_ENCODERS, README).",
+                }
+            )
+    return out

@@ -187,3 +187,21 @@ def test_predict_for_a_tenant_without_any_model_names_the_command_that_trains_on
     # A tenant with models hears only that this name is not one of them.
     r = client.post("/v1/models/nosuch/predict", json={"inputs": ["hi"]}, headers=acme.predict)
     assert r.status_code == 404 and r.json()["detail"] == "No model named 'nosuch'."
+
+
+def test_a_mostly_unreadable_input_carries_a_warning_with_its_unknown_tokens(
+    client: TestClient, acme: TenantFixture
+) -> None:
+    inputs = ["my flight was delayed again", "😀😀😀", "我的航班又晚点了", "café délicieux"]
+    r = client.post("/v1/models/lstm/predict", json={"inputs": inputs}, headers=acme.predict)
+    assert r.status_code == 200, r.text
+    warnings = r.json()["warnings"]
+    assert [w["input"] for w in warnings] == [1, 2]
+    assert warnings[0]["unknown_tokens"] == warnings[0]["tokens"] == 1
+    assert warnings[1]["unknown_tokens"] == 6 and warnings[1]["tokens"] == 8
+    assert "multilingual encoder" in warnings[1]["message"]
+    # Readable inputs: the body is as before, without the field.
+    plain = client.post(
+        "/v1/models/lstm/predict", json={"inputs": inputs[:1]}, headers=acme.predict
+    )
+    assert "warnings" not in plain.json()
