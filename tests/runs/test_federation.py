@@ -69,8 +69,7 @@ def test_failing_client_does_not_stop_the_run_and_stays_charged(tmp_path: Path) 
     # Two rounds, a personalization and its released evaluation each; globex's failed
     # round 1 stays charged.
     assert {name: [(e.round, e.purpose) for e in evs] for name, evs in events.items()} == {
-        name: [(1, "train"), (2, "train"), (3, "personalize"), (3, "evaluate")]
-        for name in TENANTS
+        name: [(1, "train"), (2, "train"), (3, "personalize"), (3, "evaluate")] for name in TENANTS
     }
     for evs in events.values():
         assert verify_chain(evs) is None
