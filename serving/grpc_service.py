@@ -125,7 +125,9 @@ class CallLimits:
         return None
 
     def answered(self, credential: str | None, peer: str, status: int) -> None:
-        """Record how a call ended (an HTTP-like status) for the buckets."""
+        """Record how a call ended (an HTTP-like status) for the buckets. Every call that
+        names a model resolves its credential first, so any status but 401 means the
+        credential authenticated."""
         key = _hashed(credential) if credential is not None else None
         if status == 401:
             if self.failures is not None:
@@ -238,12 +240,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         async def work(credential: str | None) -> tuple[Inference, list[str]]:
+            # Authenticated first: a refusal of the tensors tells only a caller with a key,
+            # and only an authenticated credential counts as one for the rate limits.
+            target = await resolve(
+                self.service, credential, request.model_name, request.model_version
+            )
             texts = _texts(request)
             outputs = requested_outputs([o.name for o in request.outputs])
-            found = await infer(
-                self.service, credential, request.model_name, request.model_version, texts
-            )
-            return found, outputs
+            return await infer(self.service, target, texts), outputs
 
         result, outputs = await self._model_call(context, work)
         n, c = result.probabilities.shape

@@ -151,11 +151,9 @@ class Inference:
         return [self.labels[i].encode() for i in self.probabilities.argmax(axis=1)]
 
 
-async def infer(
-    service: PredictService, credential: str | None, name: str, version: str, texts: list[str]
-) -> Inference:
-    """The deployed model's probabilities for ``texts`` (the predict service's checks, batcher)."""
-    target = await resolve(service, credential, name, version)
+async def infer(service: PredictService, target: PredictTarget, texts: list[str]) -> Inference:
+    """The resolved model's probabilities for ``texts`` (the predict service's checks and
+    batcher). Callers resolve first: an unauthenticated request hears 401 whatever it sent."""
     service.check_inputs(texts)
     try:
         rows = await target.served.predict_rows(texts)
@@ -302,10 +300,12 @@ async def model_version_infer(request: Request, name: str, version: str) -> Resp
 
 async def _infer(request: Request, name: str, version: str) -> Response:
     try:
+        service = _service(request)
+        target = await resolve(service, _credential(request), name, version)
         body = await request.body()
         header, raw = _split_body(body, request.headers.get(HEADER_LENGTH))
         texts, outputs = _parse_infer(header, raw)
-        result = await infer(_service(request), _credential(request), name, version, texts)
+        result = await infer(service, target, texts)
     except Refusal as exc:
         return _error(exc)
     return _infer_response(header.get("id"), result, outputs)

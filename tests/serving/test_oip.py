@@ -319,6 +319,9 @@ def test_grpc_bad_tensors_are_invalid_argument_with_a_clear_message(live: Live) 
         error = _grpc_error(lambda req=req: stub.ModelInfer(req, metadata=metadata))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (req, error.details())
         assert message in (error.details() or ""), (message, error.details())
+    # Without a key the tensors are not even looked at: UNAUTHENTICATED, not their error.
+    error = _grpc_error(lambda: stub.ModelInfer(request(datatype="FP32")))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     # The same request, well formed, answers.
     ok = stub.ModelInfer(request(contents=[b"lovely crew"]), metadata=metadata)
     assert [o.name for o in ok.outputs] == ["label", "probabilities"]
