@@ -368,3 +368,12 @@ def test_what_the_server_wrote_is_private(served: Served) -> None:
         if p.stat().st_mode & 0o777 != (0o700 if p.is_dir() else 0o600)
     }
     assert not wrong, f"readable by others: {wrong}"
+
+
+# -- finding 6: the development key provider is loud
+
+
+def test_serve_warns_when_the_kek_file_is_in_the_data_directory(served: Served) -> None:
+    log = (served.data.parent / "serve.log").read_text()
+    assert "the key-encryption key is a file inside the data directory" in log
+    assert "FEDTEXT_KEY_PROVIDER=pkcs11" in log
