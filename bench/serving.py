@@ -18,12 +18,26 @@ What it does, all in a fresh temporary data directory:
 4. Soak: fedtext with a cache of 5 models, concurrency 64 over the 20 tenants (evictions
    on most requests' model switches) for 60 s: errors and resident memory.
 
+5. Shared encoder (issue 19): ``encoder-head`` models (a public MiniLM encoder and a
+   private head) for 2,000 tenants, each head encrypted under its tenant's key. In
+   process: the encoder as served at each precision (fp32, bf16, int8): throughput at
+   batch 64 (fp32's is the limit) and accuracy of one head on 1,000 test tweets; head
+   cold loads. Then 200 of the tenants at concurrency 64 (uniform, one input per
+   request) on a baseline server (the same models served per model: per-model cache and
+   batching, ``FEDTEXT_SERVE_SHARED_ENCODER=false``) and on the default server (one
+   encoder batched across tenants); open loop at half the measured maximum; resident
+   memory with 20 and with 2,000 heads loaded.
+
+    .venv/bin/python bench/serving.py --quick --only shared-encoder   # scenario 5 alone
+
 The last line printed is one JSON object (keys: runs, cold_load_ms, rss_mb, ablation,
-quantization, soak, settings).
+quantization, soak, settings; shared_encoder with the issue's keys and
+shared_encoder_details).
 """
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -251,6 +265,16 @@ class Server:
         run["server_cpu_ms_per_prediction"] = round(1000 * used / max(run.pop("all_inputs"), 1), 3)
         return run
 
+    def drive_open(self, tmp: Path, keys: list[str], texts: list[str], rate: float,
+                   seconds: float, warmup: float) -> dict[str, Any]:  # fmt: skip
+        """An open-loop run at ``rate`` requests/s; adds the server's CPU ms per prediction."""
+        cpu = _cpu_s(self.proc.pid)
+        run = _load(tmp, {"mode": "open", "url": self.url, "keys": keys, "texts": texts,
+                          "rate": rate, "seconds": seconds, "warmup": warmup})  # fmt: skip
+        used = _cpu_s(self.proc.pid) - cpu
+        run["server_cpu_ms_per_prediction"] = round(1000 * used / max(run["requests"], 1), 3)
+        return run
+
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {"name{labels}": value} (fedtext only)."""
         import httpx
@@ -391,28 +415,368 @@ async def _drive(url: str, keys: list[str], texts: list[str], concurrency: int, 
     }
 
 
+async def _drive_open(url: str, keys: list[str], texts: list[str], rate: float, seconds: float,
+                      warmup: float) -> dict[str, Any]:  # fmt: skip
+    """Open loop (MLPerf's server scenario): request i is sent at t0 + i / rate, whatever
+    the earlier ones are doing; latency counts from that scheduled time."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+        t0 = time.perf_counter() + 0.1
+        total = int((warmup + seconds) * rate)
+        measured_from = int(warmup * rate)
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            due = t0 + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            ok = False
+            try:
+                async with client.post(
+                    "/v1/models/sentiment/predict",
+                    json={"inputs": [texts[i % len(texts)]], "top_k": 1},
+                    headers={"Authorization": f"Bearer {keys[i % len(keys)]}"},
+                ) as r:
+                    body = await r.json()
+                    ok = r.status == 200 and len(body["predictions"]) == 1
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                ok = False
+            if i >= measured_from:
+                if ok:
+                    latencies.append(time.perf_counter() - due)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        if not latencies:
+            return float("nan")
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
+
+    return {"rate": round(rate, 1), "requests": len(latencies) + errors, "errors": errors,
+            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}  # fmt: skip
+
+
+async def _touch(url: str, keys: list[str], texts: list[str], concurrency: int) -> dict[str, Any]:
+    """One request per key (each tenant's model loaded once), ``concurrency`` at a time."""
+    import aiohttp
+
+    errors = 0
+    queue = list(enumerate(keys))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while queue:
+                i, key = queue.pop()
+                try:
+                    async with client.post(
+                        "/v1/models/sentiment/predict",
+                        json={"inputs": [texts[i % len(texts)]], "top_k": 1},
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as r:
+                        await r.read()
+                        errors += r.status != 200
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"requests": len(keys), "errors": errors,
+            "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+
+
 def load_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    result = asyncio.run(
-        _drive(spec["url"], spec["keys"], spec["texts"], spec["concurrency"], spec["seconds"],
-               spec["warmup"], spec["per_request"])
-    )  # fmt: skip
-    print(json.dumps(result))
+    mode = spec.get("mode", "closed")
+    if mode == "open":
+        coro = _drive_open(spec["url"], spec["keys"], spec["texts"], spec["rate"],
+                           spec["seconds"], spec["warmup"])  # fmt: skip
+    elif mode == "touch":
+        coro = _touch(spec["url"], spec["keys"], spec["texts"], spec["concurrency"])
+    else:
+        coro = _drive(spec["url"], spec["keys"], spec["texts"], spec["concurrency"],
+                      spec["seconds"], spec["warmup"], spec["per_request"])  # fmt: skip
+    print(json.dumps(asyncio.run(coro)))
 
 
 def drive(tmp: Path, url: str, keys: list[str], texts: list[str], concurrency: int,
           seconds: float, warmup: float, per_request: int = 1) -> dict[str, Any]:  # fmt: skip
     """Run the load generator in its own process and return its numbers."""
-    spec_path = tmp / f"load-{concurrency}.json"
-    spec_path.write_text(json.dumps({
+    return _load(tmp, {
         "url": url, "keys": keys, "texts": texts, "concurrency": concurrency,
         "seconds": seconds, "warmup": warmup, "per_request": per_request,
-    }))  # fmt: skip
+    })  # fmt: skip
+
+
+def touch(tmp: Path, url: str, keys: list[str], texts: list[str],
+          concurrency: int = 16) -> dict[str, Any]:  # fmt: skip
+    """One request per key from the load process (loads each tenant's model once)."""
+    return _load(tmp, {"mode": "touch", "url": url, "keys": keys, "texts": texts,
+                       "concurrency": concurrency})  # fmt: skip
+
+
+def _load(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    spec_path = tmp / f"load-{spec.get('mode', 'closed')}.json"
+    spec_path.write_text(json.dumps(spec))
     out = subprocess.run(
         [sys.executable, __file__, "_load", str(spec_path)],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------- shared encoder
+
+SHARED_TENANTS = 200  # served at concurrency 64, uniform traffic
+RSS_TENANTS = (20, 2000)  # resident memory with this many heads loaded
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _train_head(features: Any, labels: list[int]) -> Any:
+    """Softmax regression on sentence vectors (non-private; sensible weights only)."""
+    import torch
+
+    from clients.data import DEMO_LABELS
+    from models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec.create("encoder-head", list(DEMO_LABELS))
+    model = build_model(spec).train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    y = torch.tensor(labels)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(model(features), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return spec, model.eval()
+
+
+def encoder_report(train: Any, test_texts: list[str], test_labels: list[int]) -> dict[str, Any]:
+    """The encoder as served, in process, per precision: speed and accuracy on the test tweets.
+
+    One head (trained on fp32 vectors of public training tweets) scores the same test tweets
+    encoded at each precision; the fp32 throughput at batch 64 is the serving limit.
+    """
+    import torch
+
+    from models import load_encoder
+    from serving.shared_encoder import EncoderRuntime
+
+    torch.set_num_threads(1)  # as the server runs its forward thread
+    encoder = load_encoder()
+    exact = EncoderRuntime(encoder, "fp32")
+    started = time.perf_counter()
+    features = exact.encode(list(train.texts), 128)
+    _log(f"encoded {len(train.texts)} training tweets in {time.perf_counter() - started:.1f} s")
+    spec, head = _train_head(features, list(train.labels))
+    out: dict[str, Any] = {"test_examples": len(test_texts), "torch_threads": 1}
+    vectors: dict[str, Any] = {}
+    for precision in PRECISIONS:
+        runtime = exact if precision == "fp32" else EncoderRuntime(encoder, precision)
+        runtime.encode(test_texts[:16], 128)  # warm-up
+        started = time.perf_counter()
+        parts = [runtime.encode(test_texts[i : i + 64], 128) for i in range(0, len(test_texts), 64)]
+        pps = len(test_texts) / (time.perf_counter() - started)
+        vectors[precision] = torch.cat(parts)
+        with torch.no_grad():
+            predicted = head(vectors[precision]).argmax(-1)
+        accuracy = (predicted == torch.tensor(test_labels)).float().mean().item()
+        cosine = torch.nn.functional.cosine_similarity(vectors[precision], vectors["fp32"], -1)
+        out[precision] = {
+            "pps_batch64": round(pps, 1),
+            "accuracy": round(accuracy, 4),
+            "accuracy_change": round(
+                accuracy - out.get("fp32", {"accuracy": accuracy})["accuracy"], 4
+            ),
+            "min_cosine_to_fp32": round(cosine.min().item(), 4),
+            "batch_independent": runtime.exact,
+        }
+        _log(f"encoder {precision}: {out[precision]}")
+    started = time.perf_counter()
+    for text in test_texts[:64]:
+        exact.encode([text], 128)
+    out["fp32"]["pps_batch1"] = round(64 / (time.perf_counter() - started), 1)
+    return {"report": out, "spec": spec, "head": head}
+
+
+def shared_setup(data_dir: Path, spec: Any, head: Any, tenants: int) -> list[str]:
+    """``tenants`` tenants, each with its own encrypted head (the trained one, perturbed)."""
+    import torch
+
+    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.settings import Settings
+    from models import save_weights
+    from tenancy.db import session_scope
+    from tenancy.registry import store_model_version
+    from tenancy.tenants import Scope, create_api_key, create_tenant
+
+    settings = Settings(data_dir=data_dir, database_url=None, key_provider="file", kek_file=None)
+    platform = platform_from_settings(settings)
+    upgrade_schema(platform)
+    base = {k: v.clone() for k, v in head.state_dict().items()}
+    keys: list[str] = []
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for start in range(0, tenants, 100):
+        with session_scope(platform.engine) as session:
+            for i in range(start, min(start + 100, tenants)):
+                tenant = create_tenant(session=session, keyring=platform.keyring, name=f"h{i:05d}")
+                _, key = create_api_key(session=session, tenant=tenant, scopes=[Scope.predict])
+                keys.append(key)
+                with torch.no_grad():
+                    for name, value in head.state_dict().items():
+                        value.copy_(
+                            base[name] + 0.01 * torch.randn(value.shape, generator=generator)
+                        )
+                store_model_version(
+                    session=session, keyring=platform.keyring, store=platform.store,
+                    tenant=tenant, name="sentiment", spec_json=spec.to_json(),
+                    weights=save_weights(head), deploy=True,
+                )  # fmt: skip
+    head.load_state_dict(base)
+    _log(f"{tenants} tenants with encrypted heads in {time.perf_counter() - started:.1f} s")
+    return keys
+
+
+def head_cold_loads(data_dir: Path, count: int) -> dict[str, float]:
+    """Cold load of a head in process (fetch, SHA-256 check, decrypt, deserialize): ms."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlmodel import Session, select
+
+    from fedtext.platform import platform_from_settings
+    from fedtext.settings import Settings
+    from serving.registry import ModelCache
+    from serving.shared_encoder import SharedEncoders
+    from tenancy.tables import ModelVersion
+
+    platform = platform_from_settings(Settings(data_dir=data_dir))
+    cache = ModelCache(platform, heads=SharedEncoders(executor=ThreadPoolExecutor(1), device="cpu"))
+    times: list[float] = []
+    with Session(platform.engine) as session:
+        rows = list(session.exec(select(ModelVersion).limit(count + 1)))
+        cache.get(session, rows[0])  # loads the encoder itself once
+        gc.collect()
+        gc.freeze()  # as `fedtext serve` does after startup: no full collections of torch
+        for row in rows[1:]:
+            started = time.perf_counter()
+            cache.get(session, row)
+            times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {
+        "loads": len(times),
+        "p50_ms": round(times[len(times) // 2], 2),
+        "p99_ms": round(times[int(0.99 * len(times))], 2),
+        "max_ms": round(times[-1], 2),
+    }
+
+
+def shared_encoder_scenario(tmp: Path, seconds: float, warmup: float) -> dict[str, Any]:
+    """Heads of 200 tenants on one shared encoder vs the same models served per model."""
+    from clients.data import load_demo_corpus, train_test_split
+
+    corpus = load_demo_corpus()
+    train, test = train_test_split(corpus, test_fraction=0.1, seed=0)
+    test_texts, test_labels = list(test.texts), list(test.labels)
+    _log("encoder report (fp32, bf16, int8 on 1,000 test tweets) ...")
+    found = encoder_report(train.head(600), test_texts[:1000], test_labels[:1000])
+    data_dir = tmp / "shared"
+    keys = shared_setup(data_dir, found["spec"], found["head"], RSS_TENANTS[1])
+    served_keys = keys[:SHARED_TENANTS]
+    load_texts = test_texts[1000:3000]  # not the ones the encoder report used
+    log_path = tmp / "server.log"
+    out: dict[str, Any] = {"encoder_choice": found["report"]}
+    out["head_cold_load"] = head_cold_loads(data_dir, 200)
+    _log(f"head cold loads in process: {out['head_cold_load']}")
+
+    _log("baseline: the same models per model (shared_encoder=false) ...")
+    with Server("fedtext", data_dir, log_path, shared_encoder="false") as server:
+        touch(tmp, server.url, served_keys, load_texts)
+        base = server.drive(tmp, served_keys, load_texts, 64, seconds, warmup)
+        m = server.metrics()
+        base["mean_batch"] = round(
+            m.get("fedtext_batch_size_sum{}", 0.0)
+            / max(m.get("fedtext_batch_size_count{}", 1.0), 1.0),
+            2,
+        )
+        base["rss_mb"] = server.rss_mb()
+        _log(f"baseline c=64: {base}")
+
+    _log("shared encoder ...")
+    with Server("fedtext", data_dir, log_path) as server:
+        first = touch(tmp, server.url, keys[: RSS_TENANTS[0]], load_texts, concurrency=1)
+        # The encoder's working memory (activations of batches of real tweets) reaches its
+        # steady size first, so that the growth measured next is what the heads add.
+        server.drive(tmp, keys[: RSS_TENANTS[0]], load_texts, 64, 3.0, 0.0)
+        rss_20 = server.rss_mb()
+        m0 = server.metrics()
+        rest = touch(tmp, server.url, keys[RSS_TENANTS[0] :], load_texts, concurrency=16)
+        rss_2000 = server.rss_mb()
+        m1 = server.metrics()
+        (sum1, count1), (sum0, count0) = (_family_loads(m, "encoder-head") for m in (m1, m0))
+        shared = server.drive(tmp, served_keys, load_texts, 64, seconds, warmup)
+        _log(f"shared c=64: {shared}")
+        rate = shared["pps"] / 2
+        half = server.drive_open(tmp, served_keys, load_texts, rate, seconds, warmup)
+        _log(f"shared open loop at {rate:.1f}/s: {half}")
+        m2 = server.metrics()
+        shared["mean_batch"] = round(
+            (m2.get("fedtext_batch_size_sum{}", 0.0) - m1.get("fedtext_batch_size_sum{}", 0.0))
+            / max(
+                m2.get("fedtext_batch_size_count{}", 1.0)
+                - m1.get("fedtext_batch_size_count{}", 0.0),
+                1.0,
+            ),
+            2,
+        )
+        shared["rss_mb"] = server.rss_mb()
+    limit = found["report"]["fp32"]["pps_batch64"]
+    out["summary"] = {
+        "pps_c64": shared["pps"],
+        "baseline_pps_c64": base["pps"],
+        "encoder_limit_pps": limit,
+        "p99_ms_half_load": half["p99_ms"],
+        "errors": shared["errors"] + half["errors"] + first["errors"] + rest["errors"],
+        "rss_mb_20_heads": rss_20,
+        "rss_mb_2000_heads": rss_2000,
+    }
+    out["ratios"] = {
+        "vs_baseline": round(shared["pps"] / max(base["pps"], 1e-9), 2),
+        "vs_encoder_limit": round(shared["pps"] / max(limit, 1e-9), 3),
+        "rss_growth_mb_20_to_2000": round(rss_2000 - rss_20, 1),
+    }
+    out["runs"] = {"baseline_c64": base, "shared_c64": shared, "shared_open_half": half}
+    out["server_head_cold_load_ms_mean"] = round(1000 * (sum1 - sum0) / max(count1 - count0, 1), 2)
+    out["settings"] = {
+        "tenants_served": SHARED_TENANTS,
+        "tenants_loaded_for_rss": list(RSS_TENANTS),
+        "concurrency": 64,
+        "inputs_per_request": 1,
+        "traffic": "uniform over tenants (round robin)",
+        "open_loop_rate": round(rate, 1),
+        "baseline": "fedtext serve with FEDTEXT_SERVE_SHARED_ENCODER=false: the same "
+        "encoder-head models served per model (per-model cache and micro-batching)",
+        "encoder_precision": "fp32",
+    }
+    return out
+
+
+def _family_loads(m: dict[str, float], family: str) -> tuple[float, float]:
+    total = sum(v for k, v in m.items() if k.startswith("fedtext_model_load_duration_seconds_sum")
+                and f"family={family}" in k)  # fmt: skip
+    count = sum(v for k, v in m.items() if k.startswith("fedtext_model_load_duration_seconds_count")
+                and f"family={family}" in k)  # fmt: skip
+    return total, count
 
 
 # --------------------------------------------------------------------------- main
@@ -425,13 +789,22 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=60.0)
     parser.add_argument("--no-soak", action="store_true")
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument(
+        "--only", choices=("lstm", "shared-encoder"), help="one scenario (default: both)"
+    )
     args = parser.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 20.0)
     warmup = 2.0 if args.quick else 5.0
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fedtext-bench-serving-"))
     try:
-        result = _run(tmp, args, seconds, warmup, started)
+        result = _run(tmp, args, seconds, warmup, started) if args.only != "shared-encoder" else {}
+        if args.only != "lstm":
+            _log("shared-encoder scenario ...")
+            shared = shared_encoder_scenario(tmp, seconds, warmup)
+            # The issue's keys first; the details beside them.
+            result["shared_encoder"] = shared.pop("summary")
+            result["shared_encoder_details"] = shared
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["wall_s"] = round(time.monotonic() - started, 1)

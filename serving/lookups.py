@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from tenancy import events
 from tenancy.tables import ApiKey, ModelVersion, Tenant
@@ -124,8 +124,11 @@ class PredictLookups:
         for digest, entry in callers.items():
             row = keys.get(entry.key.id)
             if row is not None and row[0].key_hash == digest and is_live(*row):
-                new_callers[digest] = (now, Caller(*row))
+                same = _same(entry.key, row[0]) and _same(entry.tenant, row[1])
+                new_callers[digest] = (now, entry if same else Caller(*row))
         new_deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
+        with self._lock:
+            old_deployed = {pair: entry for pair, (_, entry) in self._deployed.items()}
         if pairs:
             tenant_ids = {tenant_id for tenant_id, _ in pairs}
             for version in session.exec(
@@ -136,7 +139,9 @@ class PredictLookups:
             ):
                 pair = (version.tenant_id, version.name)
                 if pair in pairs:
-                    new_deployed[pair] = (now, version)
+                    old = old_deployed.get(pair)
+                    kept = old is not None and _same(old, version)
+                    new_deployed[pair] = (now, old if kept and old is not None else version)
         with self._lock:
             if generation != self.generation:
                 return  # cleared meanwhile: what was read may predate the change
@@ -148,3 +153,13 @@ class PredictLookups:
                 if pair not in pairs:
                     new_deployed[pair] = kept_version
             self._callers, self._deployed = new_callers, new_deployed
+
+
+def _same(old: SQLModel, new: SQLModel) -> bool:
+    """Whether two reads of a row hold the same values (then the memo keeps the old object:
+    thousands of entries re-read every second would otherwise churn the heap)."""
+    return _values(old) == _values(new)
+
+
+def _values(row: SQLModel) -> dict[str, object]:
+    return {k: v for k, v in vars(row).items() if not k.startswith("_")}

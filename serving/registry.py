@@ -315,6 +315,11 @@ class ModelCache:
             batchers.append(heads.batcher(spec))
 
         served = load_served_model(session, self.platform, row, check_encoder=check)
+        layers = getattr(served.model, "head", None)
+        if isinstance(layers, torch.nn.Sequential) and len(layers) == 1:
+            # A linear head (the DP default) is its one nn.Linear: a third of the Python
+            # objects per cached head, the same function of the sentence vector.
+            served.model = layers[0]
         served.batcher = batchers[0].attach(served.model, served.spec, row.tenant_id)
         served.shared = True
         served.nbytes += HEAD_OVERHEAD_BYTES

@@ -46,6 +46,7 @@ def serve(
     from serving.config import ServingConfig, default_inference_threads
     from serving.connections import server_config
     from serving.logs import configure_json_logging
+    from serving.memory import tune_allocator
     from serving.oip import GrpcEndpoint
 
     config = settings()
@@ -59,6 +60,7 @@ def serve(
     else:
         token = config.operator_token
     configure_json_logging(config.log_level)
+    tune_allocator()  # before the server's threads start: resident memory tracks what is held
     kek = config.resolved_kek_file.resolve()
     if config.key_provider == "file" and kek.is_relative_to(config.data_dir.resolve()):
         # Insecure modes are loud: a copy of the data directory then decrypts every model.
