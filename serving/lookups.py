@@ -4,19 +4,21 @@ Each prediction needs the caller (credential -> live key and tenant) and the dep
 version of the model it names. Asking the database for both costs a thread hop and three
 queries, several times the batched forward pass itself, so the answers are memoized:
 
-- A refresher (``refresh``, run by the app every ``ttl`` seconds) re-reads every memoized
-  key and deployment in two queries, dropping keys that were revoked, expired or whose
-  tenant was deleted, and deployments that changed. So changes made by another process
-  (the CLI, another API worker) are seen within about ``ttl``.
+- A refresher (``refresh``, run by the app every ``ttl`` seconds) checks every memoized
+  key and deployment against the database in two plain-row queries, dropping keys that
+  were revoked, expired or whose tenant was deleted, and deployments that changed. So
+  changes made by another process (the CLI, another API replica) are seen within about
+  ``ttl``, at a few milliseconds per refresh for thousands of tenants.
+- The same refresh reads tenancy's change log (``tenancy.events.ChangeFeed``): what other
+  processes committed through tenancy's write functions is announced here as if made in
+  this process, so a tenant deleted through another replica or the CLI also has its
+  decrypted models dropped from this process's cache within about ``ttl``.
 - An entry older than twice ``ttl`` (the refresher stalled: a database outage) is not used;
   the request then goes to the database like a first one.
-- Changes that other processes commit through tenancy's write functions are read from
-  tenancy's change log on the same refresh (``tenancy.events.ChangeFeed``) and announced
-  here as if made in this process: a tenant deleted through another replica or the CLI
-  has its decrypted models dropped from this process's cache within about ``ttl``.
 - Changes made in this process through tenancy's write functions (revoke a key, delete a
-  tenant, deploy, roll back, change serving options, rotate a data key) clear the memo as
-  they commit: serving/predict.py subscribes to ``tenancy.events``. No route has to.
+  tenant, deploy, roll back, change serving options, rotate a data key) clear the changed
+  tenant's entries as they commit: serving/predict.py subscribes to ``tenancy.events``.
+  No route has to.
 - Liveness is tenancy's one rule (``tenancy.tenants.is_live``), on every hit (a key's own
   expiry) and on every refresh. Failed authentications are never kept.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlmodel import Session, SQLModel, col, select
 
@@ -91,75 +94,95 @@ class PredictLookups:
             table[key] = (time.monotonic(), value)
 
     def clear(self) -> None:
-        """Forget everything: called when tenancy commits a change (and by anyone who must)."""
+        """Forget everything (anyone who must)."""
         with self._lock:
             self.generation += 1
             self._callers.clear()
             self._deployed.clear()
 
-    def refresh(self, session: Session) -> None:
-        """Apply other processes' changes, then re-read every memoized answer (blocking).
+    def forget_tenant(self, tenant_id: str) -> None:
+        """Forget one tenant's keys and deployments: called when tenancy commits its change."""
+        with self._lock:
+            self.generation += 1  # an answer being read now may predate the change
+            self._callers = {
+                digest: entry
+                for digest, entry in self._callers.items()
+                if entry[1].tenant.id != tenant_id
+            }
+            self._deployed = {
+                pair: entry for pair, entry in self._deployed.items() if pair[0] != tenant_id
+            }
 
-        Three queries: the change log, the keys, the deployments.
+    def refresh(self, session: Session) -> None:
+        """Apply other processes' changes and check every memoized answer (blocking).
+
+        Three queries: the change log, the keys with their tenants, the deployments. They
+        read plain rows (no ORM objects) and compare them with what is memoized: an entry
+        still the same is kept another ``ttl``, one that differs (or whose key is no longer
+        live) is dropped, and its next request reads it again. So thousands of memoized
+        tenants cost a few milliseconds a refresh, and any change, even one written around
+        tenancy's functions, is seen within about ``ttl``.
         """
         for change in self.feed.poll(session):
-            # To this process's subscribers (the predict service clears this memo and
-            # evicts a deleted tenant's models), never back to the log.
+            # To this process's subscribers (the predict service forgets the tenant here
+            # and evicts a deleted tenant's models), never back to the log.
             events.publish(change)
         with self._lock:
             generation = self.generation
             callers = {digest: entry for digest, (_, entry) in self._callers.items()}
-            pairs = set(self._deployed)
+            deployed = {pair: entry for pair, (_, entry) in self._deployed.items()}
         now = time.monotonic()
-        keys: dict[str, tuple[ApiKey, Tenant]] = {}
+        kept_callers: set[str] = set()
         if callers:
+            key_cols, tenant_cols = _columns(ApiKey), _columns(Tenant)
             ids = {entry.key.id for entry in callers.values()}
-            for key, tenant in session.exec(
-                select(ApiKey, Tenant)
-                .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+            current: dict[str, tuple[Any, ...]] = {}
+            for row in session.execute(
+                select(*key_cols, *tenant_cols)
+                .join_from(ApiKey, Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
                 .where(col(ApiKey.id).in_(ids))
             ):
-                keys[key.id] = (key, tenant)
-        new_callers: dict[str, tuple[float, Caller]] = {}
-        for digest, entry in callers.items():
-            row = keys.get(entry.key.id)
-            if row is not None and row[0].key_hash == digest and is_live(*row):
-                same = _same(entry.key, row[0]) and _same(entry.tenant, row[1])
-                new_callers[digest] = (now, entry if same else Caller(*row))
-        new_deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
-        with self._lock:
-            old_deployed = {pair: entry for pair, (_, entry) in self._deployed.items()}
-        if pairs:
-            tenant_ids = {tenant_id for tenant_id, _ in pairs}
-            for version in session.exec(
-                select(ModelVersion).where(
-                    col(ModelVersion.tenant_id).in_(tenant_ids),
-                    col(ModelVersion.deployed).is_(True),
+                current[row[0]] = tuple(row)
+            for digest, entry in callers.items():
+                now_values = current.get(entry.key.id)
+                memo = _values(entry.key, key_cols) + _values(entry.tenant, tenant_cols)
+                if now_values == memo and is_live(entry.key, entry.tenant):
+                    kept_callers.add(digest)
+        kept_deployed: set[tuple[str, str]] = set()
+        if deployed:
+            version_cols = _columns(ModelVersion)
+            tenant_ids = {tenant_id for tenant_id, _ in deployed}
+            rows = {
+                (row.tenant_id, row.name): tuple(row)
+                for row in session.execute(
+                    select(*version_cols).where(
+                        col(ModelVersion.tenant_id).in_(tenant_ids),
+                        col(ModelVersion.deployed).is_(True),
+                    )
                 )
-            ):
-                pair = (version.tenant_id, version.name)
-                if pair in pairs:
-                    old = old_deployed.get(pair)
-                    kept = old is not None and _same(old, version)
-                    new_deployed[pair] = (now, old if kept and old is not None else version)
+            }
+            for pair, version in deployed.items():
+                if rows.get(pair) == _values(version, version_cols):
+                    kept_deployed.add(pair)
         with self._lock:
             if generation != self.generation:
-                return  # cleared meanwhile: what was read may predate the change
-            # Entries put while this ran are newer than what it read: keep them.
-            for digest, kept_caller in self._callers.items():
-                if digest not in callers:
-                    new_callers[digest] = kept_caller
-            for pair, kept_version in self._deployed.items():
-                if pair not in pairs:
-                    new_deployed[pair] = kept_version
-            self._callers, self._deployed = new_callers, new_deployed
+                return  # changed meanwhile: what was read may predate the change
+            # Entries put while this ran are newer than what it read: keep them as they are.
+            self._callers = {
+                digest: ((now, entry[1]) if digest in kept_callers else entry)
+                for digest, entry in self._callers.items()
+                if digest in kept_callers or digest not in callers
+            }
+            self._deployed = {
+                pair: ((now, entry[1]) if pair in kept_deployed else entry)
+                for pair, entry in self._deployed.items()
+                if pair in kept_deployed or pair not in deployed
+            }
 
 
-def _same(old: SQLModel, new: SQLModel) -> bool:
-    """Whether two reads of a row hold the same values (then the memo keeps the old object:
-    thousands of entries re-read every second would otherwise churn the heap)."""
-    return _values(old) == _values(new)
+def _columns(table: type[SQLModel]) -> list[Any]:
+    return list(table.__table__.columns)  # type: ignore[attr-defined]
 
 
-def _values(row: SQLModel) -> dict[str, object]:
-    return {k: v for k, v in vars(row).items() if not k.startswith("_")}
+def _values(row: SQLModel, columns: list[Any]) -> tuple[Any, ...]:
+    return tuple(getattr(row, c.key) for c in columns)

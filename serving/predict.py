@@ -208,11 +208,11 @@ class PredictService:
     def tenancy_changed(self, change: Change) -> None:
         """A committed tenancy write (subscribed in serving/app.py): nothing stale survives it.
 
-        Any change may alter a memoized answer, so the memo is cleared whole (writes are
-        rare; the next request of each caller asks the database once). A deleted tenant's
+        A change alters only its tenant's memoized answers: those are forgotten (the next
+        request of each of its callers asks the database once). A deleted tenant's
         decrypted models leave memory too: no plaintext outlives its data key.
         """
-        self.lookups.clear()
+        self.lookups.forget_tenant(change.tenant_id)
         if change.kind == ChangeKind.tenant_deleted:
             for key in self.cache.cached_keys():
                 if key[0] == change.tenant_id:

@@ -20,7 +20,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -126,8 +126,9 @@ class ChangeFeed:
     """The changes other processes committed, read from the ``tenancy_change`` log.
 
     ``poll`` returns, in order, the rows added since the previous poll whose origin is
-    another process (the first poll only finds where the log ends: a fresh process has
-    nothing memoized). PostgreSQL hands out ids before commit, so a transaction may commit
+    another process (the first poll returns those written since the feed was made, less a
+    minute for clocks that differ between machines: announcing too much is harmless,
+    too little is not). PostgreSQL hands out ids before commit, so a transaction may commit
     a smaller id after a larger one was read: each poll re-reads the last ``window`` ids
     and skips those already seen. Rows older than ``keep`` are pruned now and then.
     """
@@ -138,6 +139,7 @@ class ChangeFeed:
         self._last: int | None = None
         self._seen: set[int] = set()
         self._polls = 0
+        self._since = utcnow() - timedelta(minutes=1)
 
     def poll(self, session: Session) -> list[Change]:
         first = self._last is None
@@ -156,7 +158,7 @@ class ChangeFeed:
                 continue
             self._seen.add(row.id)
             self._last = max(self._last, row.id)
-            if row.origin != ORIGIN and not first:
+            if row.origin != ORIGIN and (not first or _aware(row.created_at) >= self._since):
                 try:
                     kind = ChangeKind(row.kind)
                 except ValueError:  # written by a newer version: the memo is cleared anyway
@@ -170,3 +172,7 @@ class ChangeFeed:
             )
             session.commit()
         return changes
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
