@@ -702,13 +702,9 @@ def shared_encoder_scenario(tmp: Path, seconds: float, warmup: float) -> dict[st
     _log("baseline: the same models per model (shared_encoder=false) ...")
     with Server("fedtext", data_dir, log_path, shared_encoder="false") as server:
         touch(tmp, server.url, served_keys, load_texts)
+        m0 = server.metrics()
         base = server.drive(tmp, served_keys, load_texts, 64, seconds, warmup)
-        m = server.metrics()
-        base["mean_batch"] = round(
-            m.get("fedtext_batch_size_sum{}", 0.0)
-            / max(m.get("fedtext_batch_size_count{}", 1.0), 1.0),
-            2,
-        )
+        base["mean_batch"] = _mean_batch(server.metrics(), m0)
         base["rss_mb"] = server.rss_mb()
         _log(f"baseline c=64: {base}")
 
@@ -725,21 +721,19 @@ def shared_encoder_scenario(tmp: Path, seconds: float, warmup: float) -> dict[st
         m1 = server.metrics()
         (sum1, count1), (sum0, count0) = (_family_loads(m, "encoder-head") for m in (m1, m0))
         shared = server.drive(tmp, served_keys, load_texts, 64, seconds, warmup)
+        shared["mean_batch"] = _mean_batch(server.metrics(), m1)
         _log(f"shared c=64: {shared}")
         rate = shared["pps"] / 2
-        half = server.drive_open(tmp, served_keys, load_texts, rate, seconds, warmup)
-        _log(f"shared open loop at {rate:.1f}/s: {half}")
         m2 = server.metrics()
-        shared["mean_batch"] = round(
-            (m2.get("fedtext_batch_size_sum{}", 0.0) - m1.get("fedtext_batch_size_sum{}", 0.0))
-            / max(
-                m2.get("fedtext_batch_size_count{}", 1.0)
-                - m1.get("fedtext_batch_size_count{}", 0.0),
-                1.0,
-            ),
-            2,
-        )
+        half = server.drive_open(tmp, served_keys, load_texts, rate, seconds, warmup)
+        half["mean_batch"] = _mean_batch(server.metrics(), m2)
+        _log(f"shared open loop at {rate:.1f}/s: {half}")
         shared["rss_mb"] = server.rss_mb()
+    _log("shared encoder, bf16 (a server setting; not exact) ...")
+    with Server("fedtext", data_dir, log_path, encoder_precision="bf16") as server:
+        touch(tmp, server.url, served_keys, load_texts)
+        bf16 = server.drive(tmp, served_keys, load_texts, 64, seconds, warmup)
+        _log(f"shared bf16 c=64: {bf16}")
     limit = found["report"]["fp32"]["pps_batch64"]
     out["summary"] = {
         "pps_c64": shared["pps"],
@@ -755,7 +749,12 @@ def shared_encoder_scenario(tmp: Path, seconds: float, warmup: float) -> dict[st
         "vs_encoder_limit": round(shared["pps"] / max(limit, 1e-9), 3),
         "rss_growth_mb_20_to_2000": round(rss_2000 - rss_20, 1),
     }
-    out["runs"] = {"baseline_c64": base, "shared_c64": shared, "shared_open_half": half}
+    out["runs"] = {
+        "baseline_c64": base,
+        "shared_c64": shared,
+        "shared_open_half": half,
+        "shared_bf16_c64": bf16,
+    }
     out["server_head_cold_load_ms_mean"] = round(1000 * (sum1 - sum0) / max(count1 - count0, 1), 2)
     out["settings"] = {
         "tenants_served": SHARED_TENANTS,
@@ -769,6 +768,15 @@ def shared_encoder_scenario(tmp: Path, seconds: float, warmup: float) -> dict[st
         "encoder_precision": "fp32",
     }
     return out
+
+
+def _mean_batch(after: dict[str, float], before: dict[str, float]) -> float:
+    """Mean inputs per forward pass between two /metrics reads."""
+    total = after.get("fedtext_batch_size_sum{}", 0.0) - before.get("fedtext_batch_size_sum{}", 0.0)
+    count = after.get("fedtext_batch_size_count{}", 0.0) - before.get(
+        "fedtext_batch_size_count{}", 0.0
+    )
+    return round(total / max(count, 1.0), 2)
 
 
 def _family_loads(m: dict[str, float], family: str) -> tuple[float, float]:
