@@ -325,11 +325,27 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
             )
     try:
         header = json.loads(body[:size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # [[[[... : Python's parser recurses once per level
+        raise bad_tensor("The inference request is nested too deeply.") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer past 4300 digits
         raise bad_tensor(f"The inference request is not valid JSON: {exc}.") from None
     if not isinstance(header, dict):
         raise bad_tensor("The inference request should be a JSON object.")
     return header, body[size:]
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parameters(holder: dict[str, Any], what: str) -> dict[str, Any]:
+    """A tensor's or the request's ``parameters``: an object, or absent."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_tensor(f'"parameters" of {what} should be a JSON object.')
+    return params
 
 
 def _parse_infer(header: dict[str, Any], raw: bytes) -> tuple[list[str], dict[str, bool]]:
@@ -340,13 +356,13 @@ def _parse_infer(header: dict[str, Any], raw: bytes) -> tuple[list[str], dict[st
     single_input([str(t.get("name")) for t in inputs])
     tensor = inputs[0]
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+    if not isinstance(shape, list) or not all(_integer(d) for d in shape):
         raise bad_tensor(f'Input {INPUT!r} needs "shape": a list of integers.')
-    params = tensor.get("parameters") or {}
+    params = _parameters(tensor, f"input {INPUT!r}")
     elements: list[bytes | str]
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not isinstance(size, int) or size != len(raw):
+        if not _integer(size) or size != len(raw):
             raise bad_tensor(
                 f"Input {INPUT!r} declares binary_data_size {size}, "
                 f"but {len(raw)} bytes follow the header."
@@ -365,15 +381,14 @@ def _parse_infer(header: dict[str, Any], raw: bytes) -> tuple[list[str], dict[st
             raise bad_tensor(f"Input {INPUT!r} data should be strings (BYTES elements).")
         elements = list(flat)
     texts = texts_from_input(str(tensor.get("name")), str(tensor.get("datatype")), shape, elements)
-    req_params = header.get("parameters") or {}
-    binary_default = bool(req_params.get("binary_data_output", False))
+    binary_default = bool(_parameters(header, "the request").get("binary_data_output", False))
     wanted = header.get("outputs") or []
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise bad_tensor('"outputs" should be a list of objects with a "name".')
     names = requested_outputs([str(o.get("name")) for o in wanted])
     by_name = {str(o.get("name")): o for o in wanted}
     outputs = {
-        n: bool((by_name.get(n, {}).get("parameters") or {}).get("binary_data", binary_default))
+        n: bool(_parameters(by_name.get(n, {}), f"output {n!r}").get("binary_data", binary_default))
         for n in names
     }
     return texts, outputs
