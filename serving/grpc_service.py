@@ -17,19 +17,21 @@ imported into one process. Import this module only where a gRPC server runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 from starlette.concurrency import run_in_threadpool
 
-from serving.credentials import bearer_credential
-from serving.limits import Limits, TokenBuckets
+from serving.credentials import (
+    RepeatedAuthorization,
+    bearer_credential,
+    stop_watching,
+    watch_authentication,
+)
+from serving.limits import Limits, RateGate
 from serving.oip import (
     EXTENSIONS,
     LABEL,
@@ -56,6 +58,8 @@ from serving.proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedtext.serving.grpc")
 T = TypeVar("T")
+# A status message is trailing metadata; clients refuse long ones (16 KiB by default).
+MAX_DETAIL_CHARS = 1000
 
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -75,75 +79,20 @@ def status_code(refusal: Refusal) -> grpc.StatusCode:
 
 
 def _credential(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return bearer_credential(value if isinstance(value, str) else value.decode())
-    return None
+    """The bearer credential of the ``authorization`` metadata (the one parser's reading).
 
-
-class CallLimits:
-    """The HTTP rate limits (serving/limits.py) for gRPC calls, with the same rules: a
-    credential that has authenticated draws on its own bucket; any other, and every
-    UNAUTHENTICATED answer, on its peer address's failure bucket."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.rate, self.failed_rate = limits.rate_per_second, limits.failed_auth_per_second
-        self.buckets = (
-            TokenBuckets(self.rate, limits.burst, limits.max_buckets) if self.rate else None
-        )
-        self.failures = (
-            TokenBuckets(self.failed_rate, limits.failed_auth_burst, limits.max_buckets)
-            if self.failed_rate
-            else None
-        )
-        self.known: OrderedDict[str, None] = OrderedDict()
-        self.max_known = limits.max_buckets
-
-    def admit(self, credential: str | None, peer: str) -> Refusal | None:
-        """None when the call may go on, else its 429 refusal (before any database lookup)."""
-        key = _hashed(credential) if credential is not None else None
-        if key is not None and key in self.known and self.buckets is not None:
-            wait = self.buckets.take(key)
-            if wait > 0:
-                retry = max(1, math.ceil(wait))
-                return Refusal(
-                    429,
-                    f"Rate limit exceeded: {self.rate:g} requests per second per key; "
-                    f"retry after {retry} s.",
-                    {"retry-after": str(retry)},
-                )
-        elif key is not None and self.failures is not None:
-            wait = self.failures.peek(peer)
-            if wait > 0:
-                retry = max(1, math.ceil(wait))
-                return Refusal(
-                    429,
-                    f"Too many failed authentications from this address: "
-                    f"{self.failed_rate:g} per second; retry after {retry} s.",
-                    {"retry-after": str(retry)},
-                )
+    Raises
+    ------
+    Refusal
+        400 when the metadata repeats ``authorization`` (as HTTP refuses two headers).
+    """
+    found = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
+    if len(found) > 1:
+        raise Refusal(400, RepeatedAuthorization.detail.replace("header", "metadata entry"))
+    if not found:
         return None
-
-    def answered(self, credential: str | None, peer: str, status: int) -> None:
-        """Record how a call ended (an HTTP-like status) for the buckets. Every call that
-        names a model resolves its credential first, so any status but 401 means the
-        credential authenticated."""
-        key = _hashed(credential) if credential is not None else None
-        if status == 401:
-            if self.failures is not None:
-                self.failures.take(peer)
-            if key is not None:
-                self.known.pop(key, None)
-        elif key is not None and key not in self.known:
-            self.known[key] = None
-            while len(self.known) > self.max_known:
-                self.known.popitem(last=False)
-            if self.buckets is not None:
-                self.buckets.take(key)
-
-
-def _hashed(credential: str) -> str:
-    return hashlib.sha256(credential.encode()).hexdigest()[:32]
+    value = found[0]
+    return bearer_credential(value if isinstance(value, str) else value.decode("latin-1"))
 
 
 def _peer_address(context: grpc.aio.ServicerContext) -> str:
@@ -156,36 +105,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, service: PredictService, limits: Limits | None = None) -> None:
         self.service = service
-        self.limits = CallLimits(limits) if limits is not None else None
+        on = limits is not None and (
+            limits.rate_per_second is not None or limits.failed_auth_per_second is not None
+        )
+        self.gate = RateGate.from_limits(limits) if on and limits is not None else None
 
     async def _abort(self, context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
         if refusal.headers and "retry-after" in refusal.headers:
             context.set_trailing_metadata((("retry-after", refusal.headers["retry-after"]),))
-        await context.abort(status_code(refusal), refusal.detail)
+        detail = refusal.detail
+        if len(detail) > MAX_DETAIL_CHARS:  # it may echo a name; status metadata is small
+            detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
+        await context.abort(status_code(refusal), detail)
 
     async def _model_call(
         self,
         context: grpc.aio.ServicerContext,
         work: Callable[[str | None], Awaitable[T]],
     ) -> T:
-        """Run a call that names a model: rate limits, then ``work(credential)``; a
-        Refusal becomes the call's status."""
-        credential = _credential(context)
-        peer = _peer_address(context)
-        if self.limits is not None:
-            refused = self.limits.admit(credential, peer)
-            if refused is not None:
-                await self._abort(context, refused)
+        """Run a call that names a model: rate limits (the HTTP API's rules,
+        serving/limits.py), then ``work(credential)``; a Refusal becomes the call's status."""
         try:
-            result = await work(credential)
+            credential = _credential(context)
         except Refusal as exc:
-            if self.limits is not None:
-                self.limits.answered(credential, peer, exc.status)
             await self._abort(context, exc)
             raise  # unreachable: abort raises
-        if self.limits is not None:
-            self.limits.answered(credential, peer, 200)
-        return result
+        admission = None
+        if self.gate is not None:
+            admission = self.gate.admit(credential, _peer_address(context))
+            if admission.refusal is not None:
+                detail, retry = admission.refusal
+                await self._abort(context, Refusal(429, detail, {"retry-after": str(retry)}))
+        seen, token = watch_authentication()
+        status = 200
+        try:
+            return await work(credential)
+        except Refusal as exc:
+            status = exc.status
+            await self._abort(context, exc)
+            raise  # unreachable: abort raises
+        finally:
+            stop_watching(token)
+            if self.gate is not None and admission is not None:
+                self.gate.answered(admission, status, seen.succeeded)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext

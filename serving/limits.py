@@ -163,8 +163,18 @@ def _hashed(credential: str) -> str:
     return hashlib.sha256(credential.encode()).hexdigest()[:32]
 
 
-class RateLimitMiddleware:
-    """429 with Retry-After: per key once authenticated, per address for failed attempts.
+@dataclass(frozen=True)
+class Admission:
+    """A request's standing with the rate limits (``RateGate.admit``)."""
+
+    key: str | None  # a hash of the credential; None: no credential
+    address: str
+    known: bool  # the credential has authenticated in this process before
+    refusal: tuple[str, int] | None = None  # (message, retry-after seconds): answer 429
+
+
+class RateGate:
+    """The rate-limit rules of every transport (HTTP below, gRPC in serving/grpc_service.py).
 
     A credential that has authenticated in this process (the code that checks credentials
     said so through ``serving.credentials.note_authenticated``: a public route answering
@@ -174,8 +184,98 @@ class RateLimitMiddleware:
     ``bearer``/``Bearer`` are one). Any other request with a credential, and every 401,
     draws on the client address's failure bucket: once it is empty, unknown credentials
     from that address are refused before any database lookup, while keys that have
-    authenticated keep their own limit. Requests without an ``Authorization`` header
-    (health checks) are limited only by their 401s.
+    authenticated keep their own limit (or none, when the per-key limit is off). Requests
+    without a credential (health checks) are limited only by their 401s.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate: float | None,
+        burst: int,
+        max_buckets: int,
+        failed_auth_rate: float | None = None,
+        failed_auth_burst: int = 20,
+    ) -> None:
+        self.rate = rate
+        self.buckets = TokenBuckets(rate, burst, max_buckets) if rate is not None else None
+        self.failed_rate = failed_auth_rate
+        self.failures = (
+            TokenBuckets(failed_auth_rate, failed_auth_burst, max_buckets)
+            if failed_auth_rate is not None
+            else None
+        )
+        # Hashes of credentials that authenticated (bounded like the buckets).
+        self.authenticated: OrderedDict[str, None] = OrderedDict()
+        self.max_known = max_buckets
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_limits(cls, limits: Limits) -> RateGate:
+        return cls(
+            rate=limits.rate_per_second,
+            burst=limits.burst,
+            max_buckets=limits.max_buckets,
+            failed_auth_rate=limits.failed_auth_per_second,
+            failed_auth_burst=limits.failed_auth_burst,
+        )
+
+    def _known(self, key: str) -> bool:
+        with self._lock:
+            if key in self.authenticated:
+                self.authenticated.move_to_end(key)
+                return True
+            return False
+
+    def admit(self, credential: str | None, address: str) -> Admission:
+        """Whether a request may go on (before any database lookup)."""
+        key = _hashed(credential) if credential is not None else None
+        known = key is not None and self._known(key)
+        refusal = None
+        if known:
+            assert key is not None
+            wait = self.buckets.take(key) if self.buckets is not None else 0.0
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                refusal = (
+                    f"Rate limit exceeded: {self.rate:g} requests per second per key; "
+                    f"retry after {retry} s.",
+                    retry,
+                )
+        elif key is not None and self.failures is not None:
+            wait = self.failures.peek(address)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                refusal = (
+                    f"Too many failed authentications from this address: "
+                    f"{self.failed_rate:g} per second; retry after {retry} s.",
+                    retry,
+                )
+        return Admission(key, address, known, refusal)
+
+    def answered(self, admission: Admission, status: int, authenticated: bool) -> None:
+        """Record how an admitted request ended: its status, and whether the code that
+        checks credentials accepted its credential."""
+        key = admission.key
+        if status == 401:
+            if self.failures is not None:
+                self.failures.take(admission.address)
+            if key is not None:
+                with self._lock:
+                    self.authenticated.pop(key, None)
+        elif key is not None and not admission.known and authenticated:
+            # Its own bucket from now on, this request included.
+            with self._lock:
+                self.authenticated[key] = None
+                while len(self.authenticated) > self.max_known:
+                    self.authenticated.popitem(last=False)
+            if self.buckets is not None:
+                self.buckets.take(key)
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After: per key once authenticated, per address for failed attempts
+    (the rules are ``RateGate``'s).
 
     Behind a proxy every client has the proxy's address: run uvicorn with
     ``--forwarded-allow-ips`` for the proxy so the client's own address is used.
@@ -192,75 +292,29 @@ class RateLimitMiddleware:
         failed_auth_burst: int = 20,
     ) -> None:
         self.app = app
-        self.rate = rate
-        self.buckets = TokenBuckets(rate, burst, max_buckets) if rate is not None else None
-        self.failed_rate = failed_auth_rate
-        self.failures = (
-            TokenBuckets(failed_auth_rate, failed_auth_burst, max_buckets)
-            if failed_auth_rate is not None
-            else None
+        self.gate = RateGate(
+            rate=rate,
+            burst=burst,
+            max_buckets=max_buckets,
+            failed_auth_rate=failed_auth_rate,
+            failed_auth_burst=failed_auth_burst,
         )
-        # Hashes of credentials that authenticated (bounded like the buckets).
-        self.authenticated: OrderedDict[str, None] = OrderedDict()
-        self.max_known = max_buckets
-
-    def _known(self, key: str) -> bool:
-        if key in self.authenticated:
-            self.authenticated.move_to_end(key)
-            return True
-        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        credential = request_credential(scope)
-        key = _hashed(credential) if credential is not None else None
-        address = _client_address(scope)
-        known = key is not None and self._known(key)
-        if known:
-            assert key is not None
-            wait = self.buckets.take(key) if self.buckets is not None else 0.0
-            if wait > 0:
-                retry = max(1, math.ceil(wait))
-                await _send_json(
-                    send,
-                    429,
-                    f"Rate limit exceeded: {self.rate:g} requests per second per key; "
-                    f"retry after {retry} s.",
-                    {"Retry-After": str(retry)},
-                )
-                return
-        elif key is not None and self.failures is not None:
-            wait = self.failures.peek(address)
-            if wait > 0:
-                retry = max(1, math.ceil(wait))
-                await _send_json(
-                    send,
-                    429,
-                    f"Too many failed authentications from this address: "
-                    f"{self.failed_rate:g} per second; retry after {retry} s.",
-                    {"Retry-After": str(retry)},
-                )
-                return
+        admission = self.gate.admit(request_credential(scope), _client_address(scope))
+        if admission.refusal is not None:
+            detail, retry = admission.refusal
+            await _send_json(send, 429, detail, {"Retry-After": str(retry)})
+            return
 
         seen, token = watch_authentication()
 
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
-                if message["status"] == 401:
-                    if self.failures is not None:
-                        self.failures.take(address)
-                    if key is not None:
-                        self.authenticated.pop(key, None)
-                elif key is not None and not known and seen.succeeded:
-                    # The code that checks credentials accepted it (not merely a route that
-                    # ignores credentials): its own bucket from now on, this request included.
-                    self.authenticated[key] = None
-                    while len(self.authenticated) > self.max_known:
-                        self.authenticated.popitem(last=False)
-                    if self.buckets is not None:
-                        self.buckets.take(key)
+                self.gate.answered(admission, message["status"], seen.succeeded)
             await send(message)
 
         try:

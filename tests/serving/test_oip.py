@@ -329,6 +329,29 @@ def test_grpc_bad_tensors_are_invalid_argument_with_a_clear_message(live: Live) 
     channel.close()
 
 
+def test_grpc_refuses_repeated_authorization_and_long_names_stay_readable(live: Live) -> None:
+    # As HTTP answers two Authorization headers 400: two authorization entries are
+    # INVALID_ARGUMENT whichever comes first (before the review the first one won).
+    channel = grpc.insecure_channel(live.grpc)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    good = ("authorization", f"Bearer {live.acme.predict_key}")
+    request = service_pb2.ModelMetadataRequest(name="sentiment")
+    for metadata in ([good, ("authorization", "Bearer forged")], [("authorization", "x"), good]):
+        error = _grpc_error(
+            lambda metadata=metadata: stub.ModelMetadata(request, metadata=metadata)
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "one Authorization metadata entry" in (error.details() or "")
+    assert stub.ModelMetadata(request, metadata=[good]).name == "sentiment"
+    # A refusal that echoes a 20,000-character model name is cut short, so the client reads
+    # NOT_FOUND (a status message past 16 KiB was dropped: the client saw RESOURCE_EXHAUSTED).
+    long_name = service_pb2.ModelMetadataRequest(name="n" * 20_000)
+    error = _grpc_error(lambda: stub.ModelMetadata(long_name, metadata=[good]))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    assert len(error.details() or "") <= 1000
+    channel.close()
+
+
 def test_grpc_speaks_tls_and_keeps_the_per_key_rate_limit(tmp_path: Path) -> None:
     made = create_credentials(tmp_path / "creds", hosts=["127.0.0.1"], tenants=[])
     cert, key, ca = made.layout.server_cert, made.layout.server_key, made.layout.ca_cert
