@@ -152,7 +152,7 @@ def run_demo(
     app = create_app(platform, ServingConfig(operator_token=secrets.token_urlsafe(32)))
     reports: list[TenantReport] = []
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
-        console.print(f"[bold]API[/bold] started on {server.url}; each tenant's model answers:")
+        console.print(f"[bold]API[/bold] started on {server.url} for the checks below.")
         for name in names:
             info: dict[str, Any] = result.summary["tenants"][name]
             auth = {"Authorization": f"Bearer {keys[name]['predict']}"}
@@ -207,16 +207,18 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
 
     ``serving_url``: the API is kept running there (``fedtext demo --serve``).
     """
+    models = sorted({t.model for t in report.tenants})
     table = Table(
-        "tenant", "train", "test", "acc g/p", "F1 g/p", "eps/budget",
-        "model", box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
-        title="Results (full precision: the run's JSON summary)",
+        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "version",
+        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
+        title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
         # Only DP outputs leave a node: the test split's size and scores are computed
         # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
-        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized);\n"
-        "test size and scores as released with DP noise",
+        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized); "
+        "test size and scores as released with DP noise; epsilon: spent/budget",
     )  # fmt: skip
-    table.columns[-1].no_wrap = True
+    for column in table.columns:
+        column.no_wrap = True
     for t in report.tenants:
         table.add_row(
             t.name,
@@ -225,7 +227,7 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
             f"{num(t.global_accuracy)}/{num(t.accuracy)}",
             f"{num(t.global_macro_f1)}/{num(t.macro_f1)}",
             f"{num(t.spent_epsilon)}/{num(t.budget_epsilon)}",
-            f"{t.model} v{t.version}",
+            f"v{t.version}",
         )
     console.print(table)
     console.print(

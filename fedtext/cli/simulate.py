@@ -194,15 +194,17 @@ def _ensure_tenants(platform: Any, names: list[str], create: bool) -> dict[str, 
 
 
 def _print_result(run_id: str, summary: dict[str, Any], order: list[str]) -> None:
-    table = Table(
-        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "model",
-        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
-        title="Results (full precision: the run's JSON summary)",
-        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized);\n"
-        "test size and scores as released with DP noise",
-    )  # fmt: skip
-    table.columns[-1].no_wrap = True
     tenants = summary["tenants"]
+    models = sorted({str(t["model"]) for t in tenants.values()})
+    table = Table(
+        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "version",
+        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
+        title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
+        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized); "
+        "test size and scores as released with DP noise; epsilon: spent by this run",
+    )  # fmt: skip
+    for column in table.columns:
+        column.no_wrap = True
     for name in sorted(tenants, key=lambda n: order.index(n) if n in order else len(order)):
         t = tenants[name]
         table.add_row(
@@ -212,7 +214,7 @@ def _print_result(run_id: str, summary: dict[str, Any], order: list[str]) -> Non
             f"{num(t['global_accuracy'])}/{num(t['personalized_accuracy'])}",
             f"{num(t['global_macro_f1'])}/{num(t['personalized_macro_f1'])}",
             num(t["run_epsilon"]),
-            f"{t['model']} v{t['version']}",
+            f"v{t['version']}",
         )
     console.print(f"Run {run_id} completed.")
     console.print(table)
