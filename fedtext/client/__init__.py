@@ -5,8 +5,10 @@
 ...     api.predict("sentiment", ["lovely crew"], top_k=3).predictions
 
 Results are the API's own response models (serving/schemas.py); refusals raise
-``ApiError`` subclasses with ``status`` and ``message``; 429 and 503 are retried with
-backoff, honouring ``Retry-After`` (``RetryPolicy``).
+``ApiError`` subclasses with ``status`` and ``message``; 429 is retried, and 503 for
+calls safe to send twice (not creating a tenant, key or run, nor a rollback), with
+backoff, never sooner than ``Retry-After`` (``RetryPolicy``). Transport failures
+(refused connection, timeout) are httpx's own exceptions and are not retried.
 """
 
 from fedtext.client._core import (

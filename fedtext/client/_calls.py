@@ -88,7 +88,7 @@ def get_version(name: str, version: int) -> Call[ModelVersionPublic]:
 
 def deploy(name: str, version: int) -> Call[ModelVersionPublic]:
     path = f"/v1/models/{_seg(name)}/versions/{_seg(version)}/deploy"
-    return Call("POST", path, model(ModelVersionPublic))
+    return Call("POST", path, model(ModelVersionPublic), idempotent=True)  # the same version
 
 
 def rollback(name: str) -> Call[ModelVersionPublic]:
@@ -102,14 +102,26 @@ def predict(name: str, inputs: list[str], top_k: int, explain: bool) -> Call[Pre
     body: dict[str, Any] = {"inputs": inputs, "top_k": top_k}
     if explain:
         body["explain"] = True
-    return Call("POST", f"/v1/models/{_seg(name)}/predict", model(PredictResponse), json=body)
+    return Call(
+        "POST",
+        f"/v1/models/{_seg(name)}/predict",
+        model(PredictResponse),
+        json=body,
+        idempotent=True,
+    )
 
 
 def explain(name: str, inputs: list[str], label: str | None, steps: int) -> Call[ExplainResponse]:
     body: dict[str, Any] = {"inputs": inputs, "steps": steps}
     if label is not None:
         body["label"] = label
-    return Call("POST", f"/v1/models/{_seg(name)}/explain", model(ExplainResponse), json=body)
+    return Call(
+        "POST",
+        f"/v1/models/{_seg(name)}/explain",
+        model(ExplainResponse),
+        json=body,
+        idempotent=True,
+    )
 
 
 # ------------------------------------------------------------------ runs (admin)

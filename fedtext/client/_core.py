@@ -23,6 +23,8 @@ T = TypeVar("T")
 
 # Statuses worth another try: the server asked us to slow down, or is briefly unable.
 RETRY_STATUSES = frozenset({429, 503})
+# Methods whose repetition does what one request does (RFC 9110 9.2.2).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class ApiError(Exception):
@@ -149,7 +151,15 @@ def raise_for(response: httpx.Response) -> None:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of 429 and 503: ``Retry-After`` when the server gives one, else exponential
-    backoff with full jitter (``backoff * 2**attempt``, at most ``max_backoff``)."""
+    backoff with full jitter (``backoff * 2**attempt``, at most ``max_backoff``).
+
+    A 429 is refused before the request is processed, so it is retried for every call. A
+    503 may come from a proxy after the server acted, so it is retried only for calls
+    whose repetition is harmless (reads, deletes, predict, explain, deploy), never for
+    creating a tenant, key or run, nor for a rollback. A ``Retry-After`` longer than
+    ``max_backoff`` is not cut short: the error is raised (``RateLimited.retry_after``
+    says how long the server asked for).
+    """
 
     max_retries: int = 3
     backoff: float = 0.5
@@ -161,13 +171,18 @@ class RetryPolicy:
         if self.backoff < 0 or self.max_backoff < 0:
             raise ValueError("backoff and max_backoff should be zero or positive.")
 
-    def delay(self, response: httpx.Response, attempt: int) -> float | None:
+    def delay(
+        self, response: httpx.Response, attempt: int, idempotent: bool = True
+    ) -> float | None:
         """Seconds to wait before retrying ``response`` (None: do not retry)."""
-        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+        status = response.status_code
+        if status not in RETRY_STATUSES or attempt >= self.max_retries:
+            return None
+        if status == 503 and not idempotent:
             return None
         asked = retry_after(response)
         if asked is not None:
-            return min(asked, self.max_backoff)
+            return asked if asked <= self.max_backoff else None
         return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
 
 
@@ -180,6 +195,14 @@ class Call(Generic[T]):
     parse: Callable[[httpx.Response], T]
     json: Any = None
     params: dict[str, Any] = field(default_factory=dict)
+    # Whether sending it twice does what sending it once does (None: by its method).
+    idempotent: bool | None = None
+
+    @property
+    def repeatable(self) -> bool:
+        if self.idempotent is not None:
+            return self.idempotent
+        return self.method.upper() in IDEMPOTENT_METHODS
 
 
 def model(tp: Any) -> Callable[[httpx.Response], Any]:

@@ -82,7 +82,7 @@ class Client:
             response = self.http.request(
                 call.method, call.path, json=call.json, params=call.params or None
             )
-            wait = self.retry.delay(response, attempt)
+            wait = self.retry.delay(response, attempt, call.repeatable)
             if wait is None:
                 break
             attempt += 1
