@@ -26,7 +26,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pkcs11 import exceptions as pkcs11_errors
@@ -65,7 +65,7 @@ class Pkcs11Config:
 
     module: str
     token_label: str
-    pin: str
+    pin: str = field(repr=False)  # never in a log line or a traceback
     key_label: str = "fedtext-kek"
 
     def __post_init__(self) -> None:
