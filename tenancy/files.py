@@ -35,12 +35,19 @@ def private_dir(path: Path) -> Path:
 
 
 def private_file(path: Path) -> Path:
-    """Create ``path`` empty with mode 0600 if it does not exist (its folder private too)."""
+    """Create ``path`` empty with mode 0600 if it does not exist (its folder private too).
+
+    An existing file of ours that others may read (a database created before files were
+    made private, or under a loose umask) is set to 0600; another user's file is left.
+    """
     path = Path(path)
     private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
+        info = path.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            os.chmod(path, info.st_mode & 0o700)
         return path
     os.fchmod(fd, FILE_MODE)
     os.close(fd)

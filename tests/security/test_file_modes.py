@@ -56,3 +56,19 @@ def test_platform_files_are_private_under_umask_000(tmp_path: Path, umask_000: N
 
 # The CLI (`fedtext serve` started under umask 000) is checked by
 # tests/security/test_hostile_clients.py::test_what_the_server_wrote_is_private.
+
+
+def test_a_database_file_left_readable_by_an_older_version_is_made_private(
+    tmp_path: Path, umask_000: None
+) -> None:
+    # An install from before files were private has its database at 0644: opening the
+    # platform again no longer leaves key hashes, wrapped keys and ledgers readable.
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    database = data / "fedtext.db"
+    database.touch(mode=0o644)
+    os.chmod(database, 0o644)
+    platform = platform_from_settings(Settings(data_dir=data, database_url=f"sqlite:///{database}"))
+    upgrade_schema(platform)
+    platform.engine.dispose()
+    assert oct(stat.S_IMODE(database.stat().st_mode)) == "0o600"
