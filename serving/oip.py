@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text as sql_text
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from serving.batching import InputRejected
 from serving.credentials import request_credential
@@ -302,7 +303,10 @@ async def _infer(request: Request, name: str, version: str) -> Response:
     try:
         service = _service(request)
         target = await resolve(service, _credential(request), name, version)
-        body = await request.body()
+        try:
+            body = await request.body()
+        except HTTPException as exc:  # the streamed body passed the size limit: 413
+            raise Refusal(exc.status_code, str(exc.detail)) from None
         header, raw = _split_body(body, request.headers.get(HEADER_LENGTH))
         texts, outputs = _parse_infer(header, raw)
         result = await infer(service, target, texts)

@@ -54,3 +54,22 @@ def test_malformed_inference_requests_are_400_not_500(
         r = client.post(INFER, content=body, headers=acme.predict)
     assert r.status_code == 400, r.text
     assert message in r.json()["error"], r.text
+
+
+def test_a_body_over_the_limit_is_413_in_the_protocols_error_object(
+    sqlite_platform: Platform,
+) -> None:
+    acme = make_tenant(sqlite_platform, "acme")
+    store_tiny_model(sqlite_platform, acme.tenant)
+    app = create_app(sqlite_platform, ServingConfig(operator_token="op-" + "o" * 40))
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"inputs": [' + TENSOR.encode() + b'}], "id": "'
+        for _ in range(20):
+            yield b"x" * 65536
+        yield b'"}'
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post(INFER, content=chunks(), headers=acme.predict)
+    assert r.status_code == 413, r.text
+    assert "exceeds the limit" in r.json()["error"], r.text
