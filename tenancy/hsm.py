@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,8 @@ from tenancy.keyring import KeyProvider
 # Where Debian's and Ubuntu's softhsm2 package puts its module (tests, development).
 SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 _NONCE_BYTES = crypto.NONCE_BYTES
+# Tries of a first KEK generation that meets another process's (tagged, see _generate).
+_GENERATE_TRIES = 5
 
 
 # A lost session (the HSM restarted, a network HSM reconnected): reopened once.
@@ -171,11 +175,18 @@ class Pkcs11KeyProvider(KeyProvider):
 
     def current_version(self) -> int:
         """The newest KEK version; on first use (no KEK in the token) version 1 is generated
-        in the token, as the file provider creates its key file."""
-        found = self.versions()
-        if not found:
-            return self.add_version()
-        return found[-1]
+        in the token, as the file provider creates its key file. Processes that start
+        together on a fresh token (API replicas, a run worker) end up with one version 1."""
+        for _ in range(_GENERATE_TRIES):
+            found = self.versions()
+            if found:
+                return found[-1]
+            if self._generate(1):
+                return 1
+            time.sleep(random.uniform(0.01, 0.2))  # both lost: let one of them win next time
+        raise KeyProviderError(
+            f"KEK version 1 could not be generated alone in token {self.config.token_label!r}."
+        )
 
     def check(self) -> None:
         version = self.current_version()
@@ -185,10 +196,25 @@ class Pkcs11KeyProvider(KeyProvider):
 
     def add_version(self) -> int:
         """Generate KEK version n+1 (and its derivation key) inside the token."""
-        from pkcs11 import Attribute, KeyType, MechanismFlag
-
         found = self.versions()
         version = (found[-1] if found else 0) + 1
+        if not self._generate(version):
+            raise KeyProviderError(
+                f"Another process generated KEK version {version} at the same time; "
+                "try the rotation again."
+            )
+        return version
+
+    def _generate(self, version: int) -> bool:
+        """Generate ``version``'s two keys; True when they are the only keys of that version.
+
+        PKCS#11 has no create-if-absent: two processes may generate the same version at
+        once. Each pair is tagged (CKA_ID) and checked before any use; a pair that finds
+        another is destroyed, so no data key is ever wrapped by a key that is then removed.
+        """
+        from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
+
+        tag = os.urandom(16)
         secret = {
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
@@ -196,25 +222,36 @@ class Pkcs11KeyProvider(KeyProvider):
             Attribute.EXTRACTABLE: False,
             Attribute.MODIFIABLE: False,
         }
+        kinds = {"": (KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT)}
+        kinds["kdk-"] = (KeyType.GENERIC_SECRET, MechanismFlag.SIGN | MechanismFlag.VERIFY)
         with self._lock:
             session = self._open()
-            session.generate_key(
-                KeyType.AES,
-                256,
-                label=self._label(version),
-                store=True,
-                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                template=secret,
-            )
-            session.generate_key(
-                KeyType.GENERIC_SECRET,
-                256,
-                label=self._label(version, "kdk-"),
-                store=True,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                template=secret,
-            )
-        return version
+            for kind, (key_type, capabilities) in kinds.items():
+                session.generate_key(
+                    key_type,
+                    256,
+                    id=tag,
+                    label=self._label(version, kind),
+                    store=True,
+                    capabilities=capabilities,
+                    template=secret,
+                )
+            same = [
+                obj
+                for kind in kinds
+                for obj in session.get_objects(
+                    {
+                        Attribute.CLASS: ObjectClass.SECRET_KEY,
+                        Attribute.LABEL: self._label(version, kind),
+                    }
+                )
+            ]
+            if all(bytes(obj[Attribute.ID]) == tag for obj in same):
+                return True
+            for obj in same:
+                if bytes(obj[Attribute.ID]) == tag:
+                    obj.destroy()
+            return False
 
     def retire_version(self, version: int) -> None:
         if version == self.current_version():
