@@ -144,6 +144,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             status = exc.status
             await self._abort(context, exc)
             raise  # unreachable: abort raises
+        except Exception:
+            # A server fault: logged here; the caller hears what HTTP says (grpc.aio would
+            # send the exception's own text, which may name paths or SQL).
+            status = 500
+            log.exception("gRPC call failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "Internal server error.")
+            raise  # unreachable: abort raises
         finally:
             stop_watching(token)
             if self.gate is not None and admission is not None:
