@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from tenancy import events
 from tenancy.db import session_scope
@@ -36,7 +36,7 @@ def test_recorded_changes_are_logged_and_only_other_processes_changes_come_back(
     with session_scope(platform.engine) as session:
         deploy_version(session=session, tenant_id=acme.tenant.id, name="lstm", version=2)
     with Session(platform.engine) as session:
-        rows = list(session.exec(select(TenancyChange).order_by(TenancyChange.id)))
+        rows = list(session.exec(select(TenancyChange).order_by(col(TenancyChange.id))))
         assert [(r.kind, r.tenant_id, r.name, r.origin) for r in rows][-1] == (
             "version_deployed", acme.tenant.id, "lstm", events.ORIGIN,
         )  # fmt: skip
