@@ -175,6 +175,7 @@ async def predict(
 
 
 EXPLAIN_STEPS = 64  # integration steps of "explain": true on predict (ExplainRequest's default)
+EXPLAIN_QUEUE = 8  # tenants with an explanation queued or running, at most
 
 
 @router.post("/{name}/explain", response_model=ExplainResponse)
@@ -209,6 +210,23 @@ async def _explain(
     state = request.app.state
     if getattr(state, "explain_slot", None) is None:
         state.explain_slot = asyncio.Semaphore(1)
+        state.explain_tenants = set()
+    tenant = target.caller.tenant.id
+    # One explanation queued or running per tenant, and a bounded queue: a tenant cannot
+    # make another wait behind more than one request of its own.
+    if tenant in state.explain_tenants:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            "This tenant already has an explanation in progress; retry when it is answered.",
+            headers={"Retry-After": "1"},
+        )
+    if len(state.explain_tenants) >= EXPLAIN_QUEUE:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"{EXPLAIN_QUEUE} explanations are waiting; retry shortly.",
+            headers={"Retry-After": "2"},
+        )
+    state.explain_tenants.add(tenant)
     try:
         async with state.explain_slot:
             found = await run_in_threadpool(
@@ -224,4 +242,6 @@ async def _explain(
             )
     except ValueError as exc:  # a label the model does not have
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    finally:
+        state.explain_tenants.discard(tenant)
     return [dataclasses.asdict(e) for e in found]

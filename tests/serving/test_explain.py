@@ -8,7 +8,9 @@ explained score at the input minus at the baseline. Captum integrates numericall
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -242,3 +244,26 @@ def test_an_int8_model_is_explained_by_occlusion(
     (e,) = r.json()["explanations"]
     assert e["method"] == OCCLUSION and e["label"] == "positive"
     assert max(e["tokens"], key=lambda t: t["attribution"])["token"] == "wonderful"
+
+
+def test_a_tenant_waits_behind_at_most_one_explanation_of_its_own(
+    sentiment: tuple[TestClient, TenantFixture],
+) -> None:
+    """A second explanation of the same tenant while one runs is a 429, not a queue that
+    makes every other tenant wait behind it; the slot is free again once it is answered."""
+    client, acme = sentiment
+    body = {"inputs": ["The crew was wonderful", "What a terrible delay"], "steps": 512}
+    url = "/v1/models/sentiment/explain"
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, url, json=body, headers=acme.predict)
+        deadline = time.monotonic() + 30
+        while not getattr(client.app.state, "explain_tenants", None):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline and not first.done(), "never started"
+            time.sleep(0.005)
+        second = client.post(url, json={"inputs": ["hi"], "steps": 8}, headers=acme.predict)
+        assert second.status_code == 429, second.text
+        assert "already has an explanation" in second.json()["detail"]
+        assert second.headers["retry-after"] == "1"
+        assert first.result().status_code == 200
+    again = client.post(url, json={"inputs": ["hi"], "steps": 8}, headers=acme.predict)
+    assert again.status_code == 200, again.text
