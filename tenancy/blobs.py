@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, create_engine, delete, insert, select
 
 from tenancy.errors import InvalidInput, NotFound
 from tenancy.files import private_dir
@@ -83,7 +83,10 @@ class DatabaseBlobStore(BlobStore):
                 "Database blobs need PostgreSQL (FEDTEXT_DATABASE_URL); with SQLite keep "
                 "FEDTEXT_BLOB_STORE=file."
             )
-        self.engine = engine
+        # Its own pool: a blob is read while the caller's session holds a connection of
+        # the platform's pool. Sharing that pool, concurrent cold loads could hold every
+        # connection while each waits for one more (stuck until the pool's timeout).
+        self.engine = create_engine(engine.url, pool_size=4, max_overflow=12, pool_pre_ping=True)
         self._table = Blob.__table__  # type: ignore[attr-defined]
 
     def put(self, key: str, data: bytes) -> None:

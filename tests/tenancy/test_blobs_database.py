@@ -64,3 +64,22 @@ def test_a_model_stored_in_database_blobs_is_encrypted_there_and_reads_back(
             session=session, keyring=platform.keyring, store=platform.store, row=row
         )
     assert b"weight" in weights  # safetensors header names the tensors
+
+
+def test_blob_reads_do_not_wait_for_the_platform_pool(database_url: str) -> None:
+    """Loads read a blob while their session holds a platform connection: with every
+    platform connection held, a blob read must still go through (no pool deadlock)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("database blobs are a PostgreSQL feature")
+    engine = get_engine(database_url)
+    create_tables(engine)
+    store = DatabaseBlobStore(engine)
+    store.put("t/m/v1.ftx", b"sealed")
+    pool = engine.pool
+    held = [engine.connect() for _ in range(pool.size() + engine.pool._max_overflow)]  # type: ignore[attr-defined]
+    try:
+        assert store.get("t/m/v1.ftx") == b"sealed"
+    finally:
+        for conn in held:
+            conn.close()
+        store.engine.dispose()
