@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 Rows = list[list[float]]  # one row of class probabilities per input
 Span = tuple[int, int]  # one request's inputs in a batch: [start, stop)
@@ -47,34 +48,39 @@ def run_isolated(
     return results
 
 
+Request = tuple[Any, list[str]]  # (whose request: a batcher's own tag, its inputs)
+
+
 @dataclass
 class _Pending:
     texts: list[str] = field(default_factory=list)
-    waiters: list[tuple[int, int, asyncio.Future[Rows]]] = field(default_factory=list)
+    waiters: list[tuple[Any, int, int, asyncio.Future[Rows]]] = field(default_factory=list)
 
 
-class MicroBatcher:
-    """Coalesce concurrent ``submit`` calls into batches run by ``infer`` on ``executor``.
+class BatchQueue:
+    """Coalesce concurrent requests into batches run by ``run_requests`` on ``executor``.
+
+    A batch leaves when it holds ``max_batch`` inputs, or once ``max_wait`` has passed and
+    one of ``max_inflight`` slots is free; while every slot is busy, arrivals join the
+    next batch, so batches grow with the load. Subclasses say how a batch of requests is
+    computed (``run_requests``: blocking, off the event loop, one result per request).
 
     Parameters
     ----------
-    infer
-        Blocking function: texts -> one probability row per text (runs off the event loop).
     executor
-        Where ``infer`` runs (threads shared by all models).
+        Where batches run (threads shared by all models).
     max_batch
-        Inputs per forward pass; a single larger request still runs as one batch.
+        Inputs per batch; a single larger request still runs as one batch.
     max_wait
         Seconds the first input of a batch may wait for others.
     max_inflight
-        Batches of this model running at once (about the inference threads available).
+        Batches of this queue running at once (about the inference threads available).
     on_batch
         Called with (inputs, requests) of every batch sent, for metrics.
     """
 
     def __init__(
         self,
-        infer: Callable[[list[str]], Rows],
         *,
         executor: Executor,
         max_batch: int,
@@ -88,7 +94,6 @@ class MicroBatcher:
             raise ValueError("max_wait should be zero or positive.")
         if max_inflight < 1:
             raise ValueError("max_inflight should be at least 1.")
-        self._infer = infer
         self._executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -99,7 +104,11 @@ class MicroBatcher:
         self._due = False  # the open batch has waited long enough; send at the next free slot
         self._inflight = 0
 
-    async def submit(self, texts: Sequence[str]) -> Rows:
+    def run_requests(self, requests: list[Request]) -> Sequence[Rows | BaseException]:
+        """Each request's rows, or the exception its own inputs caused (blocking)."""
+        raise NotImplementedError
+
+    async def _enqueue(self, tag: Any, texts: Sequence[str]) -> Rows:
         """Probability rows for ``texts``, computed in some batch; order is preserved."""
         loop = asyncio.get_running_loop()
         if self._pending.texts and len(self._pending.texts) + len(texts) > self.max_batch:
@@ -107,7 +116,7 @@ class MicroBatcher:
         fut: asyncio.Future[Rows] = loop.create_future()
         start = len(self._pending.texts)
         self._pending.texts.extend(texts)
-        self._pending.waiters.append((start, start + len(texts), fut))
+        self._pending.waiters.append((tag, start, start + len(texts), fut))
         if len(self._pending.texts) >= self.max_batch or self.max_wait == 0:
             self._send(loop)
         elif self._timer is None and not self._due:
@@ -132,20 +141,20 @@ class MicroBatcher:
         self._inflight += 1
         if self._on_batch is not None:
             self._on_batch(len(batch.texts), len(batch.waiters))
-        spans = [(start, stop) for start, stop, _ in batch.waiters]
-        task = loop.run_in_executor(self._executor, run_isolated, self._infer, batch.texts, spans)
+        requests = [(tag, batch.texts[a:b]) for tag, a, b, _ in batch.waiters]
+        task = loop.run_in_executor(self._executor, self.run_requests, requests)
         task.add_done_callback(lambda t: self._done(loop, batch, t))
 
     def _done(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: _Pending,
-        task: asyncio.Future[list[Rows | Exception]],
+        task: asyncio.Future[Sequence[Rows | BaseException]],
     ) -> None:
         self._inflight -= 1
         exc = None if task.cancelled() else task.exception()
         results = None if exc is not None or task.cancelled() else task.result()
-        for i, (_, _, fut) in enumerate(batch.waiters):
+        for i, (_, _, _, fut) in enumerate(batch.waiters):
             if fut.done():  # the client went away
                 continue
             result = results[i] if results is not None else (exc or asyncio.CancelledError())
@@ -155,3 +164,23 @@ class MicroBatcher:
                 fut.set_result(result)
         if self._pending.texts and (self._due or len(self._pending.texts) >= self.max_batch):
             self._send(loop)
+
+
+class MicroBatcher(BatchQueue):
+    """One model's batches: ``infer`` (blocking, texts -> one probability row per text)
+    runs each batch once, and request by request if it fails (``run_isolated``)."""
+
+    def __init__(self, infer: Callable[[list[str]], Rows], **options: Any) -> None:
+        super().__init__(**options)
+        self._infer = infer
+
+    async def submit(self, texts: Sequence[str]) -> Rows:
+        return await self._enqueue(None, texts)
+
+    def run_requests(self, requests: list[Request]) -> list[Rows | Exception]:
+        texts = [text for _, inputs in requests for text in inputs]
+        spans, start = [], 0
+        for _, inputs in requests:
+            spans.append((start, start + len(inputs)))
+            start += len(inputs)
+        return run_isolated(self._infer, texts, spans)

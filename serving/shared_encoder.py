@@ -24,14 +24,13 @@ request. No sentence vector is kept after its request is answered (no cache).
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from torch.nn import functional as F
 
 from models import EncoderError, ModelSpec, SentenceEncoder, load_encoder
 from models.encoder_head import FAMILY as ENCODER_HEAD
-from serving.batching import InputRejected, Rows
+from serving.batching import BatchQueue, InputRejected, Request, Rows
 
 # fp32 first: the exact default. bf16 and int8 trade exactness for CPU speed
 # (docs/BENCHMARKS.md has the measured speed and accuracy of each).
@@ -225,114 +224,34 @@ class SharedHead:
         return await self.batcher.submit(self, texts)
 
 
-@dataclass
-class _Pending:
-    texts: list[str] = field(default_factory=list)
-    waiters: list[tuple[SharedHead, int, int, asyncio.Future[Rows]]] = field(default_factory=list)
-
-
-class CrossTenantBatcher:
+class CrossTenantBatcher(BatchQueue):
     """Coalesce concurrent requests of every tenant into shared encoder passes.
 
-    The scheduling is the per-model batcher's (serving/batching.py): a batch leaves when it
-    holds ``max_batch`` inputs, or once ``max_wait`` has passed and a forward slot is free;
-    while all slots are busy arrivals join the next batch, so batches grow with the load.
+    The scheduling is ``BatchQueue``'s (serving/batching.py), as for one model's batches;
+    a request is tagged with its tenant's ``SharedHead``.
     """
 
     def __init__(
         self,
         runtime: EncoderRuntime,
         *,
-        executor: Executor,
-        max_batch: int,
-        max_wait: float,
-        max_inflight: int = 1,
-        on_batch: Callable[[int, int], None] | None = None,
         observe: Callable[[float], None] | None = None,
+        **options: Any,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch should be at least 1.")
-        if max_wait < 0:
-            raise ValueError("max_wait should be zero or positive.")
-        if max_inflight < 1:
-            raise ValueError("max_inflight should be at least 1.")
+        super().__init__(**options)
         self.runtime = runtime
-        self._executor = executor
-        self.max_batch = max_batch
-        self.max_wait = max_wait
-        self.max_inflight = max_inflight
-        self._on_batch = on_batch
         self._observe = observe
-        self._pending = _Pending()
-        self._timer: asyncio.TimerHandle | None = None
-        self._due = False
-        self._inflight = 0
 
     def attach(self, head: nn.Module, spec: ModelSpec, tenant_id: str) -> SharedHead:
         return SharedHead(self, head, tenant_id, spec.max_seq_len)
 
     async def submit(self, head: SharedHead, texts: Sequence[str]) -> Rows:
         """Probability rows of ``head`` for ``texts``, computed in some shared batch."""
-        loop = asyncio.get_running_loop()
-        if self._pending.texts and len(self._pending.texts) + len(texts) > self.max_batch:
-            self._send(loop)
-        fut: asyncio.Future[Rows] = loop.create_future()
-        start = len(self._pending.texts)
-        self._pending.texts.extend(texts)
-        self._pending.waiters.append((head, start, start + len(texts), fut))
-        if len(self._pending.texts) >= self.max_batch or self.max_wait == 0:
-            self._send(loop)
-        elif self._timer is None and not self._due:
-            self._timer = loop.call_later(self.max_wait, self._wait_over, loop)
-        return await fut
-
-    def _wait_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        if self._inflight < self.max_inflight:
-            self._send(loop)
-        else:
-            self._due = True
-
-    def _send(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._due = False
-        batch, self._pending = self._pending, _Pending()
-        if not batch.texts:
-            return
-        self._inflight += 1
-        if self._on_batch is not None:
-            self._on_batch(len(batch.texts), len(batch.waiters))
-        requests = [(head, batch.texts[a:b]) for head, a, b, _ in batch.waiters]
-        task = loop.run_in_executor(self._executor, self.run, requests)
-        task.add_done_callback(lambda t: self._done(loop, batch, t))
-
-    def _done(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batch: _Pending,
-        task: asyncio.Future[list[Rows | BaseException]],
-    ) -> None:
-        self._inflight -= 1
-        exc = None if task.cancelled() else task.exception()
-        results = None if exc is not None or task.cancelled() else task.result()
-        for i, (_, _, _, fut) in enumerate(batch.waiters):
-            if fut.done():  # the client went away
-                continue
-            outcome: Rows | BaseException = (
-                results[i] if results is not None else (exc or asyncio.CancelledError())
-            )
-            if isinstance(outcome, BaseException):
-                fut.set_exception(outcome)
-            else:
-                fut.set_result(outcome)
-        if self._pending.texts and (self._due or len(self._pending.texts) >= self.max_batch):
-            self._send(loop)
+        return await self._enqueue(head, texts)
 
     # ------------------------------------------------------------- the forward pass
 
-    def run(self, requests: list[tuple[SharedHead, list[str]]]) -> list[Rows | BaseException]:
+    def run_requests(self, requests: list[Request]) -> list[Rows | BaseException]:
         """Each request's probability rows, or the error that its own inputs caused.
 
         Blocking (an inference thread). Requests are grouped into encoder passes (by

@@ -225,6 +225,6 @@ def test_reduced_precisions_approximate_fp32_and_never_mix_tenants_in_a_pass() -
             runtime, executor=ThreadPoolExecutor(1), max_batch=64, max_wait=0.0
         )
         heads = {n: batcher.attach(random_head(spec), spec, n) for n in TEXTS}
-        mixed = batcher.run([(heads[n], TEXTS[n]) for n in TEXTS])
+        mixed = batcher.run_requests([(heads[n], TEXTS[n]) for n in TEXTS])
         for (name, texts_), rows in zip(TEXTS.items(), mixed, strict=True):
-            assert rows == batcher.run([(heads[name], texts_)])[0]
+            assert rows == batcher.run_requests([(heads[name], texts_)])[0]
