@@ -27,7 +27,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+	@for b in $(filter-out bench/_%,$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 
 # The web console's front end (console/) -> serving/console_static/, which is committed so
 # that installs and `make test` need no Node. Run after changing console/src.

@@ -55,6 +55,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._load import percentiles, summary  # noqa: E402
+
 TENANTS = 20
 CONCURRENCY = (1, 16, 64)
 
@@ -394,25 +396,7 @@ async def _drive(url: str, keys: list[str], texts: list[str], concurrency: int, 
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = max(time.perf_counter(), stop_at) - measure_from
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        if not latencies:
-            return float("nan")
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
-
-    return {
-        "concurrency": concurrency,
-        "rps": round(len(latencies) / elapsed, 1),
-        "pps": round(done_inputs / elapsed, 1),
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
-        "errors": errors,
-        "requests": len(latencies) + errors,
-        "all_inputs": all_inputs,
-        "client_cpu_s": round(time.process_time(), 2),
-    }
+    return summary(latencies, elapsed, done_inputs, errors, all_inputs, concurrency)
 
 
 async def _drive_open(url: str, keys: list[str], texts: list[str], rate: float, seconds: float,
@@ -452,15 +436,8 @@ async def _drive_open(url: str, keys: list[str], texts: list[str], rate: float, 
                     errors += 1
 
         await asyncio.gather(*(one(i) for i in range(total)))
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        if not latencies:
-            return float("nan")
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
-
     return {"rate": round(rate, 1), "requests": len(latencies) + errors, "errors": errors,
-            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}  # fmt: skip
+            **percentiles(latencies)}  # fmt: skip
 
 
 async def _touch(url: str, keys: list[str], texts: list[str], concurrency: int) -> dict[str, Any]:
@@ -863,8 +840,8 @@ def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
             run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
             _record(result, "runs", "fedtext", run)
             _log(f"fedtext c={c}: {run}")
-        # The c=64 scenario again over gRPC (bench/grpc_load.py): same server, same run.
-        from bench.grpc_load import drive as drive_grpc
+        # The c=64 scenario again over gRPC (bench/_load.py): same server, same run.
+        from bench._load import drive as drive_grpc
 
         grpc_address = f"127.0.0.1:{server.grpc_port}"
         run = drive_grpc(tmp, server.proc.pid, grpc_address, keys, load_texts, 64, seconds, warmup)

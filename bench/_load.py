@@ -1,11 +1,14 @@
-"""gRPC load generator: Open Inference Protocol ``ModelInfer`` calls at a fixed concurrency.
+"""Load-run pieces for bench/serving.py (not a benchmark itself: `make bench` skips ``_*``).
+
+``summary``: one closed-loop run's numbers, for HTTP and gRPC alike. The rest is the gRPC
+load generator: Open Inference Protocol ``ModelInfer`` calls at a fixed concurrency.
 
 The gRPC counterpart of bench/serving.py's aiohttp load: one text per request, tenants'
 keys round-robin (``authorization`` metadata), a fixed measured time after a warm-up, in
 a process of its own. bench/serving.py calls ``drive`` on the fedtext server it is
 measuring, so HTTP and gRPC are reported from the same run and the same server.
 
-    .venv/bin/python bench/grpc_load.py 127.0.0.1:8081 KEY [KEY ...] --concurrency 64
+    .venv/bin/python bench/_load.py 127.0.0.1:8081 KEY [KEY ...] --concurrency 64
 
 prints one JSON object (the keys of bench/serving.py's runs).
 """
@@ -29,6 +32,34 @@ MODEL = "sentiment"
 # Several HTTP/2 connections: one channel would carry all 64 streams on one socket and
 # one client thread's framing, and measure that instead of the server.
 CHANNELS = 4
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    """p50/p95/p99 of ``latencies`` (seconds) in milliseconds (NaN when there are none)."""
+    ordered = sorted(latencies)
+
+    def pct(p: float) -> float:
+        if not ordered:
+            return float("nan")
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 2)
+
+    return {"p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+
+
+def summary(latencies: list[float], elapsed: float, done_inputs: int, errors: int,
+            all_inputs: int, concurrency: int) -> dict[str, Any]:  # fmt: skip
+    """A closed-loop run's numbers: ``latencies`` (s) and ``done_inputs`` of the measured
+    window, ``all_inputs`` with the warm-up (to divide the server's CPU time by)."""
+    return {
+        "concurrency": concurrency,
+        "rps": round(len(latencies) / elapsed, 1),
+        "pps": round(done_inputs / elapsed, 1),
+        **percentiles(latencies),
+        "errors": errors,
+        "requests": len(latencies) + errors,
+        "all_inputs": all_inputs,
+        "client_cpu_s": round(time.process_time(), 2),
+    }
 
 
 async def _drive(address: str, keys: list[str], texts: list[str], concurrency: int,
@@ -83,25 +114,7 @@ async def _drive(address: str, keys: list[str], texts: list[str], concurrency: i
     elapsed = max(time.perf_counter(), stop_at) - measure_from
     for channel in channels:
         await channel.close()
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        if not latencies:
-            return float("nan")
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
-
-    return {
-        "concurrency": concurrency,
-        "rps": round(len(latencies) / elapsed, 1),
-        "pps": round(len(latencies) / elapsed, 1),  # one input per request
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
-        "errors": errors,
-        "requests": len(latencies) + errors,
-        "all_inputs": all_inputs,
-        "client_cpu_s": round(time.process_time(), 2),
-    }
+    return summary(latencies, elapsed, len(latencies), errors, all_inputs, concurrency)
 
 
 def _cpu_s(pid: int) -> float:
