@@ -135,28 +135,42 @@ class SentenceEncoder:
         A sentence's vector does not depend on which other sentences share its group:
         padding is masked out of attention and of the mean.
         """
+        with self._lock:  # one forward at a time per encoder: torch already uses every core
+            out = self.pooled(texts, max_seq_len)
+            self.texts_encoded += len(texts)
+        return out
+
+    def pooled(
+        self,
+        texts: Sequence[str],
+        max_seq_len: int,
+        *,
+        model: torch.nn.Module | None = None,
+        group: int = ENCODE_BATCH,
+    ) -> torch.Tensor:
+        """``encode`` without its lock or grad mode (the caller's): ``model`` may be a
+        served copy of this encoder's (quantized, under autocast); ``group`` sentences
+        of similar length per forward pass."""
         length = min(max_seq_len, self.max_positions)
         # A lone surrogate (valid in a JSON string, not in UTF-8) would make the tokenizer
         # refuse the whole batch: it reads as U+FFFD instead.
         texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
         out = torch.empty(len(texts), self.dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with self._lock:  # one forward at a time per encoder: torch already uses every core
-            for start in range(0, len(order), ENCODE_BATCH):
-                idx = order[start : start + ENCODE_BATCH]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=length,
-                    return_tensors="pt",
-                )
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                out[idx] = F.normalize(pooled.float(), dim=-1).cpu()
-            self.texts_encoded += len(texts)
+        for start in range(0, len(order), group):
+            idx = order[start : start + group]
+            enc = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=length,
+                return_tensors="pt",
+            )
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            hidden = (model or self.model)(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out[idx] = F.normalize(pooled, dim=-1).cpu()
         return out
 
 

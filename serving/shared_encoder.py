@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from models import EncoderError, ModelSpec, SentenceEncoder, load_encoder
 from models.encoder_head import FAMILY as ENCODER_HEAD
@@ -134,30 +133,11 @@ class EncoderRuntime:
 
     def encode(self, texts: Sequence[str], max_seq_len: int) -> torch.Tensor:
         """``(len(texts), dim)`` float32 unit vectors on the CPU, in the order of ``texts``."""
-        length = min(max_seq_len, self.encoder.max_positions)
-        # A lone surrogate (valid in JSON, not in UTF-8) reads as U+FFFD, as in training.
-        texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
-        out = torch.empty(len(texts), self.encoder.dim)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
         with self._lock, torch.inference_mode(), autocast:
-            for start in range(0, len(order), self.group_size):
-                idx = order[start : start + self.group_size]
-                enc = self.encoder.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=length,
-                    return_tensors="pt",
-                )
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                hidden = self.model(**enc).last_hidden_state.float()
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                out[idx] = F.normalize(pooled, dim=-1).cpu()
-        return out
+            return self.encoder.pooled(texts, max_seq_len, model=self.model, group=self.group_size)
 
 
 class SharedEncoders:
