@@ -11,17 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from fedtext.format import num
 from fedtext.handoff import Handoff, curl_command, print_handoffs
 from fedtext.logs import current
 from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
-from fedtext.progress import watch_run
+from fedtext.progress import results_table, watch_run
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
 from models import DEFAULT_FAMILY, training_defaults
@@ -208,17 +206,7 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
     ``serving_url``: the API is kept running there (``fedtext demo --serve``).
     """
     models = sorted({t.model for t in report.tenants})
-    table = Table(
-        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "version",
-        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
-        title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
-        # Only DP outputs leave a node: the test split's size and scores are computed
-        # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
-        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized); "
-        "test size and scores as released with DP noise; epsilon: spent/budget",
-    )  # fmt: skip
-    for column in table.columns:
-        column.no_wrap = True
+    table = results_table(models, "spent/budget")
     for t in report.tenants:
         table.add_row(
             t.name,

@@ -107,3 +107,20 @@ def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: C
             if not console.is_terminal:  # Live's last render ends without a line break
                 live.stop()
                 console.line()
+
+
+def results_table(models: list[str], epsilon: str) -> Table:
+    """The per-tenant results table of a finished run (demo and simulate); ``epsilon``
+    says what its epsilon column holds."""
+    table = Table(
+        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "version",
+        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
+        title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
+        # Only DP outputs leave a node: the test split's size and scores are computed
+        # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
+        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized); "
+        f"test size and scores as released with DP noise; epsilon: {epsilon}",
+    )  # fmt: skip
+    for column in table.columns:
+        column.no_wrap = True
+    return table

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.markup import escape
-from rich.table import Table
 
 from fedtext.cli.console import UserError, console, fail, open_platform, settings
 from fedtext.cli.run_options import run_options
@@ -194,17 +192,11 @@ def _ensure_tenants(platform: Any, names: list[str], create: bool) -> dict[str, 
 
 
 def _print_result(run_id: str, summary: dict[str, Any], order: list[str]) -> None:
+    from fedtext.progress import results_table
+
     tenants = summary["tenants"]
     models = sorted({str(t["model"]) for t in tenants.values()})
-    table = Table(
-        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "version",
-        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
-        title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
-        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized); "
-        "test size and scores as released with DP noise; epsilon: spent by this run",
-    )  # fmt: skip
-    for column in table.columns:
-        column.no_wrap = True
+    table = results_table(models, "spent by this run")
     for name in sorted(tenants, key=lambda n: order.index(n) if n in order else len(order)):
         t = tenants[name]
         table.add_row(
