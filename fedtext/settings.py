@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tenancy.hsm import Pkcs11Config
@@ -89,13 +89,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=1 << 20, description="Larger request bodies get 413.")
     rate_limit_per_second: float | None = Field(
-        default=100.0, description="Requests per second per API key (429 beyond); unset: off."
+        default=100.0, description="Requests per second per API key (429 beyond); off: no limit."
     )
     rate_limit_burst: int = Field(default=200, description="Requests a key may send at once.")
     failed_auth_per_second: float | None = Field(
         default=1.0,
         description="Failed authentications (401) per second per client address; beyond it "
-        "unknown credentials from that address get 429 without a database lookup. Unset: off.",
+        "unknown credentials from that address get 429 without a database lookup. off: no limit.",
     )
     failed_auth_burst: int = Field(default=20, description="Failures an address may make at once.")
     max_header_bytes: int = Field(
@@ -118,6 +118,14 @@ class Settings(BaseSettings):
     superlink_ca: Path | None = Field(
         default=None, description="The CA certificate of that SuperLink's TLS certificate."
     )
+
+    @field_validator("rate_limit_per_second", "failed_auth_per_second", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """``off``, ``none`` or an empty value turn a rate limit off."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

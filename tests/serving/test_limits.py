@@ -98,3 +98,17 @@ def test_repeated_authorization_headers_are_400_in_process(sqlite_platform: Plat
         for path in ("/healthz", "/v1/keys", "/metrics"):
             r = c.get(path, headers=twice)
             assert r.status_code == 400 and "one Authorization header" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("value", ["off", "", "None"])
+def test_a_rate_limit_is_turned_off_from_the_environment(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtext.settings import Settings
+
+    monkeypatch.setenv("FEDTEXT_RATE_LIMIT_PER_SECOND", value)
+    monkeypatch.setenv("FEDTEXT_FAILED_AUTH_PER_SECOND", value)
+    settings = Settings()
+    assert settings.rate_limit_per_second is None and settings.failed_auth_per_second is None
+    monkeypatch.setenv("FEDTEXT_RATE_LIMIT_PER_SECOND", "5")
+    assert Settings().rate_limit_per_second == 5.0
