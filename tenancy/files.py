@@ -45,10 +45,16 @@ def private_file(path: Path) -> Path:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
-        info = path.stat()
-        if info.st_uid == os.getuid() and info.st_mode & 0o077:
-            os.chmod(path, info.st_mode & 0o700)
-        return path
+        return make_private(path)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
+    return path
+
+
+def make_private(path: Path) -> Path:
+    """Take group and other access away from an existing file of ours (another user's is
+    left): files written before they were made private, or under a loose umask."""
+    info = path.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        os.chmod(path, info.st_mode & 0o700)
     return path

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from tenancy import crypto
 from tenancy.errors import KeyProviderError, NotFound
-from tenancy.files import private_dir
+from tenancy.files import make_private, private_dir
 from tenancy.tables import DataKey, Tenant
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ class FileKeyProvider(KeyProvider):
                 with os.fdopen(fd, "w") as fh:
                     json.dump(data, fh)
         try:
+            make_private(self.path)  # a key file others could read before 0600 was enforced
             data = json.loads(self.path.read_text())
             return {int(v): _decode_key(k, str(self.path)) for v, k in data["keys"].items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:

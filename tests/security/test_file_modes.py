@@ -72,3 +72,15 @@ def test_a_database_file_left_readable_by_an_older_version_is_made_private(
     upgrade_schema(platform)
     platform.engine.dispose()
     assert oct(stat.S_IMODE(database.stat().st_mode)) == "0o600"
+
+
+def test_a_key_file_left_readable_by_an_older_version_is_made_private(
+    tmp_path: Path, umask_000: None
+) -> None:
+    from tenancy.keyring import FileKeyProvider
+
+    path = tmp_path / "keys" / "kek.key"
+    FileKeyProvider(path).current_version()  # created 0600
+    os.chmod(path, 0o644)  # as an install from before key files were kept private
+    assert FileKeyProvider(path).current_version() == 1
+    assert oct(stat.S_IMODE(path.stat().st_mode)) == "0o600"
