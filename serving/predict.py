@@ -184,6 +184,17 @@ class PredictService:
                 )
             if not text.strip():
                 raise Refusal(422, f"inputs[{i}] is empty.")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    # Refused here, not in a batch: a failed batch is rerun request by
+                    # request, so one such input would cost a pass per request sharing it.
+                    raise Refusal(
+                        422,
+                        f"inputs[{i}] holds a lone surrogate (U+{ord(text[exc.start]):04X}), "
+                        "which is not Unicode text; send UTF-8.",
+                    ) from None
 
     async def answer(self, target: PredictTarget, request: PredictRequest) -> bytes:
         """The PredictResponse's JSON bytes: inputs checked, inferred in a shared batch.

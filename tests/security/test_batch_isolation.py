@@ -1,4 +1,8 @@
-"""One client's bad input fails only its own request, never the batch it shares (finding 2)."""
+"""One client's bad input fails only its own request, never the batch it shares (finding 2).
+
+Text that is not Unicode (a lone surrogate) is refused before batching, so it costs no
+forward pass; any input a model's tokenizer still refuses fails a batch that is then
+rerun request by request (``run_isolated``), with the real model below."""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedtext.server_thread import BackgroundServer
 from serving.app import create_app
-from serving.batching import MicroBatcher, Rows
+from serving.batching import MicroBatcher, Rows, run_isolated
 from serving.config import ServingConfig
+from serving.registry import load_served_model
+from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tests.factories import make_tenant, store_tiny_model
 
@@ -21,7 +27,9 @@ OPERATOR = "op-" + "i" * 40
 
 
 @pytest.mark.slow
-def test_a_lone_surrogate_in_a_shared_batch_fails_alone(sqlite_platform: Platform) -> None:
+def test_a_lone_surrogate_among_concurrent_requests_fails_alone_before_any_batch(
+    sqlite_platform: Platform,
+) -> None:
     acme = make_tenant(sqlite_platform, "acme")
     store_tiny_model(sqlite_platform, acme.tenant)
     # A long wait makes sharing certain: every request below lands in one forward pass.
@@ -57,13 +65,30 @@ def test_a_lone_surrogate_in_a_shared_batch_fails_alone(sqlite_platform: Platfor
     for r, row in zip(answers, alone, strict=True):
         assert r.json()["predictions"][0][0]["label"] == row[0]["label"]
     assert refused.status_code == 422
-    assert refused.json()["detail"].startswith("inputs[1] cannot be processed")
-    assert "surrogate" in refused.json()["detail"]
-    # The bad request did share a forward pass with others (else this proves nothing).
+    assert refused.json()["detail"].startswith("inputs[1] holds a lone surrogate (U+D800)")
+    # Concurrent requests did share forward passes, and the refused one reached none:
+    # the model saw the warm-up input, the eight concurrent ones and the eight alone.
     assert (
         metrics[("fedtext_batch_requests_bucket", "1.0")]
         < metrics[("fedtext_batch_requests_count", None)]
     )
+    assert metrics[("fedtext_batch_size_sum", None)] == 1 + 2 * len(texts)
+
+
+def test_a_batch_the_real_model_refuses_is_rerun_request_by_request(
+    sqlite_platform: Platform,
+) -> None:
+    acme = make_tenant(sqlite_platform, "acme")
+    row = store_tiny_model(sqlite_platform, acme.tenant)
+    with session_scope(sqlite_platform.engine) as session:
+        served = load_served_model(session, sqlite_platform, row)
+    good = ["the flight was late", "lovely crew"]
+    texts = [good[0], "fine", "\ud800", good[1]]  # three requests: [0:1], [1:3], [3:4]
+    with pytest.raises(TypeError):  # the whole batch fails in the model's tokenizer
+        served.infer(texts)
+    first, refused, last = run_isolated(served.infer, texts, [(0, 1), (1, 3), (3, 4)])
+    assert isinstance(refused, TypeError)
+    assert first == served.infer(good[:1]) and last == served.infer(good[1:])
 
 
 def test_run_isolated_retries_a_failed_batch_request_by_request() -> None:
