@@ -137,7 +137,10 @@ class EncoderRuntime:
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
         with self._lock, torch.inference_mode(), autocast:
-            return self.encoder.pooled(texts, max_seq_len, model=self.model, group=self.group_size)
+            vectors = self.encoder.pooled(
+                texts, max_seq_len, model=self.model, group=self.group_size
+            )
+        return vectors.clone()  # a normal tensor: callers may train on it (bench/serving.py)
 
 
 class SharedEncoders:

@@ -212,6 +212,11 @@ def test_reduced_precisions_approximate_fp32_and_never_mix_tenants_in_a_pass() -
     encoder = load_encoder("minilm-l6")
     texts = [t for ts in TEXTS.values() for t in ts]
     exact = EncoderRuntime(encoder, "fp32").encode(texts, 128)
+    # The runtime's vectors are ordinary tensors: a head can be trained on them.
+    probe = torch.nn.Linear(exact.shape[1], 1)
+    probe(exact).sum().backward()
+    assert probe.weight.grad is not None
+    torch.testing.assert_close(exact, encoder.encode(texts, 128), atol=1e-6, rtol=0)
     spec = ModelSpec.create("encoder-head", LABELS)
     torch.manual_seed(0)
     for precision, floor in (("int8", 0.75), ("bf16", 0.98)):
