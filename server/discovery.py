@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from sqlmodel import Session
 
+from privacy.ledger import DEFAULT_DATASET
 from runs.spec import RunSpec
 from server.errors import RunFailed
 from server.replies import reply_failure
@@ -23,6 +24,9 @@ class NodeInfo:
     tenant: str
     num_train: int  # stated by the node: planning needs it (docs/AUDIT.md)
     num_test: int = 0  # not reported: the held-out split's size stays on the node
+    # The dataset the node declares it trains on (its node config, covered by its
+    # signature): the dataset budget a federation run charges for this tenant.
+    dataset: str = DEFAULT_DATASET
 
 
 def discover_nodes(grid: Grid, cfg: RunSpec) -> tuple[list[NodeInfo], list[str]]:
