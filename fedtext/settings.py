@@ -110,6 +110,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=1000, ge=1, description="Open connections per API process (503 beyond)."
     )
+    forwarded_allow_ips: str = Field(
+        default="",
+        description="Comma-separated addresses or networks of reverse proxies whose "
+        "X-Forwarded-For/-Proto are trusted (the client address for the per-address limits "
+        "then comes from them); empty: none, the connection's own address is used. '*' "
+        "trusts every peer: only behind a proxy that is the sole way in.",
+    )
     superlink: str | None = Field(
         default=None,
         description="host:port of a SuperLink: `POST /v1/runs` then runs on that federation "
@@ -125,6 +132,23 @@ class Settings(BaseSettings):
         """``off``, ``none`` or an empty value turn a rate limit off."""
         if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
             return None
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        """Each entry an IP address, a network (10.0.0.0/8) or '*'; named when it is not."""
+        import ipaddress
+
+        for part in (p.strip() for p in value.split(",")):
+            if not part or part == "*":
+                continue
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"FEDTEXT_FORWARDED_ALLOW_IPS: {part!r} is not an IP address or network."
+                ) from None
         return value
 
     @model_validator(mode="after")

@@ -14,6 +14,14 @@ from fedtext.cli.console import UserError, console, open_platform, settings
 DEFAULT_GRPC_PORT = 8081
 
 
+def forwarded_headers(allow_ips: str) -> dict[str, object]:
+    """uvicorn's proxy options for FEDTEXT_FORWARDED_ALLOW_IPS: off unless proxies are named."""
+    trusted = [part.strip() for part in allow_ips.split(",") if part.strip()]
+    if not trusted:
+        return {"proxy_headers": False, "forwarded_allow_ips": []}
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted}
+
+
 def serve(
     host: Annotated[
         str | None,
@@ -155,6 +163,10 @@ def serve(
         limits=limits,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise: then anyone
+        # on this host (or a local proxy that passes the header through) picks the address
+        # the failed-authentication limit counts. Only configured proxies are believed.
+        **forwarded_headers(config.forwarded_allow_ips),
     )
     running = uvicorn.Server(server)
     running.run()
