@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="The largest epsilon budget a tenant (or the operator) may set; larger "
         "values are refused naming this bound.",
     )
+    max_keys_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="Live (unrevoked, unexpired) API keys one tenant may hold; creating "
+        "another is refused (409) until one is revoked.",
+    )
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=1 << 20, description="Larger request bodies get 413.")
     rate_limit_per_second: float | None = Field(

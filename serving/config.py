@@ -43,6 +43,8 @@ class ServingConfig:
     lookup_ttl_s: float = 1.0
     # The largest epsilon budget a tenant or operator may set over HTTP (422 beyond).
     max_budget_epsilon: float = DEFAULT_MAX_EPSILON
+    # Live API keys one tenant may hold (POST /v1/keys answers 409 beyond).
+    max_keys_per_tenant: int = 100
     # encoder-head models: one encoder per process batched across tenants, private heads
     # applied after (serving/shared_encoder.py); False serves them per model like the rest.
     shared_encoder: bool = True

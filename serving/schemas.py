@@ -11,10 +11,16 @@ from privacy.report import AuditReport
 from runs.spec import SIMULATION_ONLY, request_model
 from runs.status import RunStatus
 from tenancy.tables import TenantBase
+from tenancy.tenants import MAX_BUDGET_DELTA
 
 
 class TenantCreate(TenantBase):
-    pass
+    budget_delta: float = Field(
+        default=1e-5,
+        gt=0,
+        le=MAX_BUDGET_DELTA,
+        description="Delta at which the budget is kept; far below 1/n (1e-5 is usual).",
+    )
 
 
 class TenantPublic(TenantBase):

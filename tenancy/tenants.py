@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 
-from sqlmodel import Session, col, delete, or_, select
+from sqlmodel import Session, col, delete, func, or_, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.events import Change, ChangeKind, record
@@ -19,6 +19,12 @@ from tenancy.tables import ApiKey, FederationPartner, Tenant, utcnow
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 KEY_PREFIX = "ftk"
+# delta is the chance that the epsilon guarantee fails outright (for example by one record
+# released whole); it must stay far below 1/n for n records. 1e-3 is 1/n for a thousand
+# records: a generous ceiling (planning further requires delta < 1/n for each tenant).
+MAX_BUDGET_DELTA = 1e-3
+# Live (unrevoked, unexpired) keys a tenant may hold; FEDTEXT_MAX_KEYS_PER_TENANT.
+DEFAULT_MAX_KEYS_PER_TENANT = 100
 
 
 class Scope(StrEnum):
@@ -66,8 +72,12 @@ def create_tenant(
     check_name(name)
     if not budget_epsilon > 0:
         raise InvalidInput("The epsilon budget should be a positive value.")
-    if not 0 < budget_delta < 1:
-        raise InvalidInput("The budget delta should be in (0, 1).")
+    if not 0 < budget_delta <= MAX_BUDGET_DELTA:
+        raise InvalidInput(
+            f"The budget delta should be in (0, {MAX_BUDGET_DELTA:g}] (it is {budget_delta:g}): "
+            "delta is the chance the guarantee fails outright and must stay far below 1/n; "
+            "1e-5 is usual."
+        )
     if session.exec(select(Tenant).where(Tenant.name == name)).first() is not None:
         raise Conflict(f"A tenant named {name!r} already exists.")
     tenant = Tenant(name=name, budget_epsilon=budget_epsilon, budget_delta=budget_delta)
@@ -104,9 +114,15 @@ def create_api_key(
     scopes: Iterable[str] | str,
     name: str = "",
     expires_at: datetime | None = None,
+    max_keys: int = DEFAULT_MAX_KEYS_PER_TENANT,
 ) -> tuple[ApiKey, str]:
-    """A new key; the plaintext is returned once and never stored."""
+    """A new key; the plaintext is returned once and never stored.
+
+    Conflict when the tenant already holds ``max_keys`` live keys (revoked and expired
+    ones do not count): unlimited keys are unlimited rows and lookups for one admin.
+    """
     parsed = parse_scopes(scopes)
+    _check_key_count(session, tenant, max_keys)
     prefix = secrets.token_hex(6)
     plaintext = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
     row = ApiKey(
@@ -120,6 +136,27 @@ def create_api_key(
     session.add(row)
     session.flush()
     return row, plaintext
+
+
+def _check_key_count(session: Session, tenant: Tenant, max_keys: int) -> None:
+    # The tenant's row is locked (PostgreSQL), so two concurrent creations cannot both
+    # take the last place; SQLite serializes writers anyway.
+    session.exec(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update()).first()
+    now = utcnow()
+    live = session.exec(
+        select(func.count())
+        .select_from(ApiKey)
+        .where(
+            ApiKey.tenant_id == tenant.id,
+            col(ApiKey.revoked_at).is_(None),
+            or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
+        )
+    ).one()
+    if live >= max_keys:
+        raise Conflict(
+            f"The tenant already has {live} live API keys, the most allowed "
+            f"({max_keys}): revoke keys it no longer uses (DELETE /v1/keys/{{id}})."
+        )
 
 
 def is_live(key: ApiKey, tenant: Tenant | None, now: datetime | None = None) -> bool:

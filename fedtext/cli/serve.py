@@ -142,6 +142,7 @@ def serve(
             torch_threads=config.serve_torch_threads,
             lookup_ttl_s=config.serve_lookup_ttl_s,
             max_budget_epsilon=config.max_budget_epsilon,
+            max_keys_per_tenant=config.max_keys_per_tenant,
             shared_encoder=config.serve_shared_encoder,
             encoder_precision=config.serve_encoder_precision,
             encoder_device=config.serve_encoder_device,

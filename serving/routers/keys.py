@@ -3,9 +3,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, SessionDep
+from serving.deps import AdminCaller, ConfigDep, SessionDep
 from serving.schemas import KeyCreate, KeyCreated, KeyPublic
-from tenancy.errors import InvalidInput, NotFound
+from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.tables import ApiKey, utcnow
 from tenancy.tenants import create_api_key, revoke_api_key
 
@@ -25,7 +25,9 @@ def _public(key: ApiKey) -> KeyPublic:
 
 
 @router.post("", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)
-def create(body: KeyCreate, caller: AdminCaller, session: SessionDep) -> KeyCreated:
+def create(
+    body: KeyCreate, caller: AdminCaller, session: SessionDep, config: ConfigDep
+) -> KeyCreated:
     if body.expires_at is not None and body.expires_at.utcoffset() is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "expires_at needs a time zone.")
     if body.expires_at is not None and body.expires_at <= utcnow():
@@ -37,9 +39,13 @@ def create(body: KeyCreate, caller: AdminCaller, session: SessionDep) -> KeyCrea
             scopes=body.scopes,
             name=body.name,
             expires_at=body.expires_at,
+            max_keys=config.max_keys_per_tenant,
         )
     except InvalidInput as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except Conflict as exc:  # the tenant's live keys are at the limit
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     session.commit()
     return KeyCreated(key=_public(key), secret=secret)
 
