@@ -11,13 +11,13 @@ macro-F1 are computed from the noised counts (post-processing, no further cost).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 
 # Standard deviation of the noise on each released count, unless a run sets eval-noise:
-# about +-0.03 on the accuracy of a 500-example, 3-class split; about +0.06 epsilon on
-# top of a run targeting 3 (global and personalized matrices; docs/AUDIT.md).
+# an SD of about 0.04 on the accuracy of a 500-example, 3-class split at accuracy 0.8
+# (about 0.4 on a 45-example one: privacy.uncertainty); about +0.06 epsilon on top of a
+# run targeting 3 (global and personalized matrices; docs/AUDIT.md).
 DEFAULT_EVAL_NOISE = 10.0
 _SYSTEM = random.SystemRandom()  # os.urandom: a CSPRNG, never a seedable generator
 
@@ -55,12 +55,15 @@ def noised(counts: Sequence[float], sigma: float, *, secure: bool = True) -> lis
 def metrics_from_counts(counts: Sequence[float], classes: int) -> dict[str, float]:
     """Examples, accuracy and macro-F1 from (possibly noised) confusion counts.
 
-    Negative noised counts are clipped to 0 first. Macro-F1 averages over classes that
-    appear in truth or prediction, as the exact metric does.
+    Noised counts are used as released, negative ones included: their sums are then
+    unbiased (clipping each count at 0 added about 0.4 sigma per empty cell, inflating
+    the released test size and deflating accuracy on small splits). The figures are
+    clamped to their ranges instead. Macro-F1 averages over classes that appear in truth
+    or prediction, as the exact metric does. Their uncertainty: ``privacy.uncertainty``.
     """
     if len(counts) != classes * classes:
         raise ValueError(f"Expected {classes * classes} counts, got {len(counts)}.")
-    m = [[max(0.0, float(counts[t * classes + p])) for p in range(classes)] for t in range(classes)]
+    m = [[float(counts[t * classes + p]) for p in range(classes)] for t in range(classes)]
     total = sum(map(sum, m))
     correct = sum(m[c][c] for c in range(classes))
     scores = []
@@ -68,15 +71,10 @@ def metrics_from_counts(counts: Sequence[float], classes: int) -> dict[str, floa
         tp = m[c][c]
         fp = sum(m[t][c] for t in range(classes)) - tp
         fn = sum(m[c]) - tp
-        if tp + fp + fn > 0:
-            scores.append(2 * tp / (2 * tp + fp + fn))
+        if 2 * tp + fp + fn > 0:
+            scores.append(min(1.0, max(0.0, 2 * tp / (2 * tp + fp + fn))))
     return {
-        "examples": total,
-        "accuracy": correct / total if total > 0 else 0.0,
+        "examples": max(0.0, total),
+        "accuracy": min(1.0, max(0.0, correct / total)) if total > 0 else 0.0,
         "macro_f1": sum(scores) / len(scores) if scores else 0.0,
     }
-
-
-def accuracy_noise_sd(sigma: float, classes: int, examples: int) -> float:
-    """Rough standard deviation of a released accuracy: the diagonal's noise over n."""
-    return sigma * math.sqrt(classes) / max(examples, 1)

@@ -16,6 +16,12 @@ from privacy.accounting import compose_epsilon
 from privacy.heads import platform_signer, sign_and_store
 from privacy.ledger import PrivacyEvent, tenant_events
 from privacy.params import DPParams
+from privacy.uncertainty import (
+    CONFIDENCE,
+    DECISION_ERROR_RATE,
+    compare,
+    wide_interval_warning,
+)
 from runs.spec import RunSpec
 from server.charging import make_charge
 from server.planning import TenantPlan
@@ -23,6 +29,7 @@ from server.replies import Released
 from server.rounds import torch_state
 from server.strategy import PrivateStrategy
 from tenancy.db import session_scope
+from tenancy.governance import effective_deploy
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, store_model_version
 from tenancy.tables import ModelVersion, Tenant
@@ -58,7 +65,7 @@ def final_phase(
         phase_round,
         arrays,
         grid,
-        charge=make_charge(platform, cfg.run_id, spec, releases, cfg.dataset),
+        charge=make_charge(platform, cfg.run_id, spec, releases),
         personalize_epochs=cfg.personalize_epochs,
     )
     replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
@@ -98,27 +105,24 @@ def release_models(
             charged = [
                 e.params() for e in tenant_events(session, tenant.id) if e.run_id == cfg.run_id
             ]
-            own = personal.get(tenant.name)
             got = released.get(tenant.name, {})
-            glob, pers = got.get("global"), got.get("personal")
-            metrics: dict[str, Any] = {
-                "global_accuracy": glob["accuracy"] if glob else None,
-                "global_macro_f1": glob["macro_f1"] if glob else None,
-                "personalized_accuracy": pers["accuracy"] if pers else None,
-                "personalized_macro_f1": pers["macro_f1"] if pers else None,
-                # The released (noised) total of the held-out split, not an exact count.
-                "test_examples": round(glob["examples"]) if glob else None,
-                "train_examples": plan.num_train,
-                "metrics_release": metrics_release(plan),
-            }
-            metrics["accuracy"] = (
-                metrics["personalized_accuracy"] if own else metrics["global_accuracy"]
+            metrics, choice = released_metrics(
+                got.get("global"), got.get("personal"), trained_personal=tenant.name in personal
             )
-            metrics["macro_f1"] = (
-                metrics["personalized_macro_f1"] if own else metrics["global_macro_f1"]
+            own = personal.get(tenant.name) if choice["chosen"] == "personalized" else None
+            metrics.update(
+                train_examples=plan.num_train,
+                metrics_release=metrics_release(plan),
+                uncertainty_warning=wide_interval_warning(
+                    metrics, eval_noise=cfg.eval_noise, examples=metrics["test_examples"]
+                ),
+                model_choice=choice,
             )
             serving = deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name)
-            deploy, decision = deploy_decision(cfg.deploy, serving, metrics["macro_f1"])
+            # Each tenant's own policy decides (the stricter of its policy now, at planning,
+            # and the run's request): a partner's run cannot deploy over its version.
+            policy = effective_deploy(session, tenant.id, plan.deploy, cfg.deploy)
+            deploy, decision = deploy_decision(policy, serving, metrics)
             row = store_model_version(
                 session=session,
                 keyring=platform.keyring,
@@ -172,15 +176,81 @@ def release_models(
     return summary
 
 
+# The figures of one released evaluation, each with its uncertainty (privacy.uncertainty).
+FIGURES = ("accuracy", "macro_f1")
+SUFFIXES = ("", "_sd", "_noise_sd", "_low", "_high")
+
+
+def released_metrics(
+    glob: dict[str, float] | None,
+    pers: dict[str, float] | None,
+    *,
+    trained_personal: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics recorded on a tenant's new version and in the run summary, and which
+    model (global or personalized) the version holds, with why.
+
+    ``accuracy``, ``macro_f1`` and their ``_sd``, ``_noise_sd``, ``_low``, ``_high`` are the
+    figures of the model stored (the one metric shown on Runs, Models and in the CLI);
+    ``global_*`` and ``personalized_*`` keep both released evaluations. The personalized
+    model is kept only when its released macro-F1 is significantly above the global
+    model's on the same test split (one-sided, at ``DECISION_ERROR_RATE``, under the
+    known noise of both releases); otherwise the global model is, and the choice says why.
+    """
+    metrics: dict[str, Any] = {}
+    for prefix, fig in (("global", glob), ("personalized", pers)):
+        for name in FIGURES:
+            for sfx in SUFFIXES:
+                metrics[f"{prefix}_{name}{sfx}"] = fig.get(name + sfx) if fig else None
+    choice: dict[str, Any] = {"chosen": "global", "error_rate": DECISION_ERROR_RATE}
+    if not trained_personal:
+        choice["reason"] = "no personalized model was trained"
+    elif (
+        glob is None
+        or pers is None
+        or glob.get("macro_f1_noise_sd") is None
+        or pers.get("macro_f1_noise_sd") is None
+    ):
+        choice["reason"] = (
+            "no released evaluation to compare the personalized model with the global "
+            "one (eval-noise 0): the global model is kept"
+        )
+    else:
+        # Same test split, independent noise on each matrix: the noise is what differs.
+        cmp = compare(
+            pers["macro_f1"], pers["macro_f1_noise_sd"], glob["macro_f1"], glob["macro_f1_noise_sd"]
+        )
+        choice.update(
+            chosen="personalized" if cmp.better else "global",
+            difference=cmp.difference,
+            difference_sd=cmp.sd,
+            z=cmp.z,
+            reason=f"personalized vs global on the same test split: {cmp.describe()}",
+        )
+    fig = pers if choice["chosen"] == "personalized" else glob
+    for name in FIGURES:
+        for sfx in SUFFIXES:
+            metrics[name + sfx] = fig.get(name + sfx) if fig else None
+    # The released (noised) total of the held-out split, not an exact count.
+    metrics["test_examples"] = round(glob["examples"]) if glob else None
+    for sfx in ("_sd", "_low", "_high"):
+        metrics[f"test_examples{sfx}"] = glob.get(f"examples{sfx}") if glob else None
+    metrics["confidence"] = CONFIDENCE if glob and "accuracy_low" in glob else None
+    return metrics, choice
+
+
 def deploy_decision(
-    policy: str, serving: ModelVersion | None, macro_f1: float | None
+    policy: str, serving: ModelVersion | None, metrics: dict[str, Any]
 ) -> tuple[bool, dict[str, Any]]:
     """Whether a tenant's new version serves at once under the run's ``deploy`` policy, and
     why (recorded on the version).
 
-    ``if-better`` compares the tenant's held-out macro-F1 as released (DP-noised, the only
-    figure the coordinator has) with the one recorded on the serving version; without both
-    figures the new version waits for an admin, as under ``first``.
+    ``if-better`` deploys only when the new version's released held-out macro-F1 is
+    significantly above the serving version's: a one-sided z-test on the difference with
+    both SDs (noise and sampling: the two versions may have been tested on different
+    splits), at ``DECISION_ERROR_RATE``. Between two versions of equal exact score it
+    deploys at most that often. Without both figures and their SDs (a version released
+    before uncertainty was recorded) the new version waits for an admin, as under ``first``.
     """
     if serving is None:
         deploy = policy != "never"
@@ -190,21 +260,39 @@ def deploy_decision(
         return policy == "always", {
             "policy": policy, "deployed": policy == "always", "reason": reason[policy],
         }  # fmt: skip
-    previous = json.loads(serving.metrics_json or "{}").get("macro_f1")
-    if macro_f1 is None or previous is None:
+    previous = json.loads(serving.metrics_json or "{}")
+    new, old = metrics.get("macro_f1"), previous.get("macro_f1")
+    new_sd, old_sd = metrics.get("macro_f1_sd"), previous.get("macro_f1_sd")
+    if new is None or old is None:
         return False, {
             "policy": policy,
             "deployed": False,
             "reason": "no released held-out macro-F1 to compare; an admin deploys it",
             "compared_with": serving.version,
         }
-    better = macro_f1 > previous
-    return better, {
+    if new_sd is None or old_sd is None:
+        return False, {
+            "policy": policy,
+            "deployed": False,
+            "reason": f"held-out macro-F1 {new:.3f} vs {old:.3f} of v{serving.version}, "
+            "but no uncertainty is recorded for both: the difference may be noise; an "
+            "admin deploys it",
+            "metric": "macro_f1",
+            "compared_with": serving.version,
+        }
+    cmp = compare(new, new_sd, old, old_sd)
+    return cmp.better, {
         "policy": policy,
-        "deployed": better,
-        "reason": f"held-out macro-F1 {macro_f1:.3f} vs {previous:.3f} of v{serving.version}",
+        "deployed": cmp.better,
+        "reason": f"held-out macro-F1 {new:.3f} vs {old:.3f} of v{serving.version}: "
+        + cmp.describe()
+        + ("" if cmp.better else f"; v{serving.version} keeps serving"),
         "metric": "macro_f1",
         "compared_with": serving.version,
+        "difference": cmp.difference,
+        "difference_sd": cmp.sd,
+        "z": cmp.z,
+        "error_rate": cmp.error_rate,
     }
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from flwr.app import Message, RecordDict
 
-from privacy.evaluation import metrics_from_counts
 from privacy.params import DPParams
 from privacy.protocol import error_name
+from privacy.uncertainty import released_uncertainty
 from server.planning import TenantPlan
 
 # Config prefix of the evaluation release's DP parameters (training uses the default "dp-").
@@ -41,8 +41,9 @@ def check_train_reply(content: RecordDict, plan: TenantPlan, asked: DPParams) ->
 def read_evaluation(
     content: RecordDict, plan: TenantPlan, models: tuple[str, ...]
 ) -> Released | str:
-    """The released metrics of each of ``models`` (from noised counts), or why the reply
-    cannot be used."""
+    """The released metrics of each of ``models`` (from noised counts, each with its SD and
+    95% interval: ``privacy.uncertainty.released_uncertainty``), or why the reply cannot be
+    used."""
     if plan.eval_params is None:
         return "no evaluation release was planned"
     if "eval-dp" not in content.config_records or "evaluation" not in content.metric_records:
@@ -64,7 +65,10 @@ def read_evaluation(
             return f"evaluation lacks the counts of the {name} model"
         classes = round(len(counts) ** 0.5)
         try:
-            out[name] = metrics_from_counts([float(c) for c in counts], classes)
+            # The released figures with their uncertainty under the known noise.
+            out[name] = released_uncertainty(
+                [float(c) for c in counts], classes, plan.eval_params.noise_multiplier
+            )
         except ValueError as exc:
             return str(exc)
     return out
