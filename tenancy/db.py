@@ -11,6 +11,7 @@ from sqlalchemy import Engine, event
 from sqlmodel import Session, SQLModel, create_engine
 
 from tenancy.files import private_file
+from tenancy.nodes import NodeKey
 from tenancy.tables import TABLES
 
 
@@ -36,7 +37,7 @@ def get_engine(url: str) -> Engine:
 
 
 def create_tables(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in TABLES])  # type: ignore[attr-defined]
+    SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in (*TABLES, NodeKey)])  # type: ignore[attr-defined]
 
 
 @contextmanager

@@ -1,0 +1,125 @@
+"""Federation node keys enrolled for a tenant: the binding of a node's identity to its tenant.
+
+Flower's SuperNode authentication proves a node holds *some* key registered with the
+SuperLink; nothing there says which tenant the node trains for. A key enrolled here is
+enrolled for exactly one tenant (by the operator, or by that tenant's own admin), and the
+coordinator takes a node's tenant from the tenant its authenticated key is enrolled for,
+never from what the node says (``server.discovery``).
+
+Keys are identified by their fingerprint (SHA-256 of the DER SubjectPublicKeyInfo,
+computed by the caller with ``privacy.node_proof.fingerprint``: tenancy parses no keys).
+A fingerprint belongs to one tenant forever: a revoked key may be enrolled again by the
+same tenant, never by another.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from sqlalchemy import Engine
+from sqlmodel import Field, Session, SQLModel, select
+
+from tenancy.errors import Conflict, InvalidInput, NotFound
+from tenancy.tables import Tenant, utcnow
+
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+# At most this many live keys per tenant (a node per site; rotation overlaps two).
+MAX_KEYS_PER_TENANT = 64
+
+
+class NodeKey(SQLModel, table=True):
+    """One node public key, enrolled for one tenant."""
+
+    __tablename__ = "node_key"
+    fingerprint: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True)
+    public_key: str  # OpenSSH one-line form
+    enrolled_by: str = Field(max_length=255)  # "operator" or "api-key:<id>"
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+def create_node_tables(engine: Engine) -> None:
+    """Create ``node_key`` when missing (databases built by ``create_all``; migrations
+    build it in revision 0007)."""
+    NodeKey.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
+
+
+def _check_fingerprint(fingerprint: str) -> str:
+    if not _FINGERPRINT.match(fingerprint):
+        raise InvalidInput(f"{fingerprint!r} is not a key fingerprint (64 hex digits).")
+    return fingerprint
+
+
+def enroll_node_key(
+    session: Session, *, tenant_id: str, fingerprint: str, public_key: str, enrolled_by: str
+) -> tuple[NodeKey, bool]:
+    """Enroll a node key for ``tenant_id``; returns (row, created).
+
+    Enrolling a key this tenant already holds is a no-op (a revoked one becomes live
+    again). A key enrolled for any other tenant is refused with ``Conflict``, without
+    saying which tenant holds it.
+    """
+    _check_fingerprint(fingerprint)
+    row = session.get(NodeKey, fingerprint, with_for_update=True)
+    if row is not None:
+        if row.tenant_id != tenant_id:
+            raise Conflict("This node key cannot be enrolled: it is enrolled elsewhere.")
+        if row.revoked_at is None:
+            return row, False
+        row.revoked_at = None
+        session.add(row)
+        session.flush()
+        return row, True
+    live = session.exec(
+        select(NodeKey).where(NodeKey.tenant_id == tenant_id, NodeKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    ).all()
+    if len(live) >= MAX_KEYS_PER_TENANT:
+        raise Conflict(
+            f"This tenant already has {len(live)} enrolled node keys (the most is "
+            f"{MAX_KEYS_PER_TENANT}); revoke one first."
+        )
+    row = NodeKey(
+        fingerprint=fingerprint,
+        tenant_id=tenant_id,
+        public_key=public_key,
+        enrolled_by=enrolled_by,
+    )
+    session.add(row)
+    session.flush()
+    return row, True
+
+
+def list_node_keys(
+    session: Session, tenant_id: str, *, include_revoked: bool = False
+) -> list[NodeKey]:
+    """The tenant's node keys, oldest first."""
+    query = select(NodeKey).where(NodeKey.tenant_id == tenant_id)
+    if not include_revoked:
+        query = query.where(NodeKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    return list(session.exec(query.order_by(NodeKey.created_at)))  # type: ignore[arg-type]
+
+
+def revoke_node_key(session: Session, *, tenant_id: str, fingerprint: str) -> NodeKey:
+    """Revoke the tenant's key ``fingerprint``; ``NotFound`` when the tenant holds no such
+    live key (another tenant's key is not found either)."""
+    row = session.get(NodeKey, fingerprint, with_for_update=True)
+    if row is None or row.tenant_id != tenant_id or row.revoked_at is not None:
+        raise NotFound(f"No enrolled node key {fingerprint}.")
+    row.revoked_at = utcnow()
+    session.add(row)
+    session.flush()
+    return row
+
+
+def tenant_of_key(session: Session, fingerprint: str) -> Tenant | None:
+    """The live tenant a live key is enrolled for, or None (not enrolled, revoked, or its
+    tenant deleted)."""
+    row = session.get(NodeKey, fingerprint)
+    if row is None or row.revoked_at is not None:
+        return None
+    tenant = session.get(Tenant, row.tenant_id)
+    if tenant is None or tenant.deleted_at is not None:
+        return None
+    return tenant
