@@ -4,10 +4,11 @@ A hash chain alone shows an edited or deleted entry in the middle, but not a del
 tail, a tenant's whole chain deleted, or a chain rewritten and re-hashed by someone who
 can write the database. A *signed head* closes that gap: the length and last hash of
 both of a tenant's chains (releases and budget changes) and the budget in force,
-signed with Ed25519 under a key derived from the platform's key-encryption key, which
-the database does not hold. An auditor keeps the heads exported with each report or
-ledger export; ``verify_head`` then checks that the database still holds that history
-as a prefix and the same budget settings.
+signed with Ed25519 under the platform's signing key, which the database does not hold
+and which a KEK rotation does not change (tenancy/signing.py keeps its history). An
+auditor keeps the heads exported with each report or ledger export; ``verify_head``
+then checks that the database still holds that history as a prefix and the same budget
+settings.
 
 This is the only module of ``privacy`` that uses ``cryptography``'s hazmat layer
 (``privacy`` imports nothing of ours, so it cannot use ``tenancy.crypto``).
@@ -44,7 +45,6 @@ from privacy.ledger import (
 
 HEAD_FORMAT = "fedtext-signed-head/1"
 HEADS_FILE_FORMAT = "fedtext-signed-heads/1"
-SIGNING_PURPOSE = "ledger-head-signing"  # what the platform derives its signing key for
 
 
 class HeadError(ValueError):
@@ -87,7 +87,7 @@ def key_id(public_key: bytes) -> str:
 
 @dataclass(frozen=True)
 class HeadSigner:
-    """Ed25519 from a 32-byte seed the platform derives from its KEK (never stored)."""
+    """Ed25519 from the 32-byte seed of the platform's signing key (never in the database)."""
 
     seed: bytes
 
@@ -117,22 +117,23 @@ class HeadSigner:
 class PlatformKeys(Protocol):
     """What signing needs of the platform's keyring (``tenancy.keyring.Keyring``)."""
 
-    def platform_key(self, purpose: str) -> tuple[int, bytes]: ...
+    def signing_seed(self) -> bytes: ...
 
-    def platform_key_version(self, purpose: str, version: int) -> bytes: ...
+    def signing_key_ids(self) -> list[str]: ...
 
 
 def platform_signer(keys: PlatformKeys) -> HeadSigner:
-    """The signer of the platform's current KEK version (derived, never stored)."""
-    return HeadSigner(keys.platform_key(SIGNING_PURPOSE)[1])
+    """The signer of the platform's current signing key (kept by the key provider, apart
+    from the KEK: a KEK rotation does not change it; see tenancy/signing.py)."""
+    return HeadSigner(keys.signing_seed())
 
 
-def platform_key_ids(keys: PlatformKeys, versions: Iterable[int]) -> list[str]:
-    """The key ids of every KEK version the platform can still read."""
-    return [
-        key_id(HeadSigner(keys.platform_key_version(SIGNING_PURPOSE, v)).public_key)
-        for v in versions
-    ]
+def platform_key_ids(keys: PlatformKeys, versions: Iterable[int] = ()) -> list[str]:
+    """The key ids of the platform's signing history: every signing-key version and the
+    KEK-derived keys that signed heads before v0006 (``versions``: unused, kept for
+    callers that pass the KEK versions)."""
+    del versions
+    return keys.signing_key_ids()
 
 
 def signature_valid(signed: SignedHeadPublic) -> bool:

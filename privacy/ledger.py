@@ -120,6 +120,9 @@ class PrivacyEvent(SQLModel, table=True):
     # Added after the first chains were written: hashed only when it is not "train", so
     # entries written before it existed keep their hashes (see ``hashed_fields``).
     purpose: str = Field(default="train", max_length=16)
+    # Ed25519 "<key id>:<signature>" by the platform's signing key over the tenant, seq and
+    # entry_hash (tenancy/signing.py); not hashed. None: written before v0006.
+    signature: str | None = Field(default=None, max_length=160)
 
     def params(self) -> DPParams:
         return DPParams(
@@ -157,6 +160,7 @@ class BudgetChange(SQLModel, table=True):
     reason: str = Field(default="", max_length=500)
     prev_hash: str = Field(max_length=64)
     entry_hash: str = Field(max_length=64)
+    signature: str | None = Field(default=None, max_length=160)  # as PrivacyEvent's
 
 
 def hashed_fields(row: PrivacyEvent | BudgetChange) -> tuple[str, ...]:

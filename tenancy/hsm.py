@@ -205,7 +205,7 @@ class Pkcs11KeyProvider(KeyProvider):
             )
         return version
 
-    def _generate(self, version: int) -> bool:
+    def _generate(self, version: int, *, signing: bool = False) -> bool:
         """Generate ``version``'s two keys; True when they are the only keys of that version.
 
         PKCS#11 has no create-if-absent: two processes may generate the same version at
@@ -224,6 +224,8 @@ class Pkcs11KeyProvider(KeyProvider):
         }
         kinds = {"": (KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT)}
         kinds["kdk-"] = (KeyType.GENERIC_SECRET, MechanismFlag.SIGN | MechanismFlag.VERIFY)
+        if signing:  # a signing-key version: one derivation key, apart from the KEKs
+            kinds = {"sign-": kinds["kdk-"]}
         with self._lock:
             session = self._open()
             for kind, (key_type, capabilities) in kinds.items():
@@ -260,6 +262,46 @@ class Pkcs11KeyProvider(KeyProvider):
             for kind in ("", "kdk-"):
                 with contextlib.suppress(KeyProviderError):  # already gone
                     self._find(version, kind).destroy()
+
+    # ------------------------------------------------------------- signing keys
+    # Each signing-key version is a 256-bit HMAC key ``<label>-sign-v<n>`` in the token
+    # (sensitive, non-extractable); the Ed25519 seed is derived from it inside the token.
+    # A KEK rotation or retirement never touches these keys.
+
+    def signing_versions(self) -> list[int]:
+        pattern = re.compile(re.escape(self.config.key_label) + r"-sign-v([0-9]+)")
+        for _ in range(_GENERATE_TRIES):
+            with self._lock:
+                found = sorted(
+                    {int(m.group(1)) for lb in self._labels() if (m := pattern.fullmatch(lb))}
+                )
+            if found:
+                return found
+            if self._generate(1, signing=True):  # first use, as the KEK's version 1
+                return [1]
+            time.sleep(random.uniform(0.01, 0.2))
+        raise KeyProviderError(
+            f"Signing key version 1 could not be generated alone in token "
+            f"{self.config.token_label!r}."
+        )
+
+    def signing_seed(self, version: int) -> bytes:
+        from pkcs11 import Mechanism
+
+        def mac() -> bytes:
+            key = self._find(version, "sign-")
+            return bytes(key.sign(b"fedtext:row-signing\x01", mechanism=Mechanism.SHA256_HMAC))
+
+        return self._in_token(mac)
+
+    def add_signing_version(self) -> int:
+        version = self.signing_versions()[-1] + 1
+        if not self._generate(version, signing=True):
+            raise KeyProviderError(
+                f"Another process generated signing key version {version} at the same time; "
+                "try the rotation again."
+            )
+        return version
 
     # ------------------------------------------------------------- use, inside the token
 

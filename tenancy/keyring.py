@@ -15,10 +15,14 @@ from sqlmodel import Session, col, select
 from tenancy import crypto
 from tenancy.errors import KeyProviderError, NotFound
 from tenancy.files import make_private, private_dir
+from tenancy.signing import SigningKeys
 from tenancy.tables import DataKey, Tenant
 
 if TYPE_CHECKING:
     from tenancy.hsm import Pkcs11Config
+
+# What heads were signed with before v0006: a key derived from each KEK version.
+LEGACY_HEAD_PURPOSE = "fedtext:ledger-head-signing"
 
 
 class KeyProvider(ABC):
@@ -65,6 +69,42 @@ class KeyProvider(ABC):
     def derive_key(self, version: int, purpose: str) -> bytes:
         """A 256-bit key for ``purpose`` derived from KEK ``version`` (never the KEK itself)."""
         return crypto.derive_key(self.get_kek(version), purpose)
+
+    # The platform's signing keys (tenancy/signing.py): Ed25519 seeds kept apart from the
+    # KEK versions, so a KEK rotation never changes which key signed what. Each provider
+    # keeps them where it keeps its KEKs (file: a file beside the KEK file; PKCS#11: in the
+    # token; env: derived from the one KEK, which that provider never rotates).
+
+    def signing_versions(self) -> list[int]:
+        """Every signing-key version this provider can still sign with (oldest first)."""
+        return [1]
+
+    def signing_seed(self, version: int) -> bytes:
+        """The 32-byte Ed25519 seed of signing-key ``version`` (never stored in the database)."""
+        if version not in self.signing_versions():
+            raise KeyProviderError(f"Signing key version {version} is not held by {self.name}.")
+        return self.derive_key(1, f"fedtext:row-signing-v{version}")
+
+    def add_signing_version(self) -> int:
+        """Make a new signing-key version current; the older ones stay (they verify)."""
+        raise KeyProviderError(
+            f"The {self.name} key provider derives its one signing key from its KEK; "
+            "it cannot add another."
+        )
+
+    def legacy_head_public_keys(self) -> list[bytes]:
+        """Public keys of the head-signing keys derived from KEK versions before signing
+        keys existed (v0006), so heads exported then still verify (``tenancy.signing``).
+        Derived from the KEK versions still readable (the file provider keeps them)."""
+        from tenancy.signing import public_key_of
+
+        found = []
+        for version in self.versions():
+            try:
+                found.append(public_key_of(self.derive_key(version, LEGACY_HEAD_PURPOSE)))
+            except KeyProviderError:
+                continue
+        return found
 
 
 def _decode_key(text: str, where: str) -> bytes:
@@ -146,6 +186,93 @@ class FileKeyProvider(KeyProvider):
         if keys.pop(version, None) is not None:
             self._write(keys)
 
+    # ---------------------------------------------------------------- signing keys
+
+    @property
+    def signing_path(self) -> Path:
+        """The signing seeds' own file (0600), beside the KEK file and never rewritten by a
+        KEK rotation; it also keeps the public keys of the KEK-derived head-signing keys
+        used before v0006, captured when it was created, so their heads verify for good."""
+        return self.path.with_name("signing.key")
+
+    def _load_signing(self) -> dict[str, object]:
+        if not self.signing_path.exists():
+            data = {
+                "format": "fedtext-signing-seeds/1",
+                "seeds": {"1": base64.b64encode(os.urandom(32)).decode()},
+                "legacy_head_keys": [
+                    base64.b64encode(k).decode() for k in super().legacy_head_public_keys()
+                ],
+            }
+            _create_private_json(self.signing_path, data)
+        try:
+            make_private(self.signing_path)
+            data = json.loads(self.signing_path.read_text())
+            seeds = data["seeds"]
+            if not isinstance(seeds, dict) or not seeds:
+                raise KeyError("seeds")
+            return dict(data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyProviderError(
+                f"Cannot read the signing key file {self.signing_path}: {exc}"
+            ) from None
+
+    def _seeds(self) -> dict[int, bytes]:
+        raw = self._load_signing()["seeds"]
+        assert isinstance(raw, dict)
+        return {int(v): _decode_key(k, str(self.signing_path)) for v, k in raw.items()}
+
+    def signing_versions(self) -> list[int]:
+        return sorted(self._seeds())
+
+    def signing_seed(self, version: int) -> bytes:
+        seeds = self._seeds()
+        if version not in seeds:
+            raise KeyProviderError(f"Signing key version {version} is not in {self.signing_path}.")
+        return seeds[version]
+
+    def add_signing_version(self) -> int:
+        data = self._load_signing()
+        seeds = self._seeds()
+        version = max(seeds) + 1
+        seeds[version] = os.urandom(32)
+        data["seeds"] = {str(v): base64.b64encode(k).decode() for v, k in sorted(seeds.items())}
+        _replace_private_json(self.signing_path, data)
+        return version
+
+    def legacy_head_public_keys(self) -> list[bytes]:
+        # Captured when the signing file was made: a KEK version retired since is gone.
+        raw = self._load_signing().get("legacy_head_keys", [])
+        assert isinstance(raw, list)
+        return [base64.b64decode(k) for k in raw]
+
+
+def _create_private_json(path: Path, data: dict[str, object]) -> None:
+    """Write ``path`` (0600) only if it does not exist: a concurrent creator's file wins."""
+    private_dir(path.parent)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)  # atomic create-if-absent, whole
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _replace_private_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
 
 class EnvKeyProvider(KeyProvider):
     """One KEK (version 1) from a base64 environment variable."""
@@ -199,6 +326,16 @@ class Keyring:
 
     def __init__(self, provider: KeyProvider) -> None:
         self.provider = provider
+        # The platform's signing keys (tenancy/signing.py), apart from the KEK versions.
+        self.signing = SigningKeys(provider)
+
+    def signing_seed(self) -> bytes:
+        """The current signing key's Ed25519 seed (heads and rows are signed with it)."""
+        return self.signing.seed()
+
+    def signing_key_ids(self) -> list[str]:
+        """Key ids of every key in the signing history (KEK rotation never changes it)."""
+        return list(self.signing.history(refresh=True).trusted())
 
     def create_data_key(self, session: Session, tenant: Tenant) -> None:
         version = self.provider.current_version()

@@ -11,6 +11,7 @@ from tenancy.blobs import BlobStore, create_blob_store
 from tenancy.db import get_engine
 from tenancy.hsm import Pkcs11Config
 from tenancy.keyring import Keyring, create_key_provider
+from tenancy.signing import attach
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,11 @@ class Platform:
     engine: Engine
     keyring: Keyring
     store: BlobStore
+
+    def __post_init__(self) -> None:
+        # Every ledger entry, budget change and key row written through this engine is
+        # signed with the platform's signing key (tenancy/signing.py).
+        attach(self.engine, self.keyring.signing)
 
     @classmethod
     def create(

@@ -40,6 +40,9 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    # Ed25519 by the platform's signing key over every field above (tenancy/signing.py):
+    # a row written around the platform (plain SQL) does not authenticate.
+    signature: str | None = Field(default=None, max_length=160)
 
 
 class DataKey(SQLModel, table=True):

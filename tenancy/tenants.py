@@ -15,6 +15,7 @@ from sqlmodel import Session, col, delete, func, or_, select
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
+from tenancy.signing import key_row_trusted
 from tenancy.tables import ApiKey, FederationPartner, Tenant, utcnow
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -177,6 +178,8 @@ def authenticate(*, session: Session, presented: str) -> tuple[ApiKey, Tenant] |
     row = session.exec(select(ApiKey).where(ApiKey.prefix == parts[1])).first()
     if row is None or not hmac.compare_digest(row.key_hash, hash_key(presented)):
         return None
+    if not key_row_trusted(session.get_bind().engine, row):
+        return None  # a key row written around the platform (no valid signature): logged
     tenant = session.get(Tenant, row.tenant_id)
     if tenant is None or not is_live(row, tenant):
         return None

@@ -27,6 +27,7 @@ from serving.schemas import (
     LedgerEntryPublic,
     PrivacyReportPublic,
 )
+from tenancy.signing import SigningHistory
 
 router = APIRouter(prefix="/v1/privacy", tags=["privacy"])
 
@@ -152,3 +153,12 @@ def head(caller: AdminCaller, session: SessionDep, platform: PlatformDep) -> Sig
     )
     session.commit()
     return signed
+
+
+@router.get("/signing-keys", response_model=SigningHistory)
+def signing_keys(caller: AdminCaller, platform: PlatformDep) -> SigningHistory:
+    """The platform's public signing keys (Ed25519), each endorsed by the one before:
+    pin them, and check the ledger, budget changes, key rows and heads against them with
+    `fedtext audit verify --keys FILE`. A KEK rotation does not change them."""
+    del caller  # any tenant admin (or the auditor it gives them to) may fetch them
+    return platform.keyring.signing.history(refresh=True)

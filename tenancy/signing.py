@@ -1,0 +1,409 @@
+"""Signed authorship: every ledger entry, budget change and API key row is signed (Ed25519).
+
+The hash chains prove order; they do not prove who wrote an entry: someone who can write
+the database can append a correctly hashed budget raise, rewrite and re-hash recent
+charges, or insert an admin key row. So each such row carries ``signature``: an Ed25519
+signature, by the platform's signing key, over what binds its content and position (a
+ledger row's tenant, sequence number and entry hash, which chains over every hashed field
+and the previous entry; a key row's digest over all its fields, revocation included).
+
+The signing key is not in the database and is independent of the key-encryption key: the
+key provider keeps it (file: ``signing.key`` beside the KEK file, 0600; PKCS#11: an HMAC
+key in the token from which the seed is derived inside it; env: derived from the one
+KEK, which that provider never rotates). Rotating the KEK never changes it; rotating the
+signing key itself (``fedtext keys rotate-signing``) adds a version whose public key is
+endorsed by the previous one, so an auditor who pinned an earlier key follows the chain.
+The public history (``SigningHistory``) is what ``fedtext audit keys`` and
+``GET /v1/privacy/signing-keys`` give out; ``fedtext audit verify`` accepts a row only if
+its signature verifies under a key of that history (or of the keys the auditor pinned,
+``--keys FILE``).
+
+Rows are signed where they are written, whoever writes them: a mapper hook signs each new
+row of the three tables (and an API key row again when it changes, e.g. revoked) on any
+engine a ``tenancy.platform.Platform`` was made with (``attach``). ``privacy`` imports
+nothing of ours, so its tables are recognised here by name, as the ledger recognises a
+new tenant row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+from weakref import WeakKeyDictionary
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Mapper
+
+from tenancy.errors import KeyProviderError
+
+if TYPE_CHECKING:
+    from tenancy.keyring import KeyProvider
+
+log = logging.getLogger(__name__)
+
+ROW_FORMAT = b"fedtext-signed-row/1"
+ENDORSEMENT_FORMAT = "fedtext-signing-key-endorsement/1"
+HISTORY_FORMAT = "fedtext-signing-keys/1"
+LEDGER_TABLES = ("privacy_event", "privacy_budget_change")
+KEY_TABLE = "api_key"
+SIGNED_TABLES = (*LEDGER_TABLES, KEY_TABLE)
+# What a signature check finds.
+Status = Literal["ok", "unsigned", "unknown-key", "bad"]
+
+
+def public_key_of(seed: bytes) -> bytes:
+    """The raw 32-byte Ed25519 public key of a 32-byte seed."""
+    return (
+        Ed25519PrivateKey.from_private_bytes(seed)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+
+
+def key_id(public_key: bytes) -> str:
+    """SHA-256 hex (first 32) of the raw public key (as ``privacy.heads.key_id``)."""
+    return hashlib.sha256(public_key).hexdigest()[:32]
+
+
+def sign(seed: bytes, message: bytes) -> str:
+    """``<key id>:<base64 signature>``: what a row's ``signature`` column holds."""
+    sig = Ed25519PrivateKey.from_private_bytes(seed).sign(message)
+    return f"{key_id(public_key_of(seed))}:{base64.b64encode(sig).decode()}"
+
+
+def check(signature: str | None, message: bytes, trusted: Mapping[str, bytes]) -> Status:
+    """Whether ``signature`` signs ``message`` under one of ``trusted`` (key id -> key)."""
+    if not signature:
+        return "unsigned"
+    kid, _, encoded = signature.partition(":")
+    public = trusted.get(kid)
+    if public is None:
+        return "unknown-key"
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(
+            base64.b64decode(encoded, validate=True), message
+        )
+    except (InvalidSignature, ValueError, binascii.Error):
+        return "bad"
+    return "ok"
+
+
+# ----------------------------------------------------------------- what a row's signature binds
+
+
+def _time(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return aware.replace(microsecond=0).isoformat()  # what every database returns unchanged
+
+
+def key_row_digest(row: Any) -> str:
+    """SHA-256 hex over every field of an API key row that decides what it may do."""
+    data = {
+        "id": row.id,
+        "tenant_id": row.tenant_id,
+        "name": row.name,
+        "prefix": row.prefix,
+        "key_hash": row.key_hash,
+        "scopes": row.scopes,
+        "created_at": _time(row.created_at),
+        "expires_at": _time(row.expires_at),
+        "revoked_at": _time(row.revoked_at),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def row_message(table: str, row: Any) -> bytes:
+    """The bytes signed for a row of one of ``SIGNED_TABLES``.
+
+    A ledger row: its tenant, sequence number and entry hash (the hash covers every hashed
+    field and the previous entry's hash, so the signature binds content and position, and
+    through ``prev_hash`` the whole chain before it). A key row: ``key_row_digest``.
+    """
+    if table in LEDGER_TABLES:
+        body = f"{row.tenant_id}\n{row.seq}\n{row.entry_hash}"
+    elif table == KEY_TABLE:
+        body = key_row_digest(row)
+    else:
+        raise ValueError(f"Rows of {table!r} are not signed.")
+    return b"\n".join((ROW_FORMAT, table.encode(), body.encode()))
+
+
+# ----------------------------------------------------------------- the public history
+
+
+class SigningKeyRecord(BaseModel):
+    """One public key of the platform's history.
+
+    kind "signing": signing-key ``version`` (1 is the root; each later one is endorsed by
+    the one before). kind "legacy-head": a key derived from a KEK version that signed
+    chain heads before signing keys existed (v0006), endorsed by version 1.
+    """
+
+    kind: Literal["signing", "legacy-head"]
+    version: int
+    key_id: str
+    public_key: str  # raw 32 bytes, base64
+    endorsed_by: str | None = None  # key id of the endorsing key
+    endorsement: str | None = None  # base64 Ed25519 signature of ``endorsement_message``
+
+    def raw(self) -> bytes:
+        return base64.b64decode(self.public_key)
+
+    def endorsement_message(self) -> bytes:
+        return f"{ENDORSEMENT_FORMAT}\n{self.kind}\n{self.version}\n{self.public_key}".encode()
+
+
+class SigningHistory(BaseModel):
+    """Every public key the platform signed with, each endorsed by an earlier one."""
+
+    format: str = HISTORY_FORMAT
+    keys: list[SigningKeyRecord]
+
+    def current(self) -> SigningKeyRecord:
+        return max((k for k in self.keys if k.kind == "signing"), key=lambda k: k.version)
+
+    def trusted(self, pinned: Iterable[str] | None = None) -> dict[str, bytes]:
+        """Key id -> public key of every key trusted from ``pinned`` (default: version 1).
+
+        A key is trusted if it is a root, or if its endorsement verifies under a key
+        already trusted; a record whose key id does not match its key is never trusted.
+        """
+        valid = [k for k in self.keys if _record_consistent(k)]
+        if pinned is None:
+            roots = {k.key_id for k in valid if k.kind == "signing" and k.version == 1}
+        else:
+            roots = set(pinned)
+        trusted = {k.key_id: k.raw() for k in valid if k.key_id in roots}
+        grew = True
+        while grew:
+            grew = False
+            for record in valid:
+                if record.key_id in trusted or record.endorsed_by not in trusted:
+                    continue
+                status = check(
+                    f"{record.endorsed_by}:{record.endorsement}",
+                    record.endorsement_message(),
+                    trusted,
+                )
+                if status == "ok":
+                    trusted[record.key_id] = record.raw()
+                    grew = True
+        return trusted
+
+
+def _record_consistent(record: SigningKeyRecord) -> bool:
+    try:
+        raw = base64.b64decode(record.public_key, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) == 32 and key_id(raw) == record.key_id
+
+
+def read_history(text: str) -> SigningHistory:
+    """A history as ``fedtext audit keys`` writes it; ValueError saying what is wrong."""
+    try:
+        history = SigningHistory.model_validate_json(text)
+    except ValueError as exc:
+        raise ValueError(f"Not a signing-key history ({HISTORY_FORMAT}): {exc}") from None
+    if history.format != HISTORY_FORMAT:
+        raise ValueError(f"Not a signing-key history: format {history.format!r}.")
+    return history
+
+
+def _endorse(seed: bytes, record: SigningKeyRecord) -> SigningKeyRecord:
+    signature = sign(seed, record.endorsement_message())
+    kid, _, sig = signature.partition(":")
+    return record.model_copy(update={"endorsed_by": kid, "endorsement": sig})
+
+
+class SigningKeys:
+    """The platform's signing keys, through its key provider (seeds cached per process).
+
+    A process keeps signing with the version that was current when it first signed; rows
+    it signs after a ``rotate-signing`` elsewhere still verify (the old key stays in the
+    history), and it takes the new version when restarted.
+    """
+
+    def __init__(self, provider: KeyProvider) -> None:
+        self.provider = provider
+        self._lock = threading.Lock()
+        self._current: bytes | None = None
+        self._history: SigningHistory | None = None
+
+    def seed(self) -> bytes:
+        """The current signing key's seed (read once)."""
+        with self._lock:
+            if self._current is None:
+                versions = self.provider.signing_versions()
+                self._current = self.provider.signing_seed(versions[-1])
+            return self._current
+
+    def sign(self, message: bytes) -> str:
+        return sign(self.seed(), message)
+
+    def history(self, refresh: bool = False) -> SigningHistory:
+        """Every public key, endorsed (computed from the provider's keys; cached)."""
+        with self._lock:
+            if self._history is not None and not refresh:
+                return self._history
+        records: list[SigningKeyRecord] = []
+        first: bytes | None = None
+        previous: bytes | None = None
+        for version in self.provider.signing_versions():
+            seed = self.provider.signing_seed(version)
+            pub = public_key_of(seed)
+            record = SigningKeyRecord(
+                kind="signing",
+                version=version,
+                key_id=key_id(pub),
+                public_key=base64.b64encode(pub).decode(),
+            )
+            records.append(record if previous is None else _endorse(previous, record))
+            first = first or seed
+            previous = seed
+        assert first is not None  # every provider has version 1 (made on first use)
+        for number, pub in enumerate(self.provider.legacy_head_public_keys(), start=1):
+            records.append(
+                _endorse(
+                    first,
+                    SigningKeyRecord(
+                        kind="legacy-head",
+                        version=number,
+                        key_id=key_id(pub),
+                        public_key=base64.b64encode(pub).decode(),
+                    ),
+                )
+            )
+        history = SigningHistory(keys=records)
+        with self._lock:
+            self._history = history
+        return history
+
+    def trusted(self, pinned: Iterable[str] | None = None) -> dict[str, bytes]:
+        return self.history().trusted(pinned)
+
+    def check_row(self, table: str, row: Any, pinned: Iterable[str] | None = None) -> Status:
+        """The signature status of one row against the history (read again once when the
+        row names a key this process has not seen: another process rotated)."""
+        message = row_message(table, row)
+        status = check(row.signature, message, self.trusted(pinned))
+        if status == "unknown-key":
+            self.history(refresh=True)
+            status = check(row.signature, message, self.trusted(pinned))
+        return status
+
+    def rotate(self) -> SigningKeyRecord:
+        """A new signing-key version, endorsed by the current one; returns its record."""
+        self.provider.add_signing_version()
+        with self._lock:
+            self._current = None
+        return self.history(refresh=True).current()
+
+
+# ----------------------------------------------------------------- signing where rows are written
+
+_ATTACHED: WeakKeyDictionary[Engine, SigningKeys] = WeakKeyDictionary()
+
+
+def attach(engine: Engine, keys: SigningKeys) -> None:
+    """Sign every row of ``SIGNED_TABLES`` written through ``engine`` with ``keys``."""
+    _ATTACHED[engine] = keys
+
+
+def keys_for(engine: Engine | None) -> SigningKeys | None:
+    """The signing keys attached to ``engine`` (None: not a platform's engine)."""
+    return None if engine is None else _ATTACHED.get(engine)
+
+
+def _sign_row(table: str, connection: Any, target: Any) -> None:
+    keys = keys_for(connection.engine)
+    if keys is None:
+        return
+    if table in LEDGER_TABLES and not getattr(target, "entry_hash", ""):
+        return  # not hashed yet: nothing that could verify would be signed
+    target.signature = keys.sign(row_message(table, target))
+
+
+@event.listens_for(Mapper, "before_insert")
+def _sign_new_row(_mapper: Any, connection: Any, target: Any) -> None:
+    table = getattr(type(target), "__tablename__", None)
+    if table in SIGNED_TABLES:
+        _sign_row(str(table), connection, target)
+
+
+@event.listens_for(Mapper, "before_update")
+def _sign_changed_key(_mapper: Any, connection: Any, target: Any) -> None:
+    # Ledger rows never change (privacy refuses it); a key row changes when revoked.
+    if getattr(type(target), "__tablename__", None) == KEY_TABLE:
+        _sign_row(KEY_TABLE, connection, target)
+
+
+def key_row_trusted(engine: Engine | None, row: Any) -> bool:
+    """Whether an API key row may authenticate: its signature verifies under the platform's
+    history (True where no platform's keys are attached: nothing to check against)."""
+    keys = keys_for(engine)
+    if keys is None:
+        return True
+    try:
+        status = keys.check_row(KEY_TABLE, row)
+    except KeyProviderError:
+        log.exception("cannot read the platform's signing keys to check an API key")
+        return False
+    if status != "ok":
+        log.warning(
+            "API key row refused: its signature is %s (written without the platform's "
+            "signing key; if it predates v0006, run `fedtext audit sign-existing`)",
+            status,
+            extra={"fields": {"key_prefix": row.prefix, "tenant": row.tenant_id}},
+        )
+        return False
+    return True
+
+
+# ----------------------------------------------------------------- what an auditor is told
+
+_DESCRIBE = {
+    "unsigned": "unsigned: written before signatures (v0006) or by someone without the "
+    "platform's signing key (if it is old and the chains check out, the operator signs it "
+    "once with `fedtext audit sign-existing`)",
+    "unknown-key": "signed by a key that is not in the trusted signing history",
+    "bad": "its signature does not verify: the row was changed after it was signed",
+}
+
+
+def describe(status: Status) -> str:
+    """What a status other than "ok" means, for an auditor."""
+    return _DESCRIBE[status]
+
+
+def chain_signature_problems(
+    table: str, rows: Iterable[Any], trusted: Mapping[str, bytes]
+) -> list[tuple[Any, Status]]:
+    """The rows of one tenant's chain (in order) whose signature is not accepted.
+
+    An unsigned entry followed by a validly signed one is accepted: that signature binds
+    the later entry's ``prev_hash``, hence every entry before it (the chain check itself
+    is ``privacy.ledger.verify_chain``'s). An unsigned entry with no signed one after it
+    (an append made around the platform, or an old chain never signed) is not.
+    """
+    rows = list(rows)
+    statuses = [check(r.signature, row_message(table, r), trusted) for r in rows]
+    last_ok = max((i for i, s in enumerate(statuses) if s == "ok"), default=-1)
+    return [
+        (row, status)
+        for i, (row, status) in enumerate(zip(rows, statuses, strict=True))
+        if status != "ok" and not (status == "unsigned" and i < last_ok)
+    ]
