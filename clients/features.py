@@ -35,7 +35,10 @@ MEMORY_ENTRIES = 8
 def _key(data: LabeledData, spec: ModelSpec) -> str:
     digest = hashlib.sha256()
     config = spec.family_config()
-    digest.update(f"{config.encoder_sha256}|{spec.max_seq_len}|{len(data)}|".encode())
+    # The runtime variant too: int8 vectors are not fp32's (models/runtimes.py).
+    digest.update(
+        f"{config.encoder_sha256}|{config.encoder_runtime}|{spec.max_seq_len}|{len(data)}|".encode()
+    )
     for text in data.texts:
         raw = text.encode("utf-8", "surrogatepass")
         digest.update(len(raw).to_bytes(8, "big") + raw)  # length-prefixed: no two lists collide
@@ -43,7 +46,7 @@ def _key(data: LabeledData, spec: ModelSpec) -> str:
 
 
 class FeatureCache:
-    """Sentence vectors of datasets, by (texts, encoder hash, max_seq_len)."""
+    """Sentence vectors of datasets, by (texts, encoder hash, runtime variant, max_seq_len)."""
 
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory
