@@ -18,7 +18,8 @@ from privacy.ledger import PrivacyEvent, canonical_time
 
 # ``purpose`` ("train" or "evaluate") is hashed only when it is not "train" (entries from
 # before it existed keep their hashes); docs/AUDIT.md's recipe does the same.
-EXPORT_FIELDS: tuple[str, ...] = (*PrivacyEvent.HASHED, "purpose", "entry_hash")
+# ``applied_json`` (the settings that applied to the tenant) likewise only when not "{}".
+EXPORT_FIELDS: tuple[str, ...] = (*PrivacyEvent.HASHED, "purpose", "applied_json", "entry_hash")
 ExportFormat = Literal["jsonl", "csv"]
 
 

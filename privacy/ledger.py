@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -123,6 +123,10 @@ class PrivacyEvent(SQLModel, table=True):
     # Ed25519 "<key id>:<signature>" by the platform's signing key over the tenant, seq and
     # entry_hash (tenancy/signing.py); not hashed. None: written before v0006.
     signature: str | None = Field(default=None, max_length=160)
+    # The run settings that applied to this tenant (canonical JSON: secure_mode, the
+    # effective deploy policy, model family, epsilon target, the run's owner, the dataset
+    # and who declared it; docs/AUDIT.md). Hashed when not "{}", like ``purpose``.
+    applied_json: str = Field(default="{}")
 
     def params(self) -> DPParams:
         return DPParams(
@@ -165,8 +169,10 @@ class BudgetChange(SQLModel, table=True):
 
 def hashed_fields(row: PrivacyEvent | BudgetChange) -> tuple[str, ...]:
     """The fields ``entry_hash`` covers: ``HASHED``, plus ``purpose`` when it is not "train"."""
-    if isinstance(row, PrivacyEvent) and row.purpose != "train":
-        return (*row.HASHED, "purpose")
+    if isinstance(row, PrivacyEvent):
+        extra: tuple[str, ...] = ("purpose",) if row.purpose != "train" else ()
+        extra += ("applied_json",) if row.applied_json not in ("", "{}") else ()
+        return (*row.HASHED, *extra)
     return row.HASHED
 
 
@@ -349,8 +355,11 @@ def record_event(
     spec_sha256: str,
     dataset: str = DEFAULT_DATASET,
     purpose: str = "train",
+    applied: Mapping[str, Any] | None = None,
 ) -> PrivacyEvent:
     """Append one charge to the tenant's chain (the caller commits).
+
+    ``applied``: the run settings that applied to the tenant, kept (hashed) on the entry.
 
     Takes the tenant's lock (``lock_tenant``) first, so the sequence number read here
     cannot be read by a concurrent writer before this append commits.
@@ -385,6 +394,7 @@ def record_event(
         prev_hash=last.entry_hash if last else GENESIS,
         entry_hash="",
         purpose=purpose,
+        applied_json=json.dumps(dict(applied or {}), sort_keys=True, separators=(",", ":")),
     )
     ev.entry_hash = entry_digest(ev)
     session.add(ev)

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, select
 
-from privacy.accounting import noise_for_target
 from privacy.ledger import PURPOSES, PrivacyEvent, check_dataset
 from privacy.params import DPParams
 
@@ -65,26 +64,6 @@ class BudgetReservation(SQLModel, table=True):
         return [PlannedRelease.from_json(r) for r in json.loads(self.releases_json)]
 
 
-def estimate_releases(
-    target_epsilon: float, delta: float, eval_noise: float = 0.0, eval_matrices: int = 2
-) -> list[PlannedRelease]:
-    """A stand-in for a run not planned yet: one Gaussian release of ``target_epsilon``,
-    plus its evaluation release (``eval_matrices`` Gaussian steps at ``eval_noise``).
-
-    Before the nodes report their data sizes the exact releases are unknown; the run's
-    target epsilon is what planning will spend on training (noise is chosen to meet
-    it), so a Gaussian mechanism (q = 1) with that epsilon at ``delta`` holds its place.
-    Planning replaces the estimate with the exact releases, checked again.
-    """
-    sigma = noise_for_target(target_epsilon, delta, 1.0, 1)
-    out = [PlannedRelease(0, ESTIMATE, DPParams(sigma, 1.0, 1, 1.0, delta))]
-    if eval_noise > 0:
-        out.append(
-            PlannedRelease(0, ESTIMATE, DPParams(eval_noise, 1.0, eval_matrices, 1.0, delta))
-        )
-    return out
-
-
 def reserve(
     session: Session,
     *,
@@ -125,21 +104,41 @@ def reserve(
 
 def uncharged(session: Session, row: BudgetReservation) -> list[PlannedRelease]:
     """The reservation's releases its run has not charged yet (matched by round and purpose)."""
+    return pending(session, run_id=row.run_id, tenant_id=row.tenant_id, releases=row.releases())
+
+
+def pending(
+    session: Session, *, run_id: str, tenant_id: str, releases: Sequence[PlannedRelease]
+) -> list[PlannedRelease]:
+    """Those of ``releases`` that ``run_id`` has not charged ``tenant_id`` yet (matched by
+    round and purpose)."""
     charged = Counter(
         (e.round, e.purpose)
         for e in session.exec(
             select(PrivacyEvent).where(
-                PrivacyEvent.run_id == row.run_id, PrivacyEvent.tenant_id == row.tenant_id
+                PrivacyEvent.run_id == run_id, PrivacyEvent.tenant_id == tenant_id
             )
         )
     )
     left = []
-    for r in row.releases():
+    for r in releases:
         if charged[(r.round, r.purpose)] > 0:
             charged[(r.round, r.purpose)] -= 1
         else:
             left.append(r)
     return left
+
+
+def drop_reservation(session: Session, *, run_id: str, tenant_id: str) -> None:
+    """Remove ``run_id``'s reservation of ``tenant_id``'s budget, if it has one."""
+    row = session.exec(
+        select(BudgetReservation).where(
+            BudgetReservation.run_id == run_id, BudgetReservation.tenant_id == tenant_id
+        )
+    ).first()
+    if row is not None:
+        session.delete(row)
+        session.flush()
 
 
 def outstanding(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from privacy.accounting import compose_epsilon, noise_for_target
 from privacy.budget import BudgetDecision, check_budget
+from privacy.gate import round_target
+from privacy.ledger import DEFAULT_DATASET
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
 from privacy.reservations import PlannedRelease
 
@@ -25,6 +28,13 @@ class TenantPlan:
     # The DP release of the final evaluation's confusion matrices (one Gaussian step per
     # matrix, sensitivity 1 count); None when the run releases no evaluation.
     eval_params: DPParams | None = None
+    # The dataset this tenant's charges land on (its node's declaration on a federation,
+    # its admin's policy on a simulation), never the run creator's label.
+    dataset: str = DEFAULT_DATASET
+    # The settings that applied to this tenant (canonical JSON), kept on its ledger entries.
+    applied_json: str = "{}"
+    # The effective deploy policy: the stricter of the tenant's and the run's.
+    deploy: str = "if-better"
 
     @property
     def run_epsilon(self) -> float:
@@ -94,7 +104,12 @@ def dp_schedule(
     if personalize_epochs:
         personal_steps = poisson_schedule(num_train, batch_size, personalize_epochs)[1]
     total_steps = steps * rounds + personal_steps
-    sigma = noise_for_target(target_epsilon, delta, sample_rate, total_steps)
+    try:
+        # The target rounded down to 3 significant digits: a cached search for every
+        # request near it (refusals stay cheap), and never less noise than asked.
+        sigma = noise_for_target(round_target(target_epsilon), delta, sample_rate, total_steps)
+    except ValueError:  # the accountant finds no noise small enough to search for
+        sigma = math.inf
     if sigma > MAX_NOISE_MULTIPLIER:
         raise PlanRefused(
             f"tenant {tenant_name!r} has {num_train} training examples: epsilon "

@@ -117,7 +117,7 @@ def build_strategy(
             server_learning_rate=cfg.server_learning_rate,
         ),
         plans=plans,
-        charge=make_charge(platform, cfg.run_id, spec, lambda p: p.round_params, cfg.dataset),
+        charge=make_charge(platform, cfg.run_id, spec, lambda p: p.round_params),
         sink=make_sink(platform, cfg.run_id),
         train_config={
             "spec": spec.to_json(),

@@ -47,8 +47,14 @@ class RunOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def run_federation(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
-    """The whole run; the TrainingRun row records status, plans, checkpoint and summary."""
+def run_federation(
+    grid: Grid, cfg: RunSpec, platform: Platform, *, simulated: bool = False
+) -> RunOutcome:
+    """The whole run; the TrainingRun row records status, plans, checkpoint and summary.
+
+    ``simulated``: the nodes are the platform's own virtual ones (Simulation Engine), so
+    each tenant's charges land on the dataset its admin's policy names; on a federation
+    each node declares its own."""
     create_tables(platform.engine)
     create_ledger_tables(platform.engine)
     if cfg.resume:
@@ -58,14 +64,16 @@ def run_federation(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
         if stored.status == RunStatus.COMPLETED:
             raise RunFailed(f"Run {cfg.run_id} already completed; nothing to resume.")
         # The stored configuration wins: a resumed run is the same run.
-        cfg = RunSpec.parse({**json.loads(stored.config_json), "resume": True})
+        # A run stored before runs stopped naming a dataset keeps charging the plan's.
+        stored_cfg = {k: v for k, v in json.loads(stored.config_json).items() if k != "dataset"}
+        cfg = RunSpec.parse({**stored_cfg, "resume": True})
     # A new run cancelled over HTTP while `flwr run` was submitting it stands down.
     if not start_run(
         platform.engine, cfg.run_id, config_json=json.dumps(cfg.public()), resume=cfg.resume
     ):
         raise RunFailed(f"Run {cfg.run_id} was cancelled before it started.")
     try:
-        outcome = _run(grid, cfg, platform)
+        outcome = _run(grid, cfg, platform, simulated=simulated)
     except Exception as exc:
         fail_run(platform.engine, cfg.run_id, str(exc))
         sign_heads(platform, participant_ids(platform, cfg.run_id))
@@ -87,7 +95,7 @@ def run_federation(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
     return outcome
 
 
-def _run(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
+def _run(grid: Grid, cfg: RunSpec, platform: Platform, *, simulated: bool) -> RunOutcome:
     nodes, problems = discover_nodes(grid, cfg)
     run = get_run(platform.engine, cfg.run_id)
     assert run is not None
@@ -95,7 +103,7 @@ def _run(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
         plans, refused = plans_from_json(run.plans_json, nodes, cfg.rounds)
         refused += reserve_resumed(platform, cfg, plans)
     else:
-        plans, refused = plan_run(platform, nodes, cfg)
+        plans, refused = plan_run(platform, nodes, cfg, simulated=simulated)
     refused = problems + refused
     for reason in refused:
         log.warning("refused: %s", reason)
@@ -131,12 +139,13 @@ def _run(grid: Grid, cfg: RunSpec, platform: Platform) -> RunOutcome:
 def build_server_app(
     platform_factory: Callable[[], Platform], overrides: Mapping[str, Any] | None = None
 ) -> ServerApp:
-    """A ServerApp reading ``context.run_config`` (pyproject) with ``overrides`` on top."""
+    """A ServerApp for the Simulation Engine (the platform's own virtual nodes) reading
+    ``context.run_config`` (pyproject) with ``overrides`` on top."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunSpec.from_run_config(dict(context.run_config), dict(overrides or {}))
-        run_federation(grid, cfg, platform_factory())
+        run_federation(grid, cfg, platform_factory(), simulated=True)
 
     return app

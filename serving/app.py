@@ -41,6 +41,7 @@ from serving.routers import (
     model_admin,
     models,
     partners,
+    policy,
     privacy,
     runs,
     tenants,
@@ -224,6 +225,7 @@ def create_app(
     app.state.run_launcher = run_launcher
     for module in (health, tenants, keys, model_admin, models, partners, privacy, runs):
         app.include_router(module.router)
+    app.include_router(policy.router)  # each tenant's own governance, /v1/policy
     app.include_router(oip.router)  # the Open Inference Protocol (V2) over REST, at /v2
     app.include_router(console_router)  # the web console at /console, over the same /v1
     app.add_middleware(

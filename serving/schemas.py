@@ -319,3 +319,37 @@ class LedgerEntryPublic(BaseModel):
         default="train",
         description='"train" (a DP-SGD round) or "evaluate" (noised confusion counts).',
     )
+    applied_json: str = Field(
+        default="{}",
+        description="The run settings that applied to this tenant (docs/AUDIT.md), hashed.",
+    )
+
+
+# Tenant governance (GET/PUT /v1/policy): its own deploy policy, floor and dataset.
+DeployPolicy = Literal["always", "if-better", "first", "never"]
+
+
+class PolicyPublic(BaseModel):
+    """What a tenant allows runs that include it to do (its admin sets it)."""
+
+    deploy: DeployPolicy = Field(
+        description="Whether a version made by any run it joins serves at once; the run's "
+        "request applies only where it is stricter (always < if-better < first < never)."
+    )
+    require_secure_mode: bool = Field(description="Refuse runs with secure_mode off.")
+    max_epsilon: float | None = Field(description="Largest target epsilon per run; null: any.")
+    families: list[str] = Field(description="Allowed model families; empty: any.")
+    dataset: str = Field(description="The dataset its budget is charged under (simulated runs).")
+
+
+class PolicyUpdate(BaseModel):
+    """The parts of the policy to change; a field left out keeps its value."""
+
+    model_config = {"extra": "forbid"}
+
+    deploy: DeployPolicy | None = None
+    require_secure_mode: bool | None = None
+    max_epsilon: float | None = Field(default=None, gt=0, le=1e6)
+    clear_max_epsilon: bool = Field(default=False, description="Allow any epsilon again.")
+    families: list[str] | None = Field(default=None, max_length=16)
+    dataset: str | None = Field(default=None, max_length=63)

@@ -37,7 +37,10 @@ def get_engine(url: str) -> Engine:
 
 
 def create_tables(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in (*TABLES, NodeKey)])  # type: ignore[attr-defined]
+    from tenancy.governance import TenantPolicy  # beside its rules
+
+    tables = (*TABLES, NodeKey, TenantPolicy)
+    SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
 
 
 @contextmanager

@@ -17,16 +17,25 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session, and_, col, or_, select
 
-from privacy.budget import check_release
+from privacy.budget import BudgetDecision
 from privacy.evaluation import DEFAULT_EVAL_NOISE
-from privacy.ledger import PrivacyEvent, lock_tenant
-from privacy.reservations import ESTIMATE, estimate_releases, outstanding, reserve
-from runs.lifecycle import active_run_ids, cancel_run, end_run, new_run
+from privacy.gate import PrivacyGate, estimate_releases, largest_target
+from privacy.ledger import TENANT_WIDE, PrivacyEvent, tenant_events
+from privacy.reservations import ESTIMATE, outstanding
+from runs.lifecycle import (
+    active_run_ids,
+    cancel_run,
+    end_run,
+    new_run,
+    request_cancel,
+    withdraw_cancel,
+)
 from runs.status import RunStatus
 from serving.deps import (
     AdminCaller,
@@ -35,7 +44,9 @@ from serving.deps import (
     RunLauncherDep,
     SessionDep,
 )
-from serving.schemas import RoundMetricPublic, RunCreate, RunPublic
+from serving.schemas import ReleasedMetrics, RoundMetricPublic, RunCreate, RunPublic
+from tenancy.checkpoints import drop_checkpoint
+from tenancy.governance import Policy, below_floor, get_policy, live_tenant
 from tenancy.tables import RoundMetric, Tenant, TrainingRun
 from tenancy.tenants import live_tenants, without_consent
 
@@ -45,6 +56,9 @@ log = logging.getLogger("fedtext.serving.runs")
 
 def _public(session: Session, run: TrainingRun, tenant_id: str) -> RunPublic:
     config = json.loads(run.simulation_json or "{}")
+    tenant = session.get(Tenant, tenant_id)
+    summary = json.loads(run.summary_json or "{}").get("tenants", {})
+    own = summary.get(tenant.name) if tenant is not None else None
     metrics = session.exec(
         select(RoundMetric)
         .where(RoundMetric.run_id == run.id, RoundMetric.tenant_id == tenant_id)
@@ -60,8 +74,25 @@ def _public(session: Session, run: TrainingRun, tenant_id: str) -> RunPublic:
         created_at=run.created_at,
         finished_at=run.finished_at,
         heartbeat_at=run.heartbeat_at,
-        metrics=[RoundMetricPublic.model_validate(m, from_attributes=True) for m in metrics],
+        metrics=[_with_uncertainty(m, own) for m in metrics],
+        result=ReleasedMetrics.from_metrics(own) if own else None,
     )
+
+
+def _with_uncertainty(row: RoundMetric, own: dict[str, Any] | None) -> RoundMetricPublic:
+    """A round row; the final phase's released figures get their SD and 95% interval from
+    the run summary (the global model's on "evaluate", the personalized one's on
+    "personalize")."""
+    public = RoundMetricPublic.model_validate(row, from_attributes=True)
+    prefix = {"evaluate": "global_", "personalize": "personalized_"}.get(row.phase)
+    if own is None or prefix is None:
+        return public
+    extra = {
+        f"{m}{sfx}": own.get(f"{prefix}{m}{sfx}")
+        for m in ("accuracy", "macro_f1")
+        for sfx in ("_sd", "_low", "_high")
+    }
+    return public.model_copy(update={**extra, "examples_sd": own.get("test_examples_sd")})
 
 
 def _own_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
@@ -97,6 +128,25 @@ def _visible_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
     return found
 
 
+# Planning (noise searches, budget compositions) is CPU work: at most PLANNING_SLOTS
+# submissions plan at once, and one that waits longer than PLANNING_WAIT_S is answered
+# 503 with Retry-After, so a flood of run requests cannot starve other tenants'
+# predictions (finding 7 of issue 24; bench/partner_load.py measures it).
+PLANNING_SLOTS = 1
+PLANNING_WAIT_S = 2.0
+_planning = threading.BoundedSemaphore(PLANNING_SLOTS)
+
+
+def _not_a_partner(names: list[str], caller: str) -> HTTPException:
+    # Unknown tenants and tenants that have not agreed get one answer: no enumeration.
+    return HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        "; ".join(f"tenant {n!r} cannot take part (not a partner)" for n in names)
+        + f": a tenant takes part in runs of {caller!r} only once its admin lists "
+        f"{caller!r} with PUT /v1/partners.",
+    )
+
+
 @router.post("", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED)
 def create(
     body: RunCreate,
@@ -114,6 +164,11 @@ def create(
     and the participants train, each on its own data file, and the run fails if fewer
     than two of them connect and pass the budget gate. The simulation-only fields do
     not apply there and are refused (422) when given.
+
+    Each participant's own policy applies (``GET /v1/policy``): a run below a
+    participant's floor is refused (422, naming the setting); the deploy policy that
+    applies to each tenant is the stricter of its own and the run's. Refusals show the
+    caller its own figures and only "tenant X cannot take part (reason)" for others.
     """
     names = [caller.tenant.name]
     for name in body.participants:
@@ -122,43 +177,52 @@ def create(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"Tenant {name!r} is named twice."
             )
         names.append(name)
-    found, missing = live_tenants(session=session, names=names)
-    if missing:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"Unknown tenant(s): {', '.join(missing)}; participants must be existing tenants.",
-        )
     if len(names) < 2:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "A federation needs at least two tenants: name at least one participant.",
         )
+    found, missing = live_tenants(session=session, names=names)
     refused = without_consent(
         session=session, owner_id=caller.tenant.id, participants=list(found.values())
     )
-    if refused:
+    if missing or refused:
         # A run spends each participant's budget (and trains on its data): its admin decides.
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"Tenant(s) {', '.join(refused)} have not agreed to train with "
-            f"{caller.tenant.name!r}: each one's admin adds it with PUT /v1/partners.",
+        raise _not_a_partner(sorted({*missing, *refused}), caller.tenant.name)
+    tenants = list(found.values())
+    policies = {t.id: get_policy(session=session, tenant_id=t.id) for t in tenants}
+    floors = []
+    for t in tenants:
+        low = below_floor(
+            policies[t.id], secure_mode=body.secure_mode, epsilon=body.epsilon, family=body.model
         )
+        if low and t.id == caller.tenant.id:
+            floors.append(f"your tenant's policy (GET /v1/policy) does not allow: {', '.join(low)}")
+        elif low:
+            floors.append(f"tenant {t.name!r} cannot take part (policy: {', '.join(low)})")
+    if floors:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(floors) + ".")
     config = {**body.settings(), "tenants": names}
-    try:
-        launcher.check(config)
-    except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    run = new_run(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
-    refusals = _reserve_budgets(session, run.id, list(found.values()), body)
-    if refusals:
-        session.rollback()
+    if not _planning.acquire(timeout=PLANNING_WAIT_S):
         raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            "The run does not fit what is left of the budget after other runs' "
-            "reservations: " + "; ".join(refusals),
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Too many run requests are being planned; retry shortly.",
+            headers={"Retry-After": "2"},
         )
-    session.add(run)
-    session.commit()  # the run and its reservations together, then the locks are released
+    try:
+        try:
+            launcher.check(config)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        run = new_run(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
+        refusals = _reserve_budgets(session, run.id, tenants, body, caller.tenant.id, policies)
+        if refusals:
+            session.rollback()
+            raise HTTPException(status.HTTP_409_CONFLICT, "; ".join(refusals))
+        session.add(run)
+        session.commit()  # the run and its reservations together, then the locks are released
+    finally:
+        _planning.release()
     try:
         launcher.launch(run.id)
     except OSError as exc:
@@ -171,40 +235,71 @@ def create(
 
 
 def _reserve_budgets(
-    session: Session, run_id: str, tenants: list[Tenant], body: RunCreate
+    session: Session,
+    run_id: str,
+    tenants: list[Tenant],
+    body: RunCreate,
+    caller_id: str,
+    policies: dict[str, Policy],
 ) -> list[str]:
-    """Reserve the run's estimated spend of every participant, or say who it does not fit.
+    """Reserve the run's estimated spend of every participant through the privacy gate,
+    or say who it does not fit: the caller's own figures (with the largest epsilon that
+    fits and how to raise the budget), and only "cannot take part (budget)" for others.
 
-    Each tenant is locked (in id order, so two submissions never deadlock) and checked
+    Tenants are locked in id order, so two submissions never deadlock; each is checked
     against spent + other active runs' reservations + this run's target epsilon and
-    evaluation release; the reservations commit with the run. Planning replaces the
-    estimate with the exact releases and checks again.
+    evaluation release, on the dataset its admin declared. The reservations commit with
+    the run. Planning replaces the estimate with the exact releases and checks again.
     """
+    gate = PrivacyGate(load_tenant=live_tenant, active_runs=active_run_ids)
     refusals = []
     for tenant in sorted(tenants, key=lambda t: t.id):
-        lock_tenant(session, tenant.id)
-        session.refresh(tenant)
+        dataset = policies[tenant.id].dataset
         estimate = estimate_releases(body.epsilon, tenant.budget_delta, DEFAULT_EVAL_NOISE)
-        others = outstanding(session, tenant.id, active_runs=active_run_ids(session))
-        decision = check_release(
+        result = gate.hold(
             session,
-            tenant=tenant,
-            dataset=body.dataset,
-            new_events=[r.params for r in estimate],
-            reserved=others,
-        )
-        if not decision.allowed:
-            refusals.append(f"tenant {tenant.name!r}: {decision.reason}")
-            continue
-        reserve(
-            session,
-            run_id=run_id,
             tenant_id=tenant.id,
-            dataset=body.dataset,
+            run_id=run_id,
+            dataset=dataset,
             releases=estimate,
             stage=ESTIMATE,
         )
+        if result.allowed:
+            continue
+        if tenant.id != caller_id or result.decision is None:
+            refusals.append(f"tenant {tenant.name!r} cannot take part (budget)")
+            continue
+        refusals.append(_own_refusal(session, tenant, dataset, result.decision))
     return refusals
+
+
+def _own_refusal(session: Session, tenant: Tenant, dataset: str, decision: BudgetDecision) -> str:
+    """The caller's own budget refusal: its figures, the largest epsilon that fits now, and
+    how its budget is raised."""
+    text = (
+        "The run does not fit what is left of your budget after other runs' "
+        f"reservations: tenant {tenant.name!r} {decision.reason}"
+    )
+    if decision.tampered:
+        return text
+    scope = None if decision.scope == TENANT_WIDE else decision.scope
+    held = [e.params() for e in tenant_events(session, tenant.id, scope)]
+    others = outstanding(session, tenant.id, active_runs=active_run_ids(session))
+    held += [p for d, p in others if scope is None or d == scope]
+    fits = largest_target(
+        held, budget=decision.budget, delta=decision.delta, eval_noise=DEFAULT_EVAL_NOISE
+    )
+    what = "budget" if scope is None else f"budget of dataset {scope!r}"
+    advice = f"the largest epsilon that fits now is {fits:g}" if fits > 0 else "no epsilon fits now"
+    return (
+        f"{text}. {advice.capitalize()}; to raise the {what}, an admin calls POST "
+        "/v1/privacy/budget"
+        + (f' with "dataset": "{scope}"' if scope else "")
+        + " (or the operator runs `fedtext tenant budget "
+        + f"{tenant.name} --epsilon E --reason R"
+        + (f" --dataset {scope}" if scope else "")
+        + "`)."
+    )
 
 
 @router.get("", response_model=list[RunPublic])
@@ -236,7 +331,9 @@ def cancel(
     launcher: OptionalRunLauncherDep,
 ) -> RunPublic:
     """Stop the run's worker (and, on a SuperLink, its Flower run); the rounds already
-    dispatched stay charged to the ledger."""
+    dispatched stay charged to the ledger. The run is recorded cancelled, with who asked,
+    whatever ends its worker meanwhile; a cancelled run is final (never resumed) and its
+    checkpoint is dropped."""
     run = _own_run(session, run_id, caller.tenant.id)
     if RunStatus(run.status).finished:
         raise HTTPException(status.HTTP_409_CONFLICT, f"Run {run_id} is already {run.status}.")
@@ -244,11 +341,23 @@ def cancel(
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "This server cannot stop run workers."
         )
+    by = f"admin key {caller.key.prefix}"
+    # Who cancels is written before the worker is stopped: an end recorded while it stops
+    # (the reaper finding it gone, the worker failing) then records the cancel too.
+    if not request_cancel(platform.engine, run.id, by):
+        session.refresh(run)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"Run {run_id} is already {run.status}"
+            + (" (a cancel is in progress)." if run.cancelled_by else "."),
+        )
     try:
         launcher.cancel(run.id, run.worker_pid)
     except OSError as exc:  # the federation did not confirm the stop: the run goes on
+        withdraw_cancel(platform.engine, run.id)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    cancel_run(platform.engine, run.id, f"Cancelled by admin key {caller.key.prefix}.")
+    cancel_run(platform.engine, run.id, by)
+    drop_checkpoint(platform.engine, platform.store, run.id)
     session.refresh(run)
     log.info("run cancelled", extra={"fields": {"run": run.id, "tenant": caller.tenant.id}})
     return _public(session, run, caller.tenant.id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import MetaData
 from sqlmodel import SQLModel
 
+import tenancy.governance  # noqa: F401  (registers tenant_policy)
 import tenancy.nodes  # registers node_key in SQLModel's metadata
 import tenancy.tables  # noqa: F401  (registers tenancy's tables in SQLModel's metadata)
 
@@ -25,6 +26,7 @@ TENANCY_TABLES = (
     "federation_partner",
     "blob",
     "tenancy_change",
+    "tenant_policy",
     "node_key",
 )
 PRIVACY_TABLES = (

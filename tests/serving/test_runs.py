@@ -59,8 +59,10 @@ def test_participants_must_exist_and_the_caller_is_always_in(
 ) -> None:
     acme = make_tenant(platform, "acme")
     with _app(platform, tmp_path) as c:
+        # An unknown tenant gets the answer of one that has not agreed (no enumeration).
         r = c.post("/v1/runs", json={"participants": ["ghost"]}, headers=acme.admin)
-        assert r.status_code == 422 and "Unknown tenant(s): ghost" in r.json()["detail"]
+        assert r.status_code == 403
+        assert "tenant 'ghost' cannot take part (not a partner)" in r.json()["detail"]
         r = c.post("/v1/runs", json={}, headers=acme.admin)
         assert r.status_code == 422 and "at least two tenants" in r.json()["detail"]
         r = c.post("/v1/runs", json={"participants": ["acme"]}, headers=acme.admin)
@@ -76,7 +78,19 @@ def test_a_participant_is_named_only_with_its_admins_consent(
     with _app(platform, tmp_path) as c:
         r = c.post("/v1/runs", json=body, headers=acme.admin)
         assert r.status_code == 403
-        assert "globex, initech have not agreed to train with 'acme'" in r.json()["detail"]
+        assert r.json()["detail"] == (
+            "tenant 'globex' cannot take part (not a partner); tenant 'initech' cannot take "
+            "part (not a partner): a tenant takes part in runs of 'acme' only once its admin "
+            "lists 'acme' with PUT /v1/partners."
+        )
+        # ... exactly what a tenant that does not exist gets.
+        ghost = c.post("/v1/runs", json={**body, "participants": ["ghost"]}, headers=acme.admin)
+        assert (ghost.status_code, ghost.json()["detail"]) == (
+            403,
+            r.json()["detail"].replace(
+                "tenant 'globex' cannot take part (not a partner); tenant 'initech'", "tenant 'ghost'"
+            ),
+        )
         # globex agrees; initech agrees with someone else only.
         assert c.put("/v1/partners", json={"tenants": ["acme"]}, headers=globex.admin).json() == {
             "tenants": ["acme"]
@@ -84,7 +98,8 @@ def test_a_participant_is_named_only_with_its_admins_consent(
         r = c.put("/v1/partners", json={"tenants": ["globex"]}, headers=initech.admin)
         assert r.status_code == 200
         r = c.post("/v1/runs", json=body, headers=acme.admin)
-        assert r.status_code == 403 and "initech have not" in r.json()["detail"]
+        assert r.status_code == 403 and "'initech' cannot take part" in r.json()["detail"]
+        assert "'globex'" not in r.json()["detail"]
         # Consent is the admin's: a predict key cannot give it, nor can a tenant list itself
         # or an unknown tenant, and nothing is stored by a refused request.
         r = c.put("/v1/partners", json={"tenants": ["acme"]}, headers=initech.predict)
@@ -219,7 +234,6 @@ def test_a_request_maps_to_the_serverapps_run_config() -> None:
         "batch_size": 16,
         "personalize_epochs": 0,
         "secure_mode": False,
-        "dataset": "tweets",
         "model": "lstm",
         "model_config": {"proj_dim": 8, "hidden_dim": 8},
     }
@@ -228,7 +242,7 @@ def test_a_request_maps_to_the_serverapps_run_config() -> None:
     assert config["run-id"] == "run-1" and config["participants"] == "acme,globex"
     assert (config["rounds"], config["epsilon"], config["strategy"]) == (2, 4.0, "fedprox")
     assert (config["batch-size"], config["personalize-epochs"]) == (16, 0)
-    assert config["secure-mode"] is False and config["dataset"] == "tweets"
+    assert config["secure-mode"] is False
     assert json.loads(config["model-config"]) == {"proj_dim": 8, "hidden_dim": 8}
     # What the ServerApp reads back is the request.
     cfg = RunSpec.from_run_config(config)
