@@ -3,6 +3,11 @@
 Each end is one conditional UPDATE (``end_run``), so an end recorded concurrently (a
 cancel above all) is never overwritten. Reads never write: orphaned runs are marked
 interrupted by ``reap_orphaned_runs``, which the API runs at startup and on a timer.
+
+A cancel is recorded in two steps: ``request_cancel`` writes who asked (``cancelled_by``)
+before the worker is stopped, and ``cancel_run`` writes the end after. Every end written
+meanwhile (the worker failing as it is killed, the reaper finding it gone) reads the
+request and records the run cancelled, so a cancel is never recorded as interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, case, literal, update
 from sqlmodel import Session, col, select
 
 from runs.status import ACTIVE, FINISHED, RunStatus
@@ -62,14 +67,14 @@ def update_run(engine: Engine, run_id: str, **fields: Any) -> None:
 
 
 def start_run(engine: Engine, run_id: str, *, config_json: str, resume: bool) -> bool:
-    """The ServerApp starts (or resumes) the run; False if it was cancelled before it
-    started (a new run only: resuming is how an admin continues a stopped run)."""
+    """The ServerApp starts (or resumes) the run; False if it was cancelled (before it
+    started, or, for a resume, at any time: resuming continues an interrupted run)."""
     with session_scope(engine) as session:
         run = session.get(TrainingRun, run_id)
         if run is None:  # started with `flwr run`, not through the platform
             run = new_run(id=run_id)
-        elif run.status == RunStatus.CANCELLED and not resume:
-            return False
+        elif run.status == RunStatus.CANCELLED or run.cancelled_by is not None:
+            return False  # a cancel is final: never started, never resumed
         run.status, run.error, run.config_json = RunStatus.RUNNING, None, config_json
         session.add(run)
     return True
@@ -95,13 +100,27 @@ def end_run(
     unless: Iterable[RunStatus] = FINISHED,
 ) -> bool:
     """Give the run an end ``status`` unless its status is one of ``unless`` (by default: it
-    has ended already). True if the run was changed."""
+    has ended already). True if the run was changed.
+
+    A run whose cancel was asked (``cancelled_by``) ends cancelled whatever ``status`` says:
+    a worker that fails or vanishes while it is being stopped was stopped by the cancel.
+    """
     assert status in FINISHED
+    asked = col(TrainingRun.cancelled_by).is_not(None)
     with engine.begin() as connection:
         result = connection.execute(
             update(TrainingRun)
             .where(col(TrainingRun.id) == run_id, col(TrainingRun.status).not_in(list(unless)))
-            .values(status=status, error=error, finished_at=utcnow())
+            .values(
+                status=case(
+                    (asked, literal(RunStatus.CANCELLED.value)), else_=literal(status.value)
+                ),
+                error=case(
+                    (asked, literal("Cancelled by ") + col(TrainingRun.cancelled_by) + "."),
+                    else_=literal(error),
+                ),
+                finished_at=utcnow(),
+            )
         )
     return bool(result.rowcount)
 
@@ -111,13 +130,55 @@ def fail_run(engine: Engine, run_id: str, error: str) -> bool:
     return end_run(engine, run_id, RunStatus.FAILED, error, unless=(RunStatus.CANCELLED,))
 
 
-def cancel_run(engine: Engine, run_id: str, error: str) -> bool:
-    """Mark an active run cancelled; an end already recorded is kept."""
-    return end_run(engine, run_id, RunStatus.CANCELLED, error)
+def request_cancel(engine: Engine, run_id: str, by: str) -> bool:
+    """Record who cancels the run, before its worker is stopped; False if the run is no
+    longer active (it ended first) or a cancel was already asked."""
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(TrainingRun)
+            .where(
+                col(TrainingRun.id) == run_id,
+                col(TrainingRun.status).in_(list(ACTIVE)),
+                col(TrainingRun.cancelled_by).is_(None),
+            )
+            .values(cancelled_by=by)
+        )
+    return bool(result.rowcount)
+
+
+def withdraw_cancel(engine: Engine, run_id: str) -> None:
+    """The stop was not confirmed (a SuperLink that did not answer): the run goes on."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id, col(TrainingRun.status).in_(list(ACTIVE)))
+            .values(cancelled_by=None)
+        )
+
+
+def cancel_run(engine: Engine, run_id: str, by: str) -> bool:
+    """Record the run cancelled by ``by`` once its worker is stopped. An end written while
+    it was being stopped (failed, interrupted) gives way; a completed run stays completed
+    (what it released is released and charged)."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id, col(TrainingRun.cancelled_by).is_(None))
+            .values(cancelled_by=by)
+        )
+    return end_run(
+        engine,
+        run_id,
+        RunStatus.CANCELLED,
+        f"Cancelled by {by}.",
+        unless=(RunStatus.COMPLETED, RunStatus.CANCELLED),
+    )
 
 
 def is_cancelled(engine: Engine, run_id: str) -> bool:
-    return run_status(engine, run_id) == RunStatus.CANCELLED
+    """Whether the run was cancelled or its cancel asked (the ServerApp then stands down)."""
+    run = get_run(engine, run_id)
+    return run is not None and (run.status == RunStatus.CANCELLED or run.cancelled_by is not None)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -212,6 +273,19 @@ def beat(engine: Engine, run_id: str) -> None:
         connection.execute(
             update(TrainingRun).where(col(TrainingRun.id) == run_id).values(heartbeat_at=utcnow())
         )
+
+
+def active_runs_of(engine: Engine, *, tenant_id: str, name: str) -> list[TrainingRun]:
+    """Active runs that ``tenant_id`` takes part in (named in the request or planned)."""
+    with Session(engine, expire_on_commit=False) as session:
+        rows = list(session.exec(select(TrainingRun).where(col(TrainingRun.status).in_(ACTIVE))))
+    found = []
+    for run in rows:
+        named = json.loads(run.simulation_json or "{}").get("tenants") or []
+        plans = json.loads(run.plans_json or "{}")
+        if name in named or any(p.get("tenant_id") == tenant_id for p in plans.values()):
+            found.append(run)
+    return found
 
 
 def active_run_ids(session: Session) -> set[str]:

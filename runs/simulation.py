@@ -107,6 +107,8 @@ def resume(platform: Platform, run_id: str) -> SimulationResult:
         raise SimulationFailed(f"Run {run_id} was not a simulation; resume it with flwr run.")
     if run.status == RunStatus.COMPLETED:
         raise SimulationFailed(f"Run {run_id} already completed.")
+    if run.status == RunStatus.CANCELLED or run.cancelled_by is not None:
+        raise SimulationFailed(f"Run {run_id} was cancelled; a cancelled run is not resumed.")
     config = SimulationConfig.parse(json.loads(run.simulation_json))
     return _launch(platform, config, {"run-id": run_id, "resume": True}, run_id)
 

@@ -5,6 +5,12 @@ run (``simulation_json``). The worker is its own session leader, so it survives 
 restart, and cancel stops it with everything it started (Ray) by process group. It
 records its PID and host and beats every few seconds; an API that starts while the
 worker is gone marks the run interrupted, resumable with ``fedtext simulate --resume``.
+
+What the run derives from tenants' text on disk (the virtual nodes' sentence vectors) lives
+in the run's own scratch directory, ``DATA_DIR/scratch/RUN_ID`` (0700): the worker removes
+it however the run ends, the launcher removes it when it stops a worker (a killed worker
+runs no ``finally``), and every launcher start and launch sweeps away the directories of
+runs that are no longer active (a worker killed while no API ran).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,15 +29,55 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlmodel import Session, col, select
 
 from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive
-from runs.status import RunStatus
+from runs.status import ACTIVE, RunStatus
 from tenancy.blobs import DatabaseBlobStore, LocalBlobStore, create_blob_store
 from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
 from tenancy.keyring import EnvKeyProvider, FileKeyProvider
 from tenancy.platform import Platform
+from tenancy.tables import TrainingRun
 
 CANCEL_GRACE_SECONDS = 5.0
+
+
+def scratch_dir(root: Path, run_id: str) -> Path:
+    """The run's own scratch directory under ``root`` (not created)."""
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise ValueError(f"Invalid run id {run_id!r}.")
+    return root / run_id
+
+
+def remove_scratch(root: Path, run_id: str) -> bool:
+    """Remove the run's scratch directory; True if there was one."""
+    path = scratch_dir(root, run_id)
+    if not path.exists():
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def sweep_scratch(engine: Engine, root: Path) -> list[str]:
+    """Remove the scratch directories of runs that are not active (ended, deleted, unknown);
+    returns their run ids. An active run's directory is its worker's."""
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir()]
+    if not names:
+        return []
+    with Session(engine) as session:
+        active = set(
+            session.exec(
+                select(TrainingRun.id).where(
+                    col(TrainingRun.id).in_(names), col(TrainingRun.status).in_(list(ACTIVE))
+                )
+            )
+        )
+    swept = [name for name in names if name not in active]
+    for name in swept:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return swept
 
 
 def engine_url(engine: Engine) -> str:
@@ -42,13 +89,19 @@ class WorkerLauncher:
 
     module = "runs.worker"
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_dir: Path, scratch_root: Path | None = None
+    ) -> None:
         self.env = env  # secrets (a database password, an env KEK) never go through argv
         self.log_dir = log_dir
+        # Where workers keep what they derive from tenants' text (see the module docstring).
+        self.scratch_root = (scratch_root or log_dir.parent / "scratch").resolve()
+        self.env["FEDTEXT_WORKER_SCRATCH_DIR"] = str(self.scratch_root)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     def launch(self, run_id: str) -> int:
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.sweep()
         log = open(self.log_dir / f"{run_id}.log", "ab")  # noqa: SIM115 - the child owns it
         try:
             proc = subprocess.Popen(
@@ -84,11 +137,15 @@ class WorkerLauncher:
             if not _group_alive(pid):
                 return
 
+    def sweep(self) -> list[str]:  # overridden where the launcher knows the database
+        return []
+
 
 class LocalRunLauncher(WorkerLauncher):
     """Starts simulated runs' workers on this machine for the platform the API serves."""
 
-    def __init__(self, platform: Platform, log_dir: Path) -> None:
+    def __init__(self, platform: Platform, log_dir: Path, scratch_root: Path | None = None) -> None:
+        self.engine = platform.engine
         store = platform.store
         if not isinstance(store, LocalBlobStore | DatabaseBlobStore):
             raise ValueError("The local run launcher needs a file or database blob store.")
@@ -113,7 +170,12 @@ class LocalRunLauncher(WorkerLauncher):
             env["FEDTEXT_WORKER_PKCS11_TOKEN"] = provider.config.token_label
             env["FEDTEXT_WORKER_PKCS11_PIN"] = provider.config.pin
             env["FEDTEXT_WORKER_PKCS11_KEY_LABEL"] = provider.config.key_label
-        super().__init__(env, log_dir)
+        super().__init__(env, log_dir, scratch_root)
+        self.sweep()  # what workers killed while no API ran left behind
+
+    def sweep(self) -> list[str]:
+        """Remove the scratch directories of runs that are no longer active."""
+        return sweep_scratch(self.engine, self.scratch_root)
 
     def check(self, config: dict[str, Any]) -> None:
         """ValueError, with a message for the user, if ``config`` cannot run here."""
@@ -125,6 +187,8 @@ class LocalRunLauncher(WorkerLauncher):
 
     def cancel(self, run_id: str, pid: int | None) -> None:
         self.stop_worker(run_id, pid)
+        # A killed worker runs no `finally`: its vectors are removed here.
+        remove_scratch(self.scratch_root, run_id)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -184,18 +248,37 @@ def start_heartbeat(engine: Engine, run_id: str) -> threading.Event:
     return stop
 
 
+def _run_scratch(run_id: str) -> Path:
+    """The run's fresh, private scratch directory, where the virtual nodes' vector cache
+    goes (a leftover of an earlier attempt at this run is removed first)."""
+    root = Path(os.environ.get("FEDTEXT_WORKER_SCRATCH_DIR") or "scratch")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    remove_scratch(root, run_id)
+    path = scratch_dir(root, run_id)
+    path.mkdir(mode=0o700)
+    # The platform's run keeps its vectors here, not in a cache the environment names.
+    os.environ["FEDTEXT_FEATURE_CACHE"] = str(path)
+    return path
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # `finally` blocks run: the scratch directory goes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
     from runs.simulation import SimulationConfig, SimulationFailed, simulate
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     platform = _platform_from_env()
     run = claim_run(platform.engine, args.run_id)
     if run is None or run.simulation_json is None:
         print(f"No simulated run {args.run_id}.", file=sys.stderr)
         return 2
     stop = start_heartbeat(platform.engine, args.run_id)
+    scratch = _run_scratch(args.run_id)
     try:
         config = SimulationConfig.parse(json.loads(run.simulation_json))
         simulate(platform, config, args.run_id)
@@ -205,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop.set()
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"Run {args.run_id} completed: {config.rounds} round(s).")
     return 0
 

@@ -6,24 +6,16 @@ import hashlib
 import json
 
 from runs.status import RunStatus
-from tenancy import crypto
-from tenancy.errors import IntegrityError
+from tenancy.checkpoints import decrypt_checkpoint, encrypt_checkpoint
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
-
-PURPOSE = "checkpoint"
-
-
-def _aad(run_id: str, server_round: int) -> bytes:
-    return f"fedtext:checkpoint:{run_id}:r{server_round}".encode()
 
 
 def save_checkpoint(
     platform: Platform, run: TrainingRun, server_round: int, weights: bytes
 ) -> None:
     """Encrypt ``weights`` under a KEK-derived key and record it on ``run`` (caller commits)."""
-    version, key = platform.keyring.platform_key(PURPOSE)
-    blob = crypto.encrypt(key, weights, _aad(run.id, server_round))
+    version, blob = encrypt_checkpoint(platform.keyring, run.id, server_round, weights)
     blob_key = f"runs/{run.id}/checkpoint-r{server_round}.ftx"
     platform.store.put(blob_key, blob)
     previous = run.checkpoint_blob
@@ -37,13 +29,9 @@ def save_checkpoint(
 
 def load_checkpoint(platform: Platform, run: TrainingRun) -> bytes:
     """The weights of the run's last checkpoint, integrity-checked and decrypted in memory."""
-    if not run.checkpoint_blob or run.checkpoint_kek_version is None:
-        raise IntegrityError(f"Run {run.id} has no checkpoint to resume from.")
-    blob = platform.store.get(run.checkpoint_blob)
-    if hashlib.sha256(blob).hexdigest() != run.checkpoint_sha256:
-        raise IntegrityError(f"The checkpoint of run {run.id} does not match its SHA-256.")
-    key = platform.keyring.platform_key_version(PURPOSE, run.checkpoint_kek_version)
-    return crypto.decrypt(key, blob, _aad(run.id, run.checkpoint_round), what="checkpoint")
+    if not run.checkpoint_blob:
+        return decrypt_checkpoint(platform.keyring, run, b"")  # raises: no checkpoint
+    return decrypt_checkpoint(platform.keyring, run, platform.store.get(run.checkpoint_blob))
 
 
 def final_global_weights(platform: Platform, run_id: str) -> tuple[dict[str, object], bytes]:

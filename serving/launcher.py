@@ -15,4 +15,8 @@ class RunLauncher(Protocol):
         """Start the run's worker in the background; return its process id."""
 
     def cancel(self, run_id: str, pid: int | None) -> None:
-        """Stop the run's worker (and what it started) if it still runs."""
+        """Stop the run's worker (and what it started) if it still runs; remove what it
+        kept on disk."""
+
+    def sweep(self) -> list[str]:
+        """Remove what ended runs' workers left on disk; the run ids."""

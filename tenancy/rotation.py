@@ -13,7 +13,13 @@ from sqlmodel import Session, col, select
 
 from tenancy import crypto
 from tenancy.blobs import BlobStore
-from tenancy.db import session_scope
+from tenancy.checkpoints import (
+    WRITING,
+    drop_cancelled_checkpoints,
+    forget_checkpoint,
+    reencrypt_checkpoints,
+)
+from tenancy.db import checkpoint_wal, session_scope
 from tenancy.errors import IntegrityError, NotFound
 from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
@@ -28,6 +34,10 @@ class KekRotation:
     rewrapped: int
     retired: list[int]
     kept: list[int]  # old versions still in use (e.g. by a run checkpoint)
+    # Checkpoints (with ``store``): cancelled runs' dropped, the others re-encrypted under
+    # the new version, so only a run still writing its checkpoints keeps an old one.
+    dropped_checkpoints: int = 0
+    reencrypted_checkpoints: int = 0
 
 
 def kek_versions_in_use(session: Session) -> set[int]:
@@ -45,14 +55,22 @@ def kek_versions_in_use(session: Session) -> set[int]:
     return used
 
 
-def rotate_kek(engine: Engine, keyring: Keyring, *, grace_seconds: float = 1.0) -> KekRotation:
+def rotate_kek(
+    engine: Engine,
+    keyring: Keyring,
+    *,
+    grace_seconds: float = 1.0,
+    store: BlobStore | None = None,
+) -> KekRotation:
     """New KEK version; every data key rewrapped; unused old versions retired.
 
     Each data key is rewrapped in its own short transaction (one UPDATE of the wrapped
     bytes and their KEK version together), so a reader sees the old or the new pair and
     both KEK versions are readable meanwhile. Old versions are retired only after
     ``grace_seconds``, so a reader that fetched a row just before its rewrap still finds
-    the KEK it was wrapped with.
+    the KEK it was wrapped with. With the blob ``store``, run checkpoints no longer keep
+    an old version in use: a cancelled run's is dropped, the others (resumable runs, kept
+    heads) are re-encrypted; only a run that is still writing its checkpoints keeps one.
     """
     provider = keyring.provider
     new_version = provider.add_version()
@@ -68,6 +86,10 @@ def rotate_kek(engine: Engine, keyring: Keyring, *, grace_seconds: float = 1.0) 
                 continue  # deleted or rotated meanwhile
             keyring.rewrap_one(session, row, new_version)
             rewrapped += 1
+    dropped = reencrypted = 0
+    if store is not None:
+        dropped = drop_cancelled_checkpoints(engine, store)
+        reencrypted = reencrypt_checkpoints(engine, keyring, store)
     time.sleep(grace_seconds)
     with Session(engine) as session:
         used = kek_versions_in_use(session)
@@ -80,7 +102,7 @@ def rotate_kek(engine: Engine, keyring: Keyring, *, grace_seconds: float = 1.0) 
         else:
             provider.retire_version(version)
             retired.append(version)
-    return KekRotation(new_version, rewrapped, retired, kept)
+    return KekRotation(new_version, rewrapped, retired, kept, dropped, reencrypted)
 
 
 @dataclass(frozen=True)
@@ -148,6 +170,9 @@ class TenantDeletion:
     revoked_keys: int
     destroyed_data_keys: int
     removed_blobs: int
+    # SQLite: the write-ahead log was checkpointed and truncated after the shredding, so no
+    # copy of the wrapped data key is left in the -wal file (always True elsewhere).
+    log_truncated: bool = True
 
 
 def delete_tenant(
@@ -159,6 +184,13 @@ def delete_tenant(
     ``privacy``, which has no foreign key to the tenant) still names whom it belonged to.
     The database commits first: once the wrapped data key is gone the blobs are
     unreadable, and removing the files afterwards cannot leave a readable half-state.
+
+    The wrapped data key is overwritten with random bytes before its row is deleted. On
+    SQLite (``secure_delete`` on) the freed space is zeroed and the write-ahead log is
+    truncated after the commit, so the file holds no copy of it; on PostgreSQL the old row
+    version stays in the table until VACUUM reuses its space and in backups and WAL
+    archives (docs/SECURITY.md): retiring the KEK version that wrapped it is what makes
+    those copies useless (``rotate_kek`` after the deletion).
     """
     now = utcnow()
     with session_scope(engine) as session:
@@ -175,20 +207,25 @@ def delete_tenant(
         for mv in session.exec(select(ModelVersion).where(ModelVersion.tenant_id == tenant_id)):
             blobs.append(mv.blob_key)
             session.delete(mv)
-        # An ended run's checkpoint (a completed run's kept head, for LP-FT, above all) was
-        # trained on this tenant's data too: it goes with the tenant.
+        # The checkpoint of a run this tenant took part in (a completed run's kept head, for
+        # LP-FT, an interrupted or cancelled run's last round) was trained on its data too:
+        # it goes with the tenant. A run still writing its checkpoints is left to its
+        # worker (the API's deletion cancels such runs first).
         for run in session.exec(
             select(TrainingRun).where(
-                col(TrainingRun.finished_at).is_not(None),
+                col(TrainingRun.status).not_in(WRITING),
                 col(TrainingRun.checkpoint_blob).is_not(None),
             )
         ):
             plans = json.loads(run.plans_json or "{}")
-            if any(p.get("tenant_id") == tenant_id for p in plans.values()):
-                blobs.append(str(run.checkpoint_blob))
-                run.checkpoint_blob = run.checkpoint_sha256 = None
-                run.checkpoint_kek_version = None
+            named = json.loads(run.simulation_json or "{}").get("tenants") or []
+            if tenant.name in named or any(p.get("tenant_id") == tenant_id for p in plans.values()):
+                blobs.append(str(forget_checkpoint(run)))
                 session.add(run)
+        for row in session.exec(select(DataKey).where(DataKey.tenant_id == tenant_id)):
+            row.wrapped = secrets.token_bytes(len(row.wrapped))  # overwritten, then deleted
+            session.add(row)
+        session.flush()
         destroyed = keyring.destroy_data_keys(session, tenant_id)
         forget_partners(session=session, tenant_id=tenant_id)
         tenant.deleted_at = now
@@ -197,7 +234,8 @@ def delete_tenant(
         name = tenant.name
     for blob_key in blobs:
         store.delete(blob_key)
-    return TenantDeletion(tenant_id, name, revoked, destroyed, len(blobs))
+    truncated = checkpoint_wal(engine)
+    return TenantDeletion(tenant_id, name, revoked, destroyed, len(blobs), truncated)
 
 
 def deleted_tenants(session: Session) -> list[Tenant]:

@@ -94,6 +94,9 @@ class TrainingRun(SQLModel, table=True):
     worker_pid: int | None = None
     worker_host: str | None = Field(default=None, max_length=255)
     heartbeat_at: datetime | None = None
+    # Who asked to cancel the run (set before its worker is stopped, so whatever ends the
+    # worker, the run is recorded cancelled, never interrupted); a cancelled run is final.
+    cancelled_by: str | None = Field(default=None, max_length=255)
 
 
 class RoundMetric(SQLModel, table=True):

@@ -127,7 +127,8 @@ def serve(
             raise UserError(f"FEDTEXT_SUPERLINK: {exc}") from None
         console.print(f"training runs go to the SuperLink at {config.superlink}")
     else:
-        launcher = LocalRunLauncher(platform, config.data_dir / "runs")
+        # Runs' scratch files (vectors of tenants' text) live in data_dir/scratch/RUN (0700).
+        launcher = LocalRunLauncher(platform, config.data_dir / "runs", config.data_dir / "scratch")
     app_ = create_app(
         platform,
         ServingConfig(

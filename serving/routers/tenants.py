@@ -6,7 +6,8 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session
 
 from privacy.budget import BudgetError, check_epsilon_budget
-from serving.deps import ConfigDep, Operator, PlatformDep, SessionDep
+from runs.lifecycle import active_runs_of, cancel_run, request_cancel, withdraw_cancel
+from serving.deps import ConfigDep, Operator, OptionalRunLauncherDep, PlatformDep, SessionDep
 from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.rotation import delete_tenant, deleted_tenants
@@ -14,6 +15,7 @@ from tenancy.tables import Tenant
 from tenancy.tenants import Scope, create_api_key, create_tenant, list_tenants
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+DELETION = "operator (tenant deletion)"
 
 
 @router.post("", response_model=TenantCreated, status_code=status.HTTP_201_CREATED)
@@ -64,14 +66,42 @@ def list_all(
 
 
 @router.delete("/{tenant_id}", response_model=TenantDeleted)
-def delete(tenant_id: str, _operator: Operator, platform: PlatformDep) -> TenantDeleted:
-    """Crypto-shred a tenant: data key destroyed, blobs removed, keys revoked; ledger kept."""
+def delete(
+    tenant_id: str,
+    _operator: Operator,
+    platform: PlatformDep,
+    launcher: OptionalRunLauncherDep,
+) -> TenantDeleted:
+    """Crypto-shred a tenant: data key destroyed, blobs removed, keys revoked; ledger kept.
+
+    Its runs in progress are cancelled first (by "operator (tenant deletion)"); their
+    checkpoints and every run's scratch files derived from its text are removed."""
+    with Session(platform.engine) as session:
+        tenant = session.get(Tenant, tenant_id)
+    if tenant is None or tenant.deleted_at is not None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such tenant.")
+    if launcher is not None:
+        for run in active_runs_of(platform.engine, tenant_id=tenant_id, name=tenant.name):
+            if not request_cancel(platform.engine, run.id, DELETION):
+                continue  # it ended meanwhile
+            try:
+                launcher.cancel(run.id, run.worker_pid)
+            except OSError as exc:  # the federation did not confirm the stop
+                withdraw_cancel(platform.engine, run.id)
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE,
+                    f"Run {run.id} of this tenant could not be stopped ({exc}); nothing was "
+                    "deleted. Try again.",
+                ) from None
+            cancel_run(platform.engine, run.id, DELETION)
     # The predict service hears of it from tenancy as it commits: it forgets the tenant's
     # keys and drops its decrypted models (no decrypted copy outlives the key).
     try:
         done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    if launcher is not None:
+        launcher.sweep()  # scratch directories of ended runs (a worker killed earlier)
     with Session(platform.engine) as session:
         row = session.get(Tenant, tenant_id)
     return TenantDeleted(

@@ -39,14 +39,15 @@ def test_statuses_split_into_active_and_finished() -> None:
 
 def test_a_cancel_is_kept_against_a_late_failure_and_a_late_start(platform: Platform) -> None:
     run_id = _add(platform)
-    assert cancel_run(platform.engine, run_id, "Cancelled by admin key x.")
+    assert cancel_run(platform.engine, run_id, "admin key x")
     assert not fail_run(platform.engine, run_id, "the worker died")
     assert not start_run(platform.engine, run_id, config_json="{}", resume=False)
     run = get_run(platform.engine, run_id)
     assert run is not None and (run.status, run.error) == ("cancelled", "Cancelled by admin key x.")
-    # Resuming is how an admin continues a stopped run on purpose.
-    assert start_run(platform.engine, run_id, config_json="{}", resume=True)
-    assert get_run(platform.engine, run_id).status == RunStatus.RUNNING  # type: ignore[union-attr]
+    assert run.cancelled_by == "admin key x"
+    # A cancel is final: the run is not resumed (its checkpoint is dropped).
+    assert not start_run(platform.engine, run_id, config_json="{}", resume=True)
+    assert get_run(platform.engine, run_id).status == RunStatus.CANCELLED  # type: ignore[union-attr]
 
 
 def test_an_ended_run_is_not_cancelled_and_a_completion_records_its_summary(

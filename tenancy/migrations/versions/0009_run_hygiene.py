@@ -6,6 +6,10 @@ Revises: 0008
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+from alembic import op
+from sqlmodel.sql import sqltypes
+
 revision = "0009"
 down_revision = "0008"
 branch_labels = None
@@ -13,8 +17,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass  # filled in by the change that needs it (kept in the chain so revisions stay ordered)
+    with op.batch_alter_table("training_run") as batch:
+        batch.add_column(sa.Column("cancelled_by", sqltypes.AutoString(length=255), nullable=True))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("training_run") as batch:
+        batch.drop_column("cancelled_by")
