@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +16,9 @@ from torch import nn
 from models.encoder_head import FAMILY as ENCODER_HEAD
 from models.encoder_head import EncoderHeadClassifier, EncoderHeadConfig
 from models.encoders import describe as describe_encoder
+from models.family_defaults import FAMILIES, default_max_seq_len, families
 from models.lstm import LSTMClassifier, LSTMConfig
+from models.runtimes import DEFAULT_RUNTIME, check_runtime
 from models.transformer import (
     MiniLMClassifier,
     MiniLMConfig,
@@ -33,63 +35,8 @@ _FAMILIES: dict[str, tuple[type, Callable[[Any, int], nn.Module]]] = {
     "transformer": (TransformerConfig, lambda cfg, n: TransformerClassifier(cfg, n)),
     "minilm": (MiniLMConfig, lambda cfg, n: MiniLMClassifier(cfg, n)),
 }
-
-
-DEFAULT_FAMILY = ENCODER_HEAD
-
-# Tokens per input when a run does not say. Sentence encoders pad each group only to its
-# longest input, so a long limit costs nothing on short texts; the token families pad
-# every input to the limit, so theirs stays near a tweet's length.
-_DEFAULT_SEQ_LEN = {ENCODER_HEAD: 128}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingDefaults:
-    """A family's DP-SGD settings when a run leaves them out ("auto" or None).
-
-    Chosen on the public demo corpus (docs/TRAINING.md), never on a tenant's data:
-    tuning on private data would itself spend privacy.
-    """
-
-    rounds: int
-    local_epochs: int
-    learning_rate: float
-    batch_size: int  # expected Poisson batch; 0: sized by each tenant's data (dp_batch_size)
-    personalize_epochs: int
-
-    def fill(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Every setting (by field name): ``given``'s, or this default where it is None."""
-        return {
-            f.name: getattr(self, f.name) if given.get(f.name) is None else given[f.name]
-            for f in dataclasses.fields(self)
-        }
-
-
-# A head's round costs milliseconds once the node's sentence vectors exist, so it gets many
-# short rounds (each averages away some client drift) and a stronger local fine-tune; the
-# token families' rounds cost minutes on a CPU.
-_TRAINING_DEFAULTS = {
-    ENCODER_HEAD: TrainingDefaults(
-        rounds=20, local_epochs=1, learning_rate=0.05, batch_size=0, personalize_epochs=2
-    ),
-}
-_TOKEN_DEFAULTS = TrainingDefaults(
-    rounds=3, local_epochs=1, learning_rate=0.01, batch_size=128, personalize_epochs=1
-)
-
-
-def families() -> list[str]:
-    return sorted(_FAMILIES)
-
-
-def training_defaults(family: str) -> TrainingDefaults:
-    if family not in _FAMILIES:
-        raise ValueError(f"Unknown model family {family!r}; known: {families()}.")
-    return _TRAINING_DEFAULTS.get(family, _TOKEN_DEFAULTS)
-
-
-def default_max_seq_len(family: str) -> int:
-    return _DEFAULT_SEQ_LEN.get(family, 48)
+if set(_FAMILIES) != set(FAMILIES):  # the light names (models.family_defaults) are these
+    raise RuntimeError(f"models.family_defaults: {FAMILIES}; registry: {sorted(_FAMILIES)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +66,12 @@ class ModelSpec:
     @classmethod
     def create(cls, family: str, labels: list[str] | tuple[str, ...], **kwargs: Any) -> ModelSpec:
         max_seq_len = kwargs.pop("max_seq_len", None) or default_max_seq_len(family)
+        if family == ENCODER_HEAD:
+            # New heads are trained on the default runtime variant (one that passed the
+            # accuracy gate); a variant named by the run must be offered here.
+            kwargs["encoder_runtime"] = check_runtime(
+                kwargs.get("encoder_runtime") or DEFAULT_RUNTIME
+            )
         config_cls = _FAMILIES[family][0] if family in _FAMILIES else None
         try:
             config = dataclasses.asdict(config_cls(**kwargs)) if config_cls else dict(kwargs)

@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib.metadata import version
-
-from opacus.accountants import RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.prv import PRVAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from typing import TYPE_CHECKING
 
 from privacy.params import DPParams
 
-# Explicit registry (Opacus convention): unknown names raise ValueError.
-_ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
+
+# Explicit registry (Opacus convention): unknown names raise ValueError. Opacus (and torch)
+# load at the first composition, not with the ledger: `fedtext tenant ...` never composes.
+_ACCOUNTANTS = ("prv", "rdp")
 DEFAULT_ACCOUNTANT = "prv"
 
 
@@ -29,10 +29,12 @@ def accountant_version() -> str:
 
 def create_accountant(name: str) -> IAccountant:
     """A fresh Opacus accountant by registry name; ``ValueError`` on an unknown name."""
-    try:
-        return _ACCOUNTANTS[name]()
-    except KeyError:
-        raise ValueError(f"Unknown accountant {name!r}; known: {sorted(_ACCOUNTANTS)}.") from None
+    if name not in _ACCOUNTANTS:
+        raise ValueError(f"Unknown accountant {name!r}; known: {sorted(_ACCOUNTANTS)}.")
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.prv import PRVAccountant
+
+    return PRVAccountant() if name == "prv" else RDPAccountant()
 
 
 def merge_history(
@@ -107,6 +109,8 @@ def _noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
     # Pure; tenants with equal data sizes share a plan, and the search takes seconds.
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

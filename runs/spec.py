@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
@@ -23,18 +23,21 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 
-from clients.data import PARTITIONERS
-from models import (
+# Import-light (no torch, Flower or SQL): the CLI's help and the SDK's schemas read RunSpec.
+from models.family_defaults import (
     DEFAULT_FAMILY,
-    ModelSpec,
+    FAMILIES,
     TrainingDefaults,
     default_max_seq_len,
     families,
     training_defaults,
 )
 from privacy.evaluation import DEFAULT_EVAL_NOISE
-from privacy.ledger import check_dataset
+
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
 
 # A run config's word for "the model family's default" (models.training_defaults).
 AUTO = "auto"
@@ -44,33 +47,28 @@ SIMULATION_ONLY = ("tenants", "partitioning", "alpha", "max_train_examples", "ma
 CLIENT_DP = ("off", "fixed")
 # Which of a run's new model versions serve at once (server/release.py decides).
 DEPLOY_POLICIES = ("if-better", "first", "always", "never")
+# The registries' names without their imports (Flower, numpy); tests/cli/test_startup.py
+# checks them equal to server.strategy's and clients.data's.
+STRATEGIES = ("fedadam", "fedavg", "fedprox")
+PARTITIONERS = ("iid", "dirichlet", "topic")
 
 
-def strategy_names() -> list[str]:
-    from server.strategy import strategy_names as registered  # Flower: imported when asked
+def _one_of(choices: tuple[str, ...], what: str) -> Any:
+    """A choice, case and spaces ignored; an ``enum`` in the JSON schema (OpenAPI)."""
 
-    return registered()
-
-
-def _one_of(choices: Any, what: str) -> Any:
     def check(value: str) -> str:
         value = value.strip().lower()
-        known = list(choices() if callable(choices) else choices)
-        if value not in known:
-            raise ValueError(f"Unknown {what} {value!r}; known: {', '.join(known)}.")
+        if value not in choices:
+            raise ValueError(f"Unknown {what} {value!r}; known: {', '.join(choices)}.")
         return value
 
-    return AfterValidator(check)
+    return AfterValidator(check), WithJsonSchema({"type": "string", "enum": list(choices)})
 
 
-def _not_the_runs(name: str) -> str:
-    if name != "default":
-        raise ValueError(
-            "a run does not choose the dataset its charges land on: each tenant's node "
-            "declares it (federation), or its admin sets it (PUT /v1/policy or `fedtext "
-            "tenant-policy set --dataset`, simulation)"
-        )
-    return name
+def _dataset(name: str) -> str:
+    from privacy.ledger import check_dataset  # SQL: imported when a run is validated
+
+    return check_dataset(name)
 
 
 def _names(value: Any) -> Any:
@@ -131,7 +129,7 @@ class RunSpec(_FamilyDefaults):
     model_config = ConfigDict(frozen=True)  # with _FamilyDefaults': extra forbidden, by name
 
     run_id: str = Field(default="", max_length=64, description="Empty: a new id.")
-    model: Annotated[str, _one_of(families, "model family")] = Field(
+    model: Annotated[str, *_one_of(FAMILIES, "model family")] = Field(
         default=DEFAULT_FAMILY,
         description="Model family: encoder-head (frozen public encoder + DP head), lstm, "
         "transformer or minilm.",
@@ -182,7 +180,7 @@ class RunSpec(_FamilyDefaults):
     labels: Names = Field(
         default=("negative", "neutral", "positive"), description="Class labels, in order."
     )
-    strategy: Annotated[str, _one_of(strategy_names, "strategy")] = Field(
+    strategy: Annotated[str, *_one_of(STRATEGIES, "strategy")] = Field(
         default="fedavg", description="Aggregation: fedavg, fedprox or fedadam."
     )
     proximal_mu: float = Field(default=0.01, ge=0, le=1000, description="FedProx mu.")
@@ -198,7 +196,7 @@ class RunSpec(_FamilyDefaults):
         lt=1e6,
         description="Noise on released evaluation counts; 0: no evaluation released.",
     )
-    client_dp: Annotated[str, _one_of(CLIENT_DP, "client-dp")] = Field(
+    client_dp: Annotated[str, *_one_of(CLIENT_DP, "client-dp")] = Field(
         default="off", description="off, or fixed: Flower's server-side fixed clipping."
     )
     client_dp_noise: float = Field(default=0.1, ge=0, le=1000, description="Client-level noise.")
@@ -213,14 +211,8 @@ class RunSpec(_FamilyDefaults):
             description="The family's own settings (JSON object).",
         )
     )
-    # Kept only so runs stored before issue 24 still parse: a run no longer chooses the
-    # dataset its charges land on (each tenant's own declaration does), so any other value
-    # is refused.
-    dataset: Annotated[str, AfterValidator(check_dataset), AfterValidator(_not_the_runs)] = Field(
-        default="default",
-        description="Not the run's to choose: each tenant's charges land on the dataset its "
-        "node declares (federation) or its admin sets (PUT /v1/policy, simulation); only "
-        "'default' is accepted, for stored runs.",
+    dataset: Annotated[str, AfterValidator(_dataset)] = Field(
+        default="default", description="The ledger's dataset name, for per-dataset budgets."
     )
     # Tenants that may train in this run; empty: every tenant whose node connects. Nodes of
     # other tenants are refused.
@@ -231,7 +223,7 @@ class RunSpec(_FamilyDefaults):
     # Off by default: a kept head keeps its KEK version in use; it is dropped when any of the
     # run's tenants is deleted.
     keep_head: bool = Field(default=False, description="Keep the final global head (LP-FT).")
-    deploy: Annotated[str, _one_of(DEPLOY_POLICIES, "deploy policy")] = Field(
+    deploy: Annotated[str, *_one_of(DEPLOY_POLICIES, "deploy policy")] = Field(
         default="if-better",
         description="Which new versions serve at once: if-better (the tenant's first "
         "version, or one whose held-out macro-F1 beats the serving one's), first (only a "
@@ -241,7 +233,7 @@ class RunSpec(_FamilyDefaults):
     tenants: Names = Field(
         default=("acme", "globex", "initech"), description="Simulated tenants, one node each."
     )
-    partitioning: Annotated[str, _one_of(PARTITIONERS, "partitioning")] = Field(
+    partitioning: Annotated[str, *_one_of(PARTITIONERS, "partitioning")] = Field(
         default="iid", description="How simulated tenants split the corpus."
     )
     alpha: float = Field(default=0.5, gt=0, le=1000, description="Dirichlet concentration.")
@@ -301,6 +293,8 @@ class RunSpec(_FamilyDefaults):
             raise ValueError(f"Invalid run configuration: {describe(exc)}") from None
 
     def spec(self) -> ModelSpec:
+        from models.spec import ModelSpec  # torch: imported when a run is validated
+
         return ModelSpec.create(
             self.model, list(self.labels), max_seq_len=self.max_seq_len, **self.family_config
         )

@@ -18,12 +18,12 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from fedtext.certificates import CredentialsError
-from fedtext.settings import Settings
 from runs.flower import FlowerError
 
 if TYPE_CHECKING:
     import click
 
+    from fedtext.settings import Settings
     from tenancy.platform import Platform
 
 console = Console(soft_wrap=True)  # never wrap a key or an error across lines
@@ -59,6 +59,8 @@ def group(help: str) -> typer.Typer:
 
 def settings() -> Settings:
     """The process's settings; a bad ``FEDTEXT_*`` value is the user's to fix."""
+    from fedtext.settings import Settings  # the key providers' modules: not for --help
+
     try:
         return Settings()
     except ValidationError as exc:

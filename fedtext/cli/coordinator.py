@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedtext.certificates import CredentialLayout, certificate_hosts
 from fedtext.cli.console import UserError, err, fail, settings
 from fedtext.cli.superlink import DEFAULT_SUPERLINK_PORT
-from fedtext.settings import Settings
 from fedtext.supervisor import supervise
 from runs.flower import check_certificate, existing_file, flower_env, flower_executable
+
+if TYPE_CHECKING:
+    from fedtext.settings import Settings
 
 
 def coordinator(

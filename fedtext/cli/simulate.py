@@ -69,6 +69,8 @@ def simulate(
     Prints each tenant's model version, a predict key and the lines to serve and query it.
     Every run option also reads FEDTEXT_RUN_<OPTION> from the environment.
     """
+    # The user's mistakes first, before torch and Flower load (seconds).
+    asked = {} if resume else _config(tenant or [], data or [], tenants, prefix, settings or {})
     from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
     from fedtext.logs import current, setup
     from fedtext.progress import watch_run
@@ -85,7 +87,6 @@ def simulate(
         if resume:
             result = watch_run(platform, run_id, lambda: resume_run(platform, run_id), console)
         else:
-            asked = _config(tenant or [], data or [], tenants, prefix, settings or {})
             config = SimulationConfig.parse(
                 {
                     **asked,

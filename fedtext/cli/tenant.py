@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlmodel import Session
 
 from fedtext.cli.console import UserError, console, group, open_platform, settings
 
@@ -56,6 +55,8 @@ def tenant_list() -> None:
 
     platform = open_platform()
     table = Table("name", "id", "budget epsilon", "budget delta", "created")
+    from sqlmodel import Session
+
     with Session(platform.engine) as session:
         for t in list_tenants(session=session):
             table.add_row(
@@ -119,6 +120,8 @@ def tenant_delete(
         raise UserError(f"Deleting {name} destroys its models for good; repeat with --yes.")
     platform = open_platform()
     try:
+        from sqlmodel import Session
+
         with Session(platform.engine) as session:
             tenant_id = get_tenant(session=session, name=name).id
         done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
