@@ -71,6 +71,16 @@ def _dataset(name: str) -> str:
     return check_dataset(name)
 
 
+def _not_the_runs(name: str) -> str:
+    if name != "default":
+        raise ValueError(
+            "a run does not choose the dataset its charges land on: each tenant's node "
+            "declares it (federation), or its admin sets it (PUT /v1/policy or `fedtext "
+            "tenant-policy set --dataset`, simulation)"
+        )
+    return name
+
+
 def _names(value: Any) -> Any:
     """A comma-separated string (run config) or a list: a tuple of stripped names."""
     if isinstance(value, str):
@@ -211,8 +221,14 @@ class RunSpec(_FamilyDefaults):
             description="The family's own settings (JSON object).",
         )
     )
-    dataset: Annotated[str, AfterValidator(_dataset)] = Field(
-        default="default", description="The ledger's dataset name, for per-dataset budgets."
+    # Kept only so runs stored before issue 24 still parse: a run no longer chooses the
+    # dataset its charges land on (each tenant's own declaration does), so any other value
+    # is refused.
+    dataset: Annotated[str, AfterValidator(_dataset), AfterValidator(_not_the_runs)] = Field(
+        default="default",
+        description="Not the run's to choose: each tenant's charges land on the dataset its "
+        "node declares (federation) or its admin sets (PUT /v1/policy, simulation); only "
+        "'default' is accepted, for stored runs.",
     )
     # Tenants that may train in this run; empty: every tenant whose node connects. Nodes of
     # other tenants are refused.

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from fedtext.cli.console import UserError, console, err, fail, group, open_platform
+
+if TYPE_CHECKING:  # imported at run time inside the commands (start-up time)
+    from sqlmodel import Session
+
+    from privacy.ledger import BudgetChange, PrivacyEvent
+    from tenancy.platform import Platform
+    from tenancy.signing import SigningHistory
+    from tenancy.tables import ApiKey
 
 audit_app = group("Privacy ledger checks for auditors.")
 
@@ -23,14 +31,24 @@ def audit_verify(
             "the database still holds that history and those budgets."
         ),
     ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Signing keys the auditor pinned earlier (`fedtext audit keys --out FILE`): "
+            "accept only signatures under those keys and keys they endorsed."
+        ),
+    ] = None,
 ) -> None:
-    """Check every tenant's chains, budgets and last signed head; exit 1 naming each problem.
+    """Check every tenant's chains, signatures, budgets and last signed head; exit 1 naming
+    each problem.
 
-    With --head, also check the database against heads the auditor kept: this detects a
-    deleted tail, a tenant's whole chain deleted, a budget edited outside the record and
-    a chain rewritten and re-hashed.
+    Every ledger entry, budget change and API key row must carry a signature under the
+    platform's signing history (or the keys pinned with --keys): a row written around the
+    platform (plain SQL, no signing key) is named. With --head, also check the database
+    against heads the auditor kept: this detects a deleted tail, a tenant's whole chain
+    deleted, a budget edited outside the record and a chain rewritten and re-hashed.
     """
-    from privacy.heads import HeadError, last_signed_head, platform_key_ids, read_heads, verify_head
+    from privacy.heads import HeadError, last_signed_head, read_heads, verify_head
     from privacy.ledger import all_tenant_ids, budget_changes, tenant_events, verify_chain
     from tenancy.tables import Tenant
 
@@ -42,14 +60,19 @@ def audit_verify(
             raise UserError(f"Cannot read {head}: {exc.strerror}.") from None
         except HeadError as exc:
             raise UserError(str(exc)) from None
+    pinned = _read_pinned_keys(keys) if keys is not None else None
     platform = open_platform()
     problems: list[str] = []
     total = changes = 0
-    trusted = platform_key_ids(platform.keyring, platform.keyring.provider.versions())
+    trusted_keys = _trusted_keys(platform, pinned)
+    trusted = list(trusted_keys)
     from sqlmodel import Session
 
     with Session(platform.engine) as session:
-        tenant_ids = sorted(set(all_tenant_ids(session)) | {h.head.tenant_id for h in kept})
+        key_rows = _key_rows_by_tenant(session)
+        tenant_ids = sorted(
+            set(all_tenant_ids(session)) | {h.head.tenant_id for h in kept} | set(key_rows)
+        )
         for tenant_id in tenant_ids:
             events = tenant_events(session, tenant_id)
             total += len(events)
@@ -58,6 +81,7 @@ def audit_verify(
                 problems.append(f"tenant {tenant_id} entry {problem.seq}: {problem.reason}")
             budget = budget_changes(session, tenant_id)
             changes += len(budget)
+            problems += _signature_problems(tenant_id, events, budget, key_rows, trusted_keys)
             problem = verify_chain(budget)
             if problem:
                 problems.append(f"tenant {tenant_id} budget change {problem.seq}: {problem.reason}")
@@ -92,6 +116,195 @@ def audit_verify(
         f"OK: {len(tenant_ids)} chain(s), {total} entries intact; "
         f"{changes} budget change(s) intact"
         + (f"; {len(kept)} kept head(s) consistent." if kept else ".")
+    )
+
+
+def _read_pinned_keys(path: Path) -> SigningHistory:
+    from tenancy.signing import read_history
+
+    try:
+        return read_history(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def _trusted_keys(platform: Platform, pinned: SigningHistory | None) -> dict[str, bytes]:
+    """Key id -> public key accepted for rows and heads: the platform's history from its
+    first key, or (pinned) the auditor's keys and whatever they endorse in the history."""
+    from tenancy.errors import KeyProviderError
+    from tenancy.signing import SigningHistory
+
+    try:
+        history = platform.keyring.signing.history(refresh=True)
+    except KeyProviderError as exc:
+        raise UserError(f"Cannot read the platform's signing keys: {exc}") from None
+    if pinned is None:
+        return history.trusted()
+    roots = pinned.trusted()
+    joined = SigningHistory(keys=[*pinned.keys, *history.keys])
+    return joined.trusted(roots)
+
+
+def _key_rows_by_tenant(session: Session) -> dict[str, list[ApiKey]]:
+    from sqlmodel import col, select
+
+    from tenancy.tables import ApiKey
+
+    rows: dict[str, list[ApiKey]] = {}
+    for row in session.exec(select(ApiKey).order_by(col(ApiKey.created_at))):
+        rows.setdefault(row.tenant_id, []).append(row)
+    return rows
+
+
+def _signature_problems(
+    tenant_id: str,
+    events: list[PrivacyEvent],
+    budget: list[BudgetChange],
+    key_rows: dict[str, list[ApiKey]],
+    trusted: dict[str, bytes],
+) -> list[str]:
+    """Each ledger entry, budget change and key row of the tenant whose signature is not
+    accepted, named (see tenancy.signing.chain_signature_problems)."""
+    from tenancy.signing import KEY_TABLE, chain_signature_problems, check, describe, row_message
+
+    found = []
+    for ev, status in chain_signature_problems("privacy_event", events, trusted):
+        found.append(
+            f"tenant {tenant_id} ledger entry {ev.seq} (run {ev.run_id}, round {ev.round}, "
+            f"noise {ev.noise_multiplier:g}): {describe(status)}"
+        )
+    for ch, status in chain_signature_problems("privacy_budget_change", budget, trusted):
+        old = "none" if ch.old_epsilon is None else f"{ch.old_epsilon:g}"
+        found.append(
+            f"tenant {tenant_id} budget change {ch.seq} ({ch.dataset}: {old} -> "
+            f"{ch.new_epsilon:g} by {ch.actor!r}): {describe(status)}"
+        )
+    for key in key_rows.get(tenant_id, []):
+        status = check(key.signature, row_message(KEY_TABLE, key), trusted)
+        if status != "ok":
+            found.append(
+                f"tenant {tenant_id} API key {key.prefix} (scopes {key.scopes}, "
+                f"id {key.id}): {describe(status)}"
+            )
+    return found
+
+
+@audit_app.command("keys")
+def audit_keys(
+    out: Annotated[
+        Path, typer.Option(help="File to write the public keys to; '-' for standard output.")
+    ] = Path("-"),
+) -> None:
+    """The platform's public signing keys, each endorsed by the one before: pin them and
+    check later with `fedtext audit verify --keys FILE`."""
+    from tenancy.errors import KeyProviderError
+
+    platform = open_platform()
+    try:
+        history = platform.keyring.signing.history(refresh=True)
+    except KeyProviderError as exc:
+        raise UserError(f"Cannot read the platform's signing keys: {exc}") from None
+    text = history.model_dump_json(indent=2) + "\n"
+    if str(out) == "-":
+        console.out(text, end="", highlight=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
+    current = history.current()
+    console.print(
+        f"{len(history.keys)} public key(s) written to {out}; current signing key "
+        f"{current.key_id} (version {current.version}). Keep it to pin them."
+    )
+
+
+@audit_app.command("sign-existing")
+def audit_sign_existing(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only list what would be signed.")
+    ] = False,
+) -> None:
+    """Sign the rows made before signatures (v0006), once, after checking every chain.
+
+    Refuses (exit 1) while any chain is broken, a budget in force differs from its chain,
+    or a row carries a signature that does not verify: those are tampering, not age.
+    Every unsigned API key row is listed (tenant, prefix, scopes) before it is signed: a key
+    you do not recognise must be revoked, not signed.
+    """
+    from sqlalchemy import update
+    from sqlmodel import Session
+
+    from privacy.ledger import (
+        BudgetChange,
+        PrivacyEvent,
+        all_tenant_ids,
+        budget_changes,
+        tenant_events,
+        verify_chain,
+    )
+    from tenancy.signing import KEY_TABLE, check, row_message
+    from tenancy.tables import ApiKey, Tenant
+
+    platform = open_platform()
+    trusted = _trusted_keys(platform, None)
+    signing = platform.keyring.signing
+    blockers: list[str] = []
+    todo: list[tuple[type, object, str]] = []  # (table class, row, table name)
+    with Session(platform.engine) as session:
+        key_rows = _key_rows_by_tenant(session)
+        for tenant_id in sorted(set(all_tenant_ids(session)) | set(key_rows)):
+            row = session.get(Tenant, tenant_id)
+            budget = budget_changes(session, tenant_id)
+            for name, rows, table, cls in (
+                ("ledger", tenant_events(session, tenant_id), "privacy_event", PrivacyEvent),
+                ("budget chain", budget, "privacy_budget_change", BudgetChange),
+                ("keys", key_rows.get(tenant_id, []), KEY_TABLE, ApiKey),
+            ):
+                if table != KEY_TABLE:
+                    broken = verify_chain(rows)  # type: ignore[arg-type]
+                    if broken is not None:
+                        blockers.append(f"tenant {tenant_id} {name} {broken.seq}: {broken.reason}")
+                for item in rows:
+                    status = check(item.signature, row_message(table, item), trusted)  # type: ignore[attr-defined]
+                    if status == "unsigned":
+                        todo.append((cls, item, table))
+                    elif status != "ok":
+                        blockers.append(f"tenant {tenant_id} {name} row {item.id}: {status}")  # type: ignore[attr-defined]
+            wide = [c for c in budget if c.dataset == "*"]
+            if row is not None and wide and abs(wide[-1].new_epsilon - row.budget_epsilon) > 1e-12:
+                blockers.append(
+                    f"tenant {tenant_id}: budget in force {row.budget_epsilon:g} differs from "
+                    f"its budget chain ({wide[-1].new_epsilon:g})"
+                )
+        if blockers:
+            for b in blockers:
+                err.print(f"[red]BROKEN[/red] {b}")
+            err.print("Nothing was signed: find out what changed these rows first.")
+            raise typer.Exit(1)
+        for _cls, item, table in todo:
+            if table == KEY_TABLE:
+                console.print(
+                    f"API key {item.prefix} (scopes {item.scopes}) of tenant "  # type: ignore[attr-defined]
+                    f"{item.tenant_id}, created {item.created_at}"  # type: ignore[attr-defined]
+                )
+        if not dry_run:
+            for cls, item, table in todo:
+                # A plain UPDATE: the ledger's ORM refuses to change its rows, by design.
+                session.execute(
+                    update(cls)
+                    .where(cls.id == item.id)  # type: ignore[attr-defined]
+                    .values(signature=signing.sign(row_message(table, item)))
+                )
+            session.commit()
+    counts = {t: sum(1 for _, _, tt in todo if tt == t) for t in ("privacy_event",
+              "privacy_budget_change", KEY_TABLE)}  # fmt: skip
+    verb = "Would sign" if dry_run else "Signed"
+    console.print(
+        f"{verb} {counts['privacy_event']} ledger entr(ies), "
+        f"{counts['privacy_budget_change']} budget change(s), {counts[KEY_TABLE]} API key(s)."
     )
 
 

@@ -98,7 +98,9 @@ def keys_rotate_kek(
 
     platform = open_platform()
     try:
-        done = rotate_kek(platform.engine, platform.keyring, grace_seconds=grace)
+        done = rotate_kek(
+            platform.engine, platform.keyring, grace_seconds=grace, store=platform.store
+        )
     except TenancyError as exc:
         raise UserError(str(exc)) from None
     kept = ", ".join(map(str, done.kept)) or "none"
@@ -106,6 +108,26 @@ def keys_rotate_kek(
     console.print(
         f"KEK version {done.new_version} is current; {done.rewrapped} data key(s) rewrapped; "
         f"retired: {retired}; kept (still used by run checkpoints): {kept}."
+    )
+
+
+@keys_app.command("rotate-signing")
+def keys_rotate_signing() -> None:
+    """New signing-key version, endorsed by the current one (the KEK is not touched).
+
+    Rows and heads signed before keep verifying under the old public key, which stays in
+    the history (`fedtext audit keys`); processes sign with the new key once restarted.
+    """
+    from tenancy.errors import KeyProviderError
+
+    platform = open_platform()
+    try:
+        record = platform.keyring.signing.rotate()
+    except KeyProviderError as exc:
+        raise UserError(str(exc)) from None
+    console.print(
+        f"Signing key version {record.version} is current ({record.key_id}), endorsed by "
+        f"{record.endorsed_by}; give auditors the new history: fedtext audit keys --out FILE."
     )
 
 
