@@ -38,6 +38,7 @@ from clients.local_data import NodeData, resolve_node_data
 from clients.train import encode, pick_device, train_dp
 from models import EncoderError, ModelSpec, build_model, load_model_state, model_state
 from privacy.evaluation import confusion_counts, metrics_from_counts, noised
+from privacy.node_proof import load_private_key, proof_payload, sign_proof
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
 from privacy.protocol import CLIENT_ERRORS
 
@@ -178,6 +179,37 @@ def _release(
     return RecordDict({"evaluation": MetricRecord(released), "eval-dp": applied}), exact
 
 
+def describe_node(
+    node_config: Mapping[str, Any],
+    *,
+    node_id: int,
+    tenant: str,
+    num_train: int,
+    nonce: str,
+    run_id: str,
+) -> dict[str, Any]:
+    """What the node says of itself in its discovery reply: its tenant, the dataset it
+    declares (node config ``dataset``; none: the coordinator's default) and, when it holds
+    a node key (node config
+    ``auth-key``: the SuperNode's own ``--auth-supernode-private-key``), its signature of
+    the coordinator's nonce with all of it (``privacy.node_proof``). The coordinator
+    takes the tenant from the key, not from this reply; a simulated node has no key."""
+    dataset = str(node_config.get("dataset") or "")
+    described: dict[str, Any] = {"tenant": tenant, "dataset": dataset}
+    key_path = str(node_config.get("auth-key") or "")
+    if key_path and nonce:
+        payload = proof_payload(
+            nonce=nonce,
+            run_id=run_id,
+            node_id=node_id,
+            tenant=tenant,
+            dataset=dataset,
+            num_train=num_train,
+        )
+        described["proof"] = sign_proof(load_private_key(key_path), payload)
+    return described
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp reading ``context.run_config`` with ``overrides`` on top (simulation)."""
     extra = dict(overrides or {})
@@ -186,12 +218,21 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.query()
     @coded_errors
     def describe(msg: Message, context: Context) -> Message:
-        labels = _labels(msg.content["config"])  # type: ignore[arg-type]
+        config = msg.content["config"]
+        labels = _labels(config)  # type: ignore[arg-type]
         data = _node_data(context, labels, extra)
+        node = describe_node(
+            dict(context.node_config),
+            node_id=context.node_id,
+            tenant=data.tenant,
+            num_train=len(data.train),
+            nonce=str(config.get("nonce", "")),  # type: ignore[union-attr]
+            run_id=str(config.get("run", "")),  # type: ignore[union-attr]
+        )
         return Message(
             RecordDict(
                 {
-                    "node": ConfigRecord({"tenant": data.tenant}),
+                    "node": ConfigRecord(node),
                     # The training count is stated (docs/AUDIT.md); the test count stays here.
                     "counts": MetricRecord({"num-train": len(data.train)}),
                 }

@@ -40,6 +40,7 @@ from serving.routers import (
     keys,
     model_admin,
     models,
+    nodes,
     partners,
     policy,
     privacy,
@@ -226,6 +227,7 @@ def create_app(
     for module in (health, tenants, keys, model_admin, models, partners, privacy, runs):
         app.include_router(module.router)
     app.include_router(policy.router)  # each tenant's own governance, /v1/policy
+    app.include_router(nodes.router)  # each tenant's enrolled node keys, /v1/federation/nodes
     app.include_router(oip.router)  # the Open Inference Protocol (V2) over REST, at /v2
     app.include_router(console_router)  # the web console at /console, over the same /v1
     app.add_middleware(

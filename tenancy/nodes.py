@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
@@ -38,12 +37,6 @@ class NodeKey(SQLModel, table=True):
     enrolled_by: str = Field(max_length=255)  # "operator" or "api-key:<id>"
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
-
-
-def create_node_tables(engine: Engine) -> None:
-    """Create ``node_key`` when missing (databases built by ``create_all``; migrations
-    build it in revision 0007)."""
-    NodeKey.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
 
 
 def _check_fingerprint(fingerprint: str) -> str:

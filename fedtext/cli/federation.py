@@ -9,6 +9,8 @@ CA certificate and authentication key.
     coordinator   SuperLink (TLS, node auth) + the fedtext API, on the platform database
                   (fedtext.cli.coordinator)
     register      register tenant nodes' public keys with the SuperLink
+    enroll        enroll a node public key FOR a tenant (the node's tenant comes from it)
+    enrolled      list (or --revoke) a tenant's enrolled node keys
     node          a tenant's SuperNode: its tenant, data file, device, key and CA
                   (fedtext.cli.node)
     run           submit a run (``flwr run``) and wait for its status, read back
@@ -28,7 +30,7 @@ import typer
 from rich.table import Table
 
 from fedtext.certificates import CredentialLayout, create_credentials
-from fedtext.cli.console import UserError, console, fail, group, settings
+from fedtext.cli.console import UserError, console, fail, group, open_platform, settings
 from fedtext.cli.coordinator import coordinator
 from fedtext.cli.node import node
 from fedtext.cli.run_options import run_options
@@ -152,6 +154,98 @@ def register(
     console.print(table)
     if failed:
         raise UserError("Registration failed: " + "; ".join(failed))
+
+
+def _read_node_key(path: Path) -> tuple[str, str]:
+    """(fingerprint, OpenSSH text) of a node public key file; a bad file is a UserError."""
+    from privacy.node_proof import ProofError, fingerprint, load_public_key, openssh_text
+
+    try:
+        key = load_public_key(existing_file(path, "node public key").read_bytes())
+    except ProofError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return fingerprint(key), openssh_text(key)
+
+
+def enroll(
+    tenant: Annotated[str, typer.Option(help="The tenant these node keys are enrolled for.")],
+    key: Annotated[
+        list[Path],
+        typer.Argument(help="Node public key files (node.pub, OpenSSH or PEM)."),
+    ],
+) -> None:
+    """Enroll node public keys for a tenant: the coordinator takes a node's tenant from
+    the tenant its key is enrolled for, never from what the node says.
+
+    A key enrolled for another tenant is refused; enrolling a key twice changes nothing.
+    The key must also be registered with the SuperLink (`fedtext federation register`).
+    """
+    from sqlmodel import Session
+
+    from tenancy.db import session_scope
+    from tenancy.errors import Conflict, NotFound
+    from tenancy.nodes import enroll_node_key
+    from tenancy.tenants import get_tenant
+
+    keys = [(path, *_read_node_key(path)) for path in key]
+    platform = open_platform()
+    with Session(platform.engine) as session:
+        try:
+            tenant_id = get_tenant(session=session, name=tenant).id
+        except NotFound:
+            raise UserError(f"No tenant {tenant!r}.") from None
+    # One line per key (a table would cut the fingerprint on a narrow terminal).
+    for path, fp, text in keys:
+        try:
+            with session_scope(platform.engine) as session:
+                _, created = enroll_node_key(
+                    session,
+                    tenant_id=tenant_id,
+                    fingerprint=fp,
+                    public_key=text,
+                    enrolled_by="operator",
+                )
+        except Conflict as exc:
+            raise UserError(f"{path}: {exc}") from None
+        state = "enrolled" if created else "already enrolled"
+        console.print(f"{state}: {path} (SHA-256 fingerprint {fp})")
+    console.print(f"Nodes with these keys now train for tenant {tenant!r} only.")
+
+
+def enrolled(
+    tenant: Annotated[str, typer.Option(help="The tenant whose node keys to list.")],
+    revoke: Annotated[
+        list[str] | None,
+        typer.Option(help="Revoke this key (its fingerprint) first (repeat)."),
+    ] = None,
+) -> None:
+    """A tenant's enrolled node keys; --revoke FINGERPRINT revokes one."""
+    from sqlmodel import Session
+
+    from tenancy.db import session_scope
+    from tenancy.errors import NotFound
+    from tenancy.nodes import list_node_keys, revoke_node_key
+    from tenancy.tenants import get_tenant
+
+    platform = open_platform()
+    with Session(platform.engine) as session:
+        try:
+            tenant_id = get_tenant(session=session, name=tenant).id
+        except NotFound:
+            raise UserError(f"No tenant {tenant!r}.") from None
+    for fp in revoke or []:
+        try:
+            with session_scope(platform.engine) as session:
+                revoke_node_key(session, tenant_id=tenant_id, fingerprint=fp.strip().lower())
+        except NotFound as exc:
+            raise UserError(str(exc)) from None
+    with Session(platform.engine) as session:
+        rows = list_node_keys(session, tenant_id)
+    if not rows:
+        console.print(f"No node key is enrolled for tenant {tenant!r}.")
+    for row in rows:  # fingerprint, enrolled at, by whom, the key
+        when = row.created_at.isoformat(timespec="seconds")
+        console.print(f"{row.fingerprint}  {when}  {row.enrolled_by}  {row.public_key}")
 
 
 @dataclass
@@ -336,5 +430,5 @@ def status(
 
 
 # Registered here, in this order, for `fedtext federation --help`.
-for _command in (credentials, coordinator, register, node, run, status):
+for _command in (credentials, coordinator, register, enroll, enrolled, node, run, status):
     federation_app.command()(_command)

@@ -66,6 +66,15 @@ def node(
     labels: Annotated[
         str, typer.Option(help="Labels the data file may use (comma-separated).")
     ] = "negative,neutral,positive",
+    dataset: Annotated[
+        str,
+        typer.Option(
+            envvar="FEDTEXT_NODE_DATASET",
+            help="The dataset this node's data is, as the tenant's budgets name it: the "
+            "dataset budget a run is charged to for this node (signed in its reply). "
+            "Default: the tenant's default dataset.",
+        ),
+    ] = "",
     feature_cache: Annotated[
         Path | None,
         typer.Option(
@@ -77,6 +86,8 @@ def node(
 ) -> None:
     """Start a tenant's SuperNode: its tenant, data, device, authentication key and CA."""
     check_name(tenant)
+    if dataset:
+        _check_dataset(dataset)
     if credentials_dir is not None:
         bundle = credentials_dir.expanduser()
         key = key or bundle / "node.key"
@@ -92,7 +103,17 @@ def node(
     scratch = Path(tempfile.mkdtemp(prefix=f"fedtext-node-{tenant}-"))
     node_config = scratch / "node-config.toml"
     node_config.write_bytes(
-        tomli_w.dumps({"tenant": tenant, "data-path": str(data_path), "device": device}).encode()
+        tomli_w.dumps(
+            {
+                "tenant": tenant,
+                "data-path": str(data_path),
+                "device": device,
+                "dataset": dataset,
+                # The ClientApp signs the coordinator's discovery nonce with the node key
+                # (the coordinator takes the tenant from the key's enrollment).
+                "auth-key": str(key_path.resolve()),
+            }
+        ).encode()
     )
     cmd = [
         flower_executable("flower-supernode"),
@@ -109,7 +130,10 @@ def node(
         "--max-wait-time",
         str(max_wait),
     ]
-    err.print(f"node: tenant {tenant}, {data_path}, device {resolved_device}, to {superlink}")
+    err.print(
+        f"node: tenant {tenant}, dataset {dataset or '(default)'}, {data_path}, "
+        f"device {resolved_device}, to {superlink}"
+    )
     try:
         # The SuperNode starts one ClientApp process per message; the vectors computed
         # in round 1 are read back from here in every later round.
@@ -137,6 +161,15 @@ def node(
         if code == SUPERNODE_CONNECTION_ERROR or "Exit Code: 305" in first.seen:
             raise fail(f"Could not connect to the SuperLink at {superlink} (Flower exit 305).")
         raise fail(f"flower-supernode exited with code {code}; see its output above", code)
+
+
+def _check_dataset(name: str) -> None:
+    from privacy.ledger import check_dataset
+
+    try:
+        check_dataset(name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _check_data(data: Path, labels: str, tenant: str = "") -> Path:
