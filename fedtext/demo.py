@@ -19,11 +19,18 @@ from fedtext.handoff import Handoff, curl_command, print_handoffs
 from fedtext.logs import current
 from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
-from fedtext.progress import results_table, watch_run
+from fedtext.preflight import check_budgets
+from fedtext.progress import (
+    epsilon_notes,
+    result_notes,
+    result_row,
+    results_table,
+    watch_run,
+)
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
 from models import DEFAULT_FAMILY, training_defaults
-from runs.simulation import SimulationConfig, simulate
+from runs.simulation import SimulationConfig, preflight, simulate
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope
@@ -58,6 +65,8 @@ class TenantReport:
     model: str = ""
     predictions: list[tuple[str, str, float]] = field(default_factory=list)
     predict_key: str = ""  # the demo's predict key of this tenant, shown once at the end
+    # The run summary's entry of this tenant: every released figure with its uncertainty.
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def correct(self) -> int:
@@ -75,6 +84,8 @@ class DemoReport:
     predict_key_on_ledger_status: int
     encrypted_blobs: int
     plaintext_files: list[Path]
+    target_epsilon: float | None = None
+    eval_noise: float | None = None
 
 
 def run_demo(
@@ -142,6 +153,8 @@ def run_demo(
             "batch_size": batch_size,
         }
     )
+    # Sizes and budgets are checked before Flower starts and before any progress bar.
+    check_budgets(platform, config, preflight(config))
     run_id = uuid.uuid4().hex
     result = watch_run(platform, run_id, lambda: simulate(platform, config, run_id), console)
     seconds = time.monotonic() - started
@@ -178,6 +191,7 @@ def run_demo(
                     version=body["version"],
                     model=body["model"],
                     predict_key=keys[name]["predict"],
+                    metrics={**info, "version": body["version"]},
                     predictions=[
                         (text, pred[0]["label"], pred[0]["score"])
                         for text, pred in zip(DEMO_SENTENCES, body["predictions"], strict=True)
@@ -197,6 +211,8 @@ def run_demo(
         predict_key_on_ledger_status=scope_check,
         encrypted_blobs=len(blobs),
         plaintext_files=find_plaintext_weights(data_dir),
+        target_epsilon=result.summary.get("target_epsilon"),
+        eval_noise=result.summary.get("eval_noise"),
     )
 
 
@@ -208,16 +224,14 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
     models = sorted({t.model for t in report.tenants})
     table = results_table(models, "spent/budget")
     for t in report.tenants:
-        table.add_row(
-            t.name,
-            num(t.train_examples),
-            num(t.test_examples),
-            f"{num(t.global_accuracy)}/{num(t.accuracy)}",
-            f"{num(t.global_macro_f1)}/{num(t.macro_f1)}",
-            f"{num(t.spent_epsilon)}/{num(t.budget_epsilon)}",
-            f"v{t.version}",
-        )
+        spent = f"{num(t.spent_epsilon)}/{num(t.budget_epsilon)}"
+        table.add_row(*result_row(t.name, t.metrics, spent))
     console.print(table)
+    released = {t.name: t.metrics for t in report.tenants}
+    for line in result_notes(released, report.eval_noise):
+        console.print(line)
+    for line in epsilon_notes(report.target_epsilon, released, report.eval_noise):
+        console.print(line)
     console.print(
         "[bold]Predictions[/bold] on sentences no tenant trained on (label, score; ok: the "
         "label a reader gives):"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from rich import box
 from rich.console import Console, Group
@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 
 from fedtext.format import num
 from fedtext.logs import library_output_to_log
+from privacy.uncertainty import WIDE_ADVICE, wide_interval, z_value
 from tenancy.platform import Platform
 from tenancy.tables import RoundMetric, Tenant, TrainingRun
 
@@ -111,16 +112,109 @@ def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: C
 
 def results_table(models: list[str], epsilon: str) -> Table:
     """The per-tenant results table of a finished run (demo and simulate); ``epsilon``
-    says what its epsilon column holds."""
+    says what its epsilon column holds. Rows: ``result_row``."""
     table = Table(
-        "tenant", "train", "test", "acc g/p", "F1 g/p", "epsilon", "version",
+        "tenant", "train", "test", "model", "accuracy (95%)", "macro-F1 (95%)", "epsilon",
+        "version",
         box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
         title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
         # Only DP outputs leave a node: the test split's size and scores are computed
         # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
-        caption="acc, F1: accuracy, macro-F1 of g (the global model) / p (personalized); "
-        f"test size and scores as released with DP noise; epsilon: {epsilon}",
+        caption="model: what the version holds, the global model or the personalized one "
+        "(kept only when significantly better); accuracy, macro-F1 of that model as "
+        "released with DP noise, with their 95% interval (noise and test-set size); "
+        f"test: released test rows +-95%; epsilon: {epsilon}",
     )  # fmt: skip
     for column in table.columns:
         column.no_wrap = True
     return table
+
+
+def interval(value: float | None, low: float | None, high: float | None) -> str:
+    """``0.712 (0.63-0.79)``: a released figure and its 95% interval."""
+    if value is None:
+        return "-"
+    if low is None or high is None:
+        return num(value)
+    return f"{num(value)} ({low:.2f}-{high:.2f})"
+
+
+def result_row(name: str, t: Mapping[str, Any], epsilon: str) -> list[str]:
+    """One tenant's row of ``results_table`` from its run summary entry."""
+    test = num(t.get("test_examples"), "-")
+    if t.get("test_examples") is not None and t.get("test_examples_sd") is not None:
+        test += f"+-{z_value() * t['test_examples_sd']:.0f}"
+    return [
+        name,
+        num(t.get("train_examples")),
+        test,
+        "personal" if t.get("personalized") else "global",
+        interval(t.get("accuracy"), t.get("accuracy_low"), t.get("accuracy_high")),
+        interval(t.get("macro_f1"), t.get("macro_f1_low"), t.get("macro_f1_high")),
+        epsilon,
+        f"v{t.get('version')}",
+    ]
+
+
+def result_notes(tenants: Mapping[str, Mapping[str, Any]], eval_noise: float | None) -> list[str]:
+    """Lines under the results table: which intervals are too wide to mean anything and
+    what to do about it (one advice for all tenants)."""
+    wide = []
+    for name, t in tenants.items():
+        found = wide_interval(t)
+        if found is not None:
+            metric, width = found
+            rows = t.get("test_examples")
+            wide.append(f"{name} ({metric} {width:.2f} wide, {num(rows, '?')} test rows)")
+    if not wide:
+        return []
+    advice = WIDE_ADVICE.format(now=f", now {eval_noise:g}" if eval_noise else "")
+    return [
+        "[yellow]Too wide to tell models apart:[/yellow] 95% intervals of "
+        + ", ".join(wide)
+        + f". {advice}"
+    ]
+
+
+def epsilon_notes(
+    target: float | None, tenants: Mapping[str, Mapping[str, Any]], eval_noise: float | None
+) -> list[str]:
+    """What a run's epsilon means for a tenant, why it differs from the target and why
+    runs compose to less than their sum: lines for the CLI after a run."""
+    pairs = sorted(
+        (float(t["run_epsilon"]), float(t.get("two_runs_epsilon") or 0))
+        for t in tenants.values()
+        if t.get("run_epsilon")
+    )
+    spent = [p[0] for p in pairs]
+    if not spent:
+        return []
+    lines = [
+        "[bold]Epsilon[/bold] bounds how much any one person's example can change what "
+        "left its tenant (model updates, released scores): the smaller, the less anyone "
+        "can learn about that example; each tenant's budget caps the total over all runs."
+    ]
+    if target:
+        span = (
+            num(min(spent))
+            if num(min(spent)) == num(max(spent))
+            else (f"{num(min(spent))}-{num(max(spent))}")
+        )
+        lines.append(
+            f"This run spent {span} for a target of {num(target)}: training meets the target "
+            "from below (the noise search stops within 1% of it)"
+            + (
+                f" and the released evaluation (noise SD {eval_noise:g} per confusion count) "
+                "is charged on top."
+                if eval_noise
+                else "."
+            )
+        )
+    if pairs and pairs[0][1]:
+        one, two = pairs[0]
+        lines.append(
+            f"Runs compose to less than their sum: two runs like this one cost "
+            f"{num(two)} in all, not {num(2 * one)} (the ledger composes every release's "
+            "privacy loss distribution, PRV accounting)."
+        )
+    return lines

@@ -263,6 +263,28 @@ def compare(
     return Comparison(z > threshold, diff, sd, z, error_rate)
 
 
+WIDE_ADVICE = (
+    "Use more test data (--max-test-examples, or more rows per tenant), or a lower "
+    "--eval-noise{now} (a larger share of epsilon spent on the evaluation)."
+)
+
+
+def wide_interval(
+    metrics: Mapping[str, object], *, limit: float = WIDE_INTERVAL
+) -> tuple[str, float] | None:
+    """The released metric whose 95% interval is widest, and its width, when wider than
+    ``limit`` (too wide to tell models apart); None otherwise."""
+    widths = []
+    for name in ("accuracy", "macro_f1"):
+        low, high = metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
+        if isinstance(low, int | float) and isinstance(high, int | float):
+            widths.append((float(high) - float(low), name.replace("macro_f1", "macro-F1")))
+    if not widths:
+        return None
+    width, name = max(widths)
+    return (name, width) if width > limit else None
+
+
 def wide_interval_warning(
     metrics: Mapping[str, object],
     *,
@@ -277,20 +299,12 @@ def wide_interval_warning(
     more test rows (``max-test-examples``, or a larger test share of the data) and a
     smaller ``eval-noise`` (a larger share of epsilon spent on the evaluation).
     """
-    widths = []
-    for name in ("accuracy", "macro_f1"):
-        low, high = metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
-        if isinstance(low, int | float) and isinstance(high, int | float):
-            widths.append((float(high) - float(low), name.replace("macro_f1", "macro-F1")))
-    if not widths:
+    wide = wide_interval(metrics, limit=limit)
+    if wide is None:
         return None
-    width, name = max(widths)
-    if width <= limit:
-        return None
+    name, width = wide
     rows = f" ({examples:.0f} released test rows)" if examples is not None else ""
-    now = f", now {eval_noise:g}" if eval_noise else ""
     return (
         f"The 95% interval of {name} is {width:.2f} wide{rows}: too wide to tell models "
-        "apart. Use more test data (--max-test-examples, or more rows per tenant), or a "
-        f"lower --eval-noise{now} (a larger share of epsilon spent on the evaluation)."
+        "apart. " + WIDE_ADVICE.format(now=f", now {eval_noise:g}" if eval_noise else "")
     )

@@ -140,6 +140,8 @@ def release_models(
                 "personalized": own is not None,
                 "releases_charged": len(charged),
                 "run_epsilon": compose_epsilon(charged, plan.round_params.delta),
+                # Runs compose to less than their sum: what two runs like this one cost.
+                "two_runs_epsilon": compose_epsilon(charged * 2, plan.round_params.delta),
                 "noise_multiplier": plan.round_params.noise_multiplier,
                 "sample_rate": plan.round_params.sample_rate,
                 "steps_per_round": plan.round_params.steps,
@@ -155,6 +157,10 @@ def release_models(
         "rejected": private.rejected,
         "failed": private.failed,
         "strategy": cfg.strategy,
+        "target_epsilon": cfg.epsilon,
+        "eval_noise": cfg.eval_noise,
+        "confidence": CONFIDENCE,
+        "decision_error_rate": DECISION_ERROR_RATE,
         "metrics_release": (
             f"evaluation metrics are DP-released: Gaussian noise of standard deviation "
             f"{cfg.eval_noise:g} on every confusion count, charged to the ledger as purpose "

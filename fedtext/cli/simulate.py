@@ -73,6 +73,7 @@ def simulate(
     asked = {} if resume else _config(tenant or [], data or [], tenants, prefix, settings or {})
     from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
     from fedtext.logs import current, setup
+    from fedtext.preflight import check_budgets
     from fedtext.progress import watch_run
     from runs.simulation import SimulationConfig, SimulationFailed, data_labels, preflight
     from runs.simulation import resume as resume_run
@@ -98,6 +99,8 @@ def simulate(
                 config = SimulationConfig.parse({**config.public(), "labels": data_labels(config)})
             # Checked before a tenant is created, anything trains or anything is charged.
             counts = preflight(config, _ensure_tenants(platform, list(config.tenants), False))
+            # The budget too, before Flower starts and before any progress bar.
+            check_budgets(platform, config, counts)
             _ensure_tenants(platform, list(config.tenants), True)
             if config.data_file or config.data_files:
                 sizes = ", ".join(f"{t} {n}" for t, n in counts.items())
@@ -193,24 +196,20 @@ def _ensure_tenants(platform: Any, names: list[str], create: bool) -> dict[str, 
 
 
 def _print_result(run_id: str, summary: dict[str, Any], order: list[str]) -> None:
-    from fedtext.progress import results_table
+    from fedtext.progress import epsilon_notes, result_notes, result_row, results_table
 
     tenants = summary["tenants"]
     models = sorted({str(t["model"]) for t in tenants.values()})
     table = results_table(models, "spent by this run")
-    for name in sorted(tenants, key=lambda n: order.index(n) if n in order else len(order)):
-        t = tenants[name]
-        table.add_row(
-            name,
-            num(t["train_examples"]),
-            num(t["test_examples"], "-"),
-            f"{num(t['global_accuracy'])}/{num(t['personalized_accuracy'])}",
-            f"{num(t['global_macro_f1'])}/{num(t['personalized_macro_f1'])}",
-            num(t["run_epsilon"]),
-            f"v{t['version']}",
-        )
+    ordered = sorted(tenants, key=lambda n: order.index(n) if n in order else len(order))
+    for name in ordered:
+        table.add_row(*result_row(name, tenants[name], num(tenants[name]["run_epsilon"])))
     console.print(f"Run {run_id} completed.")
     console.print(table)
+    for line in result_notes({n: tenants[n] for n in ordered}, summary.get("eval_noise")):
+        console.print(line)
+    for line in epsilon_notes(summary.get("target_epsilon"), tenants, summary.get("eval_noise")):
+        console.print(line)
     for kind in ("refused", "failed", "rejected"):
         for reason in summary.get(kind, []):
             console.print(f"[yellow]{kind}:[/yellow] {reason}")

@@ -30,6 +30,7 @@ from serving.schemas import (
     ModelVersionPublic,
     PredictRequest,
     PredictResponse,
+    ReleasedMetrics,
 )
 from tenancy.errors import NotFound
 from tenancy.registry import deploy_version, get_version, set_quantize
@@ -48,7 +49,8 @@ def _version_public(row: ModelVersion) -> ModelVersionPublic:
         run_id=row.run_id,
         size_bytes=row.size_bytes,
         spec=json.loads(row.spec_json),
-        metrics=json.loads(row.metrics_json),
+        metrics=(metrics := json.loads(row.metrics_json)),
+        released=ReleasedMetrics.from_metrics(metrics, row.version),
     )
 
 
