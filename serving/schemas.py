@@ -7,11 +7,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from privacy.report import AuditReport
+# Import-light (pydantic only, no SQL, torch or accountants): the SDK (fedtext.client) uses
+# these models; tests/client/test_schemas.py checks the copies below against their sources.
+from privacy.schemas import AuditReport
 from runs.spec import SIMULATION_ONLY, request_model
 from runs.status import RunStatus
-from tenancy.tables import TenantBase
-from tenancy.tenants import MAX_BUDGET_DELTA
+
+MAX_BUDGET_DELTA = 1e-3  # tenancy.tenants.MAX_BUDGET_DELTA
+
+
+class TenantBase(BaseModel):
+    """tenancy.tables.TenantBase's fields, without its table machinery."""
+
+    name: str = Field(max_length=63)
+    budget_epsilon: float = 10.0
+    budget_delta: float = 1e-5
 
 
 class TenantCreate(TenantBase):
@@ -127,6 +137,57 @@ class RoundMetricPublic(BaseModel):
     loss: float | None
     accuracy: float | None
     macro_f1: float | None
+    # The final phase's released figures with their uncertainty (from the run summary;
+    # null for training rows and runs without one): SD and 95% interval, noise and
+    # test-set size (privacy/uncertainty.py).
+    accuracy_sd: float | None = None
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
+    macro_f1_sd: float | None = None
+    macro_f1_low: float | None = None
+    macro_f1_high: float | None = None
+    examples_sd: float | None = None
+
+
+class ReleasedMetrics(BaseModel):
+    """A model version's released held-out figures, each with its uncertainty: the same
+    figures, named the same, on Runs (``result``), Models (``released``) and in the CLI."""
+
+    model: str = Field(description='"global" or "personalized": what the version holds.')
+    accuracy: float | None
+    accuracy_sd: float | None = Field(description="SD: DP noise and test-set size.")
+    accuracy_low: float | None = Field(description="95% interval, lower end.")
+    accuracy_high: float | None = Field(description="95% interval, upper end.")
+    macro_f1: float | None
+    macro_f1_sd: float | None
+    macro_f1_low: float | None
+    macro_f1_high: float | None
+    test_examples: int | None = Field(description="Released (noised) test-split size.")
+    test_examples_sd: float | None
+    confidence: float | None = Field(description="Level of the intervals (0.95).")
+    uncertainty_warning: str | None = Field(
+        description="Set when an interval is too wide to tell models apart: what to do."
+    )
+    model_choice: str | None = Field(description="Why the global or personalized model.")
+    deploy_reason: str | None = Field(description="Why it was deployed, or not.")
+    version: int | None = None
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any], version: int | None = None) -> ReleasedMetrics:
+        """From a version's stored metrics (or a run summary's tenant entry)."""
+        fields = (
+            "accuracy", "accuracy_sd", "accuracy_low", "accuracy_high", "macro_f1",
+            "macro_f1_sd", "macro_f1_low", "macro_f1_high", "test_examples",
+            "test_examples_sd", "confidence", "uncertainty_warning",
+        )  # fmt: skip
+        choice, deploy = metrics.get("model_choice"), metrics.get("deploy")
+        return cls(
+            model="personalized" if metrics.get("personalized") else "global",
+            **{f: metrics.get(f) for f in fields},
+            model_choice=choice.get("reason") if isinstance(choice, dict) else None,
+            deploy_reason=deploy.get("reason") if isinstance(deploy, dict) else None,
+            version=metrics.get("version", version),
+        )
 
 
 class RunPublic(BaseModel):
@@ -140,6 +201,11 @@ class RunPublic(BaseModel):
     finished_at: datetime | None
     heartbeat_at: datetime | None
     metrics: list[RoundMetricPublic] = Field(description="The calling tenant's own metrics.")
+    result: ReleasedMetrics | None = Field(
+        default=None,
+        description="The calling tenant's released final figures with their uncertainty "
+        "(the model version the run stored); null until the run completes.",
+    )
 
 
 class ModelVersionPublic(BaseModel):
@@ -151,6 +217,9 @@ class ModelVersionPublic(BaseModel):
     size_bytes: int
     spec: dict[str, object]
     metrics: dict[str, object]
+    released: ReleasedMetrics | None = Field(
+        default=None, description="The released held-out figures with their uncertainty."
+    )
 
 
 class ModelPublic(BaseModel):
