@@ -243,7 +243,12 @@ def methodology(delta: float) -> list[MethodologyItem]:
             "post-processing. Evaluation metrics leave a node only as confusion counts "
             "with Gaussian noise (sensitivity 1 per matrix), charged as ledger entries of "
             "purpose 'evaluate' (sample rate 1, one step per matrix); accuracy and "
-            "macro-F1 in run summaries and model versions are computed from those.",
+            "macro-F1 in run summaries and model versions are computed from those, each "
+            "with its standard deviation and 95% interval under the known noise and the "
+            "test split's size (privacy/uncertainty.py). A personalized model replaces "
+            "the global one, and if-better deploys a version, only when the released "
+            "difference is significant (one-sided, 5% error rate); otherwise the version "
+            "records why not.",
         ),
         (
             "What is NOT covered by this guarantee?",
