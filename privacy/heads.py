@@ -29,7 +29,6 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
 from privacy.ledger import (
@@ -42,43 +41,15 @@ from privacy.ledger import (
     tenant_events,
     verify_chain,
 )
+from privacy.schemas import HEAD_FORMAT as HEAD_FORMAT  # re-exported: moved there
+from privacy.schemas import Head as Head
+from privacy.schemas import SignedHeadPublic as SignedHeadPublic
 
-HEAD_FORMAT = "fedtext-signed-head/1"
 HEADS_FILE_FORMAT = "fedtext-signed-heads/1"
 
 
 class HeadError(ValueError):
     """A head file that cannot be read; the message says why."""
-
-
-class Head(BaseModel):
-    """What is signed: one tenant's chains and budget settings at one moment."""
-
-    format: str = HEAD_FORMAT
-    tenant_id: str
-    ledger_seq: int
-    ledger_hash: str
-    budget_seq: int
-    budget_hash: str
-    budget_epsilon: float  # the tenant-wide budget in force
-    budget_delta: float
-    dataset_budgets: dict[str, float] = Field(default_factory=dict)
-    signed_at: str  # UTC ISO 8601
-
-    def canonical(self) -> bytes:
-        """Sorted keys, no spaces, floats as ``repr``: the bytes that are signed."""
-        data = {k: (repr(v) if isinstance(v, float) else v) for k, v in self.model_dump().items()}
-        data["dataset_budgets"] = {k: repr(v) for k, v in sorted(self.dataset_budgets.items())}
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-
-class SignedHeadPublic(BaseModel):
-    """A head with its Ed25519 signature and the public key that checks it."""
-
-    head: Head
-    key_id: str  # SHA-256 hex (first 32) of the raw public key
-    public_key: str  # raw 32-byte Ed25519 public key, base64
-    signature: str  # base64
 
 
 def key_id(public_key: bytes) -> str:

@@ -7,11 +7,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from privacy.report import AuditReport
+# Import-light (pydantic only, no SQL, torch or accountants): the SDK (fedtext.client) uses
+# these models; tests/client/test_schemas.py checks the copies below against their sources.
+from privacy.schemas import AuditReport
 from runs.spec import SIMULATION_ONLY, request_model
 from runs.status import RunStatus
-from tenancy.tables import TenantBase
-from tenancy.tenants import MAX_BUDGET_DELTA
+
+MAX_BUDGET_DELTA = 1e-3  # tenancy.tenants.MAX_BUDGET_DELTA
+
+
+class TenantBase(BaseModel):
+    """tenancy.tables.TenantBase's fields, without its table machinery."""
+
+    name: str = Field(max_length=63)
+    budget_epsilon: float = 10.0
+    budget_delta: float = 1e-5
 
 
 class TenantCreate(TenantBase):
