@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from privacy.node_proof import fingerprint, openssh_text
 from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from serving.limits import Limits
 from tenancy.db import session_scope
+from tenancy.nodes import enroll_node_key
 from tenancy.platform import Platform
 from tenancy.tables import ApiKey, TrainingRun
 from tenancy.tenants import create_api_key
@@ -75,6 +78,11 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         session.add(run)
         session.flush()
         victim_id, run_id = victim.id, run.id
+        node_key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        enroll_node_key(
+            session, tenant_id=acme.tenant.id, fingerprint=fingerprint(node_key),
+            public_key=openssh_text(node_key), enrolled_by="test",
+        )  # fmt: skip
     with session_scope(platform.engine) as session:
         # Revoked and expired after creation, as in life (and read back from the database).
         for row_id, field in ((revoked_row.id, "revoked_at"), (expired_row.id, "expires_at")):
@@ -160,6 +168,23 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         Route("GET", "/v1/partners", "/v1/partners", "collection", 200),
         Route("PUT", "/v1/partners", "/v1/partners", "collection", 200, {"tenants": []}),
         Route("GET", "/v1/runs/{run_id}", f"/v1/runs/{run_id}", "object", 200),
+        # Node keys (serving/routers/nodes.py): a malformed key's 422 proves authorization.
+        Route("GET", "/v1/federation/nodes", "/v1/federation/nodes", "collection", 200),
+        Route(
+            "POST",
+            "/v1/federation/nodes",
+            "/v1/federation/nodes",
+            "collection",
+            422,
+            {"public_key": "not a key"},
+        ),
+        Route(
+            "DELETE",
+            "/v1/federation/nodes/{fingerprint}",
+            f"/v1/federation/nodes/{fingerprint(node_key)}",
+            "object",
+            204,
+        ),
         Route("POST", "/v1/runs/{run_id}/cancel", f"/v1/runs/{run_id}/cancel", "object", 200),
     ]
     app = create_app(
