@@ -112,18 +112,17 @@ def watch_run(platform: Platform, run_id: str, work: Callable[[], T], console: C
 
 def results_table(models: list[str], epsilon: str) -> Table:
     """The per-tenant results table of a finished run (demo and simulate); ``epsilon``
-    says what its epsilon column holds. Rows: ``result_row``."""
+    says what its epsilon column holds. Rows: ``result_row``. Fits 80 columns."""
     table = Table(
-        "tenant", "train", "test", "model", "accuracy (95%)", "macro-F1 (95%)", "epsilon",
-        "version",
-        box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left",
+        "tenant", "train", "test", "accuracy (95%)", "macro-F1 (95%)", "epsilon", "version",
+        box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False,
+        title_justify="left", caption_justify="left",
         title=f"Results, model {', '.join(models)} (full precision: the run's JSON summary)",
         # Only DP outputs leave a node: the test split's size and scores are computed
         # from the confusion counts it released with Gaussian noise (docs/AUDIT.md).
-        caption="model: what the version holds, the global model or the personalized one "
-        "(kept only when significantly better); accuracy, macro-F1 of that model as "
-        "released with DP noise, with their 95% interval (noise and test-set size); "
-        f"test: released test rows +-95%; epsilon: {epsilon}",
+        caption="Scores and test rows as released with DP noise, with 95% intervals; "
+        "version (g)/(p): it holds the global/personalized model (p only if "
+        f"significantly better); epsilon: {epsilon}",
     )  # fmt: skip
     for column in table.columns:
         column.no_wrap = True
@@ -135,24 +134,23 @@ def interval(value: float | None, low: float | None, high: float | None) -> str:
     if value is None:
         return "-"
     if low is None or high is None:
-        return num(value)
-    return f"{num(value)} ({low:.2f}-{high:.2f})"
+        return f"{value:.3f}"
+    return f"{value:.3f} ({low:.2f}-{high:.2f})"
 
 
 def result_row(name: str, t: Mapping[str, Any], epsilon: str) -> list[str]:
     """One tenant's row of ``results_table`` from its run summary entry."""
     test = num(t.get("test_examples"), "-")
     if t.get("test_examples") is not None and t.get("test_examples_sd") is not None:
-        test += f"+-{z_value() * t['test_examples_sd']:.0f}"
+        test += f"±{z_value() * t['test_examples_sd']:.0f}"
     return [
         name,
         num(t.get("train_examples")),
         test,
-        "personal" if t.get("personalized") else "global",
         interval(t.get("accuracy"), t.get("accuracy_low"), t.get("accuracy_high")),
         interval(t.get("macro_f1"), t.get("macro_f1_low"), t.get("macro_f1_high")),
         epsilon,
-        f"v{t.get('version')}",
+        f"v{t.get('version')} ({'p' if t.get('personalized') else 'g'})",
     ]
 
 
@@ -186,35 +184,23 @@ def epsilon_notes(
         for t in tenants.values()
         if t.get("run_epsilon")
     )
-    spent = [p[0] for p in pairs]
-    if not spent:
+    if not pairs:
         return []
-    lines = [
-        "[bold]Epsilon[/bold] bounds how much any one person's example can change what "
-        "left its tenant (model updates, released scores): the smaller, the less anyone "
-        "can learn about that example; each tenant's budget caps the total over all runs."
-    ]
+    low, high = num(pairs[0][0]), num(pairs[-1][0])
+    spent = low if low == high else f"{low}-{high}"
+    text = (
+        "[bold]Epsilon[/bold] bounds how much what leaves a tenant (updates, scores) can "
+        "depend on any one of its examples; its budget caps the total over runs."
+    )
     if target:
-        span = (
-            num(min(spent))
-            if num(min(spent)) == num(max(spent))
-            else (f"{num(min(spent))}-{num(max(spent))}")
+        text += (
+            f" This run spent {spent} for a target of {num(target)}: training meets it from "
+            "below" + (", the released scores' noise is charged on top." if eval_noise else ".")
         )
-        lines.append(
-            f"This run spent {span} for a target of {num(target)}: training meets the target "
-            "from below (the noise search stops within 1% of it)"
-            + (
-                f" and the released evaluation (noise SD {eval_noise:g} per confusion count) "
-                "is charged on top."
-                if eval_noise
-                else "."
-            )
+    one, two = pairs[0]
+    if two:
+        text += (
+            f" Runs compose to less than their sum (PRV accounting): two like this cost "
+            f"{num(two)}, not {num(2 * one)}."
         )
-    if pairs and pairs[0][1]:
-        one, two = pairs[0]
-        lines.append(
-            f"Runs compose to less than their sum: two runs like this one cost "
-            f"{num(two)} in all, not {num(2 * one)} (the ledger composes every release's "
-            "privacy loss distribution, PRV accounting)."
-        )
-    return lines
+    return [text]

@@ -41,8 +41,10 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     out = console.export_text()
     assert [t.name for t in report.tenants] == ["acme", "globex", "initech"]
     for t in report.tenants:
-        # The test count and the accuracy are as released: noised confusion counts.
-        assert t.train_examples == 96 and t.test_examples != 0 and t.accuracy is not None
+        # The test count and the accuracy are as released: noised confusion counts (on 32
+        # rows with noise SD 10 per count the released total may be 0), with intervals.
+        assert t.train_examples == 96 and t.test_examples >= 0 and t.accuracy is not None
+        assert t.metrics["accuracy_low"] <= t.accuracy <= t.metrics["accuracy_high"]
         # Training meets the target; the released evaluation is charged on top of it.
         assert 2.0 < t.spent_epsilon <= 2.2 and t.budget_epsilon == 2.2
         assert t.version == 1

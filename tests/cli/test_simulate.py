@@ -90,6 +90,12 @@ def test_simulate_trains_named_tenants_on_their_own_spam_ham_files(
     assert set(keys) == {"acme", "globex"}
     assert f'-H "Authorization: Bearer {keys["acme"]}"' in first.output
     assert not re.search(r"\d\.\d{5,}", first.output), "numbers are rounded for reading"
+    # Each released metric with its 95% interval; epsilon explained after the run.
+    assert "accuracy (95%)" in first.output
+    assert re.search(r"\d\.\d{3} \(\d\.\d\d-\d\.\d\d\)", first.output)
+    flat = " ".join(first.output.split())
+    assert "training meets it from below" in flat
+    assert re.search(r"two like this cost \d\.\d\d, not \d", flat)
 
     # One file split over the same (now existing) tenants, labels named in another order.
     shared = spam_ham_file(tmp_path / "all.csv", 800, 3)
@@ -182,4 +188,29 @@ def test_simulate_checks_size_batch_and_labels_before_anything_trains(
     platform = platform_from_settings(Settings(data_dir=data_dir))
     with Session(platform.engine) as session:
         assert session.exec(select(Tenant)).all() == []
+        assert session.exec(select(PrivacyEvent)).all() == []
+
+
+@pytest.mark.slow
+def test_a_run_over_budget_is_refused_before_any_progress_bar(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    for name in ("acme", "globex"):
+        made = runner.invoke(app, ["tenant", "create", name, "--budget-epsilon", "1"])
+        assert made.exit_code == 0, made.output
+    data = spam_ham_file(tmp_path / "all.csv", 400, 2)
+    refused = runner.invoke(
+        app,
+        ["simulate", "--data", str(data), "--tenant", "acme", "--tenant", "globex",
+         "--epsilon", "3", *TINY],
+    )  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    out = " ".join(refused.output.split())
+    assert "does not fit the privacy budget (nothing was trained or charged)" in out
+    assert "tenant 'acme' would exceed budget: budget epsilon 1.000" in out
+    assert "fedtext tenant budget acme --epsilon E --reason R" in out
+    # Refused before Flower started: no progress bar, no round table, nothing charged.
+    assert "rounds" not in out and "Traceback" not in out
+    platform = platform_from_settings(Settings(data_dir=data_dir))
+    with Session(platform.engine) as session:
         assert session.exec(select(PrivacyEvent)).all() == []
