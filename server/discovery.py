@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from sqlalchemy import Engine
 from sqlmodel import Session
 
 from privacy.ledger import DEFAULT_DATASET, check_dataset
@@ -66,9 +67,14 @@ def authenticated_keys(grid: Grid) -> dict[int, bytes]:
     return {int(n.node_id): bytes(n.public_key) for n in grid.get_nodes() if n.public_key}
 
 
-def discover_nodes(grid: Grid, cfg: RunSpec) -> tuple[list[NodeInfo], list[str]]:
+def discover_nodes(
+    grid: Grid, cfg: RunSpec, engine: Engine | None = None
+) -> tuple[list[NodeInfo], list[str]]:
     """Ask every connected node which tenant it serves, which dataset it trains on and how
-    much data it holds; on a real federation, keep only replies signed by the node's key."""
+    much data it holds; on a real federation, keep only replies signed by the node's key,
+    and with ``engine`` (the platform database) only nodes whose key is enrolled for the
+    tenant they claim (``plan_run`` checks that again through ``unique_known_tenants``; a
+    resumed run relies on this one)."""
     deadline = time.monotonic() + cfg.round_timeout
     # Named participants get until the timeout to connect; the run then goes on with
     # those present if they are enough (planning reports who is missing).
@@ -134,6 +140,10 @@ def discover_nodes(grid: Grid, cfg: RunSpec) -> tuple[list[NodeInfo], list[str]]
             problems.append(f"node {node_id} declared an invalid dataset name")
             continue
         nodes.append(node)
+    if engine is not None:
+        with Session(engine) as session:
+            nodes, unbound = bound_to_enrolled_keys(session, nodes)
+        problems += unbound
     return nodes, problems
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,11 @@ def _read_node_key(path: Path) -> tuple[str, str]:
     from privacy.node_proof import ProofError, fingerprint, load_public_key, openssh_text
 
     try:
-        key = load_public_key(existing_file(path, "node public key").read_bytes())
+        if str(path) == "-":  # e.g. `docker compose exec -T coordinator ... - < node.pub`
+            data = sys.stdin.buffer.read()
+        else:
+            data = existing_file(path, "node public key").read_bytes()
+        key = load_public_key(data)
     except ProofError as exc:
         raise UserError(f"{path}: {exc}") from None
     return fingerprint(key), openssh_text(key)
@@ -171,7 +176,7 @@ def enroll(
     tenant: Annotated[str, typer.Option(help="The tenant these node keys are enrolled for.")],
     key: Annotated[
         list[Path],
-        typer.Argument(help="Node public key files (node.pub, OpenSSH or PEM)."),
+        typer.Argument(help="Node public key files (node.pub, OpenSSH or PEM; - reads stdin)."),
     ],
 ) -> None:
     """Enroll node public keys for a tenant: the coordinator takes a node's tenant from
