@@ -197,7 +197,7 @@ class FileKeyProvider(KeyProvider):
 
     def _load_signing(self) -> dict[str, object]:
         if not self.signing_path.exists():
-            data = {
+            data: dict[str, object] = {
                 "format": "fedtext-signing-seeds/1",
                 "seeds": {"1": base64.b64encode(os.urandom(32)).decode()},
                 "legacy_head_keys": [

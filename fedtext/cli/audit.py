@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -252,7 +252,7 @@ def audit_sign_existing(
     trusted = _trusted_keys(platform, None)
     signing = platform.keyring.signing
     blockers: list[str] = []
-    todo: list[tuple[type, object, str]] = []  # (table class, row, table name)
+    todo: list[tuple[Any, Any, str]] = []  # (table class, row, table name)
     with Session(platform.engine) as session:
         key_rows = _key_rows_by_tenant(session)
         for tenant_id in sorted(set(all_tenant_ids(session)) | set(key_rows)):
@@ -268,11 +268,11 @@ def audit_sign_existing(
                     if broken is not None:
                         blockers.append(f"tenant {tenant_id} {name} {broken.seq}: {broken.reason}")
                 for item in rows:
-                    status = check(item.signature, row_message(table, item), trusted)  # type: ignore[attr-defined]
+                    status = check(item.signature, row_message(table, item), trusted)
                     if status == "unsigned":
                         todo.append((cls, item, table))
                     elif status != "ok":
-                        blockers.append(f"tenant {tenant_id} {name} row {item.id}: {status}")  # type: ignore[attr-defined]
+                        blockers.append(f"tenant {tenant_id} {name} row {item.id}: {status}")
             wide = [c for c in budget if c.dataset == "*"]
             if row is not None and wide and abs(wide[-1].new_epsilon - row.budget_epsilon) > 1e-12:
                 blockers.append(
@@ -287,15 +287,15 @@ def audit_sign_existing(
         for _cls, item, table in todo:
             if table == KEY_TABLE:
                 console.print(
-                    f"API key {item.prefix} (scopes {item.scopes}) of tenant "  # type: ignore[attr-defined]
-                    f"{item.tenant_id}, created {item.created_at}"  # type: ignore[attr-defined]
+                    f"API key {item.prefix} (scopes {item.scopes}) of tenant "
+                    f"{item.tenant_id}, created {item.created_at}"
                 )
         if not dry_run:
             for cls, item, table in todo:
                 # A plain UPDATE: the ledger's ORM refuses to change its rows, by design.
                 session.execute(
                     update(cls)
-                    .where(cls.id == item.id)  # type: ignore[attr-defined]
+                    .where(cls.id == item.id)
                     .values(signature=signing.sign(row_message(table, item)))
                 )
             session.commit()
