@@ -204,8 +204,13 @@ def test_a_released_evaluation_is_read_from_noised_counts_and_checked() -> None:
     assert "differ from" in strategy.rejected[0]
     got = read_evaluation(good, plan(1, "acme"), ("global",))
     assert isinstance(got, dict)
-    # Negative noised counts are clipped to 0: the diagonal 50.3 + 20.7 + 30.2 over the rest.
-    assert got["global"]["accuracy"] == pytest.approx(101.2 / (sum(counts) + 1.2))
+    # Noised counts are used as released, negative ones too (their sums stay unbiased):
+    # the diagonal 50.3 + 20.7 + 30.2 over the total; with its SD and 95% interval under
+    # the plan's evaluation noise.
+    released = got["global"]
+    assert released["accuracy"] == pytest.approx(101.2 / sum(counts))
+    assert released["examples_sd"] == pytest.approx(3 * EVAL.noise_multiplier)
+    assert released["accuracy_low"] < released["accuracy"] < released["accuracy_high"]
 
 
 def test_unknown_strategy_is_a_value_error() -> None:
