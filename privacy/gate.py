@@ -77,9 +77,10 @@ class PrivacyGate:
         self._active = active_runs
 
     def _enter(
-        self, session: Session, tenant_id: str, run_id: str
+        self, session: Session, tenant_id: str, run_id: str, *, lock: bool = True
     ) -> tuple[HasBudget | None, list[tuple[str, DPParams]]]:
-        lock_tenant(session, tenant_id)
+        if lock:
+            lock_tenant(session, tenant_id)
         tenant = self._load(session, tenant_id)
         if tenant is None:
             return None, []
@@ -87,6 +88,30 @@ class PrivacyGate:
             session, tenant_id, active_runs=self._active(session), exclude_run=run_id
         )
         return tenant, others
+
+    def peek(
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        run_id: str,
+        dataset: str,
+        releases: Sequence[PlannedRelease],
+    ) -> GateResult:
+        """What ``hold`` would decide now, without the lock and without writing: a cheap
+        first answer before slower work (its "allowed" still needs ``hold``)."""
+        tenant, others = self._enter(session, tenant_id, run_id, lock=False)
+        if tenant is None:
+            return GateResult(None, None)
+        left = pending(session, run_id=run_id, tenant_id=tenant_id, releases=releases)
+        decision = check_release(
+            session,
+            tenant=tenant,
+            dataset=dataset,
+            new_events=[r.params for r in left],
+            reserved=others,
+        )
+        return GateResult(tenant, decision)
 
     def hold(
         self,

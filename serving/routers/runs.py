@@ -210,15 +210,23 @@ def create(
             headers={"Retry-After": "2"},
         )
     try:
-        try:
-            launcher.check(config)
-        except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         run = new_run(owner_tenant_id=caller.tenant.id, simulation_json=json.dumps(config))
-        refusals = _reserve_budgets(session, run.id, tenants, body, caller.tenant.id, policies)
-        if refusals:
-            session.rollback()
-            raise HTTPException(status.HTTP_409_CONFLICT, "; ".join(refusals))
+        # The budget first, unlocked: its estimate is a closed form, so a run that cannot
+        # fit is refused before the launcher's check searches noise levels for it, and no
+        # tenant's lock is held during that search.
+        for hold in (False, True):
+            refusals = _reserve_budgets(
+                session, run.id, tenants, body, caller.tenant.id, policies, hold=hold
+            )
+            if refusals:
+                session.rollback()
+                raise HTTPException(status.HTTP_409_CONFLICT, "; ".join(refusals))
+            if not hold:
+                session.rollback()  # end the read transaction before the slow check
+                try:
+                    launcher.check(config)
+                except ValueError as exc:
+                    raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         session.add(run)
         session.commit()  # the run and its reservations together, then the locks are released
     finally:
@@ -241,10 +249,13 @@ def _reserve_budgets(
     body: RunCreate,
     caller_id: str,
     policies: dict[str, Policy],
+    *,
+    hold: bool = True,
 ) -> list[str]:
-    """Reserve the run's estimated spend of every participant through the privacy gate,
-    or say who it does not fit: the caller's own figures (with the largest epsilon that
-    fits and how to raise the budget), and only "cannot take part (budget)" for others.
+    """Reserve (``hold``; else only check) the run's estimated spend of every participant
+    through the privacy gate, or say who it does not fit: the caller's own figures (with
+    the largest epsilon that fits and how to raise the budget), and only "cannot take part
+    (budget)" for others.
 
     Tenants are locked in id order, so two submissions never deadlock; each is checked
     against spent + other active runs' reservations + this run's target epsilon and
@@ -256,14 +267,19 @@ def _reserve_budgets(
     for tenant in sorted(tenants, key=lambda t: t.id):
         dataset = policies[tenant.id].dataset
         estimate = estimate_releases(body.epsilon, tenant.budget_delta, DEFAULT_EVAL_NOISE)
-        result = gate.hold(
-            session,
-            tenant_id=tenant.id,
-            run_id=run_id,
-            dataset=dataset,
-            releases=estimate,
-            stage=ESTIMATE,
-        )
+        if hold:
+            result = gate.hold(
+                session,
+                tenant_id=tenant.id,
+                run_id=run_id,
+                dataset=dataset,
+                releases=estimate,
+                stage=ESTIMATE,
+            )
+        else:  # a first answer without the lock (``hold`` decides)
+            result = gate.peek(
+                session, tenant_id=tenant.id, run_id=run_id, dataset=dataset, releases=estimate
+            )
         if result.allowed:
             continue
         if tenant.id != caller_id or result.decision is None:
