@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtext.format import num
-from fedtext.handoff import Handoff, curl_command, print_handoffs
+from fedtext.handoff import Handoff, console_url, curl_command, print_console, print_handoffs
 from fedtext.logs import current
 from fedtext.plaintext_scan import find_plaintext_weights
 from fedtext.platform import platform_from_settings, upgrade_schema
@@ -65,6 +65,7 @@ class TenantReport:
     model: str = ""
     predictions: list[tuple[str, str, float]] = field(default_factory=list)
     predict_key: str = ""  # the demo's predict key of this tenant, shown once at the end
+    admin_key: str = ""  # its admin key, for the web console; shown once at the end
     # The run summary's entry of this tenant: every released figure with its uncertainty.
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -191,6 +192,7 @@ def run_demo(
                     version=body["version"],
                     model=body["model"],
                     predict_key=keys[name]["predict"],
+                    admin_key=keys[name]["admin"],
                     metrics={**info, "version": body["version"]},
                     predictions=[
                         (text, pred[0]["label"], pred[0]["score"])
@@ -251,10 +253,7 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
         f"a predict key asking for the privacy ledger gets HTTP "
         f"{report.predict_key_on_ledger_status} (only admin keys read it)."
     )
-    items = [
-        Handoff(t.name, t.model, t.version, t.version, t.predict_key, t.predict_key[:16])
-        for t in report.tenants
-    ]
+    items = [_handoff(t) for t in report.tenants]
     if serving_url is not None:
         print_served(console, items, serving_url)
         return
@@ -262,6 +261,11 @@ def print_report(report: DemoReport, console: Console, *, serving_url: str | Non
         console, items, env={"FEDTEXT_DATA_DIR": str(report.data_dir.resolve())}, log_file=current()
     )
     console.print("Or keep the API up at the end of the demo: fedtext demo --serve")
+
+
+def _handoff(t: TenantReport) -> Handoff:
+    key, admin = t.predict_key, t.admin_key or None
+    return Handoff(t.name, t.model, t.version, t.version, key, key[:16], admin_key=admin)
 
 
 def print_served(console: Console, items: list[Handoff], url: str) -> None:
@@ -273,6 +277,8 @@ def print_served(console: Console, items: list[Handoff], url: str) -> None:
     for h in items:
         console.print(f"[bold]{h.tenant}[/bold] predict key (shown once): {h.key}")
         console.print(f"  {escape(curl_command(h.model, h.key or '', port=port))}")
+    admins = {h.tenant: h.admin_key for h in items if h.admin_key}
+    print_console(console, console_url(port=port), admins)
     log_file = current()
     if log_file is not None:
         console.print(f"Library logs: {log_file} (--verbose shows them here)")

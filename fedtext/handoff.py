@@ -1,7 +1,9 @@
 """How a training command ends: per tenant, what it can use now.
 
 Its model and version (and whether that version serves), a predict key (created when the
-tenant has no live one; shown once), and a `fedtext serve` and a curl line to paste.
+tenant has no live one; shown once), an admin key for the web console (created when the
+tenant never had one; shown once), and a `fedtext serve`, the console's address and a curl
+line to paste.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sqlmodel import Session, col, select
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version
-from tenancy.tables import ApiKey
+from tenancy.tables import ApiKey, Tenant
 from tenancy.tenants import Scope, create_api_key, get_tenant, is_live, key_scopes
 
 # A token command that works wherever fedtext is installed (no openssl needed).
@@ -35,6 +37,65 @@ class Handoff:
     key: str | None  # a new predict key (shown once), or None when one exists
     key_prefix: str
     why: str = ""  # why a new version does not serve yet (the run's deploy decision)
+    admin_key: str | None = None  # a new admin key (shown once), or None when one exists
+
+
+def console_url(host: str = "127.0.0.1", port: int = 8000, tls: bool = False) -> str:
+    """Where the web console of an API bound to ``host``:``port`` opens in a browser."""
+    shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"{'https' if tls else 'http'}://{shown}:{port}/console/"
+
+
+def first_admin_key(platform: Platform, tenant: str) -> str | None:
+    """A new admin key for ``tenant`` when it never had one (shown once), else None.
+
+    A tenant whose admin keys were all revoked gets none: revoking is a decision, and
+    `fedtext keys create --tenant NAME --scopes admin` makes another.
+    """
+    with session_scope(platform.engine) as session:
+        row = get_tenant(session=session, name=tenant)
+        keys = session.exec(select(ApiKey).where(ApiKey.tenant_id == row.id)).all()
+        if any(Scope.admin in key_scopes(k) for k in keys):
+            return None
+        _, secret = create_api_key(
+            session=session, tenant=row, scopes=[Scope.admin], name="first admin key"
+        )
+        return secret
+
+
+def tenants_without_admin_key(platform: Platform) -> list[str]:
+    """Live tenants that never had an admin key (made by simulate or demo before keys were)."""
+    with Session(platform.engine) as session:
+        admins = {
+            k.tenant_id for k in session.exec(select(ApiKey)).all() if Scope.admin in key_scopes(k)
+        }
+        tenants = session.exec(select(Tenant).where(col(Tenant.deleted_at).is_(None))).all()
+        return sorted(t.name for t in tenants if t.id not in admins)
+
+
+def print_serving_console(console: Console, platform: Platform, url: str, limit: int = 5) -> None:
+    """`fedtext serve`'s lines: the console, and an admin key for each tenant that never had
+    one (at most ``limit``; the others are named with the command that makes one)."""
+    missing = tenants_without_admin_key(platform)
+    keys = {}
+    for name in missing[:limit]:
+        key = first_admin_key(platform, name)
+        if key is not None:
+            keys[name] = key
+    print_console(console, url, keys)
+    if len(missing) > limit:
+        console.print(
+            f"  {len(missing) - limit} more tenant(s) have no admin key: "
+            "fedtext keys create --tenant NAME --scopes admin"
+        )
+
+
+def print_console(console: Console, url: str, keys: dict[str, str] | None = None) -> None:
+    """The console's address, how to sign in, and the admin keys just made (shown once)."""
+    console.print(f"[bold]Console[/bold]: {url} (sign in with a tenant's admin key)")
+    for tenant, key in (keys or {}).items():
+        console.print(f"  {tenant} admin key (shown once): {key}")
 
 
 def predict_key(platform: Platform, tenant: str) -> tuple[str | None, str]:
@@ -63,7 +124,10 @@ def handoffs(platform: Platform, tenants: dict[str, dict[str, object]]) -> list[
             tenant = get_tenant(session=session, name=name)
             live = deployed_version(session=session, tenant_id=tenant.id, name=model)
         secret, prefix = predict_key(platform, name)
-        out.append(Handoff(name, model, version, live.version if live else None, secret, prefix))
+        admin = first_admin_key(platform, name)
+        out.append(
+            Handoff(name, model, version, live.version if live else None, secret, prefix, "", admin)
+        )
     return out
 
 
@@ -94,6 +158,7 @@ def print_handoffs(
     """The lines a person pastes next: serve, then one curl per tenant."""
     console.print("[bold]Next[/bold]: start the API (leave it running), then ask a tenant's model:")
     console.print(f"  {escape(serve_command(env))}")
+    print_console(console, console_url(), {h.tenant: h.admin_key for h in items if h.admin_key})
     for h in items:
         if h.serving == h.version:
             state = "serving"

@@ -152,6 +152,11 @@ def serve(
         run_launcher=launcher,
         grpc=grpc,
     )
+    from fedtext.handoff import console_url, print_serving_console
+
+    bound_port = port or config.api_port
+    url = console_url(bind, bound_port, tls=ssl_certfile is not None)
+    print_serving_console(console, platform, url)
     # The startup heap (torch, tokenizer, routes) never becomes garbage: out of the cyclic
     # collector's sight, its full collections stop adding tens of ms to tail latency.
     gc.collect()
@@ -161,7 +166,7 @@ def serve(
     server = server_config(
         app_,
         host=bind,
-        port=port or config.api_port,
+        port=bound_port,
         limits=limits,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,

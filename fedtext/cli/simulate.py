@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from fedtext.cli.console import UserError, console, fail, open_platform, settings
-from fedtext.cli.run_options import run_options
+from fedtext.cli.run_options import DATA_PANEL, MACHINE_PANEL, run_options
 from fedtext.format import num
 from runs.spec import RunSpec, key
 
@@ -24,7 +24,20 @@ SIMULATE_SETTINGS = tuple(
 )
 
 
-@run_options(SIMULATE_SETTINGS)
+# --help: the command's own options in the run settings' panels; what applies to own data.
+_PANELS = {
+    **dict.fromkeys(("tenant", "data", "tenants", "prefix"), DATA_PANEL),
+    **dict.fromkeys(("gpu_fraction", "resume", "insecure", "verbose"), MACHINE_PANEL),
+}
+_OWN_DATA_DEFAULTS = {
+    "labels": "read from --data; negative, neutral, positive on the demo corpus",
+    "max_train_examples": "with --data the whole file (0); 2000 on the demo corpus",
+    "max_test_examples": "with --data the whole split (0); 500 on the demo corpus",
+    "partitioning": "iid (how one --data FILE or the demo corpus is split)",
+}
+
+
+@run_options(SIMULATE_SETTINGS, _PANELS, _OWN_DATA_DEFAULTS)
 def simulate(
     tenant: Annotated[
         list[str] | None,

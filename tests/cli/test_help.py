@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 import typer
 from typer.testing import CliRunner
@@ -34,3 +36,17 @@ def test_run_options_show_their_defaults() -> None:
             assert "[default:" in block, (path, flag, block)
     serve = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
     assert "else 8000" in serve and "else 127.0.0.1" in serve
+
+
+def test_simulate_help_is_grouped_and_says_what_applies_to_own_data() -> None:
+    out = runner.invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output
+    panels = re.findall(r"╭─ ([A-Za-z ]+?) ─", out)
+    assert panels == [
+        "Options", "Tenants and data", "Model and training", "Privacy", "Release", "Federation",
+        "Machine",
+    ]  # fmt: skip
+    data = out.split("Tenants and data", 1)[1].split("╰", 1)[0]
+    for flag in ("--tenant ", "--data ", "--labels ", "--max-train-examples "):
+        assert flag in data, flag
+    assert "read from --data" in data and "with --data the whole file (0)" in data
+    assert "--gpu-fraction" in out.split("╭─ Machine", 1)[1]
