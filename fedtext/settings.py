@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tenancy.hsm import Pkcs11Config
+if TYPE_CHECKING:  # PKCS#11 and the key providers load only where a key is used
+    from tenancy.hsm import Pkcs11Config
 
 # How to make an operator token, in the messages that refuse one.
 TOKEN_HINT = (
@@ -183,6 +184,8 @@ class Settings(BaseSettings):
         """The token settings of key_provider 'pkcs11' (None for the other providers)."""
         if self.key_provider != "pkcs11":
             return None
+        from tenancy.hsm import Pkcs11Config
+
         return Pkcs11Config(
             module=self.pkcs11_module or "",
             token_label=self.pkcs11_token or "",
