@@ -50,6 +50,10 @@ DEMO_EXAMPLES: list[tuple[str, str]] = [
 DEMO_SENTENCES = [text for text, _ in DEMO_EXAMPLES]
 
 
+class DemoRefused(ValueError):
+    """The demo's settings do not fit (sizes or budget); nothing was trained or charged."""
+
+
 @dataclass
 class TenantReport:
     name: str
@@ -131,14 +135,6 @@ def run_demo(
         f"[bold]Tenants[/bold] {', '.join(names)} created in {data_dir}, each with up to "
         f"{max_train_examples:,} training tweets ({partitioning} split of the demo corpus)"
     )
-    shown_rounds = rounds or training_defaults(model).rounds
-    console.print(
-        f"[bold]Federation[/bold] {len(names)} simulated nodes, model {model}, "
-        f"{shown_rounds} rounds, target epsilon {num(epsilon)} per tenant (DP-SGD), "
-        "then each tenant's DP personalization. The first minute encodes each tenant's "
-        "tweets once with the public MiniLM encoder."
-    )
-    started = time.monotonic()
     config = SimulationConfig.parse(
         {
             "tenants": names,
@@ -155,7 +151,18 @@ def run_demo(
         }
     )
     # Sizes and budgets are checked before Flower starts and before any progress bar.
-    check_budgets(platform, config, preflight(config))
+    try:
+        check_budgets(platform, config, preflight(config))
+    except ValueError as exc:
+        raise DemoRefused(str(exc)) from None
+    shown_rounds = rounds or training_defaults(model).rounds
+    console.print(
+        f"[bold]Federation[/bold] {len(names)} simulated nodes, model {model}, "
+        f"{shown_rounds} rounds, target epsilon {num(epsilon)} per tenant (DP-SGD), "
+        "then each tenant's DP personalization. The first minute encodes each tenant's "
+        "tweets once with the public MiniLM encoder."
+    )
+    started = time.monotonic()
     run_id = uuid.uuid4().hex
     result = watch_run(platform, run_id, lambda: simulate(platform, config, run_id), console)
     seconds = time.monotonic() - started

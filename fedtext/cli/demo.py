@@ -43,22 +43,25 @@ def demo(
     ] = False,
 ) -> None:
     """Three tenants, a DP federation, encrypted models, predictions over HTTP."""
-    from fedtext.demo import print_report, run_demo
+    from fedtext.demo import DemoRefused, print_report, run_demo
     from fedtext.logs import setup
 
     home = settings().data_dir
     if verbose:
         setup(home, verbose=True)
     target = data_dir or (home / "demo")
-    report = run_demo(
-        target,
-        rounds=rounds,
-        epsilon=epsilon,
-        max_train_examples=max_train_examples,
-        max_test_examples=max_test_examples,
-        secure_mode=not insecure,
-        console=console,
-    )
+    try:
+        report = run_demo(
+            target,
+            rounds=rounds,
+            epsilon=epsilon,
+            max_train_examples=max_train_examples,
+            max_test_examples=max_test_examples,
+            secure_mode=not insecure,
+            console=console,
+        )
+    except DemoRefused as exc:
+        raise fail(str(exc), code=2) from None
     if report.plaintext_files:
         print_report(report, console)
         raise fail(f"plaintext weights found: {report.plaintext_files}", code=1)
