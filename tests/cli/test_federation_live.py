@@ -177,11 +177,13 @@ class Federation:
             str(self.creds / "ca" / "ca.crt"),
         )
 
-    def node(self, tenant: str, *extra: str, data: str | None = None) -> Proc:
+    def node(
+        self, tenant: str, *extra: str, data: str | None = None, name: str | None = None
+    ) -> Proc:
         port = free_port()
         self.ports.append(port)
         return self.start(
-            f"node-{tenant}",
+            name or f"node-{tenant}",
             "node",
             "--tenant",
             tenant,
@@ -292,7 +294,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         "127.0.0.1",
         "--host",
         "localhost",
-        *[a for t in (*TENANTS, "rogue") for a in ("--tenant", t)],
+        *[a for t in (*TENANTS, "rogue", "acme-site-2") for a in ("--tenant", t)],
     )
     assert made.returncode == 0, made.stderr
     coordinator = fed.start(
@@ -323,6 +325,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         )
         assert registered.returncode == 0, registered.stdout + registered.stderr
         assert registered.stdout.count("registered") == len(TENANTS)
+        for tenant in TENANTS:  # each node key enrolled for its own tenant (issue 24)
+            enrolled = fed.cli(
+                "federation", "enroll", "--tenant", tenant,
+                str(fed.creds / "nodes" / tenant / "node.pub"),
+            )  # fmt: skip
+            assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
         yield fed
     finally:
         nodes = [p for p in fed.procs if p is not coordinator]
@@ -587,6 +595,66 @@ def test_a_restarted_api_follows_and_cancels_a_run_on_the_superlink(
         assert body["status"] == "cancelled" and "Cancelled by admin key" in body["error"], body
     finally:
         restarted.stop()
+
+
+def test_a_node_with_acmes_key_claiming_globex_is_refused_and_charges_nothing(
+    federation: Federation,
+) -> None:
+    """Issue 24 finding 1: a node's tenant comes from its enrolled key, not its reply."""
+    acme_node, globex_node = federation.tenant_nodes()
+    # acme's second site key: registered with the SuperLink and enrolled for acme.
+    second = federation.creds / "nodes" / "acme-site-2"
+    steps = [
+        ("federation", "register", "--superlink", federation.superlink,
+         "--ca", str(federation.creds / "ca" / "ca.crt"), "--key", str(second / "node.pub")),
+        ("federation", "enroll", "--tenant", "acme", str(second / "node.pub")),
+    ]  # fmt: skip
+    for step in steps:
+        done = federation.cli(*step)
+        assert done.returncode == 0, done.stdout + done.stderr
+    impostor = federation.node(
+        "globex", "--credentials", str(second), data="acme", name="node-impostor"
+    )
+    procs = [acme_node, globex_node, impostor]
+    for node in procs:  # all three connected before the run is submitted
+        wait_for(lambda n=node: "SuperNode ID" in n.output(), 120, f"{node.name} active", procs)
+    node_id = {p.name: int(re.findall(r"SuperNode ID: (\d+)", p.output())[-1]) for p in procs}
+    before = {p.name: len(p.output()) for p in procs}
+    result = federation.cli(
+        "federation", "run", "--superlink", federation.superlink,
+        "--ca", str(federation.creds / "ca" / "ca.crt"),
+        "--rounds", "1", "--epsilon", "8.0", "--batch-size", "16",
+        "--personalize-epochs", "0", "--model", "lstm",
+        "--model-config", json.dumps({"proj_dim": 8, "hidden_dim": 8}),
+        "--config", "secure-mode=false", "--config", "round-timeout=600", "--poll", "3",
+        timeout=600,
+    )  # fmt: skip
+    logs = {p.name: p.output()[before[p.name] :] for p in procs}
+    impostor.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    submitted = re.search(r"platform run (\S+)", result.stdout)
+    assert submitted, result.stdout
+    with Session(federation.platform.engine) as session:
+        run = session.get(TrainingRun, submitted.group(1))
+        assert run is not None and run.status == "completed", run
+        names = {t.id: t.name for t in session.exec(select(Tenant)).all()}
+        charged: dict[str, list[tuple[int, str]]] = {}
+        for ev in session.exec(
+            select(PrivacyEvent).where(PrivacyEvent.run_id == run.id).order_by(PrivacyEvent.seq)
+        ):
+            charged.setdefault(names[ev.tenant_id], []).append((ev.round, ev.purpose))
+    summary = json.loads(run.summary_json)
+    refused = (
+        f"node {node_id['node-impostor']} refused: its key is not enrolled for tenant 'globex'"
+    )
+    assert refused in summary["refused"], summary["refused"]
+    assert set(summary["tenants"]) == {"acme", "globex"}
+    # The impostor was asked who it is and nothing more; globex's own node trained.
+    assert "Receiving: query message" in logs["node-impostor"], logs["node-impostor"][-3000:]
+    assert "Receiving: train message" not in logs["node-impostor"]
+    assert "Receiving: train message" in logs["node-globex"], logs["node-globex"][-3000:]
+    # globex is charged for one node (its own), exactly as acme is for its one node.
+    assert charged["globex"] == charged["acme"] and charged["globex"].count((1, "train")) == 1
 
 
 def test_the_coordinators_api_reaches_its_superlink_by_a_certified_name(tmp_path: Path) -> None:
