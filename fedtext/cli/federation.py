@@ -98,6 +98,10 @@ def credentials(
         f"Coordinator: {made.layout.superlink_dir}/  ·  tenant sites: "
         f"{made.layout.root / 'nodes'}/<tenant>/  ·  keep {made.layout.ca_key} offline."
     )
+    console.print(
+        "Each node key trains only for the tenant it is enrolled for: `fedtext federation "
+        f"enroll --tenant TENANT {made.layout.root / 'nodes'}/TENANT/node.pub`."
+    )
 
 
 def register(

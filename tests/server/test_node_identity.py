@@ -259,3 +259,16 @@ def test_the_operator_enrolls_a_node_key_for_a_tenant_from_the_cli(
         assert [k.fingerprint for k in list_node_keys(session, acme.tenant.id)] == [
             node.fingerprint
         ]
+
+
+def test_a_node_declaring_an_invalid_dataset_name_is_refused_before_it_starts(
+    tmp_path: Path,
+) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "fedtext.cli", "federation", "node", "--tenant", "acme",
+         "--data", str(tmp_path / "none.csv"), "--superlink", "127.0.0.1:1",
+         "--dataset", "no spaces/here"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Invalid dataset name" in r.stderr and "Traceback" not in r.stderr
