@@ -268,10 +268,13 @@ def claim_run(engine: Engine, run_id: str) -> TrainingRun | None:
     return run
 
 
-def beat(engine: Engine, run_id: str) -> None:
+def beat(engine: Engine, run_id: str, **worker: Any) -> None:
+    """The worker is alive (optionally: its ``worker_pid`` and ``worker_host``)."""
     with engine.begin() as connection:
         connection.execute(
-            update(TrainingRun).where(col(TrainingRun.id) == run_id).values(heartbeat_at=utcnow())
+            update(TrainingRun)
+            .where(col(TrainingRun.id) == run_id)
+            .values(heartbeat_at=utcnow(), **worker)
         )
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -176,6 +177,14 @@ class LocalRunLauncher(WorkerLauncher):
     def sweep(self) -> list[str]:
         """Remove the scratch directories of runs that are no longer active."""
         return sweep_scratch(self.engine, self.scratch_root)
+
+    def launch(self, run_id: str) -> int:
+        pid = super().launch(run_id)
+        # The PID is on the run from now on, not only once the worker has imported what it
+        # needs (tens of seconds on a loaded machine): the reaper then judges the process,
+        # instead of taking a slow start for a worker that "never started".
+        beat(self.engine, run_id, worker_pid=pid, worker_host=socket.gethostname())
+        return pid
 
     def check(self, config: dict[str, Any]) -> None:
         """ValueError, with a message for the user, if ``config`` cannot run here."""
