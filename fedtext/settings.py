@@ -69,8 +69,16 @@ class Settings(BaseSettings):
         description="encoder-head models share one encoder per process, batched across "
         "tenants; false serves them per model.",
     )
+    serve_encoder_runtime: Literal["torch-fp32", "onnx-fp32", "onnx-int8"] = Field(
+        default="torch-fp32",
+        description="Shared encoder: the runtime variant that computes sentence vectors "
+        "(models/runtimes.py; a variant that failed the accuracy gate is refused). A head "
+        "is served only on the variant it was trained on.",
+    )
     serve_encoder_precision: Literal["fp32", "bf16", "int8"] = Field(
-        default="fp32", description="Shared encoder: fp32 (exact), bf16, or int8 (CPU)."
+        default="fp32",
+        description="Shared encoder on the torch-fp32 runtime only: fp32 (exact), bf16, or "
+        "int8 (CPU), approximations of torch-fp32's vectors.",
     )
     serve_encoder_device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Shared encoder: auto (CUDA when present), cpu or cuda."

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.encoders import DEFAULT_ENCODER
+from models.runtimes import LEGACY_RUNTIME, RUNTIMES
 
 FAMILY = "encoder-head"
 
@@ -25,6 +26,11 @@ class EncoderHeadConfig:
     # Filled from the encoder's files when the spec is created (ModelSpec.create).
     encoder_sha256: str = ""
     encoder_dim: int = 384
+    # The runtime variant that computed the vectors the head was trained on
+    # (models/runtimes.py); the head is served on that variant only. Absent from specs
+    # made before variants existed: those were trained on torch-fp32. New specs get
+    # models.runtimes.DEFAULT_RUNTIME (ModelSpec.create).
+    encoder_runtime: str = LEGACY_RUNTIME
     # 0: softmax regression on the sentence vector (the DP default: fewest parameters,
     # so the least noise per coordinate). > 0: one hidden layer of this width.
     hidden_dim: int = 0
@@ -39,6 +45,10 @@ class EncoderHeadConfig:
             raise ValueError("hidden_dim should be zero (linear head) or positive.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout should be in [0, 1).")
+        if self.encoder_runtime not in RUNTIMES:
+            raise ValueError(
+                f"Unknown encoder_runtime {self.encoder_runtime!r}; known: {list(RUNTIMES)}."
+            )
         if self.encoder_sha256 and len(self.encoder_sha256) != 64:
             raise ValueError("encoder_sha256 should be a SHA-256 hex digest.")
 

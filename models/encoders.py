@@ -21,11 +21,15 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
 from models.assets import minilm_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_ENCODER = "minilm-l6"
 # Sentences are encoded in groups of this many, sorted by length so that a group is
@@ -108,7 +112,7 @@ class SentenceEncoder:
     """A frozen Hugging Face encoder with its own tokenizer; texts -> unit vectors."""
 
     def __init__(self, ref: str, device: torch.device | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         self.ref = ref
@@ -118,15 +122,34 @@ class SentenceEncoder:
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True)
+            config = json.loads((self.path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise EncoderError(f"Cannot load the encoder at {self.path}: {exc}") from None
         self.device = device or torch.device("cpu")
-        self.model.to(self.device).eval().requires_grad_(False)
-        self.dim = int(self.model.config.hidden_size)
-        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 512))
+        self.dim = int(config["hidden_size"])
+        self.max_positions = int(config.get("max_position_embeddings", 512))
         self.texts_encoded = 0  # how many sentences went through the network (tests count it)
         self._lock = threading.Lock()
+        self._model: PreTrainedModel | None = None
+        self._model_lock = threading.Lock()
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The torch weights, read on first use: a process that serves an ONNX runtime
+        variant (models/runtimes.py) never holds them once its graph is exported."""
+        if self._model is None:
+            from transformers import AutoModel
+
+            with self._model_lock:
+                if self._model is None:
+                    try:
+                        model = AutoModel.from_pretrained(str(self.path), local_files_only=True)
+                    except (OSError, ValueError) as exc:
+                        raise EncoderError(
+                            f"Cannot load the encoder at {self.path}: {exc}"
+                        ) from None
+                    self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
 
     @torch.no_grad()  # not inference_mode: the vectors feed a head trained with autograd
     def encode(self, texts: Sequence[str], max_seq_len: int) -> torch.Tensor:

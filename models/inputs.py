@@ -13,6 +13,7 @@ import torch
 
 from models.encoder_head import FAMILY as ENCODER_HEAD
 from models.encoders import SentenceEncoder, check_encoder, load_encoder
+from models.runtimes import VectorRuntime, load_runtime
 from models.spec import ModelSpec
 from models.tokenizer import load_tokenizer
 
@@ -28,11 +29,18 @@ def spec_encoder(spec: ModelSpec, device: torch.device | None = None) -> Sentenc
     return encoder
 
 
+def spec_runtime(spec: ModelSpec, device: torch.device | None = None) -> VectorRuntime:
+    """The runtime variant an encoder-head spec was trained on, its encoder checked."""
+    encoder = spec_encoder(spec, device)
+    return load_runtime(encoder.ref, spec.family_config().encoder_runtime, device)
+
+
 def text_inputs(
     spec: ModelSpec, texts: Sequence[str], device: torch.device | None = None
 ) -> tuple[torch.Tensor, ...]:
     """The forward inputs of ``spec``'s model for ``texts`` (on the CPU)."""
     if spec.family == ENCODER_HEAD:
-        return (spec_encoder(spec, device).encode(texts, spec.max_seq_len),)
+        # The spec's runtime variant: a node's vectors are the ones a server applies it to.
+        return (spec_runtime(spec, device).encode(texts, spec.max_seq_len),)
     enc = load_tokenizer().encode(texts, spec.max_seq_len)
     return (enc.input_ids, enc.attention_mask)

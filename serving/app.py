@@ -207,6 +207,7 @@ def create_app(
         make_batcher=make_batcher,
         heads=SharedEncoders(
             executor=executor,
+            runtime=config.encoder_runtime,
             precision=config.encoder_precision,
             device=config.encoder_device,
             max_batch=config.max_batch,

@@ -48,7 +48,8 @@ class ServingConfig:
     # encoder-head models: one encoder per process batched across tenants, private heads
     # applied after (serving/shared_encoder.py); False serves them per model like the rest.
     shared_encoder: bool = True
-    encoder_precision: str = "fp32"  # fp32 (exact) | bf16 | int8 (CPU)
+    encoder_runtime: str = "torch-fp32"  # models/runtimes.py: torch-fp32 | onnx-fp32 | onnx-int8
+    encoder_precision: str = "fp32"  # torch-fp32 runtime only: fp32 (exact) | bf16 | int8 (CPU)
     encoder_device: str = "auto"  # auto (CUDA when present) | cpu | cuda
 
     def __post_init__(self) -> None:

@@ -86,7 +86,7 @@ _LOAD_FAILED = {
     "missing": "The stored model is missing; the operator has been alerted.",
     "format": "The stored model cannot be rebuilt; the operator has been alerted.",
     "encoder": "This server's sentence encoder is not the one the model was trained with "
-    "(its files differ); the operator has been alerted.",
+    "(its files or its runtime variant differ); the operator has been alerted.",
 }
 
 

@@ -5,8 +5,10 @@ a few kilobytes. Served per tenant, each tenant's requests would pay for their o
 encoder forward passes (per-model batches of about one input under uniform traffic over
 many tenants). Here, as multi-adapter servers do with LoRA adapters (LoRAX, S-LoRA):
 
-- ``EncoderRuntime``: the encoder's weights once per process (CUDA when there is one),
-  at a precision the operator chooses (``fp32`` by default: exact).
+- ``EncoderRuntime``: the encoder once per process, run by the runtime variant the
+  operator chooses (``FEDTEXT_SERVE_ENCODER_RUNTIME``, models/runtimes.py: ONNX Runtime
+  int8 by default, torch fp32 the exact reference). A head is served only on the variant
+  its spec names: the vectors it was trained on.
 - ``CrossTenantBatcher``: concurrent requests of *all* tenants join one batch; one
   encoder pass computes every sentence vector; then each request's own decrypted head is
   applied to its own rows only.
@@ -14,7 +16,8 @@ many tenants). Here, as multi-adapter servers do with LoRA adapters (LoRAX, S-Lo
 Isolation. An input's sentence vector does not depend on which other inputs share its
 forward pass: sentences are padded to their group's longest and padding is masked out of
 attention and of the mean, as in training (``models.encoders.SentenceEncoder``). That
-holds to float rounding (about 1e-7) in ``fp32``. The reduced precisions do not
+holds to float rounding (about 1e-7) in ``fp32``, and exactly for the ONNX variants
+(each sentence runs alone). The torch reduced precisions do not
 guarantee it (int8 dynamic quantization scales activations per tensor, so a batch's
 largest activation sets everyone's rounding; bf16 kernels may block by batch shape):
 in those modes each forward pass holds the inputs of one tenant only. A bad input (one
@@ -38,6 +41,14 @@ from torch import nn
 
 from models import EncoderError, ModelSpec, SentenceEncoder, load_encoder
 from models.encoder_head import FAMILY as ENCODER_HEAD
+from models.runtimes import (
+    DEFAULT_RUNTIME,
+    LEGACY_RUNTIME,
+    RUNTIMES,
+    VectorRuntime,
+    check_runtime,
+)
+from models.runtimes import load_runtime as load_vector_runtime
 from serving.batching import BatchQueue, InputRejected, Request, Rows
 
 # fp32 first: the exact default. bf16 and int8 trade exactness for CPU speed
@@ -82,17 +93,41 @@ class EncoderRuntime:
         linear layers; CPU only).
     group_size
         Sentences per forward pass; default by device.
+    variant
+        The runtime variant (models/runtimes.py): ``torch-fp32`` runs the torch model at
+        ``precision``; an ONNX variant computes the vectors itself.
     """
 
     def __init__(
-        self, encoder: SentenceEncoder, precision: str = "fp32", group_size: int | None = None
+        self,
+        encoder: SentenceEncoder,
+        precision: str = "fp32",
+        group_size: int | None = None,
+        *,
+        variant: str = LEGACY_RUNTIME,
     ) -> None:
         self.encoder = encoder
         self.precision = check_precision(precision)
+        if variant not in RUNTIMES:
+            raise ValueError(f"Unknown encoder runtime {variant!r}; known: {list(RUNTIMES)}.")
+        self.variant = variant
         self.device = encoder.device
         self.group_size = group_size or (CUDA_GROUP if self.device.type == "cuda" else CPU_GROUP)
         if self.group_size < 1:
             raise ValueError("group_size should be at least 1.")
+        # An ONNX variant computes the vectors itself (its own graph, threads, no torch
+        # weights held); precision is a setting of the torch runtime only.
+        self.vectors: VectorRuntime | None = None
+        if variant != LEGACY_RUNTIME:
+            if precision != "fp32":
+                raise ValueError(
+                    f"Encoder precision {precision!r} applies to the torch-fp32 runtime only; "
+                    f"{variant} fixes its own precision."
+                )
+            self.vectors = load_vector_runtime(encoder.ref, variant)
+            self.model: nn.Module | None = None
+            self._lock = threading.Lock()
+            return
         model: nn.Module = encoder.model
         if precision == "int8":
             if self.device.type != "cpu":
@@ -113,11 +148,19 @@ class EncoderRuntime:
     @property
     def exact(self) -> bool:
         """True when an input's vector is independent of its batch (to float rounding)."""
-        return self.precision == "fp32"
+        return self.vectors.exact if self.vectors is not None else self.precision == "fp32"
 
     def check(self, spec: ModelSpec) -> None:
         """Refuse (EncoderError) a head trained on another encoder's features."""
         config = spec.family_config()
+        if config.encoder_runtime != self.variant:
+            raise EncoderError(
+                f"This model was trained on vectors of encoder {config.encoder!r} computed by "
+                f"the {config.encoder_runtime} runtime; this server computes them with "
+                f"{self.variant} (FEDTEXT_SERVE_ENCODER_RUNTIME). Its head would read other "
+                "features than it learned from: serve it where the encoder runtime is "
+                f"{config.encoder_runtime}, or train it again on {self.variant}."
+            )
         if config.encoder_sha256 != self.sha256:
             raise EncoderError(
                 f"This model was trained on encoder {config.encoder!r} with SHA-256 "
@@ -133,6 +176,8 @@ class EncoderRuntime:
 
     def encode(self, texts: Sequence[str], max_seq_len: int) -> torch.Tensor:
         """``(len(texts), dim)`` float32 unit vectors on the CPU, in the order of ``texts``."""
+        if self.vectors is not None:
+            return self.vectors.encode(texts, max_seq_len)  # an ordinary tensor already
         autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
@@ -155,6 +200,7 @@ class SharedEncoders:
         self,
         *,
         executor: Executor,
+        runtime: str = DEFAULT_RUNTIME,
         precision: str = "fp32",
         device: str = "auto",
         max_batch: int = 64,
@@ -163,8 +209,15 @@ class SharedEncoders:
         on_batch: Callable[[int, int], None] | None = None,
         observe: Callable[[float], None] | None = None,
     ) -> None:
+        self.runtime = check_runtime(runtime)
         self.precision = check_precision(precision)
-        self.device = pick_device(device)
+        if runtime != LEGACY_RUNTIME and precision != "fp32":
+            raise ValueError(
+                f"Encoder precision {precision!r} applies to the torch-fp32 runtime only; "
+                f"{runtime} fixes its own precision."
+            )
+        # The ONNX variants run on the CPU (the same bits as on the nodes that trained).
+        self.device = pick_device(device) if runtime == LEGACY_RUNTIME else torch.device("cpu")
         self._executor = executor
         self._batch_options: dict[str, Any] = dict(
             max_batch=max_batch, max_wait=max_wait, max_inflight=max_inflight,
@@ -181,7 +234,9 @@ class SharedEncoders:
         with self._lock:  # loads are rare (once per encoder), so one lock for all is fine
             batcher = self._batchers.get(ref)
             if batcher is None:
-                runtime = EncoderRuntime(load_encoder(ref, self.device), self.precision)
+                runtime = EncoderRuntime(
+                    load_encoder(ref, self.device), self.precision, variant=self.runtime
+                )
                 batcher = CrossTenantBatcher(
                     runtime, executor=self._executor, **self._batch_options
                 )

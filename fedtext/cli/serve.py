@@ -145,6 +145,7 @@ def serve(
             max_budget_epsilon=config.max_budget_epsilon,
             max_keys_per_tenant=config.max_keys_per_tenant,
             shared_encoder=config.serve_shared_encoder,
+            encoder_runtime=config.serve_encoder_runtime,
             encoder_precision=config.serve_encoder_precision,
             encoder_device=config.serve_encoder_device,
         ),

@@ -233,3 +233,71 @@ def test_reduced_precisions_approximate_fp32_and_never_mix_tenants_in_a_pass() -
         mixed = batcher.run_requests([(heads[n], TEXTS[n]) for n in TEXTS])
         for (name, texts_), rows in zip(TEXTS.items(), mixed, strict=True):
             assert rows == batcher.run_requests([(heads[name], texts_)])[0]
+
+
+def test_a_head_trained_on_another_runtime_variant_is_refused_clearly(platform: Platform) -> None:
+    acme = make_tenant(platform, "acme")
+    # The same encoder files, vectors computed by torch fp32: not what an ONNX server runs.
+    spec = ModelSpec.create("encoder-head", LABELS, encoder_runtime="torch-fp32")
+    store_head(platform, acme, seed=0, spec=spec)
+    config = ServingConfig(encoder_device="cpu", encoder_runtime="onnx-fp32")
+    with TestClient(create_app(platform, config)) as client:
+        r = client.post(
+            "/v1/models/sentiment/predict", json={"inputs": ["hello"]}, headers=acme.predict
+        )
+        assert r.status_code == 500
+        assert "runtime variant" in r.json()["detail"]
+        assert client.app.state.cache.cached_keys() == []  # type: ignore[attr-defined]
+    # The operator's reason names both variants; the same head is served on its own one.
+    onnx = SharedEncoders(executor=ThreadPoolExecutor(1), runtime="onnx-fp32")
+    with pytest.raises(ValueError, match=r"torch-fp32 runtime; this server .* onnx-fp32"):
+        onnx.batcher(spec)
+    torch_served = SharedEncoders(executor=ThreadPoolExecutor(1), runtime="torch-fp32")
+    assert torch_served.batcher(spec).runtime.variant == "torch-fp32"
+    # ... and the other way round.
+    on_onnx = ModelSpec.create("encoder-head", LABELS, encoder_runtime="onnx-fp32")
+    with pytest.raises(ValueError, match=r"onnx-fp32 runtime; this server .* torch-fp32"):
+        torch_served.batcher(on_onnx)
+    # A spec from before variants existed reads as torch-fp32.
+    legacy = dict(spec.config)
+    del legacy["encoder_runtime"]
+    old = ModelSpec.from_json(dataclasses.replace(spec, config=legacy).to_json())
+    assert old.family_config().encoder_runtime == "torch-fp32"
+    with pytest.raises(ValueError, match="torch-fp32 runtime"):
+        onnx.batcher(old)
+
+
+def test_a_runtime_variant_that_failed_the_accuracy_gate_is_not_offered() -> None:
+    from models.runtimes import ACCURACY_CHANGE, ACCURACY_GATE, OFFERED, RUNTIMES
+
+    for variant in RUNTIMES:
+        if variant in OFFERED:
+            assert ACCURACY_CHANGE[variant] >= ACCURACY_GATE
+            continue
+        with pytest.raises(ValueError, match="not offered: heads trained on its vectors lost"):
+            SharedEncoders(executor=ThreadPoolExecutor(1), runtime=variant)
+        with pytest.raises(ValueError, match="not offered"):
+            ModelSpec.create("encoder-head", LABELS, encoder_runtime=variant)
+
+
+@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8"])
+def test_the_onnx_runtime_serves_the_vectors_a_node_trains_on_bit_for_bit(variant: str) -> None:
+    from models.runtimes import load_runtime
+
+    base = ModelSpec.create("encoder-head", LABELS, encoder_runtime="torch-fp32")
+    # Built directly: a spec of a variant the gate does not offer (int8) for this check.
+    spec = dataclasses.replace(base, config={**base.config, "encoder_runtime": variant})
+    runtime = EncoderRuntime(load_runtime(variant=variant).encoder, "fp32", variant=variant)
+    assert runtime.exact
+    batcher = CrossTenantBatcher(runtime, executor=ThreadPoolExecutor(1), max_batch=64, max_wait=0)
+    torch.manual_seed(0)
+    heads = {n: batcher.attach(random_head(spec), spec, n) for n in TEXTS}
+    mixed = batcher.run_requests([(heads[n], TEXTS[n]) for n in TEXTS])
+    for (name, texts), rows in zip(TEXTS.items(), mixed, strict=True):
+        # Alone, in a mixed batch, and as a node computes them for training: the same bits.
+        assert rows == batcher.run_requests([(heads[name], texts)])[0]
+        with torch.no_grad():
+            trained_on = torch.softmax(heads[name].head(*text_inputs(spec, texts)), -1)
+        assert rows == trained_on.tolist()
+    with pytest.raises(ValueError, match="applies to the torch-fp32 runtime only"):
+        SharedEncoders(executor=ThreadPoolExecutor(1), runtime="onnx-fp32", precision="bf16")

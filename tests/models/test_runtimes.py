@@ -1,0 +1,84 @@
+"""Encoder runtime variants: close to torch fp32, reproducible export, part of the spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import ModelSpec, load_encoder
+from models.runtimes import (
+    DEFAULT_RUNTIME,
+    OFFERED,
+    OnnxRuntime,
+    check_runtime,
+    export_graph,
+    load_runtime,
+)
+
+# Fixed sentences: tweets' topics and lengths, an emoji, a one-letter input, a long one.
+SENTENCES = [
+    "I love this airline, the crew was wonderful and the seats were comfy!",
+    "Flight delayed three hours and nobody at the gate would tell us anything.",
+    "Apple announced a new phone today.",
+    "ok",
+    "🙂 thanks @united",
+    "the self-driving car stopped at every light, " * 6,
+]
+# Stated closeness to torch fp32 per sentence (cosine): fp32 graphs are the same math;
+# int8 MatMul weights per channel measured 0.97-0.995 on tweets.
+MIN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.96}
+MEAN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.985}
+
+
+@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8"])
+def test_onnx_variants_match_torch_fp32_within_the_stated_cosine(variant: str) -> None:
+    reference = load_runtime(variant="torch-fp32").encode(SENTENCES, 128)
+    got = load_runtime(variant=variant).encode(SENTENCES, 128)
+    assert got.shape == reference.shape and got.dtype == torch.float32
+    assert torch.allclose(got.norm(dim=-1), torch.ones(len(SENTENCES)), atol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
+    assert cosine.min() >= MIN_COSINE[variant], cosine
+    assert cosine.mean() >= MEAN_COSINE[variant], cosine
+    # A sentence's vector is its own: alone, or among others, the same bits.
+    alone = torch.cat([load_runtime(variant=variant).encode([s], 128) for s in SENTENCES])
+    assert torch.equal(alone, got)
+
+
+def test_the_export_is_reproducible_offline_and_checked_on_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = load_encoder()
+    first = export_graph(encoder, "onnx-int8", tmp_path / "a")
+    second = export_graph(encoder, "onnx-int8", tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()  # same files in, same graph out
+    record = json.loads(first.with_suffix(".json").read_text())
+    assert record["encoder_sha256"] == encoder.sha256
+    assert record["variant"] == "onnx-int8"
+    # A torn or altered graph no longer matches its record: it is exported again.
+    first.write_bytes(first.read_bytes()[:1000])
+    again = export_graph(encoder, "onnx-int8", tmp_path / "a")
+    assert again.read_bytes() == second.read_bytes()
+    # The graph runs as the cached one does.
+    runtime = OnnxRuntime(encoder, "onnx-int8", directory=tmp_path / "b", workers=1)
+    expected = load_runtime(variant="onnx-int8").encode(SENTENCES[:3], 128)
+    assert torch.equal(runtime.encode(SENTENCES[:3], 128), expected)
+
+
+def test_the_runtime_variant_is_part_of_the_encoder_identity_in_the_spec() -> None:
+    spec = ModelSpec.create("encoder-head", ["negative", "neutral", "positive"])
+    assert spec.family_config().encoder_runtime == DEFAULT_RUNTIME
+    other = ModelSpec.create(
+        "encoder-head", ["negative", "neutral", "positive"], encoder_runtime="torch-fp32"
+    )
+    assert other.sha256() != spec.sha256()
+    with pytest.raises(ValueError, match="Unknown encoder runtime 'onnx-fp8'"):
+        ModelSpec.create("encoder-head", ["a", "b"], encoder_runtime="onnx-fp8")
+    with pytest.raises(ValueError, match="Unknown encoder_runtime"):
+        ModelSpec.from_json(spec.to_json().replace(f'"{DEFAULT_RUNTIME}"', '"x"'))
+    assert DEFAULT_RUNTIME in OFFERED
+    for variant in OFFERED:
+        assert check_runtime(variant) == variant
