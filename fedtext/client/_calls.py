@@ -15,6 +15,8 @@ from serving.schemas import (
     LedgerEntryPublic,
     ModelPublic,
     ModelVersionPublic,
+    Partners,
+    PolicyPublic,
     PredictResponse,
     PrivacyReportPublic,
     RunPublic,
@@ -165,3 +167,23 @@ def audit_report() -> Call[PrivacyReportPublic]:
 
 def audit_report_file(fmt: Literal["json", "html"]) -> Call[bytes]:
     return Call("GET", "/v1/privacy/report", raw, params={"format": fmt})
+
+
+# ------------------------------------------------------------------ the tenant's own say
+
+
+def partners() -> Call[Partners]:
+    return Call("GET", "/v1/partners", model(Partners))
+
+
+def set_partners(tenants: list[str]) -> Call[Partners]:
+    # The whole list is replaced: sending it twice leaves what sending it once does.
+    return Call("PUT", "/v1/partners", model(Partners), json={"tenants": tenants})
+
+
+def policy() -> Call[PolicyPublic]:
+    return Call("GET", "/v1/policy", model(PolicyPublic))
+
+
+def set_policy(changes: dict[str, Any]) -> Call[PolicyPublic]:
+    return Call("PUT", "/v1/policy", model(PolicyPublic), json=changes)

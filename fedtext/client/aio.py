@@ -25,6 +25,8 @@ from serving.schemas import (
     LedgerEntryPublic,
     ModelPublic,
     ModelVersionPublic,
+    Partners,
+    PolicyPublic,
     PredictResponse,
     PrivacyReportPublic,
     RunPublic,
@@ -178,6 +180,24 @@ class AsyncClient:
     async def audit_report(self) -> PrivacyReportPublic:
         """The audit report (it also signs a new ledger head)."""
         return await self.send(calls.audit_report())
+
+    async def partners(self) -> Partners:
+        """The tenants that may start runs including this tenant (its consent)."""
+        return await self.send(calls.partners())
+
+    async def set_partners(self, tenants: list[str]) -> Partners:
+        """Replace the tenants that may start runs including this tenant; [] withdraws
+        consent from all (runs already started are not stopped)."""
+        return await self.send(calls.set_partners(list(tenants)))
+
+    async def policy(self) -> PolicyPublic:
+        """What this tenant allows runs that include it to do."""
+        return await self.send(calls.policy())
+
+    async def set_policy(self, **changes: Any) -> PolicyPublic:
+        """Change parts of the tenant's policy (``deploy``, ``require_secure_mode``,
+        ``max_epsilon``, ``clear_max_epsilon``, ``families``, ``dataset``); the rest stay."""
+        return await self.send(calls.set_policy(changes))
 
     async def watch_run(
         self, run_id: str, *, poll: float = 2.0, timeout: float | None = None

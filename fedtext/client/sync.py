@@ -24,6 +24,8 @@ from serving.schemas import (
     LedgerEntryPublic,
     ModelPublic,
     ModelVersionPublic,
+    Partners,
+    PolicyPublic,
     PredictResponse,
     PrivacyReportPublic,
     RunPublic,
@@ -177,6 +179,24 @@ class Client:
     def audit_report(self) -> PrivacyReportPublic:
         """The audit report (it also signs a new ledger head)."""
         return self.send(calls.audit_report())
+
+    def partners(self) -> Partners:
+        """The tenants that may start runs including this tenant (its consent)."""
+        return self.send(calls.partners())
+
+    def set_partners(self, tenants: list[str]) -> Partners:
+        """Replace the tenants that may start runs including this tenant; [] withdraws
+        consent from all (runs already started are not stopped)."""
+        return self.send(calls.set_partners(list(tenants)))
+
+    def policy(self) -> PolicyPublic:
+        """What this tenant allows runs that include it to do."""
+        return self.send(calls.policy())
+
+    def set_policy(self, **changes: Any) -> PolicyPublic:
+        """Change parts of the tenant's policy (``deploy``, ``require_secure_mode``,
+        ``max_epsilon``, ``clear_max_epsilon``, ``families``, ``dataset``); the rest stay."""
+        return self.send(calls.set_policy(changes))
 
     def watch_run(
         self, run_id: str, *, poll: float = 2.0, timeout: float | None = None
