@@ -12,6 +12,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -135,7 +136,12 @@ def _launch(
     # another process: a shared vector cache keeps "encode once per node" true.
     scratch = None
     if not os.environ.get("FEDTEXT_FEATURE_CACHE"):
-        scratch = tempfile.mkdtemp(prefix="fedtext-features-")
+        # Named by the run: a resume first removes what a killed attempt left behind
+        # (vectors of tenants' text). The API's worker sets its own per-run directory.
+        prefix = f"fedtext-features-{run_id}-"
+        for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = tempfile.mkdtemp(prefix=prefix)
         os.environ["FEDTEXT_FEATURE_CACHE"] = scratch
     with _scratch_cache(scratch), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
