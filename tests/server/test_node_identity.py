@@ -15,14 +15,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo as FlowerNodeInfo
+from flwr.serverapp import Grid
 from sqlmodel import Session
 
 from clients.client_app import describe_node
 from privacy.node_proof import fingerprint, new_nonce, openssh_text
+from runs.spec import RunSpec
 from server.discovery import (
     NodeInfo,
     bound_to_enrolled_keys,
     check_proof,
+    discover_nodes,
     unique_known_tenants,
 )
 from serving.app import create_app
@@ -272,3 +277,101 @@ def test_a_node_declaring_an_invalid_dataset_name_is_refused_before_it_starts(
     )  # fmt: skip
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Invalid dataset name" in r.stderr and "Traceback" not in r.stderr
+
+
+class SignedNodesGrid(Grid):
+    """Flower's Grid as the SuperLink presents it: the authenticated key of each node id,
+    and each node answering the QUERY as its ClientApp does (describe_node), optionally
+    replaying the answer it gave to an earlier nonce."""
+
+    def __init__(self, nodes: dict[int, tuple[Node, str, str]], replay: set[int]) -> None:
+        self.nodes, self.replay = nodes, replay
+        self.first_nonce: dict[int, str] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def get_nodes(self) -> list[FlowerNodeInfo]:
+        return [FlowerNodeInfo(node_id=n, public_key=k.pem) for n, (k, _, _) in self.nodes.items()]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for msg in messages:
+            node_id = msg.metadata.dst_node_id
+            key, tenant, dataset = self.nodes[node_id]
+            nonce = str(msg.content["config"]["nonce"])
+            if node_id in self.replay:  # the answer to the first query it ever saw
+                nonce = self.first_nonce.setdefault(node_id, new_nonce())
+            said = describe_node(
+                {"auth-key": str(key.private), "dataset": dataset}, node_id=node_id,
+                tenant=tenant, num_train=100, nonce=nonce,
+                run_id=str(msg.content["config"]["run"]),
+            )  # fmt: skip
+            counts = MetricRecord({"num-train": 100})
+            replies.append(
+                Message(RecordDict({"node": ConfigRecord(said), "counts": counts}), reply_to=msg)
+            )
+        return replies
+
+    def set_run(self, run_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_discovery_keeps_only_signed_enrolled_nodes_with_the_dataset_they_declare(
+    platform: Platform,
+    acme: TenantFixture,
+    globex: TenantFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What a running ServerApp process has: the identity its messages are stamped with.
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    acme_key, acme_second = Node(tmp_path / "a1"), Node(tmp_path / "a2")
+    globex_key = Node(tmp_path / "g")
+    for key, tenant in ((acme_key, acme), (acme_second, acme), (globex_key, globex)):
+        _enroll(platform, tenant, key)
+    grid = SignedNodesGrid(
+        {
+            1: (acme_second, "globex", ""),  # acme's second site claims globex
+            2: (globex_key, "globex", "tickets"),
+            3: (acme_key, "acme", ""),
+        },
+        replay=set(),
+    )
+    cfg = RunSpec(min_nodes=1, round_timeout=5, run_id=RUN)
+    nodes, problems = discover_nodes(grid, cfg, platform.engine)
+    assert [(n.node_id, n.tenant, n.dataset) for n in nodes] == [
+        (2, "globex", "tickets"),
+        (3, "acme", "default"),
+    ]
+    assert problems == ["node 1 refused: its key is not enrolled for tenant 'globex'"]
+    # Without the engine the signatures still decide; plan_run's check binds the rest.
+    nodes, problems = discover_nodes(grid, cfg)
+    assert [n.node_id for n in nodes] == [1, 2, 3] and problems == []
+    with Session(platform.engine) as session:
+        found, refused = unique_known_tenants(session, nodes)
+    assert [(n.node_id, t.name) for n, t in found] == [(2, "globex"), (3, "acme")]
+    assert refused == ["node 1 refused: its key is not enrolled for tenant 'globex'"]
+    # A node that answers with a reply signed for an earlier nonce is refused.
+    replaying = SignedNodesGrid({3: (acme_key, "acme", "")}, replay={3})
+    discover_nodes(replaying, cfg, platform.engine)  # its first answer is the right one
+    nodes, problems = discover_nodes(replaying, cfg, platform.engine)
+    assert nodes == [] and problems == [
+        "node 3 refused: its reply is not signed by its authenticated key"
+    ]
