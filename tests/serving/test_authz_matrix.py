@@ -161,6 +161,7 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         Route("GET", "/v1/privacy/ledger", "/v1/privacy/ledger", "collection", 200),
         Route("GET", "/v1/privacy/report", "/v1/privacy/report", "collection", 200),
         Route("GET", "/v1/privacy/head", "/v1/privacy/head", "collection", 200),
+        Route("GET", "/v1/privacy/signing-keys", "/v1/privacy/signing-keys", "collection", 200),
         # A run that names an unknown participant: 422 proves the key got past authorization
         # without starting a federation (tests/serving/test_runs.py starts a real one).
         Route("POST", "/v1/runs", "/v1/runs", "collection", 422, run_body),
