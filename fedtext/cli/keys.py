@@ -98,6 +98,9 @@ def keys_rotate_kek(
 
     platform = open_platform()
     try:
+        # The signing key and its history first: they record the head-signing keys derived
+        # from the KEK versions this rotation may retire (heads signed before v0006).
+        platform.keyring.signing.history(refresh=True)
         done = rotate_kek(
             platform.engine, platform.keyring, grace_seconds=grace, store=platform.store
         )
