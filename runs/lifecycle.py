@@ -105,6 +105,7 @@ def end_run(
     A run whose cancel was asked (``cancelled_by``) ends cancelled whatever ``status`` says:
     a worker that fails or vanishes while it is being stopped was stopped by the cancel.
     """
+    status = RunStatus(status)  # callers may pass the plain value
     assert status in FINISHED
     asked = col(TrainingRun.cancelled_by).is_not(None)
     with engine.begin() as connection:
