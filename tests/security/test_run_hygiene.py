@@ -284,7 +284,12 @@ def test_cli_deletion_then_rotation_leaves_a_backup_undecryptable(
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
+    # What a worker killed while no API ran left behind for that (now cancelled) run.
+    stale = data_dir / "scratch" / run_id
+    stale.mkdir(parents=True)
+    (stale / "vectors.safetensors").write_bytes(b"derived from tenants' text")
     cli("tenant", "delete", "acme", "--yes")
+    assert not stale.exists()
     out = " ".join(cli("keys", "rotate-kek", "--grace", "0").split())
     assert "retired: 1" in out and "kept (still used by run checkpoints): none" in out, out
     # The backup's wrapped key is useless: the KEK version that wrapped it is gone.
