@@ -373,7 +373,9 @@ def cancel(
         withdraw_cancel(platform.engine, run.id)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     cancel_run(platform.engine, run.id, by)
-    drop_checkpoint(platform.engine, platform.store, run.id)
     session.refresh(run)
+    if run.status == RunStatus.CANCELLED:  # not a run that completed meanwhile (a kept head)
+        drop_checkpoint(platform.engine, platform.store, run.id)
+        session.refresh(run)
     log.info("run cancelled", extra={"fields": {"run": run.id, "tenant": caller.tenant.id}})
     return _public(session, run, caller.tenant.id)
