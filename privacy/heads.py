@@ -92,6 +92,23 @@ class PlatformKeys(Protocol):
 
     def signing_key_ids(self) -> list[str]: ...
 
+    def chain_signature_problems(
+        self, table: str, rows: Sequence[Any]
+    ) -> list[tuple[Any, str]]: ...
+
+
+def authorship_problems(
+    keys: PlatformKeys, events: Sequence[PrivacyEvent], changes: Sequence[BudgetChange]
+) -> list[str]:
+    """Each ledger entry and budget change of one tenant whose signature is not accepted
+    (unsigned at the end of its chain, badly signed, or by a key outside the history)."""
+    found = []
+    for ev, status in keys.chain_signature_problems("privacy_event", events):
+        found.append(f"ledger entry {ev.seq} (run {ev.run_id}, round {ev.round}): {status}")
+    for ch, status in keys.chain_signature_problems("privacy_budget_change", changes):
+        found.append(f"budget change {ch.seq} (to {ch.new_epsilon:g} by {ch.actor!r}): {status}")
+    return found
+
 
 def platform_signer(keys: PlatformKeys) -> HeadSigner:
     """The signer of the platform's current signing key (kept by the key provider, apart

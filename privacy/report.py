@@ -21,6 +21,7 @@ from privacy.accounting import compose_epsilon as _compose
 from privacy.budget import dataset_budgets
 from privacy.heads import (
     PlatformKeys,
+    authorship_problems,
     last_signed_head,
     platform_key_ids,
     platform_signer,
@@ -658,6 +659,11 @@ def signed_report(
         last_head=last_signed_head(session, tenant_id),
         trusted_keys=platform_key_ids(keys, key_versions),
     )
+    # Authorship (docs/AUDIT.md): rows without an accepted signature break the chain check.
+    report.chain.head_problems += authorship_problems(
+        keys, tenant_events(session, tenant_id), budget_changes(session, tenant_id)
+    )
+    report.chain_ok = report.chain.ok
     report.signed_head = sign_and_store(
         session,
         platform_signer(keys),

@@ -7,15 +7,16 @@ import binascii
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, select
 
 from tenancy import crypto
 from tenancy.errors import KeyProviderError, NotFound
 from tenancy.files import make_private, private_dir
-from tenancy.signing import SigningKeys
+from tenancy.signing import SigningKeys, chain_signature_problems, describe
 from tenancy.tables import DataKey, Tenant
 
 if TYPE_CHECKING:
@@ -336,6 +337,15 @@ class Keyring:
     def signing_key_ids(self) -> list[str]:
         """Key ids of every key in the signing history (KEK rotation never changes it)."""
         return list(self.signing.history(refresh=True).trusted())
+
+    def chain_signature_problems(self, table: str, rows: Sequence[Any]) -> list[tuple[Any, str]]:
+        """The rows of one chain whose signature the history does not accept, each with
+        what is wrong (``tenancy.signing.chain_signature_problems``)."""
+        trusted = self.signing.history(refresh=True).trusted()
+        return [
+            (row, describe(status))
+            for row, status in chain_signature_problems(table, rows, trusted)
+        ]
 
     def create_data_key(self, session: Session, tenant: Tenant) -> None:
         version = self.provider.current_version()

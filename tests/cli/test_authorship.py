@@ -194,6 +194,9 @@ def test_a_database_only_attacker_is_named_by_verify_with_and_without_head(
         assert bad.status_code == 401
         good = client.get("/v1/privacy/budget", headers={"Authorization": f"Bearer {admin}"})
         assert good.status_code == 200, good.text
+        report = client.get("/v1/privacy/report", headers={"Authorization": f"Bearer {admin}"})
+        assert report.status_code == 200 and report.json()["chain_ok"] is False
+        assert any("budget change 2 (to 100" in p for p in report.json()["chain"]["head_problems"])
         keys = client.get("/v1/privacy/signing-keys", headers={"Authorization": f"Bearer {admin}"})
         assert keys.status_code == 200
         assert keys.json()["keys"][0]["kind"] == "signing"
