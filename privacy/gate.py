@@ -28,8 +28,14 @@ from scipy.special import log_ndtr
 from sqlmodel import Session
 
 from privacy.accounting import compose_epsilon
-from privacy.budget import BudgetDecision, HasBudget, check_release
-from privacy.ledger import lock_tenant, record_event
+from privacy.budget import (
+    BudgetDecision,
+    HasBudget,
+    check_release,
+    dataset_budgets,
+    recorded_budget,
+)
+from privacy.ledger import lock_tenant, record_event, tenant_events
 from privacy.params import DPParams
 from privacy.reservations import (
     ESTIMATE,
@@ -112,6 +118,40 @@ class PrivacyGate:
             reserved=others,
         )
         return GateResult(tenant, decision)
+
+    def largest_estimate(
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        run_id: str,
+        dataset: str,
+        eval_noise: float,
+    ) -> float:
+        """The largest target epsilon whose submission estimate (``estimate_releases``)
+        fits the tenant's budget and ``dataset``'s now, without the lock; 0.0 when none
+        does (or the tenant is gone, or its budget contradicts its chain).
+
+        Cached on the tenant's budget state (spent, reserved, budget): a flood of
+        requests with ever new epsilons costs one search per state, then a comparison
+        each, so refusals stay cheap (issue 24, finding 7). ``hold`` still decides.
+        """
+        tenant, others = self._enter(session, tenant_id, run_id, lock=False)
+        if tenant is None:
+            return 0.0
+        budget, tampered = recorded_budget(session, tenant)
+        if tampered:
+            return 0.0
+        past = tenant_events(session, tenant_id)
+        delta = tenant.budget_delta
+        held = [e.params() for e in past] + [p for _, p in others]
+        fit = largest_target(held, budget=budget, delta=delta, eval_noise=eval_noise)
+        own = dataset_budgets(session, tenant_id).get(dataset)
+        if own is not None:
+            held = [e.params() for e in past if e.dataset == dataset]
+            held += [p for d, p in others if d == dataset]
+            fit = min(fit, largest_target(held, budget=own, delta=delta, eval_noise=eval_noise))
+        return fit
 
     def hold(
         self,
@@ -299,7 +339,7 @@ def _largest_target(
     lo = 1e-3
     if fits(hi):
         return hi
-    while hi / lo > 1.01:  # to 1%: about a dozen compositions, each cached
+    while hi / lo > 1.02:  # to 2%: about ten compositions, each cached
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return _round_down(lo, 2)

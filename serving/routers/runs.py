@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from sqlmodel import Session, and_, col, or_, select
 
 from privacy.budget import BudgetDecision
@@ -44,6 +45,7 @@ from serving.deps import (
     RunLauncherDep,
     SessionDep,
 )
+from serving.limits import TokenBuckets
 from serving.schemas import ReleasedMetrics, RoundMetricPublic, RunCreate, RunPublic
 from tenancy.checkpoints import drop_checkpoint
 from tenancy.governance import Policy, below_floor, get_policy, live_tenant
@@ -135,6 +137,26 @@ def _visible_run(session: Session, run_id: str, tenant_id: str) -> TrainingRun:
 PLANNING_SLOTS = 1
 PLANNING_WAIT_S = 2.0
 _planning = threading.BoundedSemaphore(PLANNING_SLOTS)
+# A tenant starts runs now and then: beyond SUBMISSIONS_PER_SECOND (bursts of
+# SUBMISSION_BURST) its run requests are answered 429 before any database or privacy
+# work, so one admin key cannot keep the planner (and the process) busy.
+SUBMISSIONS_PER_SECOND = 1.0
+SUBMISSION_BURST = 10
+_submissions = TokenBuckets(SUBMISSIONS_PER_SECOND, SUBMISSION_BURST, max_buckets=100_000)
+
+
+async def _submission_allowed(caller: AdminCaller) -> None:
+    wait = _submissions.take(caller.tenant.id)
+    if wait > 0:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"Too many run requests from tenant {caller.tenant.name!r}: at most "
+            f"{SUBMISSIONS_PER_SECOND:g} per second (bursts of {SUBMISSION_BURST}).",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
+SubmissionAllowed = Annotated[None, Depends(_submission_allowed)]
 
 
 def _not_a_partner(names: list[str], caller: str) -> HTTPException:
@@ -150,6 +172,7 @@ def _not_a_partner(names: list[str], caller: str) -> HTTPException:
 @router.post("", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED)
 def create(
     body: RunCreate,
+    _: SubmissionAllowed,
     caller: AdminCaller,
     session: SessionDep,
     platform: PlatformDep,
@@ -263,7 +286,7 @@ def _reserve_budgets(
     the run. Planning replaces the estimate with the exact releases and checks again.
     """
     gate = PrivacyGate(load_tenant=live_tenant, active_runs=active_run_ids)
-    refusals = []
+    refusals: list[str] = []
     for tenant in sorted(tenants, key=lambda t: t.id):
         dataset = policies[tenant.id].dataset
         estimate = estimate_releases(body.epsilon, tenant.budget_delta, DEFAULT_EVAL_NOISE)
@@ -276,7 +299,21 @@ def _reserve_budgets(
                 releases=estimate,
                 stage=ESTIMATE,
             )
-        else:  # a first answer without the lock (``hold`` decides)
+        else:
+            # A first answer without the lock, from the largest epsilon that fits this
+            # tenant's budget state (cached): no composition per request (``hold`` decides).
+            fit = gate.largest_estimate(
+                session,
+                tenant_id=tenant.id,
+                run_id=run_id,
+                dataset=dataset,
+                eval_noise=DEFAULT_EVAL_NOISE,
+            )
+            if body.epsilon <= fit:
+                continue
+            if tenant.id != caller_id:
+                refusals.append(f"tenant {tenant.name!r} cannot take part (budget)")
+                continue
             result = gate.peek(
                 session, tenant_id=tenant.id, run_id=run_id, dataset=dataset, releases=estimate
             )

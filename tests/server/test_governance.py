@@ -374,3 +374,22 @@ def test_concurrent_submissions_share_the_bounded_planner_and_all_get_answers(
     # acme's budget of 10 holds a few runs; the rest are refused (409) or told to retry.
     assert len(results) == 6 and set(results) <= {202, 409, 503}
     assert 202 in results
+
+
+def test_a_tenant_flooding_run_requests_gets_429_before_any_planning(
+    platform: Platform,
+) -> None:
+    acme, globex = _partners(platform)
+    other = make_tenant(platform, "initech")
+    agree(platform, globex, "acme", "initech")
+    body = {**FAST, "epsilon": 50.0, "participants": ["globex"]}
+    with _client(platform) as c:
+        codes = [c.post("/v1/runs", json=body, headers=acme.admin) for _ in range(14)]
+        # Refused on budget (409) up to the burst, then 429 with Retry-After, cheaply.
+        assert [r.status_code for r in codes[: runs_router.SUBMISSION_BURST]] == [409] * 10
+        limited = [r for r in codes if r.status_code == 429]
+        assert limited and all(int(r.headers["retry-after"]) >= 1 for r in limited)
+        assert "Too many run requests from tenant 'acme'" in limited[0].text
+        # Another tenant's run requests are not held back by acme's flood.
+        r = c.post("/v1/runs", json=body, headers=other.admin)
+        assert r.status_code == 409, r.text
