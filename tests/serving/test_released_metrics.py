@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from models import build_model, save_weights
 from privacy.evaluation import confusion_counts
 from privacy.uncertainty import released_uncertainty
+from server.release import released_metrics
 from serving.app import create_app
 from serving.config import ServingConfig
-from server.release import released_metrics
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import store_model_version
