@@ -37,6 +37,29 @@ export interface RoundMetric {
   loss: number | null;
   accuracy: number | null;
   macro_f1: number | null;
+  // Newer servers, on the final phase's rows: the SD from the known noise and test size.
+  accuracy_sd?: number | null;
+  macro_f1_sd?: number | null;
+}
+
+/** A version's released held-out figures with their uncertainty (the same on Runs and Models). */
+export interface ReleasedMetrics {
+  model: string; // "global" or "personalized"
+  accuracy: number | null;
+  accuracy_sd: number | null;
+  accuracy_low: number | null;
+  accuracy_high: number | null;
+  macro_f1: number | null;
+  macro_f1_sd: number | null;
+  macro_f1_low: number | null;
+  macro_f1_high: number | null;
+  test_examples: number | null;
+  test_examples_sd: number | null;
+  confidence: number | null;
+  uncertainty_warning: string | null;
+  model_choice: string | null;
+  deploy_reason: string | null;
+  version?: number | null;
 }
 
 export interface Run {
@@ -50,6 +73,8 @@ export interface Run {
   finished_at: string | null;
   heartbeat_at: string | null;
   metrics: RoundMetric[];
+  // Newer servers: the released final figures (null until the run completes).
+  result?: ReleasedMetrics | null;
 }
 
 export interface ModelSummary {
@@ -67,6 +92,7 @@ export interface ModelVersion {
   size_bytes: number;
   spec: Record<string, unknown>;
   metrics: Record<string, unknown>;
+  released?: ReleasedMetrics | null;
 }
 
 export interface Prediction {

@@ -1,18 +1,42 @@
 import { api, type ModelSummary, type ModelVersion, type Prediction } from "../api";
-import { badge, fmtBytes, fmtNum, fmtTime, h, table } from "../dom";
+import { badge, fmtBytes, fmtTime, h, table } from "../dom";
 import type { Page } from "../main";
+import { withUncertainty } from "../released";
 import { Notice, busy, card, emptyState, field, loading, pageHeader, shortId } from "../ui";
 
-function metricsCell(metrics: Record<string, unknown>): HTMLElement {
-  const shown: [string, unknown][] = [
-    ["accuracy", metrics.accuracy],
-    ["macro-F1", metrics.macro_f1],
-  ];
+// Sentences the demo's models (`fedtext demo`, encoder-head) classify right, one per label:
+// checked against a real demo model (tests/serving/test_console.py tries the first).
+export const SAMPLES: [string, string][] = [
+  ["positive", "Thank you so much, the crew was wonderful and the flight was perfect!"],
+  ["negative", "Worst airline ever: two hours late and they lost my bag."],
+  ["neutral", "JetBlue is adding flights from Boston to Florida in March."],
+];
+
+function num(value: unknown): number | null {
+  return typeof value === "number" ? value : null;
+}
+
+function metricsCell(version: ModelVersion): HTMLElement {
+  // Newer servers release each figure with its uncertainty (`released`); older ones only
+  // the bare figures in `metrics`.
+  const r = version.released;
+  const m = version.metrics;
+  const shown: [string, HTMLElement][] = r
+    ? [
+        ["accuracy", withUncertainty(r.accuracy, r.accuracy_sd, r.accuracy_low, r.accuracy_high)],
+        ["macro-F1", withUncertainty(r.macro_f1, r.macro_f1_sd, r.macro_f1_low, r.macro_f1_high)],
+      ]
+    : [
+        ["accuracy", withUncertainty(num(m.accuracy), null)],
+        ["macro-F1", withUncertainty(num(m.macro_f1), null)],
+      ];
+  const personalized = r ? r.model === "personalized" : m.personalized === true;
   return h(
     "span",
     { class: "metric-pair" },
-    shown.map(([name, value]) => h("span", null, h("span", { class: "muted" }, `${name} `), fmtNum(value))),
-    metrics.personalized === true ? badge("personalized", "muted") : null,
+    shown.map(([name, value]) => h("span", null, h("span", { class: "muted" }, `${name} `), value)),
+    personalized ? badge("personalized", "muted") : null,
+    r?.uncertainty_warning ? h("span", { class: "notice-warn small", title: r.uncertainty_warning }, "too uncertain to compare") : null,
   );
 }
 
@@ -37,8 +61,21 @@ function tryIt(models: ModelSummary[]): HTMLElement {
     rows: 3,
     required: true,
     maxlength: 2000,
-    placeholder: "The crew was friendly and the flight left on time.",
+    placeholder: SAMPLES[0][1],
   });
+  const samples = h(
+    "div",
+    { class: "actions samples", role: "group", "aria-label": "Examples to try" },
+    h("span", { class: "muted" }, "Try: "),
+    SAMPLES.map(([label, sentence]) => {
+      const b = h("button", { type: "button", class: "ghost small", title: sentence }, `a ${label} one`);
+      b.addEventListener("click", () => {
+        text.value = sentence;
+        form.requestSubmit();
+      });
+      return b;
+    }),
+  );
   const topK = h("select", { name: "top_k" }, [1, 2, 3].map((k) => h("option", { value: k }, String(k))));
   topK.value = "3";
   const submit = h("button", { type: "submit", class: "primary" }, "Predict");
@@ -48,6 +85,7 @@ function tryIt(models: ModelSummary[]): HTMLElement {
     { class: "stack narrow", "aria-label": "Try a model" },
     h("div", { class: "grid" }, field("Model", model), field("Labels to show", topK)),
     field("Sentence", text, "Sent to the deployed version with your admin key; nothing is stored."),
+    samples,
     notice.el,
     h("div", { class: "actions" }, submit),
     result,
@@ -118,7 +156,7 @@ function modelCard(
     return [
       h("strong", null, `v${v.version}`),
       status,
-      metricsCell(v.metrics),
+      metricsCell(v),
       specCell(v),
       v.run_id ? h("a", { href: `#/runs/${encodeURIComponent(v.run_id)}`, class: "mono" }, shortId(v.run_id)) : "—",
       fmtBytes(v.size_bytes),

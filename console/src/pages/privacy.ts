@@ -184,6 +184,33 @@ function downloads(tenant: string): HTMLElement {
   );
 }
 
+/** What epsilon means, in a few plain sentences (the same as the README's). */
+function explainEpsilon(): HTMLElement {
+  const p = (...text: (Node | string)[]) => h("p", null, ...text);
+  return h(
+    "div",
+    { class: "stack explain" },
+    p(
+      h("strong", null, "What it means for your tenant. "),
+      "Epsilon (ε) bounds how much anything that leaves your tenant (model updates, released scores) can depend on any one of your examples. At ε = 3, someone who sees everything released cannot tell with confidence whether a given example was in your data: the odds shift by at most a factor e³ (about 20), except with probability δ. Smaller is more private.",
+    ),
+    p(
+      h("strong", null, "Your budget. "),
+      "Every release of every run is charged to your tenant's budget; a run that would pass it is refused before it starts. Your admin can raise the budget (",
+      h("code", null, "fedtext tenant budget NAME --epsilon E --reason R"),
+      ").",
+    ),
+    p(
+      h("strong", null, "Why runs cost less than their sum. "),
+      "The ledger composes the privacy loss of all releases together (PRV accounting) instead of adding up each run's ε: two runs of ε 3 cost about 4.5 in total, not 6.",
+    ),
+    p(
+      h("strong", null, "Why a run spends slightly more than its target. "),
+      "Training meets the target from below (the noise is searched to within 1%), and the released evaluation of the final models is charged on top: a target of 3 is recorded as about 3.06.",
+    ),
+  );
+}
+
 export const privacyPage: Page = (main, ctx) => {
   const notice = new Notice();
   const { box: gaugeBox, canvas: gaugeCanvas } = chartBox("Privacy budget: spent and remaining epsilon", "gauge");
@@ -196,6 +223,7 @@ export const privacyPage: Page = (main, ctx) => {
     pageHeader("Privacy", "What your tenant's data has spent, composed from the ledger of every release."),
     notice.el,
     h("div", { class: "columns" }, card("Budget", h("div", { class: "gauge-row" }, gaugeBox, headSlot), budgetSlot), card("Chain status", chainSlot)),
+    card("What ε means", explainEpsilon()),
     card("Cumulative ε over time", curveSlot),
     card("Downloads", downloads(ctx.tenant)),
     card("Ledger", ledgerSlot),

@@ -2,6 +2,7 @@ import { ApiError, api, runChoices, type Choices, type Run, type RoundMetric } f
 import { chartBox, roundsChart, updateRoundsChart, type RoundsChart, type RoundSeries } from "../charts";
 import { badge, fmtNum, fmtTime, h, table } from "../dom";
 import type { Page } from "../main";
+import { releasedFigures, withUncertainty } from "../released";
 import { Notice, busy, card, emptyState, field, loading, pageHeader, shortId } from "../ui";
 
 const ACTIVE = new Set(["created", "running"]);
@@ -56,6 +57,19 @@ const FAMILY_NAMES: Record<string, string> = {
 };
 const STRATEGY_NAMES: Record<string, string> = { fedavg: "FedAvg", fedprox: "FedProx", fedadam: "FedAdam" };
 const PARTITION_NAMES: Record<string, string> = { iid: "IID", dirichlet: "Dirichlet (label skew)", topic: "By topic" };
+const DEPLOY_NAMES: Record<string, string> = {
+  "if-better": "If significantly better",
+  first: "Only a first version",
+  always: "Always",
+  never: "Never (deploy by hand)",
+};
+// Used only when the server's /openapi.json cannot be read: the API's own enums otherwise.
+const FALLBACK_CHOICES: Record<string, Choices> = {
+  model: { options: ["encoder-head", "lstm", "transformer", "minilm"], default: "encoder-head" },
+  strategy: { options: ["fedavg", "fedprox", "fedadam"], default: "fedavg" },
+  partitioning: { options: ["iid", "dirichlet", "topic"], default: null },
+  deploy: { options: ["if-better", "first", "always", "never"], default: "if-better" },
+};
 
 /** A select over the schema's choices; with no default, a first "server default" option. */
 function choiceSelect(name: string, choices: Choices, names: Record<string, string>): HTMLSelectElement {
@@ -80,9 +94,11 @@ function startForm(
     placeholder: "globex, initech",
   });
   const datalist = h("datalist", { id: "partner-names" }, partners.map((p) => h("option", { value: p })));
-  const family = choiceSelect("model", choices.model ?? { options: ["lstm", "transformer", "minilm"], default: "lstm" }, FAMILY_NAMES);
-  const strategy = choiceSelect("strategy", choices.strategy ?? { options: ["fedavg", "fedprox", "fedadam"], default: "fedavg" }, STRATEGY_NAMES);
-  const partitioning = choiceSelect("partitioning", choices.partitioning ?? { options: ["iid", "dirichlet", "topic"], default: null }, PARTITION_NAMES);
+  const choice = (name: string) => choices[name] ?? FALLBACK_CHOICES[name];
+  const family = choiceSelect("model", choice("model"), FAMILY_NAMES);
+  const strategy = choiceSelect("strategy", choice("strategy"), STRATEGY_NAMES);
+  const partitioning = choiceSelect("partitioning", choice("partitioning"), PARTITION_NAMES);
+  const deploy = choiceSelect("deploy", choice("deploy"), DEPLOY_NAMES);
   const rounds = numberInput("rounds", null, 1, 100);
   const epsilon = numberInput("epsilon", 3, 0.1, 100, 0.1);
   const localEpochs = numberInput("local_epochs", null, 1, 20);
@@ -92,7 +108,6 @@ function startForm(
   const personalize = numberInput("personalize_epochs", null, 0, 20);
   const maxTrain = h("input", { type: "number", name: "max_train_examples", min: 8, max: 100000, placeholder: "server default" });
   const maxTest = h("input", { type: "number", name: "max_test_examples", min: 8, max: 100000, placeholder: "server default" });
-  const dataset = h("input", { type: "text", name: "dataset", value: "default", autocomplete: "off" });
   const secure = h("input", { type: "checkbox", name: "secure_mode", checked: true });
   const familyConfig = h("textarea", { name: "model_config", rows: 2, placeholder: '{"hidden_dim": 64}', spellcheck: "false" });
   const submit = h("button", { type: "submit", class: "primary" }, "Start run");
@@ -111,7 +126,7 @@ function startForm(
       datalist,
       field("Rounds", rounds, "Blank: the model family's default."),
       field("Epsilon (ε) for this run", epsilon, "Charged to every participant's privacy budget."),
-      field("Model family", family),
+      field("Model family", family, "Encoder + private head learns well under DP; the others train from scratch and need far more data."),
     ),
     h(
       "details",
@@ -129,7 +144,7 @@ function startForm(
         field("Partitioning", partitioning, "Simulated federations only."),
         field("Max training examples", maxTrain, "Per tenant; simulated federations only."),
         field("Max test examples", maxTest, "Per tenant; simulated federations only."),
-        field("Dataset", dataset),
+        field("Deploy new versions", deploy, "A decision is taken only when the released difference is larger than the noise."),
         field("Family settings (JSON)", familyConfig, "Optional, e.g. layer sizes."),
         h("div", { class: "field checkbox" }, h("label", null, secure, " Secure mode (cryptographic noise source)")),
       ),
@@ -146,7 +161,7 @@ function startForm(
         model: family.value,
         strategy: strategy.value,
         clip_norm: clipNorm.valueAsNumber,
-        dataset: dataset.value.trim() || "default",
+        deploy: deploy.value,
         secure_mode: secure.checked,
       };
       // Left blank: not sent, so the family's (or the server's) default applies.
@@ -172,16 +187,19 @@ function runsTable(runs: Run[]): HTMLElement {
   if (!runs.length) return emptyState("No runs yet. Start one below.");
   return table(
     "Training runs",
-    ["Run", "Status", "Participants", "Rounds", "Accuracy", "Macro-F1", "Started"],
+    ["Run", "Status", "Participants", "Rounds done", "Accuracy", "Macro-F1", "Started"],
     runs.map((run) => {
+      // The released figures of the version the run stored (the same as on Models); older
+      // servers: the last evaluated round.
+      const r = run.result;
       const last = lastEvaluation(run);
       return [
         h("a", { href: `#/runs/${encodeURIComponent(run.id)}`, class: "mono" }, shortId(run.id)),
         statusBadge(run.status),
         run.participants.join(", "),
         progress(run),
-        fmtNum(last?.accuracy),
-        fmtNum(last?.macro_f1),
+        r ? withUncertainty(r.accuracy, r.accuracy_sd, r.accuracy_low, r.accuracy_high) : withUncertainty(last?.accuracy, last?.accuracy_sd),
+        r ? withUncertainty(r.macro_f1, r.macro_f1_sd, r.macro_f1_low, r.macro_f1_high) : withUncertainty(last?.macro_f1, last?.macro_f1_sd),
         fmtTime(run.created_at),
       ];
     }),
@@ -271,12 +289,18 @@ export const runPage: Page = (main, _ctx, [id]) => {
   const actionSlot = h("div", { class: "actions" });
   const live = h("p", { class: "muted live", "aria-live": "polite" });
   const { box, canvas } = chartBox("Held-out accuracy and macro-F1 per round");
+  const chartCard = card("Accuracy and macro-F1 per evaluated round", box);
+  chartCard.hidden = true; // only once two or more rounds were evaluated: one dot is no chart
+  const progressSlot = h("div", null);
+  const releasedSlot = h("div", null);
   const metricsSlot = h("div", null);
   main.append(
     header,
     notice.el,
-    h("div", { class: "columns" }, card("Overview", factsSlot, errorSlot, actionSlot), card("Accuracy and macro-F1 per round", live, box)),
-    card("Metrics per round", h("p", { class: "muted" }, "Your tenant's own metrics; the other participants' are theirs to read."), metricsSlot),
+    h("div", { class: "columns" }, card("Overview", factsSlot, errorSlot, actionSlot), card("Progress", live, progressSlot)),
+    card("Released final metrics", releasedSlot),
+    chartCard,
+    card("Released figures per round", h("p", { class: "muted" }, "Your tenant's own figures; the other participants' are theirs to read. No metric leaves a node while it trains: held-out figures are released once, noised and charged, when the run ends."), metricsSlot),
   );
   let chart: RoundsChart | null = null;
   let timer: number | undefined;
@@ -315,21 +339,47 @@ export const runPage: Page = (main, _ctx, [id]) => {
     factsSlot.replaceChildren(facts(run));
     errorSlot.replaceChildren(run.error ? h("p", { class: "notice notice-warn" }, run.error) : "");
     renderActions(run);
-    const s = series(run.metrics, run.rounds);
-    if (chart) updateRoundsChart(chart, s);
-    else chart = roundsChart(canvas, s);
-    const evaluated = run.metrics.filter((m) => m.phase === "evaluate").length;
+    const evaluated = run.metrics.filter((m) => m.phase === "evaluate" && m.accuracy !== null).length;
+    chartCard.hidden = evaluated < 2;
+    if (!chartCard.hidden) {
+      const s = series(run.metrics, run.rounds);
+      if (chart) updateRoundsChart(chart, s);
+      else chart = roundsChart(canvas, s);
+    }
+    const done = Math.min(run.checkpoint_round, run.rounds);
+    const trained = new Set(run.metrics.filter((m) => m.phase === "train").map((m) => m.round)).size;
     live.textContent = ACTIVE.has(run.status)
-      ? `Live: ${evaluated} of ${run.rounds} rounds evaluated; refreshing every ${RUN_REFRESH_MS / 1000} s.`
-      : `${evaluated} of ${run.rounds} rounds evaluated.`;
+      ? `Live: ${done} of ${run.rounds} rounds done; refreshing every ${RUN_REFRESH_MS / 1000} s.`
+      : `${done} of ${run.rounds} rounds done.`;
+    progressSlot.replaceChildren(
+      h("progress", { class: "rounds", max: Math.max(run.rounds, 1), value: done, "aria-label": `${done} of ${run.rounds} rounds done` }),
+      h("p", { class: "muted" }, `${trained} round(s) in which your tenant's update was accepted.`),
+    );
+    releasedSlot.replaceChildren(
+      run.result
+        ? releasedFigures(run.result)
+        : emptyState(
+            run.status === "completed"
+              ? "This run released no held-out figures for your tenant (its evaluation noise was 0, or too few test rows)."
+              : "Released once, when the run ends: accuracy and macro-F1 on your held-out rows, each with its uncertainty.",
+          ),
+    );
+    const released = run.metrics.filter((m) => m.accuracy !== null || m.macro_f1 !== null || m.loss !== null);
     metricsSlot.replaceChildren(
-      run.metrics.length
+      released.length
         ? table(
-            "Metrics per round",
+            "Released figures per round",
             ["Round", "Phase", "Examples", "Loss", "Accuracy", "Macro-F1"],
-            run.metrics.map((m) => [String(m.round), m.phase, String(m.examples), fmtNum(m.loss), fmtNum(m.accuracy), fmtNum(m.macro_f1)]),
+            released.map((m) => [
+              String(m.round),
+              m.phase,
+              String(m.examples),
+              fmtNum(m.loss),
+              withUncertainty(m.accuracy, m.accuracy_sd),
+              withUncertainty(m.macro_f1, m.macro_f1_sd),
+            ]),
           )
-        : emptyState("No round has reported yet."),
+        : emptyState(run.metrics.length ? "Nothing released yet: the figures come when the run ends." : "No round has reported yet."),
     );
   }
 
