@@ -80,8 +80,11 @@ def _worker_pid(platform: Platform, run_id: str) -> int | None:
 
 
 def test_cancels_of_real_workers_are_cancelled_and_leave_no_vectors(
-    platform: Platform, tmp_path: Path, private_tmp: Path
+    sqlite_platform: Platform, tmp_path: Path, private_tmp: Path
 ) -> None:
+    # The database does not matter here (tests/security/test_run_hygiene.py runs the
+    # transitions on both): SQLite only, this test is minutes of real workers.
+    platform = sqlite_platform
     acme = make_tenant(platform, "acme", budget_epsilon=50)
     globex = make_tenant(platform, "globex", budget_epsilon=50)
     agree(platform, globex, "acme")
