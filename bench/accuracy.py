@@ -35,6 +35,11 @@ import numpy as np
 import torch
 
 TENANTS = [f"t{i}" for i in range(1, 7)]
+# The JSON line's keys (tests/test_bench_smoke.py checks them on --smoke).
+JSON_KEYS = {
+    "results": None, "tenants": None, "train_per_tenant": None, "test_per_tenant": None,
+    "five_round_seconds": None, "encoder_runtime": None, "seconds": None,
+}  # fmt: skip
 EPSILONS = (1.0, 3.0, 8.0)
 # The LSTM's settings from its earlier runs (docs/BENCHMARKS.md); the encoder head uses
 # its family's defaults (models.training_defaults), as a tenant who sets nothing would.
@@ -51,6 +56,21 @@ def pooled(parts: list[Any]) -> Any:
     )
 
 
+def run_defaults() -> dict[str, Any]:
+    """RunSpec's default of every setting, as a run's config carries it (kebab-case).
+
+    The nodes' data split reads settings a run always sets (alpha, ...): the benchmark
+    passes what a run with these defaults would, so a new setting cannot break it again
+    (it crashed with "The run config has no 'alpha'" once simulate read it)."""
+    from runs.spec import RunSpec, key
+
+    return {
+        key(name): field.default
+        for name, field in RunSpec.model_fields.items()
+        if field.default is not None and not field.is_required() and field.default_factory is None
+    }
+
+
 def tenant_data(cfg: dict[str, Any]) -> list[Any]:
     from clients.data import DEMO_LABELS
     from clients.local_data import resolve_node_data
@@ -58,7 +78,7 @@ def tenant_data(cfg: dict[str, Any]) -> list[Any]:
     return [
         resolve_node_data(
             {"partition-id": i, "num-partitions": len(TENANTS)},
-            {**cfg, "tenants": ",".join(TENANTS)},
+            {**run_defaults(), **cfg, "tenants": ",".join(TENANTS)},
             DEMO_LABELS,
         )
         for i in range(len(TENANTS))
@@ -248,6 +268,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="600 train / 200 test per tenant")
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, same JSON keys (make test runs it): central rows and one timed "
+        "1-round encoder-head federation on 40 train / 16 test per tenant",
+    )
+    parser.add_argument(
         "--families",
         default="encoder-head,lstm",
         help="federated rows for these families (comma-separated, or none); central rows "
@@ -277,6 +303,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown families {unknown}; known: {families()}")
     max_train, max_test, lstm_rounds = (600, 200, 3) if args.quick else (3000, 600, 5)
+    timed_rounds = 5
+    if args.smoke:
+        max_train, max_test, lstm_rounds, timed_rounds = 40, 16, 1, 1
+        wanted, timed = [], ["encoder-head"]
     data_cfg = {
         "partitioning": "topic",
         "max-train-examples": max_train,
@@ -307,13 +337,13 @@ def main() -> None:
             # The same 5-round federation at the family's defaults. The encoder-head nodes
             # encode their data in this run (a fresh cache), as on a node's first run.
             os.environ["FEDTEXT_FEATURE_CACHE"] = str(Path(tmp) / f"features-{family}")
-            five = {**family_settings(family, 5), "rounds": 5}
+            five = {**family_settings(family, timed_rounds), "rounds": timed_rounds}
             if family == "lstm":
                 five.update(local_epochs=1, personalize_epochs=1)
             timing[family] = released_scores(
                 family, 8.0, five, sim, parts, Path(tmp) / f"five-{family}"
             )[1]
-            if family == "encoder-head":
+            if family == "encoder-head" and not args.smoke:
                 # A node's next run: its vectors are in its cache already.
                 timing[f"{family} (vectors cached)"] = released_scores(
                     family, 8.0, five, sim, parts, Path(tmp) / f"five-{family}-again"
@@ -332,7 +362,9 @@ def main() -> None:
             }
             for f in wanted
         },
-        "five_round_settings": "epsilon 8, each family's defaults (lstm: 1 local epoch)",
+        "five_round_settings": f"epsilon 8, each family's defaults (lstm: 1 local epoch), "
+        f"{timed_rounds} rounds",
+        "encoder_runtime": spec_of("encoder-head").family_config().encoder_runtime,
         "five_round_seconds": timing,
         "delta": 1e-5,
         "seconds": round(time.monotonic() - started, 1),

@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FAMILIES = ("lstm", "transformer", "minilm")
+# The JSON line's keys (tests/test_bench_smoke.py checks them on --smoke).
+JSON_KEYS = {"families": None, "settings": None}
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -255,6 +257,11 @@ def peak_memory_child(family: str, data_path: Path, batch: int, steps: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="lstm only, batch 8, one repetition, same JSON keys (make test runs it)",
+    )
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=48)
@@ -275,6 +282,8 @@ def main() -> None:
         print(json.dumps(peak_memory_child(family, Path(data_file), args.batch, int(steps))))
         return
 
+    if args.smoke:
+        args.families, args.batch, args.seq = "lstm", 8, 16
     families = [f for f in args.families.split(",") if f]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
@@ -282,7 +291,9 @@ def main() -> None:
     # Repetitions (one step of each mode) and how often the slow Opacus path runs.
     reps = {"lstm": (10, 4), "transformer": (5, 3), "minilm": (2, 2)}
     memory_steps = 1  # the first step holds the peak: every buffer is allocated in it
-    if not args.quick:
+    if args.smoke:
+        reps = {"lstm": (1, 1), "transformer": (1, 1), "minilm": (1, 1)}
+    elif not args.quick:
         reps = {"lstm": (40, 4), "transformer": (20, 4), "minilm": (6, 3)}
         memory_steps = 2
 
@@ -322,6 +333,7 @@ def main() -> None:
         "seq": args.seq,
         "threads": args.threads,
         "quick": args.quick,
+        "smoke": args.smoke,
         "device": "cpu",
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),

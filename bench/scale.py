@@ -23,6 +23,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# The JSON line's keys (tests/test_bench_smoke.py checks them on --smoke).
+JSON_KEYS = {"runs": None, "cpu_cores": None}
+
 
 def _rss_mb() -> float:
     """This process plus every ray process, in MiB (Linux /proc)."""
@@ -117,13 +120,18 @@ def run(n: int, rounds: int, workdir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10 tenants only")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 tenants, 1 round, same JSON keys (make test)"
+    )
     parser.add_argument("--tenants", type=int, nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    sizes = args.tenants or ([10] if args.quick else [10, 100])
+    sizes = args.tenants or ([2] if args.smoke else [10] if args.quick else [10, 100])
+    if args.smoke:
+        args.rounds = 1
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run(n, args.rounds, Path(tmp)) for n in sizes]
     print(json.dumps({"runs": runs, "cpu_cores": os.cpu_count()}))

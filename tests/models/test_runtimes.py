@@ -71,10 +71,12 @@ def test_the_export_is_reproducible_offline_and_checked_on_load(
 def test_the_runtime_variant_is_part_of_the_encoder_identity_in_the_spec() -> None:
     spec = ModelSpec.create("encoder-head", ["negative", "neutral", "positive"])
     assert spec.family_config().encoder_runtime == DEFAULT_RUNTIME
-    other = ModelSpec.create(
-        "encoder-head", ["negative", "neutral", "positive"], encoder_runtime="torch-fp32"
+    on_torch, on_onnx = (
+        ModelSpec.create("encoder-head", ["negative", "neutral", "positive"], encoder_runtime=v)
+        for v in ("torch-fp32", "onnx-fp32")
     )
-    assert other.sha256() != spec.sha256()
+    assert on_torch.family_config().encoder_sha256 == on_onnx.family_config().encoder_sha256
+    assert on_torch.sha256() != on_onnx.sha256()  # same files, other vectors: another spec
     with pytest.raises(ValueError, match="Unknown encoder runtime 'onnx-fp8'"):
         ModelSpec.create("encoder-head", ["a", "b"], encoder_runtime="onnx-fp8")
     with pytest.raises(ValueError, match="Unknown encoder_runtime"):
