@@ -75,8 +75,8 @@ def _not_the_runs(name: str) -> str:
     if name != "default":
         raise ValueError(
             "a run does not choose the dataset its charges land on: each tenant's node "
-            "declares it (federation), or its admin sets it (PUT /v1/policy or `fedtext "
-            "tenant-policy set --dataset`, simulation)"
+            "declares it (federation), or its admin sets it (PUT /v1/policy, or the "
+            "operator's `fedtext policy set TENANT --dataset NAME`, simulation)"
         )
     return name
 

@@ -5,6 +5,7 @@
     serve       fedtext.cli.serve        keys ...        fedtext.cli.keys
     demo        fedtext.cli.demo         audit ...       fedtext.cli.audit
                                          db ...          fedtext.cli.db
+                                         policy ...      fedtext.cli.policy
                                          federation ...  fedtext.cli.federation
 """
 
@@ -22,6 +23,7 @@ from fedtext.cli.db import db_app
 from fedtext.cli.demo import demo
 from fedtext.cli.federation import federation_app
 from fedtext.cli.keys import keys_app
+from fedtext.cli.policy import policy_app
 from fedtext.cli.serve import serve
 from fedtext.cli.simulate import simulate
 from fedtext.cli.tenant import tenant_app
@@ -32,6 +34,7 @@ app = typer.Typer(
     help="Federated, differentially private text classifiers.",
 )
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
