@@ -53,6 +53,10 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
         assert t.name in out and f"{t.name}: model encoder-head v1 (serving)" in out
         assert f"predict key (shown once): {t.predict_key}" in out
     assert report.predict_key_on_ledger_status == 403
+    # The way to the console: its address, and each tenant's admin key to sign in with.
+    assert "Console: http://127.0.0.1:8000/console/ (sign in with a tenant's admin key)" in out
+    for t in report.tenants:
+        assert f"{t.name} admin key (shown once): {t.admin_key}" in out
 
     # Nothing under the data directory holds plaintext weights.
     assert report.plaintext_files == [] and find_plaintext_weights(data_dir) == []
@@ -76,7 +80,8 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
 
     # A second run at epsilon 2 would take every tenant past its budget of 2.2: refused
     # before any update is sent, and nothing more is charged.
-    with pytest.raises(SimulationFailed, match=r"would exceed budget: budget epsilon 2\.200"):
+    # The run's error names no tenant's figures (they are each tenant's own, issue 24).
+    with pytest.raises(SimulationFailed, match=r"tenant 'acme' cannot take part \(budget\)"):
         simulate(
             platform,
             SimulationConfig(
@@ -115,6 +120,9 @@ def test_make_demo_is_quiet_fits_a_screen_and_a_half_and_classifies_clear_senten
         assert noise not in out, f"{noise!r} reached the terminal:\n{out}"
     lines = out.splitlines()
     assert len(lines) < 80, f"{len(lines)} lines:\n{out}"
+    # Each released metric with its 95% interval, and epsilon explained.
+    assert len(re.findall(r"\d\.\d{3} \(\d\.\d\d-\d\.\d\d\)", out)) == 6, out
+    assert "Runs compose to less than their sum" in " ".join(out.split())
     expected = dict(DEMO_EXAMPLES)
     assert len(expected) >= 6 and set(expected.values()) == {"negative", "neutral", "positive"}
     for text in expected:  # printed in full, not cut

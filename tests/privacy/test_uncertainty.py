@@ -148,3 +148,24 @@ def test_compare_is_one_sided_at_its_error_rate() -> None:
     assert c.better and c.error_rate == 0.05 and "significantly better" in c.describe()
     with pytest.raises(ValueError, match="error rate"):
         compare(0.8, 0.1, 0.7, 0.1, error_rate=0.7)
+
+
+def test_a_rare_class_bounds_its_share_and_the_interval_still_covers() -> None:
+    """600 rows of which 2% are one class: that class's F1 is unknowable under noise SD
+    10, so its share of the interval is about its range (1/3), not the whole [0, 1];
+    the interval still covers the exact macro-F1 at the stated rate."""
+    rng = random.Random(8)
+    truth = rng.choices(range(3), weights=(0.49, 0.49, 0.02), k=600)
+    pred = [t if rng.random() < 0.6 else rng.choice([c for c in range(3) if c != t]) for t in truth]
+    exact_counts = confusion_counts(truth, pred, 3)
+    exact = metrics_from_counts(exact_counts, 3)["macro_f1"]
+    draws, covered, widths = 1500, 0, []
+    for _ in range(draws):
+        est = macro_f1_estimate(
+            [c + rng.gauss(0.0, 10.0) for c in exact_counts], 3, 10.0, sampling=False
+        )
+        covered += est.low <= exact <= est.high
+        widths.append(est.width)
+    slack = 3 * math.sqrt(CONFIDENCE * (1 - CONFIDENCE) / draws)
+    assert covered / draws >= CONFIDENCE - slack
+    assert sorted(widths)[draws // 2] < 0.5  # not the whole range
