@@ -317,6 +317,8 @@ def read_status(connection: str, flower_run_id: int, run_id: str) -> FederationR
 
 
 def _print_status(st: FederationRunStatus) -> None:
+    from fedtext.progress import interval
+
     table = Table("", "value")
     table.add_row("Flower run", str(st.flower_run_id))
     table.add_row(
@@ -331,8 +333,11 @@ def _print_status(st: FederationRunStatus) -> None:
     for name, t in sorted(st.summary.get("tenants", {}).items()):
         table.add_row(
             f"tenant {name}",
-            f"{t.get('model')} v{t.get('version')}, accuracy {num(t.get('accuracy'))}, "
-            f"macro-F1 {num(t.get('macro_f1'))} (DP-noised), epsilon {num(t.get('run_epsilon'))}"
+            f"{t.get('model')} v{t.get('version')}, accuracy "
+            f"{interval(t.get('accuracy'), t.get('accuracy_low'), t.get('accuracy_high'))}, "
+            f"macro-F1 "
+            f"{interval(t.get('macro_f1'), t.get('macro_f1_low'), t.get('macro_f1_high'))} "
+            f"(DP-noised, 95% intervals), epsilon {num(t.get('run_epsilon'))}"
             + ("" if t.get("deployed", True) else ", waits for an admin's deploy"),
         )
     console.print(table)
