@@ -53,7 +53,8 @@ def _render(platform: Platform, run_id: str, progress: Progress, task: TaskID) -
         *(["personalized"] if personalize else []),
         "accuracy g/p", "macro-F1 g/p",
         box=box.SIMPLE_HEAD, pad_edge=False, caption_justify="left",
-        caption="g: the global model / p: personalized; test scores as released with DP noise",
+        caption="g: the global model / p: personalized; test scores as released with DP "
+        "noise (their 95% intervals: the results table)",
     )  # fmt: skip
     latest: dict[str, dict[str, RoundMetric]] = {}
     for m in metrics:
