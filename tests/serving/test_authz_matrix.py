@@ -99,7 +99,7 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         "own predict key": acme.predict,
         "own admin key": acme.admin,
     }
-    run_body = {"participants": ["no-such-tenant"], "rounds": 1}
+    run_body = {"participants": [], "rounds": 1}
     routes = [
         Route("POST", "/v1/tenants", "/v1/tenants", "operator", 201, {"name": "initech"}),
         Route("GET", "/v1/tenants", "/v1/tenants", "operator", 200),
@@ -162,12 +162,14 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         Route("GET", "/v1/privacy/report", "/v1/privacy/report", "collection", 200),
         Route("GET", "/v1/privacy/head", "/v1/privacy/head", "collection", 200),
         Route("GET", "/v1/privacy/signing-keys", "/v1/privacy/signing-keys", "collection", 200),
-        # A run that names an unknown participant: 422 proves the key got past authorization
+        # A run that names no participant: 422 proves the key got past authorization
         # without starting a federation (tests/serving/test_runs.py starts a real one).
         Route("POST", "/v1/runs", "/v1/runs", "collection", 422, run_body),
         Route("GET", "/v1/runs", "/v1/runs", "collection", 200),
         Route("GET", "/v1/partners", "/v1/partners", "collection", 200),
         Route("PUT", "/v1/partners", "/v1/partners", "collection", 200, {"tenants": []}),
+        Route("GET", "/v1/policy", "/v1/policy", "collection", 200),
+        Route("PUT", "/v1/policy", "/v1/policy", "collection", 200, {"deploy": "first"}),
         Route("GET", "/v1/runs/{run_id}", f"/v1/runs/{run_id}", "object", 200),
         # Node keys (serving/routers/nodes.py): a malformed key's 422 proves authorization.
         Route("GET", "/v1/federation/nodes", "/v1/federation/nodes", "collection", 200),
