@@ -8,7 +8,6 @@ import os
 from typing import Annotated
 
 import typer
-from sqlmodel import Session
 
 from fedtext.cli.console import UserError, console, group, open_platform
 
@@ -30,6 +29,8 @@ def _show(name: str, policy: object) -> None:
 @policy_app.command("show")
 def policy_show(name: str) -> None:
     """Print a tenant's policy."""
+    from sqlmodel import Session  # SQL: loaded by the command, not by --help
+
     from tenancy.errors import NotFound
     from tenancy.governance import get_policy
     from tenancy.tenants import get_tenant
