@@ -19,7 +19,11 @@ from privacy.ledger import PrivacyEvent, canonical_time
 # ``purpose`` ("train" or "evaluate") is hashed only when it is not "train" (entries from
 # before it existed keep their hashes); docs/AUDIT.md's recipe does the same.
 # ``applied_json`` (the settings that applied to the tenant) likewise only when not "{}".
-EXPORT_FIELDS: tuple[str, ...] = (*PrivacyEvent.HASHED, "purpose", "applied_json", "entry_hash")
+# ``signature`` (not hashed): the platform's Ed25519 signature of the entry, checkable
+# offline with the pinned public keys (docs/AUDIT.md, "Authorship").
+EXPORT_FIELDS: tuple[str, ...] = (
+    *PrivacyEvent.HASHED, "purpose", "applied_json", "entry_hash", "signature",
+)  # fmt: skip
 ExportFormat = Literal["jsonl", "csv"]
 
 

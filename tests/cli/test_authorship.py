@@ -278,3 +278,31 @@ def test_rows_from_before_signatures_are_named_then_signed_once(
     assert "Signed 2 ledger entr(ies), 1 budget change(s), 1 API key(s)" in done.output
     r = runner.invoke(app, ["audit", "verify"])
     assert r.exit_code == 0, r.output
+
+
+def test_an_exported_entry_is_checked_offline_with_the_pinned_keys(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """docs/AUDIT.md's offline check: the export and the pinned keys, no platform code."""
+    import base64
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    pinned = tmp_path / "keys.json"
+    assert runner.invoke(app, ["audit", "keys", "--out", str(pinned)]).exit_code == 0
+    _export_heads(tmp_path)
+    keys = {k["key_id"]: k["public_key"] for k in json.loads(pinned.read_text())["keys"]}
+    rows = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        kid, _, sig = row["signature"].partition(":")
+        message = (
+            f"fedtext-signed-row/1\nprivacy_event\n{row['tenant_id']}\n{row['seq']}\n"
+            f"{row['entry_hash']}"
+        )
+        public = Ed25519PublicKey.from_public_bytes(base64.b64decode(keys[kid]))
+        public.verify(base64.b64decode(sig), message.encode())
+        with pytest.raises(InvalidSignature):  # another entry's hash: refused
+            moved = message.replace(f"\n{row['seq']}\n", f"\n{row['seq'] + 1}\n")
+            public.verify(base64.b64decode(sig), moved.encode())
