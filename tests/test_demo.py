@@ -57,10 +57,6 @@ def test_demo_end_to_end_then_budget_refusal(tmp_path: Path) -> None:
     assert "Console: http://127.0.0.1:8000/console/ (sign in with a tenant's admin key)" in out
     for t in report.tenants:
         assert f"{t.name} admin key (shown once): {t.admin_key}" in out
-    # The way to the console: its address, and each tenant's admin key to sign in with.
-    assert "Console: http://127.0.0.1:8000/console/ (sign in with a tenant's admin key)" in out
-    for t in report.tenants:
-        assert f"{t.name} admin key (shown once): {t.admin_key}" in out
 
     # Nothing under the data directory holds plaintext weights.
     assert report.plaintext_files == [] and find_plaintext_weights(data_dir) == []
