@@ -42,9 +42,13 @@ def test_onnx_variants_match_torch_fp32_within_the_stated_cosine(variant: str) -
     cosine = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
     assert cosine.min() >= MIN_COSINE[variant], cosine
     assert cosine.mean() >= MEAN_COSINE[variant], cosine
-    # A sentence's vector is its own: alone, or among others, the same bits.
+    # A sentence's vector is its own: alone, or among others, the same (int8: the same
+    # bits, each sentence runs alone; fp32: padded groups, equal to float rounding).
     alone = torch.cat([load_runtime(variant=variant).encode([s], 128) for s in SENTENCES])
-    assert torch.equal(alone, got)
+    if variant == "onnx-int8":
+        assert torch.equal(alone, got)
+    else:
+        torch.testing.assert_close(alone, got, atol=1e-6, rtol=0)
 
 
 def test_the_export_is_reproducible_offline_and_checked_on_load(
