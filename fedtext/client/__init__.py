@@ -11,6 +11,8 @@ backoff, never sooner than ``Retry-After`` (``RetryPolicy``). Transport failures
 (refused connection, timeout) are httpx's own exceptions and are not retried.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fedtext.client._core import (
     ApiError,
     BadRequest,
@@ -25,8 +27,20 @@ from fedtext.client._core import (
     Unauthorized,
     Unavailable,
 )
-from fedtext.client.aio import AsyncClient
 from fedtext.client.sync import Client
+
+if TYPE_CHECKING:
+    from fedtext.client.aio import AsyncClient
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncClient loads asyncio: only for those who use it (start-up, bench/startup.py).
+    if name == "AsyncClient":
+        from fedtext.client.aio import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module 'fedtext.client' has no attribute {name!r}")
+
 
 __all__ = [
     "ApiError",
