@@ -29,6 +29,7 @@ from serving.config import ServingConfig
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
+from tenancy.tenants import create_api_key
 from tests.factories import TenantFixture, agree, make_tenant, tiny_spec
 
 FAST = {"epsilon": 3.0, "rounds": 1, "batch_size": 16, "personalize_epochs": 0}
@@ -389,7 +390,12 @@ def test_a_tenant_flooding_run_requests_gets_429_before_any_planning(
         assert [r.status_code for r in codes[: runs_router.SUBMISSION_BURST]] == [409] * 10
         limited = [r for r in codes if r.status_code == 429]
         assert limited and all(int(r.headers["retry-after"]) >= 1 for r in limited)
-        assert "Too many run requests from tenant 'acme'" in limited[0].text
+        assert "Too many run requests from this key" in limited[0].text
+        # A second key of the same tenant does not escape: the tenant has one allowance.
+        with session_scope(platform.engine) as session:
+            _, second = create_api_key(session=session, tenant=acme.tenant, scopes=["admin"])
+        r = c.post("/v1/runs", json=body, headers={"Authorization": f"Bearer {second}"})
+        assert r.status_code == 429 and "from tenant 'acme'" in r.text
         # Another tenant's run requests are not held back by acme's flood.
         r = c.post("/v1/runs", json=body, headers=other.admin)
         assert r.status_code == 409, r.text
