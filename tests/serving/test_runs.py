@@ -88,7 +88,8 @@ def test_a_participant_is_named_only_with_its_admins_consent(
         assert (ghost.status_code, ghost.json()["detail"]) == (
             403,
             r.json()["detail"].replace(
-                "tenant 'globex' cannot take part (not a partner); tenant 'initech'", "tenant 'ghost'"
+                "tenant 'globex' cannot take part (not a partner); tenant 'initech'",
+                "tenant 'ghost'",
             ),
         )
         # globex agrees; initech agrees with someone else only.
