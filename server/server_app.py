@@ -96,7 +96,7 @@ def run_federation(
 
 
 def _run(grid: Grid, cfg: RunSpec, platform: Platform, *, simulated: bool) -> RunOutcome:
-    nodes, problems = discover_nodes(grid, cfg)
+    nodes, problems = discover_nodes(grid, cfg, platform.engine)
     run = get_run(platform.engine, cfg.run_id)
     assert run is not None
     if cfg.resume:
