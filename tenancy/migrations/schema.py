@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy import MetaData
 from sqlmodel import SQLModel
 
-import tenancy.governance  # noqa: F401  (registers tenant_policy)
+import tenancy.governance
 import tenancy.nodes  # registers node_key in SQLModel's metadata
 import tenancy.tables  # noqa: F401  (registers tenancy's tables in SQLModel's metadata)
 
