@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from starlette.responses import JSONResponse
 
 NOT_UNICODE = (
@@ -58,6 +58,20 @@ async def _not_unicode(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": NOT_UNICODE}, status_code=422)
 
 
+async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    # The database went away (restarted, connections killed): a truthful 503 the client may
+    # retry, not a 500 (tests/faults, PostgreSQL restarted while serving).
+    if isinstance(exc, DBAPIError) and not (
+        isinstance(exc, OperationalError) or exc.connection_invalidated
+    ):
+        raise exc
+    return JSONResponse(
+        {"detail": "The database is unavailable; retry shortly."},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _server_error(_: Request, exc: Exception) -> JSONResponse:
     # Starlette logs the exception and its traceback; the client gets neither.
     return JSONResponse({"detail": "Internal server error."}, status_code=500)
@@ -68,4 +82,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(UnicodeEncodeError, _not_unicode)
     app.add_exception_handler(StatementError, _not_unicode)
+    app.add_exception_handler(DBAPIError, _database_unavailable)
     app.add_exception_handler(Exception, _server_error)
