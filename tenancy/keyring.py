@@ -16,7 +16,8 @@ from sqlmodel import Session, col, select
 from tenancy import crypto
 from tenancy.errors import KeyProviderError, NotFound
 from tenancy.files import make_private, private_dir
-from tenancy.signing import SigningKeys, chain_signature_problems, describe
+from tenancy.signing import SigningKeys
+from tenancy.signing_audit import chain_signature_problems, describe
 from tenancy.tables import DataKey, Tenant
 
 if TYPE_CHECKING:

@@ -10,6 +10,11 @@ Keys are identified by their fingerprint (SHA-256 of the DER SubjectPublicKeyInf
 computed by the caller with ``privacy.node_proof.fingerprint``: tenancy parses no keys).
 A fingerprint belongs to one tenant forever: a revoked key may be enrolled again by the
 same tenant, never by another.
+
+Each enrollment row is signed by the platform's signing key (``tenancy.signing``: on insert,
+and again when revoked or enrolled again), and ``tenant_of_key`` believes only a row whose
+signature verifies: someone who can write the database but holds no signing key cannot
+enroll a key for another tenant, nor move an enrolled key to one.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from datetime import datetime
 from sqlmodel import Field, Session, SQLModel, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
+from tenancy.signing import node_row_trusted
 from tenancy.tables import Tenant, utcnow
 
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
@@ -37,6 +43,7 @@ class NodeKey(SQLModel, table=True):
     enrolled_by: str = Field(max_length=255)  # "operator" or "api-key:<id>"
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+    signature: str | None = Field(default=None, max_length=160)  # tenancy.signing
 
 
 def _check_fingerprint(fingerprint: str) -> str:
@@ -107,10 +114,13 @@ def revoke_node_key(session: Session, *, tenant_id: str, fingerprint: str) -> No
 
 
 def tenant_of_key(session: Session, fingerprint: str) -> Tenant | None:
-    """The live tenant a live key is enrolled for, or None (not enrolled, revoked, or its
-    tenant deleted)."""
+    """The live tenant a live key is enrolled for, or None (not enrolled, revoked, its
+    tenant deleted, or the enrollment row's signature not accepted: an unsigned or altered
+    row binds nothing, and is logged)."""
     row = session.get(NodeKey, fingerprint)
     if row is None or row.revoked_at is not None:
+        return None
+    if not node_row_trusted(session.get_bind().engine, row):
         return None
     tenant = session.get(Tenant, row.tenant_id)
     if tenant is None or tenant.deleted_at is not None:

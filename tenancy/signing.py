@@ -57,7 +57,10 @@ ENDORSEMENT_FORMAT = "fedtext-signing-key-endorsement/1"
 HISTORY_FORMAT = "fedtext-signing-keys/1"
 LEDGER_TABLES = ("privacy_event", "privacy_budget_change")
 KEY_TABLE = "api_key"
-SIGNED_TABLES = (*LEDGER_TABLES, KEY_TABLE)
+NODE_TABLE = "node_key"  # a federation node key enrolled for a tenant (tenancy.nodes)
+SIGNED_TABLES = (*LEDGER_TABLES, KEY_TABLE, NODE_TABLE)
+# Rows that change after they are written (revoked, enrolled again): signed again on update.
+MUTABLE_TABLES = (KEY_TABLE, NODE_TABLE)
 # What a signature check finds.
 Status = Literal["ok", "unsigned", "unknown-key", "bad"]
 
@@ -125,17 +128,34 @@ def key_row_digest(row: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def node_row_digest(row: Any) -> str:
+    """SHA-256 hex over every field of a node key enrollment: which key, for which tenant,
+    by whom, since when and whether revoked."""
+    data = {
+        "fingerprint": row.fingerprint,
+        "tenant_id": row.tenant_id,
+        "public_key": row.public_key,
+        "enrolled_by": row.enrolled_by,
+        "created_at": _time(row.created_at),
+        "revoked_at": _time(row.revoked_at),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def row_message(table: str, row: Any) -> bytes:
     """The bytes signed for a row of one of ``SIGNED_TABLES``.
 
     A ledger row: its tenant, sequence number and entry hash (the hash covers every hashed
     field and the previous entry's hash, so the signature binds content and position, and
-    through ``prev_hash`` the whole chain before it). A key row: ``key_row_digest``.
+    through ``prev_hash`` the whole chain before it). An API key row: ``key_row_digest``;
+    a node key enrollment: ``node_row_digest``.
     """
     if table in LEDGER_TABLES:
         body = f"{row.tenant_id}\n{row.seq}\n{row.entry_hash}"
     elif table == KEY_TABLE:
         body = key_row_digest(row)
+    elif table == NODE_TABLE:
+        body = node_row_digest(row)
     else:
         raise ValueError(f"Rows of {table!r} are not signed.")
     return b"\n".join((ROW_FORMAT, table.encode(), body.encode()))
@@ -346,64 +366,42 @@ def _sign_new_row(_mapper: Any, connection: Any, target: Any) -> None:
 
 @event.listens_for(Mapper, "before_update")
 def _sign_changed_key(_mapper: Any, connection: Any, target: Any) -> None:
-    # Ledger rows never change (privacy refuses it); a key row changes when revoked.
-    if getattr(type(target), "__tablename__", None) == KEY_TABLE:
-        _sign_row(KEY_TABLE, connection, target)
+    # Ledger rows never change (privacy refuses it); a key row changes when revoked, a
+    # node enrollment when revoked or enrolled again.
+    table = getattr(type(target), "__tablename__", None)
+    if table in MUTABLE_TABLES:
+        _sign_row(str(table), connection, target)
 
 
-def key_row_trusted(engine: Engine | None, row: Any) -> bool:
-    """Whether an API key row may authenticate: its signature verifies under the platform's
-    history (True where no platform's keys are attached: nothing to check against)."""
+def row_trusted(engine: Engine | None, table: str, row: Any, what: str) -> bool:
+    """Whether a key row (``table`` in ``MUTABLE_TABLES``) may be believed: its signature
+    verifies under the platform's history (True where no platform's keys are attached:
+    nothing to check against). A refusal is logged, naming ``what`` the row is."""
     keys = keys_for(engine)
     if keys is None:
         return True
     try:
-        status = keys.check_row(KEY_TABLE, row)
+        status = keys.check_row(table, row)
     except KeyProviderError:
-        log.exception("cannot read the platform's signing keys to check an API key")
+        log.exception("cannot read the platform's signing keys to check %s", what)
         return False
     if status != "ok":
         log.warning(
-            "API key row refused: its signature is %s (written without the platform's "
-            "signing key; if it predates v0006, run `fedtext audit sign-existing`)",
+            "%s refused: its signature is %s (written without the platform's signing key; "
+            "if it predates its table's signatures, run `fedtext audit sign-existing`)",
+            what,
             status,
-            extra={"fields": {"key_prefix": row.prefix, "tenant": row.tenant_id}},
+            extra={"fields": {"table": table, "tenant": row.tenant_id}},
         )
         return False
     return True
 
 
-# ----------------------------------------------------------------- what an auditor is told
-
-_DESCRIBE = {
-    "unsigned": "unsigned: written before signatures (v0006) or by someone without the "
-    "platform's signing key (if it is old and the chains check out, the operator signs it "
-    "once with `fedtext audit sign-existing`)",
-    "unknown-key": "signed by a key that is not in the trusted signing history",
-    "bad": "its signature does not verify: the row was changed after it was signed",
-}
+def key_row_trusted(engine: Engine | None, row: Any) -> bool:
+    """Whether an API key row may authenticate (``row_trusted``)."""
+    return row_trusted(engine, KEY_TABLE, row, f"API key row {row.prefix}")
 
 
-def describe(status: Status) -> str:
-    """What a status other than "ok" means, for an auditor."""
-    return _DESCRIBE[status]
-
-
-def chain_signature_problems(
-    table: str, rows: Iterable[Any], trusted: Mapping[str, bytes]
-) -> list[tuple[Any, Status]]:
-    """The rows of one tenant's chain (in order) whose signature is not accepted.
-
-    An unsigned entry followed by a validly signed one is accepted: that signature binds
-    the later entry's ``prev_hash``, hence every entry before it (the chain check itself
-    is ``privacy.ledger.verify_chain``'s). An unsigned entry with no signed one after it
-    (an append made around the platform, or an old chain never signed) is not.
-    """
-    rows = list(rows)
-    statuses = [check(r.signature, row_message(table, r), trusted) for r in rows]
-    last_ok = max((i for i, s in enumerate(statuses) if s == "ok"), default=-1)
-    return [
-        (row, status)
-        for i, (row, status) in enumerate(zip(rows, statuses, strict=True))
-        if status != "ok" and not (status == "unsigned" and i < last_ok)
-    ]
+def node_row_trusted(engine: Engine | None, row: Any) -> bool:
+    """Whether a node key enrollment binds its key to its tenant (``row_trusted``)."""
+    return row_trusted(engine, NODE_TABLE, row, f"node key enrollment {row.fingerprint[:16]}")

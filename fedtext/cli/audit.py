@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # imported at run time inside the commands (start-up time)
     from sqlmodel import Session
 
     from privacy.ledger import BudgetChange, PrivacyEvent
+    from tenancy.nodes import NodeKey
     from tenancy.platform import Platform
     from tenancy.signing import SigningHistory
     from tenancy.tables import ApiKey
@@ -147,27 +148,46 @@ def _trusted_keys(platform: Platform, pinned: SigningHistory | None) -> dict[str
     return joined.trusted(roots)
 
 
-def _key_rows_by_tenant(session: Session) -> dict[str, list[ApiKey]]:
+def _key_rows_by_tenant(session: Session) -> dict[str, list[ApiKey | NodeKey]]:
+    """Each tenant's API key rows, then its node key enrollments (both signed rows that are
+    no chain: each is checked alone; ``_key_table`` tells them apart)."""
     from sqlmodel import col, select
 
+    from tenancy.nodes import NodeKey
     from tenancy.tables import ApiKey
 
-    rows: dict[str, list[ApiKey]] = {}
+    rows: dict[str, list[ApiKey | NodeKey]] = {}
     for row in session.exec(select(ApiKey).order_by(col(ApiKey.created_at))):
         rows.setdefault(row.tenant_id, []).append(row)
+    for node in session.exec(select(NodeKey).order_by(col(NodeKey.created_at))):
+        rows.setdefault(node.tenant_id, []).append(node)
     return rows
+
+
+def _key_table(row: ApiKey | NodeKey) -> str:
+    return str(type(row).__tablename__)
+
+
+def _key_row_name(row: ApiKey | NodeKey) -> str:
+    from tenancy.signing import KEY_TABLE
+
+    if _key_table(row) == KEY_TABLE:
+        return f"API key {row.prefix} (scopes {row.scopes}, id {row.id})"  # type: ignore[union-attr]
+    revoked = "" if row.revoked_at is None else ", revoked"
+    return f"node key {row.fingerprint} (enrolled by {row.enrolled_by!r}{revoked})"  # type: ignore[union-attr]
 
 
 def _signature_problems(
     tenant_id: str,
     events: list[PrivacyEvent],
     budget: list[BudgetChange],
-    key_rows: dict[str, list[ApiKey]],
+    key_rows: dict[str, list[ApiKey | NodeKey]],
     trusted: dict[str, bytes],
 ) -> list[str]:
-    """Each ledger entry, budget change and key row of the tenant whose signature is not
-    accepted, named (see tenancy.signing.chain_signature_problems)."""
-    from tenancy.signing import KEY_TABLE, chain_signature_problems, check, describe, row_message
+    """Each ledger entry, budget change, API key row and node key enrollment of the tenant
+    whose signature is not accepted, named (see tenancy.signing_audit)."""
+    from tenancy.signing import check, row_message
+    from tenancy.signing_audit import chain_signature_problems, describe
 
     found = []
     for ev, status in chain_signature_problems("privacy_event", events, trusted):
@@ -182,12 +202,9 @@ def _signature_problems(
             f"{ch.new_epsilon:g} by {ch.actor!r}): {describe(status)}"
         )
     for key in key_rows.get(tenant_id, []):
-        status = check(key.signature, row_message(KEY_TABLE, key), trusted)
+        status = check(key.signature, row_message(_key_table(key), key), trusted)
         if status != "ok":
-            found.append(
-                f"tenant {tenant_id} API key {key.prefix} (scopes {key.scopes}, "
-                f"id {key.id}): {describe(status)}"
-            )
+            found.append(f"tenant {tenant_id} {_key_row_name(key)}: {describe(status)}")
     return found
 
 
@@ -231,22 +248,21 @@ def audit_sign_existing(
 
     Refuses (exit 1) while any chain is broken, a budget in force differs from its chain,
     or a row carries a signature that does not verify: those are tampering, not age.
-    Every unsigned API key row is listed (tenant, prefix, scopes) before it is signed: a key
-    you do not recognise must be revoked, not signed.
+    Every unsigned API key row (tenant, prefix, scopes) and node key enrollment (tenant,
+    fingerprint) is listed before it is signed: a key you do not recognise must be revoked,
+    not signed.
     """
     from sqlalchemy import update
     from sqlmodel import Session
 
     from privacy.ledger import (
-        BudgetChange,
-        PrivacyEvent,
         all_tenant_ids,
         budget_changes,
         tenant_events,
         verify_chain,
     )
-    from tenancy.signing import KEY_TABLE, check, row_message
-    from tenancy.tables import ApiKey, Tenant
+    from tenancy.signing import KEY_TABLE, NODE_TABLE, check, row_message
+    from tenancy.tables import Tenant
 
     platform = open_platform()
     trusted = _trusted_keys(platform, None)
@@ -258,21 +274,23 @@ def audit_sign_existing(
         for tenant_id in sorted(set(all_tenant_ids(session)) | set(key_rows)):
             row = session.get(Tenant, tenant_id)
             budget = budget_changes(session, tenant_id)
-            for name, rows, table, cls in (
-                ("ledger", tenant_events(session, tenant_id), "privacy_event", PrivacyEvent),
-                ("budget chain", budget, "privacy_budget_change", BudgetChange),
-                ("keys", key_rows.get(tenant_id, []), KEY_TABLE, ApiKey),
+            for name, rows, chain_table in (
+                ("ledger", tenant_events(session, tenant_id), "privacy_event"),
+                ("budget chain", budget, "privacy_budget_change"),
+                ("keys", key_rows.get(tenant_id, []), None),
             ):
-                if table != KEY_TABLE:
+                if chain_table is not None:
                     broken = verify_chain(rows)  # type: ignore[arg-type]
                     if broken is not None:
                         blockers.append(f"tenant {tenant_id} {name} {broken.seq}: {broken.reason}")
                 for item in rows:
+                    table = chain_table or _key_table(item)  # type: ignore[arg-type]
                     status = check(item.signature, row_message(table, item), trusted)
                     if status == "unsigned":
-                        todo.append((cls, item, table))
+                        todo.append((type(item), item, table))
                     elif status != "ok":
-                        blockers.append(f"tenant {tenant_id} {name} row {item.id}: {status}")
+                        which = _key_row_name(item) if chain_table is None else f"row {item.id}"  # type: ignore[arg-type,union-attr]
+                        blockers.append(f"tenant {tenant_id} {name} {which}: {status}")
             wide = [c for c in budget if c.dataset == "*"]
             if row is not None and wide and abs(wide[-1].new_epsilon - row.budget_epsilon) > 1e-12:
                 blockers.append(
@@ -290,21 +308,28 @@ def audit_sign_existing(
                     f"API key {item.prefix} (scopes {item.scopes}) of tenant "
                     f"{item.tenant_id}, created {item.created_at}"
                 )
+            elif table == NODE_TABLE:
+                console.print(
+                    f"Node key {item.fingerprint} enrolled for tenant {item.tenant_id} by "
+                    f"{item.enrolled_by!r}, created {item.created_at}"
+                )
         if not dry_run:
             for cls, item, table in todo:
                 # A plain UPDATE: the ledger's ORM refuses to change its rows, by design.
+                pk = cls.fingerprint if table == NODE_TABLE else cls.id
                 session.execute(
                     update(cls)
-                    .where(cls.id == item.id)
+                    .where(pk == (item.fingerprint if table == NODE_TABLE else item.id))
                     .values(signature=signing.sign(row_message(table, item)))
                 )
             session.commit()
     counts = {t: sum(1 for _, _, tt in todo if tt == t) for t in ("privacy_event",
-              "privacy_budget_change", KEY_TABLE)}  # fmt: skip
+              "privacy_budget_change", KEY_TABLE, NODE_TABLE)}  # fmt: skip
     verb = "Would sign" if dry_run else "Signed"
     console.print(
         f"{verb} {counts['privacy_event']} ledger entr(ies), "
-        f"{counts['privacy_budget_change']} budget change(s), {counts[KEY_TABLE]} API key(s)."
+        f"{counts['privacy_budget_change']} budget change(s), {counts[KEY_TABLE]} API key(s), "
+        f"{counts[NODE_TABLE]} node key enrollment(s)."
     )
 
 

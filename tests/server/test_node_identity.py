@@ -375,3 +375,77 @@ def test_discovery_keeps_only_signed_enrolled_nodes_with_the_dataset_they_declar
     assert nodes == [] and problems == [
         "node 3 refused: its reply is not signed by its authenticated key"
     ]
+
+
+def test_an_enrollment_written_around_the_platform_binds_nothing(
+    platform: Platform,
+    acme: TenantFixture,
+    globex: TenantFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database writer without the signing key (plain SQL) enrolls its own key for globex
+    and moves acme's second key to globex: the coordinator's binding believes neither row,
+    with the refusal every unenrolled key gets; rows the platform signed (a revoked key
+    enrolled again included) still bind."""
+    from datetime import UTC, datetime
+
+    from flwr.supercore.task_identity import TaskIdentity
+    from sqlalchemy import create_engine, text
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    acme_key, acme_second = Node(tmp_path / "a1"), Node(tmp_path / "a2")
+    stranger = Node(tmp_path / "x")
+    for key in (acme_key, acme_second):
+        _enroll(platform, acme, key)
+    with session_scope(platform.engine) as session:  # revoked, then enrolled again: re-signed
+        revoke_node_key(session, tenant_id=acme.tenant.id, fingerprint=acme_key.fingerprint)
+    _enroll(platform, acme, acme_key)
+
+    bare = create_engine(platform.engine.url)  # no platform, no keys
+    with bare.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO node_key (fingerprint, tenant_id, public_key, enrolled_by, "
+                "created_at) VALUES (:f, :t, :k, 'operator', :c)"
+            ),
+            {
+                "f": stranger.fingerprint,
+                "t": globex.tenant.id,
+                "k": stranger.public.read_text(),
+                "c": datetime.now(UTC).replace(microsecond=0),
+            },
+        )
+        conn.execute(
+            text("UPDATE node_key SET tenant_id = :t WHERE fingerprint = :f"),
+            {"t": globex.tenant.id, "f": acme_second.fingerprint},
+        )
+    bare.dispose()
+
+    grid = SignedNodesGrid(
+        {
+            1: (stranger, "globex", ""),  # enrolled for globex by plain SQL
+            2: (acme_second, "globex", ""),  # acme's key moved to globex by plain SQL
+            3: (acme_key, "acme", ""),
+        },
+        replay=set(),
+    )
+    cfg = RunSpec(min_nodes=1, round_timeout=5, run_id=RUN)
+    with caplog.at_level("WARNING", logger="tenancy.signing"):
+        nodes, problems = discover_nodes(grid, cfg, platform.engine)
+    assert [(n.node_id, n.tenant) for n in nodes] == [(3, "acme")]
+    assert problems == [
+        "node 1 refused: its key is not enrolled for tenant 'globex'",
+        "node 2 refused: its key is not enrolled for tenant 'globex'",
+    ]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert f"node key enrollment {stranger.fingerprint[:16]} refused" in logged
+    assert "signature is unsigned" in logged and "signature is bad" in logged
+    # plan_run's check (unique_known_tenants) refuses them the same way.
+    nodes, _ = discover_nodes(grid, cfg)
+    with Session(platform.engine) as session:
+        found, refused = unique_known_tenants(session, nodes)
+    assert [(n.node_id, t.name) for n, t in found] == [(3, "acme")]
+    assert len(refused) == 2 and all("not enrolled for tenant 'globex'" in r for r in refused)

@@ -1,5 +1,8 @@
 """Node identity: federation node keys enrolled for a tenant.
 
+Each enrollment row carries ``signature`` (Ed25519 by the platform's signing key, as the
+rows of revision 0006; tenancy/signing.py): the coordinator believes only a signed row.
+
 Revision ID: 0007
 Revises: 0006
 """
@@ -25,6 +28,7 @@ def upgrade() -> None:
         sa.Column("enrolled_by", sqltypes.AutoString(length=255), nullable=False),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
         sa.Column("revoked_at", sqltypes.UTCDateTime(), nullable=True),
+        sa.Column("signature", sqltypes.AutoString(length=160), nullable=True),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenant.id"]),
         sa.PrimaryKeyConstraint("fingerprint"),
     )
