@@ -259,23 +259,88 @@ def test_a_rotated_signing_key_is_followed_from_the_pinned_one(
     assert r.exit_code == 1 and "not in the trusted signing history" in r.output
 
 
-def test_rows_from_before_signatures_are_named_then_signed_once(
-    env: dict[str, str], database_url: str
+def _node_key(folder: Path) -> tuple[Path, str]:
+    """A node public key file as `fedtext federation credentials` writes it; its fingerprint."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from privacy.node_proof import fingerprint, openssh_text
+
+    key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "node.pub").write_text(openssh_text(key))
+    return folder / "node.pub", fingerprint(key)
+
+
+def _enroll(tenant: str, public: Path) -> None:
+    done = runner.invoke(app, ["federation", "enroll", "--tenant", tenant, str(public)])
+    assert done.exit_code == 0, done.output
+
+
+def test_a_node_key_enrolled_or_moved_by_plain_sql_is_named_by_verify(
+    env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
+    """Enrolling a key for globex, or moving acme's key to globex, around the platform."""
+    assert runner.invoke(app, ["tenant", "create", "globex"]).exit_code == 0
+    kept, kept_fp = _node_key(tmp_path / "acme1")
+    moved, moved_fp = _node_key(tmp_path / "acme2")
+    stranger, stranger_fp = _node_key(tmp_path / "stranger")
+    _enroll("acme", kept)
+    _enroll("acme", moved)
+    assert runner.invoke(app, ["audit", "verify"]).exit_code == 0
+    engine = create_engine(database_url)  # a bare engine: no platform, no keys
+    with engine.begin() as conn:
+        globex = conn.execute(text("SELECT id FROM tenant WHERE name = 'globex'")).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO node_key (fingerprint, tenant_id, public_key, enrolled_by, "
+                "created_at) VALUES (:f, :t, :k, 'operator', :c)"
+            ),
+            {"f": stranger_fp, "t": globex, "k": stranger.read_text(), "c": datetime.now(UTC)},
+        )
+        conn.execute(
+            text("UPDATE node_key SET tenant_id = :t WHERE fingerprint = :f"),
+            {"t": globex, "f": moved_fp},
+        )
+    engine.dispose()
+
+    r = _cli(env, "audit", "verify")
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert f"tenant {globex} node key {stranger_fp} (enrolled by 'operator'): unsigned" in out
+    assert (
+        f"tenant {globex} node key {moved_fp} (enrolled by 'operator'): its signature does "
+        "not verify" in out
+    )
+    assert kept_fp not in out  # acme's untouched enrollment is not blamed
+    # sign-existing does not sign over the moved row: that is tampering, not age.
+    refused = runner.invoke(app, ["audit", "sign-existing"])
+    assert refused.exit_code == 1 and f"node key {moved_fp}" in refused.output
+    assert "Nothing was signed" in refused.output
+
+
+def test_rows_from_before_signatures_are_named_then_signed_once(
+    env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    public, fp = _node_key(tmp_path / "node")
+    _enroll("acme", public)
     engine = create_engine(database_url)
-    with engine.begin() as conn:  # as a database upgraded to v0006 holds them
-        for table in ("privacy_event", "privacy_budget_change", "api_key"):
+    with engine.begin() as conn:  # as a database upgraded to v0006 (and v0007) holds them
+        for table in ("privacy_event", "privacy_budget_change", "api_key", "node_key"):
             conn.execute(text(f"UPDATE {table} SET signature = NULL"))
     engine.dispose()
     r = runner.invoke(app, ["audit", "verify"])
     assert r.exit_code == 1 and "ledger entry 2 (run r1, round 2" in r.output
-    assert "unsigned" in r.output
+    assert "unsigned" in r.output and f"node key {fp}" in " ".join(r.output.split())
     dry = runner.invoke(app, ["audit", "sign-existing", "--dry-run"])
     assert dry.exit_code == 0 and "Would sign 2 ledger" in dry.output
+    assert f"Node key {fp} enrolled for tenant" in " ".join(dry.output.split())
     assert runner.invoke(app, ["audit", "verify"]).exit_code == 1
     done = runner.invoke(app, ["audit", "sign-existing"])
     assert done.exit_code == 0, done.output
-    assert "Signed 2 ledger entr(ies), 1 budget change(s), 1 API key(s)" in done.output
+    assert (
+        "Signed 2 ledger entr(ies), 1 budget change(s), 1 API key(s), 1 node key "
+        "enrollment(s)" in " ".join(done.output.split())
+    )
     r = runner.invoke(app, ["audit", "verify"])
     assert r.exit_code == 0, r.output
 
