@@ -34,8 +34,8 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from clients.data import DataError, LabeledData
-from clients.local_data import NodeData, resolve_node_data
-from clients.train import encode, pick_device, train_dp
+from clients.local_data import NodeData, privacy_unit, resolve_node_data
+from clients.train import encode, pick_device, train_dp, train_dp_users, user_schedule
 from models import EncoderError, ModelSpec, build_model, load_model_state, model_state
 from privacy.evaluation import confusion_counts, metrics_from_counts, noised
 from privacy.node_proof import load_private_key, proof_payload, sign_proof
@@ -104,6 +104,20 @@ def _node_data(context: Context, labels: tuple[str, ...], overrides: Mapping[str
     )
 
 
+def _user_bound(run: Mapping[str, Any]) -> int:
+    """k (max-examples-per-user) for a privacy-unit user run, 0 for privacy-unit example."""
+    if privacy_unit(run) != "user":
+        return 0
+    if not run.get("max-examples-per-user"):
+        raise ClientRefusal("bad-request", "privacy-unit user without max-examples-per-user")
+    return int(run["max-examples-per-user"])
+
+
+def _units(data: NodeData, run: Mapping[str, Any]) -> int:
+    """What the node states as its training count: examples, or users (privacy-unit user)."""
+    return data.train.num_users() if _user_bound(run) else len(data.train)
+
+
 def _model_from(msg: Message, spec: ModelSpec) -> torch.nn.Module:
     model = build_model(spec)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
@@ -133,12 +147,15 @@ def confusion(
     return confusion_counts(truth, preds, len(spec.labels))
 
 
-def _eval_params(config: Any) -> DPParams | None:
+def _eval_params(config: Any, sensitivity: float = 1.0) -> DPParams | None:
     if f"{EVAL_PREFIX}noise-multiplier" not in config:
         return None
     params = DPParams.from_config(config, prefix=EVAL_PREFIX)
-    if params.sample_rate != 1.0 or params.clip_norm != 1.0:
-        raise ClientRefusal("bad-request", "an evaluation release has sample rate 1, clip 1")
+    # Clip: the sensitivity of one count matrix, 1 example (or k rows of one user).
+    if params.sample_rate != 1.0 or params.clip_norm != sensitivity:
+        raise ClientRefusal(
+            "bad-request", f"an evaluation release has sample rate 1, clip {sensitivity:g}"
+        )
     return params
 
 
@@ -173,7 +190,9 @@ def _release(
     exact: dict[str, Any] = {}
     for name, model in models.items():
         counts = confusion(model, data.test, spec, device)
-        released[name] = noised(counts, params.noise_multiplier, secure=secure)
+        # Standard deviation sigma * sensitivity (sensitivity 1 per example, k per user).
+        sd = params.noise_multiplier * params.clip_norm
+        released[name] = noised(counts, sd, secure=secure)
         exact[name] = metrics_from_counts(counts, len(spec.labels))
     applied = ConfigRecord({**params.to_config(prefix=EVAL_PREFIX), "tenant": data.tenant})
     return RecordDict({"evaluation": MetricRecord(released), "eval-dp": applied}), exact
@@ -221,11 +240,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         config = msg.content["config"]
         labels = _labels(config)  # type: ignore[arg-type]
         data = _node_data(context, labels, extra)
+        # privacy-unit user: the planning unit is a user, so the stated count is users.
+        num_train = _units(data, {**dict(context.run_config), **extra})
         node = describe_node(
             dict(context.node_config),
             node_id=context.node_id,
             tenant=data.tenant,
-            num_train=len(data.train),
+            num_train=num_train,
             nonce=str(config.get("nonce", "")),  # type: ignore[union-attr]
             run_id=str(config.get("run", "")),  # type: ignore[union-attr]
         )
@@ -234,7 +255,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 {
                     "node": ConfigRecord(node),
                     # The training count is stated (docs/AUDIT.md); the test count stays here.
-                    "counts": MetricRecord({"num-train": len(data.train)}),
+                    "counts": MetricRecord({"num-train": num_train}),
                 }
             ),
             reply_to=msg,
@@ -252,31 +273,41 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         device = pick_device(str(context.node_config.get("device", "auto")))
         model = _model_from(msg, spec)
         asked = DPParams.from_config(config)
-        # 0: sized by this node's data, as planning and train_dp both size it.
-        batch_size = dp_batch_size(len(data.train), int(config["batch-size"]))  # type: ignore[index,arg-type]
+        run = {**dict(context.run_config), **extra}
+        k = _user_bound(run)
+        # 0: sized by this node's data (users, for privacy-unit user), as planning sizes it.
         epochs = int(config["local-epochs"])  # type: ignore[index,arg-type]
-        rate, steps = poisson_schedule(len(data.train), batch_size, epochs)
+        if k:
+            asked_batch = int(config["batch-size"])  # type: ignore[index,arg-type]
+            batch_size, rate, steps = user_schedule(data.train.num_users(), asked_batch, epochs)
+        else:
+            batch_size = dp_batch_size(len(data.train), int(config["batch-size"]))  # type: ignore[index,arg-type]
+            rate, steps = poisson_schedule(len(data.train), batch_size, epochs)
         if not asked.matches(
             DPParams(asked.noise_multiplier, rate, steps, asked.clip_norm, asked.delta)
         ):
             raise ClientRefusal("dp-plan-mismatch")
-        evaluation = _eval_params(config)
+        evaluation = _eval_params(config, float(k or 1))
         secure = bool(config["secure-mode"])  # type: ignore[index]
         before = build_model(spec) if evaluation else None
         if before is not None:
             load_model_state(before, model_state(model))
-        result = train_dp(
-            model,
-            data.train,
-            spec,
-            asked,
-            batch_size=batch_size,
-            epochs=epochs,
-            learning_rate=float(config["learning-rate"]),  # type: ignore[index,arg-type]
-            secure_mode=secure,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[union-attr,arg-type]
-            device=device,
-        )
+        common: dict[str, Any] = {
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "learning_rate": float(config["learning-rate"]),  # type: ignore[index,arg-type]
+            "secure_mode": secure,
+            "proximal_mu": float(config.get("proximal-mu", 0.0)),  # type: ignore[union-attr,arg-type]
+            "device": device,
+        }
+        if k:
+            if spec.family != "encoder-head":
+                raise ClientRefusal("bad-request", "privacy-unit user: encoder-head only")
+            result = train_dp_users(
+                model, data.train, spec, asked, max_examples_per_user=k, **common
+            )
+        else:
+            result = train_dp(model, data.train, spec, asked, **common)
         dp = ConfigRecord({**result.applied.to_config(), "tenant": data.tenant})
         arrays = ArrayRecord({k: v.cpu() for k, v in model_state(model).items()})
         content = RecordDict({"arrays": arrays, "dp": dp})
@@ -297,7 +328,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         config = msg.content["config"]
         spec = ModelSpec.from_json(str(config["spec"]))  # type: ignore[index]
         data = _node_data(context, spec.labels, extra)
-        evaluation = _eval_params(config)
+        k = _user_bound({**dict(context.run_config), **extra})
+        evaluation = _eval_params(config, float(k or 1))
         if evaluation is None:
             raise ClientRefusal("no-evaluation-release")
         if config.get("tenant", data.tenant) != data.tenant:  # type: ignore[union-attr]

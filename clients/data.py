@@ -31,10 +31,14 @@ class LabeledData:
     texts: tuple[str, ...]
     labels: tuple[int, ...]  # indices into label_names
     label_names: tuple[str, ...]
+    # Who wrote each row (the tenant's user column), for privacy-unit user; None: unknown.
+    users: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError("texts and labels should have the same length.")
+        if self.users is not None and len(self.users) != len(self.texts):
+            raise ValueError("users and texts should have the same length.")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -44,7 +48,12 @@ class LabeledData:
             tuple(self.texts[i] for i in indices),
             tuple(self.labels[i] for i in indices),
             self.label_names,
+            None if self.users is None else tuple(self.users[i] for i in indices),
         )
+
+    def num_users(self) -> int:
+        """Distinct users (0 when the data names none)."""
+        return 0 if self.users is None else len(set(self.users))
 
     def head(self, n: int | None) -> LabeledData:
         return self if n is None or n >= len(self) else self.subset(range(n))
@@ -77,10 +86,13 @@ def _rows_from_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, s
     return sorted(columns), rows
 
 
-def _labeled_rows(path: str | Path) -> tuple[Path, list[tuple[int, str, str]]]:
-    """Every row of a tenant file as (line, text, label), after the checks that need no
-    label set: the file exists, is CSV or JSONL, has ``text`` and ``label``, no empty text
-    and no empty label."""
+def _labeled_rows(
+    path: str | Path, user_column: str | None = None
+) -> tuple[Path, list[tuple[int, str, str, str]]]:
+    """Every row of a tenant file as (line, text, label, user), after the checks that need
+    no label set: the file exists, is CSV or JSONL, has ``text`` and ``label`` (and
+    ``user_column`` when given, never empty), no empty text and no empty label. ``user`` is
+    "" without ``user_column``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file not found: {path}")
@@ -94,17 +106,33 @@ def _labeled_rows(path: str | Path) -> tuple[Path, list[tuple[int, str, str]]]:
             raise DataError(f"{path}: unsupported format {suffix!r}; use .csv or .jsonl.")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-    missing = [c for c in ("text", "label") if c not in columns]
+    needed = ("text", "label", *((user_column,) if user_column else ()))
+    missing = [c for c in needed if c not in columns]
     if rows and missing:
-        missing = [c for c in ("text", "label") if any(c not in r for _, r in rows)]
+        missing = [c for c in needed if any(c not in r for _, r in rows)]
     if missing:
+        hint = (
+            f" privacy-unit user reads who wrote each row from the column {user_column!r} "
+            "(run setting user-column); add it, or train with privacy-unit example."
+            if user_column in missing
+            else ""
+        )
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}."
+            f"{path}: missing column(s) {', '.join(missing)}; found "
+            f"{', '.join(columns) or 'none'}.{hint}"
         )
     if not rows:
         raise DataError(f"{path}: no rows.")
-    out: list[tuple[int, str, str]] = []
+    out: list[tuple[int, str, str, str]] = []
     for lineno, row in rows:
+        user = ""
+        if user_column:
+            raw = row.get(user_column)
+            user = str(raw).strip() if raw is not None else ""
+            if not user:
+                raise DataError(
+                    f"{path}: line {lineno} has an empty {user_column!r} (the user column)."
+                )
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}: line {lineno} has an empty text.")
@@ -112,18 +140,21 @@ def _labeled_rows(path: str | Path) -> tuple[Path, list[tuple[int, str, str]]]:
         label = str(label).strip() if label is not None else ""
         if not label:
             raise DataError(f"{path}: line {lineno} has an empty label.")
-        out.append((lineno, text.strip(), label))
+        out.append((lineno, text.strip(), label, user))
     return path, out
 
 
 def read_label_names(path: str | Path) -> tuple[str, ...]:
     """The labels a tenant file uses, sorted (the order a run gets when it names none)."""
     _, rows = _labeled_rows(path)
-    return tuple(sorted({label for _, _, label in rows}))
+    return tuple(sorted({label for _, _, label, _ in rows}))
 
 
-def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledData:
-    """Read a tenant file with ``text`` and ``label`` columns (CSV or JSONL).
+def load_labeled_file(
+    path: str | Path, label_names: Sequence[str], user_column: str | None = None
+) -> LabeledData:
+    """Read a tenant file with ``text`` and ``label`` columns (CSV or JSONL), and with
+    ``user_column`` (who wrote each row) when given.
 
     Raises
     ------
@@ -131,11 +162,11 @@ def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledDa
         For a missing or empty file, an unknown format, missing columns, an empty
         text or a label outside ``label_names``; the message names the row.
     """
-    path, rows = _labeled_rows(path)
+    path, rows = _labeled_rows(path, user_column)
     index = {name: i for i, name in enumerate(label_names)}
     texts: list[str] = []
     labels: list[int] = []
-    for lineno, text, label in rows:
+    for lineno, text, label, _ in rows:
         if label not in index:
             raise DataError(
                 f"{path}: line {lineno} has unknown label {label!r}; expected one of the "
@@ -145,7 +176,8 @@ def load_labeled_file(path: str | Path, label_names: Sequence[str]) -> LabeledDa
             )
         texts.append(text)
         labels.append(index[label])
-    return LabeledData(tuple(texts), tuple(labels), tuple(label_names))
+    users = tuple(r[3] for r in rows) if user_column else None
+    return LabeledData(tuple(texts), tuple(labels), tuple(label_names), users)
 
 
 def demo_corpus_path() -> Path:
@@ -192,10 +224,49 @@ def train_test_split(
         raise ValueError("test_fraction should be in (0, 1).")
     if len(data) < 2:
         raise DataError("At least two examples are needed to split train and test.")
+    if data.users is not None and data.num_users() >= 2:
+        return _split_by_user(data, test_fraction, seed)
     order = list(range(len(data)))
     random.Random(seed).shuffle(order)
     n_test = min(len(data) - 1, max(1, round(len(data) * test_fraction)))
     return data.subset(order[n_test:]), data.subset(order[:n_test])
+
+
+def _split_by_user(
+    data: LabeledData, test_fraction: float, seed: int
+) -> tuple[LabeledData, LabeledData]:
+    """Whole users held out: each user's rows are all in train or all in test, so the
+    held-out figures measure the model on people it never trained on."""
+    assert data.users is not None
+    people = sorted(set(data.users))
+    random.Random(seed).shuffle(people)
+    n_test = min(len(people) - 1, max(1, round(len(people) * test_fraction)))
+    held = set(people[:n_test])
+    train = [i for i, u in enumerate(data.users) if u not in held]
+    test = [i for i, u in enumerate(data.users) if u in held]
+    return data.subset(train), data.subset(test)
+
+
+def bound_users(data: LabeledData, k: int, seed: int = 0) -> tuple[LabeledData, int]:
+    """At most ``k`` rows per user (a seeded random choice of each larger user's rows), and
+    how many rows were left out. The bound is what makes one user's contribution to a
+    DP-SGD step (or to a released count) at most that of ``k`` examples."""
+    if data.users is None:
+        raise DataError("privacy-unit user needs the data's user column; this data has none.")
+    if k < 1:
+        raise ValueError("max_examples_per_user should be a positive integer.")
+    rows: dict[str, list[int]] = {}
+    for i, user in enumerate(data.users):
+        rows.setdefault(user, []).append(i)
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for user in sorted(rows):
+        mine = rows[user]
+        if len(mine) > k:
+            mine = sorted(rng.sample(mine, k))
+        keep.extend(mine)
+    keep.sort()
+    return data.subset(keep), len(data) - len(keep)
 
 
 def iid_partition(num_examples: int, num_partitions: int, seed: int = 0) -> list[list[int]]:

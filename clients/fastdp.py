@@ -47,6 +47,22 @@ class _PerExample:
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:  # sum_i c_i G_i
         raise NotImplementedError
 
+    def materialized(self) -> torch.Tensor | None:  # (B, *param.shape), when formed
+        return None
+
+    def by_group(self, groups: torch.Tensor, weights: torch.Tensor, count: int) -> _Materialized:
+        """Per-group gradients sum_{i in u} w_i G_i (user-level DP: one row per user)."""
+        grads = self.materialized()
+        if grads is None:
+            raise ValueError(
+                "Fast DP: user-level clipping needs each layer's per-example gradients in "
+                f"memory (at most {MATERIALIZE_LIMIT} values per batch); this layer's are "
+                "larger: lower the batch size or train with privacy-unit example."
+            )
+        w = weights.to(grads.dtype).reshape(-1, *([1] * (grads.dim() - 1)))
+        out = grads.new_zeros((count, *grads.shape[1:]))
+        return _Materialized(out.index_add_(0, groups, grads * w))
+
 
 class _Materialized(_PerExample):
     def __init__(self, grads: torch.Tensor) -> None:
@@ -57,6 +73,9 @@ class _Materialized(_PerExample):
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
         return torch.tensordot(c, self.grads, dims=1)
+
+    def materialized(self) -> torch.Tensor | None:
+        return self.grads
 
 
 class _Outer(_PerExample):
@@ -82,6 +101,9 @@ class _Outer(_PerExample):
             return torch.tensordot(c, self.grads, dims=1)
         cg = (self.g * c[:, None, None]).flatten(0, 1)
         return cg.t() @ self.a.flatten(0, 1)
+
+    def materialized(self) -> torch.Tensor | None:
+        return self.grads
 
 
 class _EmbeddingRows(_PerExample):
@@ -483,10 +505,14 @@ class FastClipper:
         for p in self.params:
             p.grad = torch.zeros_like(p)
 
-    def backward(self, losses: torch.Tensor) -> torch.Tensor:
+    def backward(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """Set ``p.grad`` to the sum of clipped per-example gradients of ``losses`` (B,).
 
-        Returns the per-example gradient norms before clipping.
+        With ``groups`` (B,) (user-level DP: ``groups[i]`` is the user, 0..U-1, of example
+        i) the clipped unit is a user instead: each user's per-example gradients are
+        averaged, that mean is clipped to the clipping norm as one contribution, and
+        ``p.grad`` is the sum over users. Returns the norms before clipping (per example,
+        or per user with ``groups``).
         """
         if not self.attached:
             raise RuntimeError("Use FastClipper as a context manager around the forward pass.")
@@ -508,6 +534,15 @@ class FastClipper:
                     terms += layer.per_example(mine, batch, self.limit)
             # Flat clipping over every trainable parameter (a term shared by two
             # parameters, like an LSTM's two biases, counts once for each).
+            if groups is not None:
+                if groups.shape != (batch,):
+                    raise ValueError("groups should name one user per example.")
+                groups = groups.to(losses.device)
+                users = int(groups.max()) + 1 if batch else 0
+                counts = torch.bincount(groups, minlength=users).to(losses.dtype)
+                weights = 1.0 / counts[groups]  # each user's mean gradient
+                terms = [(p, term.by_group(groups, weights, users)) for p, term in terms]
+                batch = users
             norm_sq = losses.new_zeros(batch)
             for _, term in terms:
                 norm_sq = norm_sq + term.norm_sq()

@@ -11,6 +11,7 @@ from typing import Any
 from clients.data import (
     DataError,
     LabeledData,
+    bound_users,
     load_demo_corpus,
     load_labeled_file,
     partition,
@@ -60,13 +61,39 @@ def resolve_node_data(
     object), its share of one file (``data-file``) or its share of the demo corpus.
     """
     cfg = _RunConfig({**CLIENT_DEFAULTS, **run_config})
+    data = _node_data(node_config, cfg, labels)
+    if privacy_unit(cfg) != "user":
+        return data
+    # privacy-unit user: at most k held-out rows per user too, so one user moves at most k
+    # counts of a released confusion matrix (the plan's evaluation sensitivity).
+    k = int(cfg["max-examples-per-user"])
+    return NodeData(data.tenant, data.train, bound_users(data.test, k)[0])
+
+
+def privacy_unit(config: Mapping[str, Any]) -> str:
+    """The run's privacy unit ("example" when the run config does not say)."""
+    return str(config.get("privacy-unit") or "example").strip().lower()
+
+
+def _user_column(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> str | None:
+    """The user column to read (node config wins over the run), or None for unit example."""
+    if privacy_unit(cfg) != "user":
+        return None
+    return str(node_config.get("user-column") or cfg.get("user-column") or "user").strip()
+
+
+def _node_data(
+    node_config: Mapping[str, Any], cfg: _RunConfig, labels: tuple[str, ...]
+) -> NodeData:
     seed = int(node_config.get("seed", cfg["seed"]))
     test_fraction = float(node_config.get("test-fraction", cfg["test-fraction"]))
+    users = _user_column(cfg, node_config)
     if "data-path" in node_config:
         tenant = str(node_config.get("tenant", "")).strip()
         if not tenant:
             raise DataError("This node has a data-path but no tenant in its node config.")
-        return _file_data(tenant, str(node_config["data-path"]), labels, test_fraction, seed)
+        path = str(node_config["data-path"])
+        return _file_data(tenant, path, labels, test_fraction, seed, users)
     if "partition-id" not in node_config:
         raise DataError("Start this node with node config 'tenant' and 'data-path'.")
     pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -76,14 +103,19 @@ def resolve_node_data(
     caps = _int_or_none(cfg["max-train-examples"]), _int_or_none(cfg["max-test-examples"])
     files = json.loads(str(cfg.get("data-files") or "{}"))
     if files:  # `fedtext simulate --data acme=a.csv`: each tenant's own file
-        data = _file_data(names[pid], str(files[names[pid]]), labels, test_fraction, seed)
+        data = _file_data(names[pid], str(files[names[pid]]), labels, test_fraction, seed, users)
         data = NodeData(data.tenant, data.train.head(caps[0]), data.test.head(caps[1]))
     elif cfg.get("data-file"):  # `fedtext simulate --data FILE`: one file split over tenants
         data = _shared_file_data(
             str(cfg["data-file"]), names[pid], pid, parts, str(cfg["partitioning"]),
-            float(cfg["alpha"]), labels, test_fraction, seed, *caps,
+            float(cfg["alpha"]), labels, test_fraction, seed, *caps, users,
         )  # fmt: skip
     else:
+        if users:
+            raise DataError(
+                "privacy-unit user needs a user column; the demo corpus has none (one row "
+                "per tweet, no author): give tenant files with a user column (--data)."
+            )
         data = _demo_data(
             names[pid],
             pid,
@@ -121,8 +153,10 @@ def _shared_file_data(
     seed: int,
     max_train: int | None,
     max_test: int | None,
+    user_column: str | None = None,
 ) -> NodeData:
-    share = split_shared_file(load_labeled_file(path, labels), pid, parts, scheme, alpha, seed)
+    data = load_labeled_file(path, labels, user_column)
+    share = split_shared_file(data, pid, parts, scheme, alpha, seed)
     train, test = train_test_split(share, test_fraction, seed + pid)
     return NodeData(tenant, train.head(max_train), test.head(max_test))
 
@@ -130,19 +164,28 @@ def _shared_file_data(
 def with_canaries(data: NodeData, seed: int, count: int) -> NodeData:
     """``data`` with the member canaries of ``seed`` appended to its training split."""
     members = [c for c in make_canaries(seed, count, len(data.train.label_names)) if c.member]
+    users = data.train.users
     train = LabeledData(
         data.train.texts + tuple(c.text for c in members),
         data.train.labels + tuple(c.label for c in members),
         data.train.label_names,
+        # privacy-unit user: each canary is its own user (never merged with a real one).
+        None if users is None else users + tuple(f"canary-user-{i}" for i in range(len(members))),
     )
     return NodeData(data.tenant, train, data.test)
 
 
 @lru_cache(maxsize=4)
 def _file_data(
-    tenant: str, path: str, labels: tuple[str, ...], test_fraction: float, seed: int
+    tenant: str,
+    path: str,
+    labels: tuple[str, ...],
+    test_fraction: float,
+    seed: int,
+    user_column: str | None = None,
 ) -> NodeData:
-    train, test = train_test_split(load_labeled_file(path, labels), test_fraction, seed)
+    data = load_labeled_file(path, labels, user_column)
+    train, test = train_test_split(data, test_fraction, seed)
     return NodeData(tenant, train, test)
 
 

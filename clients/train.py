@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients import fastdp
-from clients.data import LabeledData
+from clients.data import LabeledData, bound_users
 from clients.features import model_inputs
 from models import ModelSpec
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
@@ -27,6 +27,9 @@ class TrainResult:
     loss: float
     accuracy: float
     applied: DPParams  # what the optimizer actually applied, read back from Opacus
+    # privacy-unit user: the users trained on, and rows left out by the bound k.
+    users: int = 0
+    left_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,122 @@ def train_dp(
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
         applied=applied,
+    )
+
+
+def user_schedule(num_users: int, batch_size: int, epochs: int) -> tuple[int, float, int]:
+    """Expected users per batch, sample rate and steps of user-level DP-SGD: the example
+    schedule with users as the unit (q = expected users per batch / users)."""
+    batch = dp_batch_size(num_users, batch_size)
+    return (batch, *poisson_schedule(num_users, batch, epochs))
+
+
+def train_dp_users(
+    model: nn.Module,
+    data: LabeledData,
+    spec: ModelSpec,
+    dp: DPParams,
+    *,
+    max_examples_per_user: int,
+    batch_size: int,
+    epochs: int,
+    learning_rate: float,
+    secure_mode: bool = True,
+    seed: int | None = None,
+    device: torch.device | None = None,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """User-level DP-SGD: ``dp`` protects every user (all rows with one user-column value).
+
+    Each user keeps at most ``max_examples_per_user`` rows (``bound_users``); Opacus's
+    Poisson sampler draws *users* at ``dp.sample_rate`` (expected ``batch_size`` users per
+    step); a sampled user's rows go through the model together, their per-example gradients
+    are averaged and that mean is clipped to ``dp.clip_norm`` as one contribution
+    (``FastClipper.backward(..., groups)``); Opacus adds N(0, (sigma C)^2) to the sum over
+    users and divides by the expected users per step, and its accountant records each
+    step at the user sample rate. Adding or removing one user changes the clipped sum by
+    at most C: the subsampled Gaussian mechanism with users as the unit, so the same
+    accountant and planner apply with n = the number of users.
+    """
+    bounded, left_out = bound_users(data, max_examples_per_user, seed or 0)
+    assert bounded.users is not None
+    names = sorted(set(bounded.users))
+    index = {u: i for i, u in enumerate(names)}
+    owner = torch.tensor([index[u] for u in bounded.users], dtype=torch.long)
+    _, sample_rate, steps = user_schedule(len(names), batch_size, epochs)
+    planned = DPParams(dp.noise_multiplier, sample_rate, steps, dp.clip_norm, dp.delta)
+    if not planned.matches(dp):
+        raise ValueError(
+            f"DP plan does not fit the local users: asked sample rate {dp.sample_rate:.6g} "
+            f"and {dp.steps} steps, {len(names)} users give {sample_rate:.6g} and {steps}."
+        )
+    device = device or pick_device()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to(device).train()
+    encoded = encode(bounded, spec, device).tensors
+    inputs_all, labels_all = encoded[:-1], encoded[-1]
+    order = torch.argsort(owner, stable=True)
+    lengths = torch.bincount(owner, minlength=len(names))
+    rows_of = list(torch.split(order, lengths.tolist()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
+    optimizer = make_optimizer(trainable, learning_rate)
+    privacy_engine, noise_generator, sampler_generator = _privacy_engine(secure_mode, device)
+    users = TensorDataset(torch.arange(len(names)))
+    poisson = fastdp.poisson_loader(
+        DataLoader(users, batch_size=max(1, round(1 / dp.sample_rate))),
+        sample_rate=dp.sample_rate,
+        steps=dp.steps // epochs,
+        generator=sampler_generator,
+    )
+    # Noise is divided by int(users * q), the expected users per step.
+    dp_optimizer, dp_loader = fastdp.make_private(
+        privacy_engine,
+        optimizer=optimizer,
+        data_loader=poisson,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.clip_norm,
+        noise_generator=noise_generator,
+    )
+    clipper = fastdp.FastClipper(model, dp.clip_norm)
+    total_loss, correct, seen = 0.0, 0, 0
+    with clipper:
+        for _ in range(epochs):
+            for (picked,) in dp_loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(picked) == 0:
+                    clipper.zero_batch()  # an empty Poisson batch: a pure-noise step
+                    dp_optimizer.step()
+                    continue
+                rows = torch.cat([rows_of[int(u)] for u in picked])
+                groups = torch.repeat_interleave(
+                    torch.arange(len(picked)), lengths[picked.long()]
+                ).to(device)
+                rows = rows.to(labels_all.device)
+                labels = labels_all[rows].to(device)
+                logits = model(*(t[rows].to(device) for t in inputs_all))
+                losses = F.cross_entropy(logits, labels, reduction="none")
+                clipper.backward(losses, groups)
+                dp_optimizer.step()
+                if anchor is not None:
+                    with torch.no_grad():
+                        for p, p0 in zip(trainable, anchor, strict=True):
+                            p.sub_(learning_rate * proximal_mu * (p - p0))
+                total_loss += float(losses.detach().sum())
+                correct += int((logits.detach().argmax(-1) == labels).sum())
+                seen += len(labels)
+    (noise, rate, taken), *rest = privacy_engine.accountant.history
+    if rest:
+        raise RuntimeError("Opacus recorded more than one DP event for one release.")
+    applied = DPParams(float(noise), float(rate), int(taken), dp_optimizer.max_grad_norm, dp.delta)
+    return TrainResult(
+        examples=len(bounded),
+        loss=total_loss / max(seen, 1),
+        accuracy=correct / max(seen, 1),
+        applied=applied,
+        users=len(names),
+        left_out=left_out,
     )
 
 

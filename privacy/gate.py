@@ -232,6 +232,7 @@ class PrivacyGate:
                     dataset=dataset,
                     purpose=purpose,
                     applied=applied,
+                    privacy_unit=str((applied or {}).get("privacy_unit", "example")),
                 )
         return GateResult(tenant, decision)
 

@@ -28,6 +28,9 @@ from privacy.params import DPParams
 GENESIS = "0" * 64
 DEFAULT_DATASET = "default"
 PRIVACY_UNIT = "example"  # one training example of one tenant's dataset
+# "user": every row with one value of the tenant's user column (at most k of them, k in
+# the entry's applied_json as max_examples_per_user).
+PRIVACY_UNITS = ("example", "user")
 # What a release protects: a DP-SGD round ("train"), a tenant's DP fine-tune of the final
 # global model after the last round ("personalize": DP-SGD like a round, but not a round),
 # or the noised counts of an evaluation ("evaluate", a Gaussian mechanism: q = 1,
@@ -356,6 +359,7 @@ def record_event(
     dataset: str = DEFAULT_DATASET,
     purpose: str = "train",
     applied: Mapping[str, Any] | None = None,
+    privacy_unit: str = PRIVACY_UNIT,
 ) -> PrivacyEvent:
     """Append one charge to the tenant's chain (the caller commits).
 
@@ -365,6 +369,8 @@ def record_event(
     cannot be read by a concurrent writer before this append commits.
     """
     check_dataset(dataset)
+    if privacy_unit not in PRIVACY_UNITS:
+        raise ValueError(f"Unknown privacy unit {privacy_unit!r}; known: {list(PRIVACY_UNITS)}.")
     if purpose not in PURPOSES:
         raise ValueError(f"Unknown release purpose {purpose!r}; known: {list(PURPOSES)}.")
     lock_tenant(session, tenant_id)
@@ -380,7 +386,7 @@ def record_event(
         run_id=run_id,
         round=round,
         created_at=utc_seconds(datetime.now(UTC)),
-        privacy_unit=PRIVACY_UNIT,
+        privacy_unit=privacy_unit,
         mechanism=params.mechanism,
         noise_multiplier=params.noise_multiplier,
         sample_rate=params.sample_rate,

@@ -51,6 +51,9 @@ DEPLOY_POLICIES = ("if-better", "first", "always", "never")
 # checks them equal to server.strategy's and clients.data's.
 STRATEGIES = ("fedadam", "fedavg", "fedprox")
 PARTITIONERS = ("iid", "dirichlet", "topic")
+# What one DP guarantee protects: one training example, or one person (every example that
+# carries the same value in the tenant's user column, at most max-examples-per-user of them).
+PRIVACY_UNITS = ("example", "user")
 
 
 def _one_of(choices: tuple[str, ...], what: str) -> Any:
@@ -182,6 +185,23 @@ class RunSpec(_FamilyDefaults):
     max_seq_len: int = Field(
         default=FILLED, ge=0, le=4096, description="Tokens per input; 0: the family's."
     )
+    privacy_unit: Annotated[str, *_one_of(PRIVACY_UNITS, "privacy unit")] = Field(
+        default="example",
+        description="What epsilon protects: one training example, or one user (all rows with "
+        "the same user-column value; needs that column in every tenant's data).",
+    )
+    user_column: str = Field(
+        default="user",
+        min_length=1,
+        max_length=64,
+        description="The data column naming who wrote each row (privacy-unit user).",
+    )
+    max_examples_per_user: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="k: a user's rows beyond k are left out of training (privacy-unit user).",
+    )
     min_nodes: int = Field(default=2, ge=1, le=1000, description="Valid replies a round needs.")
     secure_mode: bool = Field(default=True, description="Opacus secure mode (off: tests only).")
     round_timeout: float = Field(
@@ -282,6 +302,11 @@ class RunSpec(_FamilyDefaults):
         for what, names in (("participants", self.participants), ("tenants", self.tenants)):
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} should name each tenant once.")
+        if self.privacy_unit == "user" and self.model != "encoder-head":
+            raise ValueError(
+                "privacy-unit user is implemented for the encoder-head family only (user-level "
+                f"clipping of its head); model {self.model} trains with privacy-unit example."
+            )
         if self.client_dp == "fixed" and not (self.client_dp_noise > 0 and self.client_dp_clip > 0):
             raise ValueError("client-dp-noise and client-dp-clip should be positive values.")
         if self.participants and len(self.participants) < self.min_nodes:

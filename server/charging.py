@@ -54,6 +54,12 @@ def applied_settings(
             "owner": owner,
             "dataset": dataset,
             "dataset_declared_by": declared_by,
+            # privacy-unit user (issue 29): the unit and its bound k on every entry.
+            **(
+                {"privacy_unit": "user", "max_examples_per_user": cfg.max_examples_per_user}
+                if cfg.privacy_unit == "user"
+                else {}
+            ),
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -122,6 +128,8 @@ def plan_run(
                 spent_events=[],
                 personalize_epochs=cfg.personalize_epochs,
                 eval_noise=cfg.eval_noise,
+                privacy_unit=cfg.privacy_unit,
+                max_examples_per_user=cfg.max_examples_per_user,
             )
         except PlanRefused as exc:
             log.warning("run %s: %s", cfg.run_id, exc)

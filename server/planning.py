@@ -76,6 +76,7 @@ def dp_schedule(
     local_epochs: int,
     rounds: int,
     personalize_epochs: int = 0,
+    unit: str = "example",
 ) -> tuple[float, float, int, int]:
     """The noise multiplier, sample rate, steps per round and personalization steps that
     meet ``target_epsilon``; PlanRefused, saying what to change, when the data cannot.
@@ -84,20 +85,22 @@ def dp_schedule(
     tenants' files, for `POST /v1/runs` on its example caps, and in the ServerApp on what
     each node reports.
     """
+    # privacy-unit user: num_train counts users, batch_size expected users per step.
+    units = "users" if unit == "user" else "training examples"
     if num_train < 1:
-        raise PlanRefused(f"tenant {tenant_name!r} reported no training examples")
+        raise PlanRefused(f"tenant {tenant_name!r} reported no {units}")
     batch_size = dp_batch_size(num_train, batch_size)  # 0: sized by this tenant's data
     if num_train < batch_size:
         fit = suggest_batch(num_train)
         raise PlanRefused(
-            f"tenant {tenant_name!r} has {num_train} training examples, fewer than the "
+            f"tenant {tenant_name!r} has {num_train} {units}, fewer than the "
             f"batch size {batch_size}: DP-SGD needs at least {batch_size} at batch size "
             f"{batch_size}; use batch size {fit} (--batch-size {fit}) or add data"
         )
     if delta >= 1.0 / num_train:
         raise PlanRefused(
             f"tenant {tenant_name!r}: delta {delta:g} is not below 1/n = {1 / num_train:.3g} "
-            f"for its {num_train} training examples; lower the tenant's budget delta"
+            f"for its {num_train} {units}; lower the tenant's budget delta"
         )
     sample_rate, steps = poisson_schedule(num_train, batch_size, local_epochs)
     personal_steps = 0
@@ -111,14 +114,28 @@ def dp_schedule(
     except ValueError:  # the accountant finds no noise small enough to search for
         sigma = math.inf
     if sigma > MAX_NOISE_MULTIPLIER:
+        fits = ""
+        if unit == "user":
+            fits = _what_fits(num_train, delta, sample_rate, total_steps)
         raise PlanRefused(
-            f"tenant {tenant_name!r} has {num_train} training examples: epsilon "
+            f"tenant {tenant_name!r} has {num_train} {units}: epsilon "
             f"{target_epsilon:g} over {total_steps} steps at sample rate {sample_rate:.3g} "
             f"needs noise multiplier {sigma:.1f} (> {MAX_NOISE_MULTIPLIER:g}); raise epsilon "
             "(--epsilon), lower the batch size (--batch-size), train fewer rounds (--rounds) "
-            "or add data"
+            f"or add data{fits}"
         )
     return sigma, sample_rate, steps, personal_steps
+
+
+def _what_fits(num_users: int, delta: float, sample_rate: float, steps: int) -> str:
+    """For a refused user-level plan: the smallest epsilon this schedule meets with the
+    largest noise allowed."""
+    best = compose_epsilon([DPParams(MAX_NOISE_MULTIPLIER, sample_rate, steps, 1.0, delta)], delta)
+    return (
+        f"; with {num_users} users this schedule fits epsilon {math.ceil(best * 100) / 100:g} "
+        "or more (privacy-unit user: each person is one unit, so a tenant needs many "
+        "people, not many rows)"
+    )
 
 
 def plan_tenant(
@@ -139,6 +156,8 @@ def plan_tenant(
     personalize_epochs: int = 0,
     eval_noise: float = 0.0,
     reserved_events: list[DPParams] | None = None,
+    privacy_unit: str = "example",
+    max_examples_per_user: int = 1,
 ) -> TenantPlan:
     """The noise that meets ``target_epsilon`` over all rounds and personalization.
 
@@ -149,6 +168,12 @@ def plan_tenant(
     model, a second for the personalized one), charged on top of ``target_epsilon``.
     The whole run is checked against the tenant's budget less ``reserved_events``
     (other runs' reservations).
+
+    With ``privacy_unit`` "user", ``num_train`` counts the tenant's users and
+    ``batch_size`` the expected users per step (0: sized by the users); each user keeps at
+    most ``max_examples_per_user`` (k) rows, in training and in the held-out evaluation, so
+    one user moves at most k counts of a released confusion matrix: L2 sensitivity k, and
+    the evaluation's noise multiplier is eval_noise / k.
     """
     sigma, sample_rate, steps, personal_steps = dp_schedule(
         tenant_name=tenant_name,
@@ -159,7 +184,9 @@ def plan_tenant(
         local_epochs=local_epochs,
         rounds=rounds,
         personalize_epochs=personalize_epochs,
+        unit=privacy_unit,
     )
+    sensitivity = max_examples_per_user if privacy_unit == "user" else 1
     params = DPParams(sigma, sample_rate, steps, clip_norm, delta)
     personal = (
         DPParams(sigma, sample_rate, personal_steps, clip_norm, delta) if personal_steps else None
@@ -167,7 +194,10 @@ def plan_tenant(
     evaluation = (
         # One count per cell changes by 1 when one example is added or removed: L2
         # sensitivity 1 per matrix, a Gaussian mechanism (q = 1) per matrix released.
-        DPParams(eval_noise, 1.0, 2 if personal else 1, 1.0, delta) if eval_noise > 0 else None
+        # privacy-unit user: one user moves up to k counts, sensitivity k.
+        DPParams(eval_noise / sensitivity, 1.0, 2 if personal else 1, float(sensitivity), delta)
+        if eval_noise > 0
+        else None
     )
     plan = TenantPlan(
         tenant_id, tenant_name, node_id, num_train, num_test, params, rounds,
