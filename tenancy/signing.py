@@ -1,11 +1,13 @@
-"""Signed authorship: every ledger entry, budget change and API key row is signed (Ed25519).
+"""Signed authorship: ledger entries, budget changes, API key rows and node key enrollments
+are signed (Ed25519).
 
 The hash chains prove order; they do not prove who wrote an entry: someone who can write
 the database can append a correctly hashed budget raise, rewrite and re-hash recent
-charges, or insert an admin key row. So each such row carries ``signature``: an Ed25519
-signature, by the platform's signing key, over what binds its content and position (a
-ledger row's tenant, sequence number and entry hash, which chains over every hashed field
-and the previous entry; a key row's digest over all its fields, revocation included).
+charges, insert an admin key row, or enroll a node key for another tenant. So each such
+row carries ``signature``: an Ed25519 signature, by the platform's signing key, over what
+binds its content and position (a ledger row's tenant, sequence number and entry hash,
+which chains over every hashed field and the previous entry; a key or enrollment row's
+digest over all its fields, revocation included).
 
 The signing key is not in the database and is independent of the key-encryption key: the
 key provider keeps it (file: ``signing.key`` beside the KEK file, 0600; PKCS#11: an HMAC
@@ -19,10 +21,11 @@ its signature verifies under a key of that history (or of the keys the auditor p
 ``--keys FILE``).
 
 Rows are signed where they are written, whoever writes them: a mapper hook signs each new
-row of the three tables (and an API key row again when it changes, e.g. revoked) on any
-engine a ``tenancy.platform.Platform`` was made with (``attach``). ``privacy`` imports
-nothing of ours, so its tables are recognised here by name, as the ledger recognises a
-new tenant row.
+row of ``SIGNED_TABLES`` (and a key or enrollment row again when it changes, e.g.
+revoked) on any engine a ``tenancy.platform.Platform`` was made with (``attach``).
+``privacy`` and ``tenancy.nodes`` are recognised here by table name (``privacy`` imports
+nothing of ours), as the ledger recognises a new tenant row. What an auditor is told
+about a row is ``tenancy.signing_audit``'s.
 """
 
 from __future__ import annotations
