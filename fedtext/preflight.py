@@ -53,6 +53,8 @@ def check_budgets(platform: Platform, spec: RunSpec, train_counts: Mapping[str, 
                     spent_events=[],
                     personalize_epochs=spec.personalize_epochs,
                     eval_noise=spec.eval_noise,
+                    privacy_unit=spec.privacy_unit,
+                    max_examples_per_user=spec.max_examples_per_user,
                 )
             except PlanRefused:
                 continue  # the size checks (runs.simulation.preflight) say what to change

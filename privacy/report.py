@@ -67,16 +67,38 @@ def _curve_points(events: Sequence[PrivacyEvent]) -> set[int]:
     return ends | set(range(0, n, step)) | {n - 1}
 
 
-def methodology(delta: float) -> list[MethodologyItem]:
-    """Answers to the questions of NIST SP 800-226 for how fedtext trains and accounts."""
+def _unit_answer(units: Sequence[str]) -> str:
+    example = (
+        "One training example (one text with its label) of one tenant's dataset "
+        f"(privacy unit '{PRIVACY_UNIT}'). A person who contributed k examples is "
+        "protected only by group privacy, which degrades roughly as k times epsilon; "
+        "the unit is not a person and not a whole tenant."
+    )
+    user = (
+        "One user (privacy unit 'user'): every row that carries one value of the tenant's "
+        "user column. Each user keeps at most k rows (max_examples_per_user in each entry's "
+        "applied settings), is Poisson-sampled as a whole, and its rows' mean gradient is "
+        "clipped as one contribution; the held-out evaluation counts are released at "
+        "sensitivity k. The guarantee holds for a person only if the user column names "
+        "people (docs/AUDIT.md)."
+    )
+    if set(units) == {"user"}:
+        return user
+    if "user" in units:
+        return (
+            "Entries name their unit (column 'unit'): on 'example' entries, " + example
+            + " On 'user' entries, " + user + " The composed total mixes both units: it is a "
+            "per-user figure only where every entry is a 'user' entry."
+        )  # fmt: skip
+    return example
+
+
+def methodology(delta: float, units: Sequence[str] = ()) -> list[MethodologyItem]:
+    """Answers to the questions of NIST SP 800-226 for how fedtext trains and accounts.
+
+    ``units``: the privacy units of the tenant's entries (none: example)."""
     qa = [
-        (
-            "What is the unit of privacy?",
-            "One training example (one text with its label) of one tenant's dataset "
-            f"(privacy unit '{PRIVACY_UNIT}'). A person who contributed k examples is "
-            "protected only by group privacy, which degrades roughly as k times epsilon; "
-            "the unit is not a person and not a whole tenant.",
-        ),
+        ("What is the unit of privacy?", _unit_answer(units)),
         (
             "What is the neighbouring relation?",
             "Add-or-remove one example (unbounded DP), the relation under which Opacus "
@@ -336,7 +358,7 @@ def build_report(
             abs_diff=agreement.abs_diff,
             agrees=agreement.agrees,
         ),
-        methodology=methodology(delta),
+        methodology=methodology(delta, sorted({e.privacy_unit for e in events})),
     )
 
 

@@ -193,16 +193,23 @@ def train_counts(config: SimulationConfig) -> dict[str, int]:
     from clients.local_data import split_shared_file
 
     labels = tuple(config.labels)
+    # privacy-unit user: the unit planning counts is users (read from the user column).
+    users = config.user_column if config.privacy_unit == "user" else None
     shares = {}
     if config.data_files:
-        shares = {t: load_labeled_file(p, labels) for t, p in config.data_files.items()}
+        shares = {t: load_labeled_file(p, labels, users) for t, p in config.data_files.items()}
     elif config.data_file:
-        data = load_labeled_file(config.data_file, labels)
+        data = load_labeled_file(config.data_file, labels, users)
         parts = len(config.tenants)
         for pid, tenant in enumerate(config.tenants):
             shares[tenant] = split_shared_file(
                 data, pid, parts, config.partitioning, config.alpha, config.seed
             )
+    elif users:
+        raise ValueError(
+            "privacy-unit user needs each tenant's own data with a user column (--data "
+            "TENANT=FILE or --data FILE); the demo corpus names no authors."
+        )
     else:
         cap = config.max_train_examples
         return {t: cap for t in config.tenants} if cap else {}
@@ -214,6 +221,9 @@ def train_counts(config: SimulationConfig) -> dict[str, int]:
                 "(training and held-out test): add data."
             )
         train, _ = train_test_split(share, 0.2, config.seed)
+        if users:
+            counts[tenant] = train.head(config.max_train_examples or None).num_users()
+            continue
         counts[tenant] = min(len(train), config.max_train_examples or len(train))
     return counts
 
@@ -236,6 +246,7 @@ def preflight(config: SimulationConfig, deltas: dict[str, float] | None = None) 
                 local_epochs=config.local_epochs,
                 rounds=config.rounds,
                 personalize_epochs=config.personalize_epochs,
+                unit=config.privacy_unit,
             )
         except PlanRefused as exc:
             raise ValueError(f"{exc}.") from None
