@@ -26,6 +26,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# Every fault test (tests/faults), the long ones too (real runs and resumes, PostgreSQL
+# restarted under a run); `make test` runs only the quick ones. docs/RELIABILITY.md.
+.PHONY: faults
+faults: $(STAMP)
+	FEDTEXT_FAULTS=all $(BIN)/python -m pytest -q -s -m faults tests/faults
+
 bench: $(STAMP)
 	@for b in $(filter-out bench/_%,$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 

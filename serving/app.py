@@ -118,12 +118,25 @@ async def _refresh_lookups(platform: Platform, lookups: PredictLookups) -> None:
             log.warning("refreshing the predict lookups failed", exc_info=True)
 
 
-async def _reap_runs(platform: Platform) -> None:
+def _reap_and_sweep(platform: Platform, launcher: RunLauncher | None) -> list[str]:
+    """Mark orphaned runs interrupted, then remove what their killed workers left on disk.
+
+    The launcher's own start-up sweep runs before the first reap, while such a run still
+    looks active: without this second sweep a SIGKILLed worker's sentence vectors stayed in
+    the scratch directory (found by tests/faults, API and worker killed mid-run).
+    """
+    reaped = reap_orphaned_runs(platform.engine)
+    if reaped and launcher is not None:
+        launcher.sweep()
+    return reaped
+
+
+async def _reap_runs(platform: Platform, launcher: RunLauncher | None) -> None:
     """Mark runs whose worker died while this API is up interrupted (reads never write)."""
     while True:
         await asyncio.sleep(REAP_SECONDS)
         try:
-            await run_in_threadpool(reap_orphaned_runs, platform.engine)
+            await run_in_threadpool(_reap_and_sweep, platform, launcher)
         except Exception:
             log.warning("checking for orphaned runs failed", exc_info=True)
 
@@ -176,8 +189,8 @@ def create_app(
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         # Runs whose worker died while no API was up are marked interrupted (resumable).
-        reap_orphaned_runs(platform.engine)
-        reaper = asyncio.create_task(_reap_runs(platform))
+        _reap_and_sweep(platform, run_launcher)
+        reaper = asyncio.create_task(_reap_runs(platform, run_launcher))
         refresher = (
             asyncio.create_task(_refresh_lookups(platform, lookups)) if lookups.ttl > 0 else None
         )

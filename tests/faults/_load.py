@@ -60,4 +60,3 @@ class Load:
 
     def ok_after(self, moment: float) -> int:
         return sum(1 for e in self.history if e.at > moment and e.status == 200)
-

@@ -56,7 +56,7 @@ def random_head(seed: int) -> tuple[str, bytes]:
 
 def build_world(env: dict[str, str], tenants: tuple[str, ...] = ("acme", "globex"),
                 versions: int = 2) -> dict[str, Any]:  # fmt: skip
-    """Each tenant: an admin and a predict key, ``versions`` versions of 'sentiment', v1 deployed."""
+    """Each tenant: an admin and a predict key, ``versions`` of 'sentiment', v1 deployed."""
     platform = open_platform(env)
     upgrade_schema(platform)
     out: dict[str, Any] = {}

@@ -12,6 +12,7 @@ Tests marked ``faults_full`` (minutes each: real runs, a SuperLink) are deselect
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import os
 import pwd
@@ -110,10 +111,8 @@ class PrivateCluster:
         return int(out.stdout.strip())
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):
             self.stop("immediate")
-        except RuntimeError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -191,7 +190,9 @@ class Server:
             return ""
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fedtext.cli", *args],
         env=env, capture_output=True, text=True, timeout=timeout,

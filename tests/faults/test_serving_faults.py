@@ -148,7 +148,9 @@ def test_postgres_connections_killed_and_cluster_restarted_while_serving(
         killed = pg_cluster.terminate_backends(db)
         assert killed >= 1
         end = time.monotonic()
-        recover["terminate"] = until(lambda: load.ok_after(end) >= 3, DB_BACK_WITHIN_S, "after kill")
+        recover["terminate"] = until(
+            lambda: load.ok_after(end) >= 3, DB_BACK_WITHIN_S, "after kill"
+        )
         windows.append((start, end + 1.0))  # requests in flight at the kill may fail once
         # 2. The cluster crashes (immediate stop) and comes back.
         start = time.monotonic()
@@ -156,14 +158,18 @@ def test_postgres_connections_killed_and_cluster_restarted_while_serving(
         time.sleep(2.0)  # the API serves from memory or answers 503 meanwhile
         pg_cluster.start()
         end = time.monotonic()
-        recover["restart"] = until(lambda: load.ok_after(end) >= 3, DB_BACK_WITHIN_S, "after restart")
+        recover["restart"] = until(
+            lambda: load.ok_after(end) >= 3, DB_BACK_WITHIN_S, "after restart"
+        )
         windows.append((start, end + 1.0))
         until(lambda: load.ok_after(end + 1.0) >= 3, DB_BACK_WITHIN_S, "steady again")
         assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
     finally:
         load.stop()
         server.stop()
-    bad = [e for e in load.history if e.status >= 500 and not any(a <= e.at <= b for a, b in windows)]
+    bad = [
+        e for e in load.history if e.status >= 500 and not any(a <= e.at <= b for a, b in windows)
+    ]
     assert bad == [], bad
     assert all(e.status in (0, 200, 503) for e in load.history), {e.status for e in load.history}
     check_versions(env)
