@@ -17,7 +17,7 @@ from clients.data import (
     partition,
     train_test_split,
 )
-from privacy.canary import make_canaries
+from privacy.canary import canary_rows, make_canaries
 
 # The node's own settings. A simulated node's share (tenants, partitioning, alpha, example
 # caps) comes in the run config, whose defaults are runs.spec.RunSpec's.
@@ -30,6 +30,8 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "canary-count": 0,
     "canary-seed": 0,
     "canary-tenant": "",
+    # privacy-unit user: each canary is a user with this many rows (privacy.canary_rows).
+    "canary-rows": 1,
 }
 
 
@@ -128,7 +130,8 @@ def _node_data(
             *caps,
         )
     if int(cfg["canary-count"]) > 0 and str(cfg["canary-tenant"]) == data.tenant:
-        return with_canaries(data, int(cfg["canary-seed"]), int(cfg["canary-count"]))
+        rows = int(cfg["canary-rows"])
+        return with_canaries(data, int(cfg["canary-seed"]), int(cfg["canary-count"]), rows)
     return data
 
 
@@ -161,16 +164,21 @@ def _shared_file_data(
     return NodeData(tenant, train.head(max_train), test.head(max_test))
 
 
-def with_canaries(data: NodeData, seed: int, count: int) -> NodeData:
-    """``data`` with the member canaries of ``seed`` appended to its training split."""
+def with_canaries(data: NodeData, seed: int, count: int, rows: int = 1) -> NodeData:
+    """``data`` with the member canaries of ``seed`` appended to its training split; with a
+    user column each canary is a user of ``rows`` rows (its own user, never a real one)."""
     members = [c for c in make_canaries(seed, count, len(data.train.label_names)) if c.member]
     users = data.train.users
+    if users is None and rows != 1:
+        raise DataError("Canary users (canary-rows > 1) need data with a user column.")
+    texts = [t for c in members for t in canary_rows(c, rows)]
     train = LabeledData(
-        data.train.texts + tuple(c.text for c in members),
-        data.train.labels + tuple(c.label for c in members),
+        data.train.texts + tuple(texts),
+        data.train.labels + tuple(c.label for c in members for _ in range(rows)),
         data.train.label_names,
-        # privacy-unit user: each canary is its own user (never merged with a real one).
-        None if users is None else users + tuple(f"canary-user-{i}" for i in range(len(members))),
+        None
+        if users is None
+        else users + tuple(f"canary-user-{i}" for i in range(len(members)) for _ in range(rows)),
     )
     return NodeData(data.tenant, train, data.test)
 

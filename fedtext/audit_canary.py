@@ -29,6 +29,7 @@ from fedtext.settings import Settings
 from models import ModelSpec, build_model, load_weights
 from privacy.accounting import compose_epsilon
 from privacy.canary import AuditOutcome, audit_scores, make_canaries
+from privacy.canary import canary_rows as rows_of_canary
 from privacy.ledger import tenant_events
 from runs.simulation import SimulationConfig, simulate
 from tenancy.db import session_scope
@@ -43,6 +44,7 @@ class CanarySimulationConfig(SimulationConfig):
     canary_count: int = 0
     canary_seed: int = 0
     canary_tenant: str = ""
+    canary_rows: int = 1
 
     def client_overrides(self) -> dict[str, Any]:
         return {
@@ -50,6 +52,7 @@ class CanarySimulationConfig(SimulationConfig):
             "canary-count": self.canary_count,
             "canary-seed": self.canary_seed,
             "canary-tenant": self.canary_tenant,
+            "canary-rows": self.canary_rows,
         }
 
 
@@ -100,6 +103,28 @@ def _released_model(platform: Platform, tenant_id: str, name: str) -> tuple[nn.M
     return load_weights(build_model(spec), weights), spec
 
 
+def _user_files(folder: Path, names: list[str], rows: int, per_user: int) -> dict[str, str]:
+    """Each tenant's iid share of the demo corpus (``rows`` rows) as a CSV whose user
+    column groups them into synthetic users of ``per_user`` rows."""
+    import csv
+
+    from clients.data import load_demo_corpus, partition
+
+    corpus = load_demo_corpus()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, idx in zip(names, partition(corpus, "iid", len(names), 0), strict=True):
+        path = folder / f"{name}.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            out = csv.writer(fh)
+            out.writerow(["text", "label", "user"])
+            for j, i in enumerate(idx[:rows]):
+                label = corpus.label_names[corpus.labels[i]]
+                out.writerow([corpus.texts[i], label, f"{name}-u{j // per_user}"])
+        files[name] = str(path)
+    return files
+
+
 def run_canary_audit(
     *,
     data_dir: Path | None = None,
@@ -117,6 +142,8 @@ def run_canary_audit(
     seed: int | None = None,
     delta: float = 1e-5,
     secure_mode: bool = True,
+    privacy_unit: str = "example",
+    canary_rows: int = 4,
 ) -> CanaryReport:
     """Train with canaries in a scratch platform and bound epsilon from below.
 
@@ -131,6 +158,12 @@ def run_canary_audit(
         How many canaries the attack guesses on (half each way); default ``m // 2``.
     seed
         Canary seed; a fresh random one when None (membership must be unpredictable).
+    privacy_unit
+        "user": the tenants' demo rows are grouped into synthetic users of
+        ``canary_rows`` rows (written as files with a user column), the run is
+        privacy-unit user with k = ``canary_rows``, and each canary is a *user* of
+        ``canary_rows`` rows; a canary's score is minus the mean loss of its rows. The
+        lower bound then checks the user-level claim.
     """
     import time
 
@@ -165,9 +198,19 @@ def run_canary_audit(
                 )
                 ids[name] = row.id
         target = names[0]
+        per_user = canary_rows if privacy_unit == "user" else 1
+        files = (
+            _user_files(root / "user-data", names, max_train_examples + max_test_examples, per_user)
+            if privacy_unit == "user"
+            else {}
+        )
         result = simulate(
             platform,
             CanarySimulationConfig(
+                privacy_unit=privacy_unit,
+                max_examples_per_user=per_user,
+                data_files=files,
+                canary_rows=per_user,
                 tenants=tuple(names),
                 rounds=rounds,
                 epsilon=epsilon,
@@ -193,7 +236,13 @@ def run_canary_audit(
             platform, ids[target], str(result.summary["tenants"][target]["model"])
         )
         cans = make_canaries(seed, canaries, len(spec.labels))
-        losses = canary_losses(model, spec, [c.text for c in cans], [c.label for c in cans])
+        texts = [t for c in cans for t in rows_of_canary(c, per_user)]
+        labels = [c.label for c in cans for _ in range(per_user)]
+        row_losses = canary_losses(model, spec, texts, labels)
+        # One score per canary (per canary user: the mean over its rows).
+        losses = [
+            sum(row_losses[i * per_user : (i + 1) * per_user]) / per_user for i in range(len(cans))
+        ]
         members = [c.member for c in cans]
         outcome = audit_scores(
             [-loss for loss in losses],

@@ -73,6 +73,14 @@ def make_canaries(seed: int, count: int, num_labels: int) -> list[Canary]:
     return canaries
 
 
+def canary_rows(canary: Canary, rows: int) -> list[str]:
+    """A canary user's ``rows`` texts: the canary's sentence, numbered (privacy-unit user:
+    one canary is one person who wrote several rows, all with the canary's label)."""
+    if rows < 1:
+        raise ValueError("A canary user writes at least one row.")
+    return [canary.text] if rows == 1 else [f"{canary.text} r{j}" for j in range(rows)]
+
+
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """Probability of ``v`` or more correct guesses out of ``r`` under (epsilon, delta)-DP.
 

@@ -28,7 +28,13 @@ log = logging.getLogger("runs.simulation")
 
 
 # Settings the simulated nodes read from the run config (clients/local_data.py).
-CLIENT_KEYS = {key(n) for n in (*SIMULATION_ONLY, "seed", "data_file", "data_files")}
+# privacy-unit user: the nodes read the unit, the user column and k from the run config
+# (a simulated node's context.run_config holds only pyproject's defaults).
+CLIENT_KEYS = {
+    key(n)
+    for n in (*SIMULATION_ONLY, "seed", "data_file", "data_files",
+              "privacy_unit", "user_column", "max_examples_per_user")
+}  # fmt: skip
 
 
 class SimulationFailed(RuntimeError):

@@ -13,10 +13,12 @@ import pytest
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
+from clients.data import load_labeled_file, train_test_split
 from fedtext.cli import app
 from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from privacy.ledger import PrivacyEvent
+from privacy.params import dp_batch_size, poisson_schedule
 from tests.cli.test_simulate import HAM, SPAM
 
 runner = CliRunner()
@@ -57,6 +59,14 @@ def test_a_user_level_simulation_records_the_unit_and_k_on_every_entry(
         entries = list(session.exec(select(PrivacyEvent)))
     assert len(entries) >= 2 * (2 + 2)  # per tenant: 2 rounds, personalize, evaluation
     assert {e.privacy_unit for e in entries} == {"user"}
+    # The nodes trained over users: q = 1 / ceil(users / batch), batch sized by the users
+    # (an example-level node would have stated 720 examples: batch 72, q = 0.1).
+    for tenant_file in (acme, globex):
+        train, _ = train_test_split(load_labeled_file(tenant_file, ("ham", "spam"), "user"), 0.2, 7)
+        n_users = train.num_users()
+        rate = poisson_schedule(n_users, dp_batch_size(n_users, 0), 1)[0]
+        assert any(e.sample_rate == pytest.approx(rate) for e in entries if e.purpose == "train")
+    assert not any(e.sample_rate == pytest.approx(0.1) for e in entries)
     for e in entries:
         applied = json.loads(e.applied_json)
         assert applied["privacy_unit"] == "user" and applied["max_examples_per_user"] == 4
