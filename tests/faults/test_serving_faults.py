@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 # Stated recovery times (the machine is a shared 2-core box under load 10-20; a quiet
 # machine does much better: the measured figures are printed and in docs/RELIABILITY.md).
-RESTART_WITHIN_S = 90.0  # a SIGKILLed API answers again (process start-up included)
+RESTART_WITHIN_S = 180.0  # a SIGKILLed API answers again (start-up: 6-12 s quiet, 90 s at load 20)
 DB_BACK_WITHIN_S = 10.0  # answers again after the database is back
 REPLICA_WITHIN_S = 2 * 0.5 + 3.0  # a change reaches the other replica (lookup interval 0.5 s)
 
