@@ -57,6 +57,7 @@ JSON_KEYS = {
     "intervals": None,
     "requests": ["predict", "explain", "key_changes", "deploys", "runs_started", "runs_finished"],
     "statuses": None,
+    "run_request_s": None,
     "server_errors": None,
     "drift_after_warmup": ["rss", "fds", "db_connections", "p99_ratio"],
     "goals": ["flat_within_10pct", "p99_stable", "no_5xx"],
@@ -210,6 +211,7 @@ class Workload:
         self.statuses: Counter[str] = Counter()
         self.interval_5xx = 0
         self.counts: Counter[str] = Counter()
+        self.run_request_s: list[float] = []  # how long each POST /v1/runs took
 
     def _record(self, kind: str, status: int, seconds: float | None = None) -> None:
         with self.lock:
@@ -284,16 +286,25 @@ class Workload:
             "personalize_epochs": 0, "max_train_examples": 32, "max_test_examples": 16,
             "secure_mode": False,
         }  # fmt: skip
-        with httpx.Client(base_url=self.url, timeout=120) as client:
+        with httpx.Client(base_url=self.url, timeout=300) as client:
             while not self.stop.is_set():
-                r = client.post("/v1/runs", json=run, headers=_auth(acme["admin"]))
+                started = time.perf_counter()
+                try:
+                    r = client.post("/v1/runs", json=run, headers=_auth(acme["admin"]))
+                except httpx.TransportError:  # a timeout too: the thread goes on
+                    self._record("runs_transport", 0)
+                    continue
+                self.run_request_s.append(round(time.perf_counter() - started, 2))
                 self._record("runs_started", r.status_code)
                 if r.status_code != 202:
                     self.stop.wait(10)
                     continue
                 run_id = r.json()["id"]
                 while not self.stop.wait(2):
-                    s = client.get(f"/v1/runs/{run_id}", headers=_auth(acme["admin"]))
+                    try:
+                        s = client.get(f"/v1/runs/{run_id}", headers=_auth(acme["admin"]))
+                    except httpx.TransportError:
+                        continue
                     if s.json().get("status") not in ("pending", "running", "queued"):
                         self._record("runs_finished", 200 if s.json()["status"] == "completed"
                                      else 599)  # fmt: skip
@@ -378,6 +389,7 @@ def main() -> None:
         "intervals": samples,
         "requests": {k: load.counts[k] for k in JSON_KEYS["requests"]},  # type: ignore[union-attr]
         "statuses": dict(sorted(load.statuses.items())),
+        "run_request_s": load.run_request_s,
         "server_errors": server_errors,
         "drift_after_warmup": {
             "rss": drift("rss_mb"),
