@@ -31,7 +31,7 @@ PANELS = {
     ),
     **dict.fromkeys(
         ("epsilon", "clip_norm", "eval_noise", "client_dp", "client_dp_noise", "client_dp_clip",
-         "dataset", "secure_mode"),
+         "dataset", "secure_mode", "privacy_unit", "user_column", "max_examples_per_user"),
         "Privacy",
     ),
     **dict.fromkeys(

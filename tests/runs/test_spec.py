@@ -86,6 +86,10 @@ def test_the_simulation_sends_its_nodes_only_their_data_share() -> None:
         "max-train-examples": 10,
         "max-test-examples": 500,
         "seed": 7,
+        # privacy-unit user: the nodes count and train per user only if they know (issue 29)
+        "privacy-unit": "example",
+        "user-column": "user",
+        "max-examples-per-user": 8,
         "inject-fault": "a:1",
     }
     server = sim.server_overrides("r1")
