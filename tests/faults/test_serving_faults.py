@@ -244,8 +244,8 @@ def _mount_tmpfs_over(blobs: Path, size: int) -> bool:
     """A small tmpfs over the blob folder, the current blobs copied in; False if not allowed."""
     import shutil
 
-    if os.geteuid() != 0:
-        return False
+    if os.geteuid() != 0 or os.environ.get("FEDTEXT_FAULTS_NO_MOUNT"):
+        return False  # the RLIMIT_FSIZE path (FEDTEXT_FAULTS_NO_MOUNT=1 tries it as root)
     keep = blobs.with_name("blobs-before")
     shutil.copytree(blobs, keep)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
