@@ -306,6 +306,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             result = train_dp_users(
                 model, data.train, spec, asked, max_examples_per_user=k, **common
             )
+            if result.left_out:
+                # Said in the node's own log, not sent: a count of rows is the tenant's.
+                log.warning(
+                    "tenant %s: %d of %d training rows left out: users with more than "
+                    "max-examples-per-user %d rows keep %d of them (privacy-unit user)",
+                    data.tenant, result.left_out, len(data.train), k, k,
+                )  # fmt: skip
         else:
             result = train_dp(model, data.train, spec, asked, **common)
         dp = ConfigRecord({**result.applied.to_config(), "tenant": data.tenant})

@@ -307,8 +307,9 @@ def metrics_release(plan: TenantPlan) -> dict[str, Any] | None:
     if plan.eval_params is None:
         return None
     return {
-        "mechanism": "gaussian on confusion counts (sensitivity 1)",
-        "noise_sd": plan.eval_params.noise_multiplier,
+        # clip_norm is the sensitivity: 1 example, or k rows of one user (privacy-unit user).
+        "mechanism": f"gaussian on confusion counts (sensitivity {plan.eval_params.clip_norm:g})",
+        "noise_sd": plan.eval_params.noise_multiplier * plan.eval_params.clip_norm,
         "matrices": plan.eval_params.steps,
         "delta": plan.eval_params.delta,
     }
