@@ -113,6 +113,9 @@ class PrivateCluster:
     def destroy(self) -> None:
         with contextlib.suppress(RuntimeError):
             self.stop("immediate")
+        pidfile = self.data / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError):  # pg_ctl failed: by the server's PID
+            os.kill(int(pidfile.read_text().split()[0]), 9)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
