@@ -19,8 +19,21 @@ def db_upgrade() -> None:
         console.print(f"Created the schema (revision {after}) at {where}")
     elif before != after:
         console.print(f"Upgraded the schema from revision {before} to {after} at {where}")
+        if _before_signatures(before):
+            # Rows written before v0006 carry no signature: API keys and node enrollments
+            # among them authenticate nothing until the operator vouches for them once.
+            console.print(
+                "Rows written before signed authorship (revision 0006) are unsigned: their API "
+                "keys and node key enrollments are refused until you check the chains and sign "
+                "them once with `fedtext audit sign-existing` (see docs/AUDIT.md, Authorship)."
+            )
     else:
         console.print(f"Schema is up to date (revision {after}) at {where}")
+
+
+def _before_signatures(revision: str) -> bool:
+    """Whether a database at ``revision`` predates signed rows (revision 0006)."""
+    return revision == "unversioned" or (revision.isdigit() and int(revision) < 6)
 
 
 def _revision(url: str) -> str | None:
