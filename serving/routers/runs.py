@@ -241,8 +241,11 @@ def create(
             policies[t.id], secure_mode=body.secure_mode, epsilon=body.epsilon, family=body.model
         )
         if low and t.id == caller.tenant.id:
-            floors.append(f"your tenant's policy (GET /v1/policy) does not allow: {', '.join(low)}")
-        elif low:
+            # The caller's own floor alone: partners' floors are not probed by a run that
+            # could not start anyway.
+            floors = [f"your tenant's policy (GET /v1/policy) does not allow: {', '.join(low)}"]
+            break
+        if low:
             floors.append(f"tenant {t.name!r} cannot take part (policy: {', '.join(low)})")
     if floors:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(floors) + ".")
@@ -343,7 +346,9 @@ def _reserve_budgets(
         if tenant.id != caller_id or result.decision is None:
             refusals.append(f"tenant {tenant.name!r} cannot take part (budget)")
             continue
-        refusals.append(_own_refusal(session, tenant, dataset, result.decision))
+        # The caller's own refusal alone: a run its own budget refuses says nothing about
+        # the partners (else a caller shrinking its own budget probes theirs for free).
+        return [_own_refusal(session, tenant, dataset, result.decision)]
     return refusals
 
 

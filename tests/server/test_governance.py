@@ -275,16 +275,17 @@ def test_a_budget_refusal_shows_the_caller_its_own_figures_and_nothing_of_partne
     fits = float(detail.split("largest epsilon that fits now is ")[1].split(";")[0])
     assert 0.5 < fits < 2.0
     assert "POST /v1/privacy/budget" in detail and "fedtext tenant budget acme" in detail
-    # ... and of globex only that it cannot take part.
-    assert "tenant 'globex' cannot take part (budget)" in detail
+    # ... and nothing of globex: a run acme's own budget refuses does not probe partners
+    # (else acme, shrinking its own budget, bisects globex's for free).
+    assert "globex" not in detail
     assert "0.5" not in detail and detail.count("budget epsilon") == 1
-    # The epsilon it named fits.
+    # The epsilon it named fits acme; of globex it learns only that it cannot take part.
     with _client(platform) as c:
         r = c.post(
             "/v1/runs", json={**FAST, "epsilon": fits, "participants": ["globex"]},
             headers=acme.admin,
         )  # fmt: skip
-    assert "tenant 'acme'" not in r.json()["detail"]
+    assert r.json()["detail"] == "tenant 'globex' cannot take part (budget)"
 
 
 # ------------------------------------------------------------------ finding 7: cheap refusals
