@@ -271,7 +271,7 @@ def main() -> None:
         "--smoke",
         action="store_true",
         help="tiny sizes, same JSON keys (make test runs it): the tenants' data split and "
-        "the central rows on 40 train / 16 test per tenant, no federation",
+        "the central rows on 16 train / 8 test per tenant, no federation",
     )
     parser.add_argument(
         "--families",
@@ -305,7 +305,7 @@ def main() -> None:
     max_train, max_test, lstm_rounds = (600, 200, 3) if args.quick else (3000, 600, 5)
     timed_rounds = 5
     if args.smoke:
-        max_train, max_test, lstm_rounds, timed_rounds = 40, 16, 1, 1
+        max_train, max_test, lstm_rounds, timed_rounds = 16, 8, 1, 1
         # A simulation takes minutes on a busy 2-core machine: the smoke run stops at the
         # data split (where the 'alpha' crash was) and the central models.
         wanted, timed = [], []

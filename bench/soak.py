@@ -327,7 +327,7 @@ def main() -> None:
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     duration, interval, tenants = {
-        "smoke": (18.0, 6.0, 4), "quick": (300.0, 30.0, 12), "full": (1800.0, 60.0, 40),
+        "smoke": (6.0, 2.0, 4), "quick": (300.0, 30.0, 12), "full": (1800.0, 60.0, 40),
     }[mode]  # fmt: skip
     runs = mode != "smoke" and not args.no_runs
     database_url = os.environ.get("FEDTEXT_DATABASE_URL")
