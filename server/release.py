@@ -260,7 +260,8 @@ def deploy_decision(
     """
     if serving is None:
         deploy = policy != "never"
-        return deploy, {"policy": policy, "deployed": deploy, "reason": "first version"}
+        why = "policy never" if policy == "never" else "first version"
+        return deploy, {"policy": policy, "deployed": deploy, "reason": why}
     if policy in ("always", "never", "first"):
         reason = {"always": "policy always", "never": "policy never", "first": "not the first"}
         return policy == "always", {

@@ -107,6 +107,8 @@ def set_policy(
         row.deploy = deploy
     if require_secure_mode is not None:
         row.require_secure_mode = require_secure_mode
+    if clear_max_epsilon and max_epsilon is not None:
+        raise InvalidInput("Give max_epsilon or clear_max_epsilon, not both.")
     if clear_max_epsilon:
         row.max_epsilon = None
     elif max_epsilon is not None:

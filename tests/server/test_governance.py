@@ -117,6 +117,7 @@ def test_a_tenant_reads_and_sets_its_own_policy_and_bad_values_are_422(
             ({"deploy": "sometimes"}, "deploy"),
             ({"max_epsilon": -1}, "max_epsilon"),
             ({"tenant": "acme"}, "tenant"),
+            ({"max_epsilon": 3, "clear_max_epsilon": True}, "not both"),
         ):
             r = c.put("/v1/policy", json=body, headers=globex.admin)
             assert r.status_code == 422 and words in r.text, (body, r.text)
