@@ -297,8 +297,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny runs, same JSON keys")
     parser.add_argument("--seconds", type=float, default=0.0, help="measured time per phase")
     args = parser.parse_args()
-    seconds = args.seconds or (3.0 if args.smoke else 15.0 if args.quick else 40.0)
-    warmup = 1.0 if args.smoke else 3.0
+    seconds = args.seconds or (1.5 if args.smoke else 15.0 if args.quick else 40.0)
+    warmup = 0.5 if args.smoke else 3.0
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fedtext-bench-partner-"))
     try:

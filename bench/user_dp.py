@@ -227,13 +227,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="600 train / 200 test per tenant")
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny sizes (make test): 80/30 rows, 2 rounds"
+        "--smoke", action="store_true", help="tiny sizes (make test): 40/16 rows, 2 rounds"
     )
     parser.add_argument("--max-examples-per-user", type=int, default=8, help="k")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    max_train, max_test, rounds = {"smoke": (80, 30, 2), "quick": (600, 200, 20),
+    max_train, max_test, rounds = {"smoke": (40, 16, 2), "quick": (600, 200, 20),
                                    "full": (0, 0, 20)}[mode]  # fmt: skip
     k = args.max_examples_per_user
     started = time.monotonic()
