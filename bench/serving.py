@@ -131,7 +131,7 @@ def _train_model(train_texts: list[str], train_labels: list[int], examples: int)
     return spec, model.eval()
 
 
-def setup(data_dir: Path, train_examples: int) -> dict[str, Any]:
+def setup(data_dir: Path, train_examples: int, tenants: int = TENANTS) -> dict[str, Any]:
     """Tenants, keys and encrypted model versions in ``data_dir``; returns what the load needs."""
     from clients.data import load_demo_corpus, train_test_split
     from fedtext.platform import platform_from_settings, upgrade_schema
@@ -150,7 +150,7 @@ def setup(data_dir: Path, train_examples: int) -> dict[str, Any]:
     upgrade_schema(platform)
     keys: list[str] = []
     with session_scope(platform.engine) as session:
-        for i in range(TENANTS):
+        for i in range(tenants):
             tenant = create_tenant(session=session, keyring=platform.keyring, name=f"t{i:02d}")
             _, key = create_api_key(session=session, tenant=tenant, scopes=[Scope.predict])
             keys.append(key)
@@ -820,7 +820,11 @@ def _record(result: dict[str, Any], where: str, server: str, run: dict[str, Any]
 def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
          started: float) -> dict[str, Any]:  # fmt: skip
     data_dir = tmp / "data"
-    state = setup(data_dir, train_examples=64 if args.smoke else 1600 if args.quick else 6400)
+    state = setup(
+        data_dir,
+        train_examples=64 if args.smoke else 1600 if args.quick else 6400,
+        tenants=4 if args.smoke else TENANTS,  # --smoke: 4 cold loads, not 20
+    )
     keys, texts = state["keys"], state["test_texts"]
     log_path = tmp / "server.log"
     _log("quantization report ...")
@@ -828,6 +832,8 @@ def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
     quant = quantization_report(state["platform"], texts[:n_quant], state["test_labels"][:n_quant])
     result: dict[str, Any] = {"runs": [], "ablation": [], "extra": {}, "quantization": quant}
     load_texts = texts[:2000]
+    # --smoke: only the concurrency the JSON's ratio needs (each level is a load process).
+    levels = (64,) if args.smoke else CONCURRENCY
 
     _log("fedtext server ...")
     with Server("fedtext", data_dir, log_path) as server:
@@ -851,7 +857,7 @@ def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
             v for k, v in m.items() if k.startswith("fedtext_model_load_duration_seconds_count")
         )
         result["cold_load_ms"] = {"lstm": round(1000 * total / count, 2)}
-        for c in CONCURRENCY:
+        for c in levels:
             run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
             _record(result, "runs", "fedtext", run)
             _log(f"fedtext c={c}: {run}")
@@ -870,7 +876,7 @@ def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
 
     _log("baseline server ...")
     with Server("baseline", data_dir, log_path) as server:
-        for c in CONCURRENCY:
+        for c in levels:
             run = server.drive(tmp, keys, load_texts, c, seconds, warmup)
             _record(result, "runs", "baseline", run)
             _log(f"baseline c={c}: {run}")
@@ -915,7 +921,7 @@ def _run(tmp: Path, args: argparse.Namespace, seconds: float, warmup: float,
         "seconds_per_run": seconds,
         "warmup_s": warmup,
         "inputs_per_request": 1,
-        "tenants": TENANTS,
+        "tenants": len(keys),
         "cores": len(os.sched_getaffinity(0)),
         "baseline": "per request: auth, SHA-256 check, decrypt, rebuild DPLSTM model, 1 forward",
     }
