@@ -206,16 +206,11 @@ def train_dp(
                 logits, loss = step.backward(inputs, labels)
                 dp_optimizer.step()
                 if anchor is not None:
-                    with torch.no_grad():
-                        for p, p0 in zip(trainable, anchor, strict=True):
-                            p.sub_(learning_rate * proximal_mu * (p - p0))
+                    _proximal_pull(trainable, anchor, learning_rate * proximal_mu)
                 total_loss += float(loss) * len(labels)
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += len(labels)
-    (noise, rate, taken), *rest = privacy_engine.accountant.history
-    if rest:
-        raise RuntimeError("Opacus recorded more than one DP event for one release.")
-    applied = DPParams(float(noise), float(rate), int(taken), dp_optimizer.max_grad_norm, dp.delta)
+    applied = _applied(privacy_engine, dp_optimizer.max_grad_norm, dp.delta)
     return TrainResult(
         examples=len(data),
         loss=total_loss / max(seen, 1),
@@ -320,16 +315,11 @@ def train_dp_users(
                 clipper.backward(losses, groups)
                 dp_optimizer.step()
                 if anchor is not None:
-                    with torch.no_grad():
-                        for p, p0 in zip(trainable, anchor, strict=True):
-                            p.sub_(learning_rate * proximal_mu * (p - p0))
+                    _proximal_pull(trainable, anchor, learning_rate * proximal_mu)
                 total_loss += float(losses.detach().sum())
                 correct += int((logits.detach().argmax(-1) == labels).sum())
                 seen += len(labels)
-    (noise, rate, taken), *rest = privacy_engine.accountant.history
-    if rest:
-        raise RuntimeError("Opacus recorded more than one DP event for one release.")
-    applied = DPParams(float(noise), float(rate), int(taken), dp_optimizer.max_grad_norm, dp.delta)
+    applied = _applied(privacy_engine, dp_optimizer.max_grad_norm, dp.delta)
     return TrainResult(
         examples=len(bounded),
         loss=total_loss / max(seen, 1),
@@ -483,3 +473,20 @@ def evaluate(
         accuracy=float((y_pred == y_true).mean()) if len(data) else 0.0,
         macro_f1=macro_f1(y_true, y_pred, len(spec.labels)),
     )
+
+
+def _proximal_pull(
+    trainable: list[torch.nn.Parameter], anchor: list[torch.Tensor], step: float
+) -> None:
+    """FedProx's pull toward the round's global weights, after each DP step."""
+    with torch.no_grad():
+        for p, p0 in zip(trainable, anchor, strict=True):
+            p.sub_(step * (p - p0))
+
+
+def _applied(privacy_engine: PrivacyEngine, clip_norm: float, delta: float) -> DPParams:
+    """The one DP event Opacus recorded for this release, as the node reports it."""
+    (noise, rate, taken), *rest = privacy_engine.accountant.history
+    if rest:
+        raise RuntimeError("Opacus recorded more than one DP event for one release.")
+    return DPParams(float(noise), float(rate), int(taken), clip_norm, delta)
