@@ -109,14 +109,7 @@ class PrivacyGate:
         tenant, others = self._enter(session, tenant_id, run_id, lock=False)
         if tenant is None:
             return GateResult(None, None)
-        left = pending(session, run_id=run_id, tenant_id=tenant_id, releases=releases)
-        decision = check_release(
-            session,
-            tenant=tenant,
-            dataset=dataset,
-            new_events=[r.params for r in left],
-            reserved=others,
-        )
+        decision = _decide(session, tenant, others, run_id, dataset, releases)
         return GateResult(tenant, decision)
 
     def largest_estimate(
@@ -174,14 +167,7 @@ class PrivacyGate:
         if tenant is None:
             drop_reservation(session, run_id=run_id, tenant_id=tenant_id)
             return GateResult(None, None)
-        left = pending(session, run_id=run_id, tenant_id=tenant_id, releases=releases)
-        decision = check_release(
-            session,
-            tenant=tenant,
-            dataset=dataset,
-            new_events=[r.params for r in left],
-            reserved=others,
-        )
+        decision = _decide(session, tenant, others, run_id, dataset, releases)
         if decision.allowed:
             reserve(
                 session,
@@ -355,3 +341,20 @@ def largest_target(
     Cached on its inputs: repeated refusals of one tenant cost one search.
     """
     return _largest_target(tuple(held), float(budget), float(delta), float(eval_noise))
+
+
+def _decide(
+    session: Session,
+    tenant: HasBudget,
+    others: Sequence[tuple[str, DPParams]],
+    run_id: str,
+    dataset: str,
+    releases: Sequence[PlannedRelease],
+) -> BudgetDecision:
+    """The gate's decision on what the run has not charged yet of ``releases`` (``peek``
+    and ``hold`` ask the same question; only ``hold`` acts on the answer)."""
+    left = pending(session, run_id=run_id, tenant_id=tenant.id, releases=releases)
+    events = [r.params for r in left]
+    return check_release(
+        session, tenant=tenant, dataset=dataset, new_events=events, reserved=others
+    )
