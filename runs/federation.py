@@ -42,7 +42,7 @@ from runs.flower import (
 )
 from runs.lifecycle import claim_run, end_run, get_run, record_request, run_status
 from runs.spec import SIMULATION_ONLY, RunSpec
-from runs.status import RunStatus
+from runs.status import FINISHED, RunStatus
 from runs.worker import WorkerLauncher, engine_url, start_heartbeat
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
@@ -160,6 +160,19 @@ class FederationRunLauncher(WorkerLauncher):
             return flower_run_id(run) if run is not None else None
 
 
+def interrupted_reason(engine: Engine, run_id: str, flower_reason: str) -> str:
+    """What an interrupted federation run says: why, and the command that resumes it."""
+    run = get_run(engine, run_id)
+    request = json.loads(run.simulation_json or "{}") if run is not None else {}
+    done = run.checkpoint_round if run is not None else 0
+    return (
+        f"Interrupted: {flower_reason}, and its ServerApp recorded no end (it was stopped: "
+        f"the SuperLink restarted or its host was lost). Rounds done: {done}. Resume it "
+        f"with: fedtext federation run --superlink {request.get('superlink', 'HOST:PORT')} "
+        f"--ca CA_FILE --run-id {run_id} --config resume=true"
+    )
+
+
 def follow(
     engine: Engine,
     run_id: str,
@@ -194,7 +207,17 @@ def follow(
                     if details and details != "N/A":
                         reason += f": {details}"
                     # Conditional: a ServerApp that recorded its end meanwhile keeps it.
-                    end_run(engine, run_id, RunStatus.FAILED, reason)
+                    # One that started (running) and vanished without an end was killed
+                    # (its SuperLink died, its host was lost): resumable from its checkpoint.
+                    ended_running = end_run(
+                        engine,
+                        run_id,
+                        RunStatus.INTERRUPTED,
+                        interrupted_reason(engine, run_id, reason),
+                        unless=(*FINISHED, RunStatus.CREATED),
+                    )
+                    if not ended_running:  # never started: Flower's reason is the failure
+                        end_run(engine, run_id, RunStatus.FAILED, reason)
                     continue
         time.sleep(poll)
     return status

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -76,8 +78,40 @@ def start_run(engine: Engine, run_id: str, *, config_json: str, resume: bool) ->
         elif run.status == RunStatus.CANCELLED or run.cancelled_by is not None:
             return False  # a cancel is final: never started, never resumed
         run.status, run.error, run.config_json = RunStatus.RUNNING, None, config_json
+        if resume:
+            # The process resuming the run (a CLI, a ServerApp, a retrying worker) is its
+            # worker from now on: the reaper judges it, not the worker that was lost.
+            run.worker_pid, run.worker_host = os.getpid(), socket.gethostname()
+            run.heartbeat_at = utcnow()
         session.add(run)
+    if resume:
+        _beat_while_running(engine, run_id, os.getpid())
     return True
+
+
+def _beat_while_running(engine: Engine, run_id: str, pid: int) -> None:
+    """Beat on the run from a thread of this process while it is running here."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECONDS)
+            try:
+                with engine.begin() as connection:
+                    result = connection.execute(
+                        update(TrainingRun)
+                        .where(
+                            col(TrainingRun.id) == run_id,
+                            col(TrainingRun.status) == RunStatus.RUNNING.value,
+                            col(TrainingRun.worker_pid) == pid,
+                        )
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:  # a missed beat is not fatal; a long silence marks the run
+                continue
+            if not result.rowcount:
+                return  # ended, or another process took the run over
+
+    threading.Thread(target=loop, daemon=True, name=f"beat-{run_id[:8]}").start()
 
 
 def complete_run(engine: Engine, run_id: str, *, summary_json: str, **fields: Any) -> None:
@@ -129,6 +163,24 @@ def end_run(
 def fail_run(engine: Engine, run_id: str, error: str) -> bool:
     """Record a failure, unless the run was cancelled (a stopped run fails by design)."""
     return end_run(engine, run_id, RunStatus.FAILED, error, unless=(RunStatus.CANCELLED,))
+
+
+def reopen_for_retry(engine: Engine, run_id: str, note: str) -> bool:
+    """A run failed by a database outage goes on (its worker resumes it): running again,
+    ``note`` saying why, unless it was cancelled or ended otherwise meanwhile."""
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(TrainingRun)
+            .where(
+                col(TrainingRun.id) == run_id,
+                col(TrainingRun.status) == RunStatus.FAILED.value,
+                col(TrainingRun.cancelled_by).is_(None),
+            )
+            .values(
+                status=RunStatus.RUNNING.value, error=note, finished_at=None, heartbeat_at=utcnow()
+            )
+        )
+    return bool(result.rowcount)
 
 
 def request_cancel(engine: Engine, run_id: str, by: str) -> bool:

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive
+from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive, reopen_for_retry
+from runs.outages import MAX_OUTAGE_RETRIES, OUTAGE_BACKOFF_S, Outages, retry_blocker
 from runs.status import ACTIVE, RunStatus
 from tenancy.blobs import DatabaseBlobStore, LocalBlobStore, create_blob_store
 from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
@@ -274,26 +276,65 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # `finally` blocks run: the scratch directory goes
 
 
+def _retry_after_outage(platform: Platform, run_id: str, retries: int, outages: Outages) -> bool:
+    """After a failed attempt: start this worker again as a resume (``os.execv``: same PID,
+    same process group, so cancel and the reaper still find it) if a database outage
+    failed the run and resuming charges nothing twice. False when it does not retry."""
+    if retries >= MAX_OUTAGE_RETRIES:
+        return False
+    why = retry_blocker(platform.engine, run_id, outages)
+    if why is not None:
+        print(f"Run {run_id}: not retried: {why}", file=sys.stderr, flush=True)
+        return False
+    delay = OUTAGE_BACKOFF_S * 2**retries
+    note = (
+        f"Retrying after a database outage (retry {retries + 1} of {MAX_OUTAGE_RETRIES}, "
+        f"in {delay:.0f} s): {outages.last}"
+    )
+    time.sleep(delay)
+    if not reopen_for_retry(platform.engine, run_id, note):
+        return False  # cancelled (or ended otherwise) meanwhile
+    print(f"Run {run_id}: {note}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "runs.worker", run_id,
+                              "--outage-retries", str(retries + 1)])  # fmt: skip
+    return True  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_id")
+    parser.add_argument(
+        "--outage-retries",
+        type=int,
+        default=0,
+        help="Retries so far after database outages (this attempt resumes the run).",
+    )
     args = parser.parse_args(argv)
-    from runs.simulation import SimulationConfig, SimulationFailed, simulate
-
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     platform = _platform_from_env()
+    outages = Outages.watch(platform.engine)
     run = claim_run(platform.engine, args.run_id)
     if run is None or run.simulation_json is None:
         print(f"No simulated run {args.run_id}.", file=sys.stderr)
         return 2
+    # Beat before the heavy imports below (torch, Flower, Ray: tens of seconds under load).
     stop = start_heartbeat(platform.engine, args.run_id)
+    from runs.simulation import SimulationConfig, SimulationFailed, resume, simulate
+
     scratch = _run_scratch(args.run_id)
     try:
         config = SimulationConfig.parse(json.loads(run.simulation_json))
-        simulate(platform, config, args.run_id)
-    except (SimulationFailed, ValueError, TypeError) as exc:
+        if args.outage_retries:
+            resume(platform, args.run_id)
+        else:
+            simulate(platform, config, args.run_id)
+    except (SimulationFailed, ValueError, TypeError, OperationalError) as exc:
+        stop.set()
+        shutil.rmtree(scratch, ignore_errors=True)
         print(f"Run {args.run_id} failed: {exc}", file=sys.stderr)
         end_run(platform.engine, args.run_id, RunStatus.FAILED, str(exc))
+        _retry_after_outage(platform, args.run_id, args.outage_retries, outages)
         return 1
     finally:
         stop.set()

@@ -12,7 +12,7 @@ import typer
 from fedtext.certificates import CredentialLayout, certificate_hosts
 from fedtext.cli.console import UserError, err, fail, settings
 from fedtext.cli.superlink import DEFAULT_SUPERLINK_PORT
-from fedtext.supervisor import supervise
+from fedtext.supervisor import RestartPolicy, supervise
 from runs.flower import check_certificate, existing_file, flower_env, flower_executable
 
 if TYPE_CHECKING:
@@ -50,6 +50,10 @@ def coordinator(
     (FEDTEXT_DATA_DIR, FEDTEXT_DATABASE_URL, key provider), which this command resolves
     to absolute paths. The API's `POST /v1/runs` submits runs to this SuperLink (unless
     FEDTEXT_SUPERLINK names another). Stops both on SIGTERM/Ctrl-C.
+
+    A SuperLink that dies is started again (after 1, 2, 4... s; at most 5 times in a
+    row) on the same state database while the API goes on answering; the run it was
+    executing ends interrupted, resumable (docs/RELIABILITY.md). The API exiting stops all.
     """
     if credentials_dir is not None:
         layout = CredentialLayout(credentials_dir.expanduser())
@@ -99,7 +103,7 @@ def coordinator(
         f"coordinator: SuperLink on {host}:{port} (TLS, node auth), "
         f"platform {env['FEDTEXT_DATABASE_URL']}" + (", API" if api else "")
     )
-    code, first = supervise(commands, env)
+    code, first = supervise(commands, env, restart=RestartPolicy(names=("superlink",)))
     if code:
         raise fail(f"the {first.name} exited with code {code}; see its output above", code)
 
