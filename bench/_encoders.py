@@ -6,7 +6,8 @@ server's batches; the served variant's number is the serving limit), cosine of i
 vectors to torch fp32's, and the accuracy gate: a softmax head trained (non-private, the
 same seed and steps) on the variant's vectors of the training tweets, scored on the test
 tweets encoded by the same variant; ``accuracy_change`` is its macro-F1 minus torch
-fp32's. A variant passes when that is at least ``models.runtimes.ACCURACY_GATE``.
+fp32's (``accuracy_change_sd``: its paired-bootstrap SD over the test tweets, the gate's
+own noise). A variant passes when the change is at least ``models.runtimes.ACCURACY_GATE``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,31 @@ def macro_f1(predicted: list[int], truth: list[int], classes: int) -> float:
         fn = sum(1 for p, t in zip(predicted, truth, strict=True) if p != c and t == c)
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / classes
+
+
+def change_sd(
+    predicted: list[int], reference: list[int], truth: list[int], classes: int, draws: int = 200
+) -> float:
+    """The gate's own noise: SD of (macro-F1 of ``predicted`` minus ``reference``'s) over
+    paired bootstrap resamples of the test tweets (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    p, r, t = np.array(predicted), np.array(reference), np.array(truth)
+
+    def f1(pred: np.ndarray, true: np.ndarray) -> float:
+        scores = []
+        for c in range(classes):
+            tp = np.sum((pred == c) & (true == c))
+            wrong = np.sum((pred == c) != (true == c))
+            scores.append(2 * tp / (2 * tp + wrong) if tp else 0.0)
+        return float(np.mean(scores))
+
+    diffs = []
+    for _ in range(draws):
+        i = rng.integers(0, len(t), len(t))
+        diffs.append(f1(p[i], t[i]) - f1(r[i], t[i]))
+    return float(np.std(diffs))
 
 
 def train_head(features: Any, labels: list[int], variant: str, steps: int = 300) -> Any:
@@ -77,6 +103,7 @@ def variant_report(
     report: dict[str, Any] = {}
     heads: dict[str, Any] = {}
     vectors: dict[str, Any] = {}
+    predictions: dict[str, list[int]] = {}
     for variant in order:
         runtime = load_runtime(variant=variant)
         runtime.encode(test_texts[:16], 128)  # warm-up (and the export, the first time)
@@ -92,6 +119,7 @@ def variant_report(
         with torch.no_grad():
             predicted = head(vectors[variant]).argmax(-1).tolist()
         f1 = macro_f1(predicted, test_labels, len(spec.labels))
+        predictions[variant] = predicted
         cosine = torch.nn.functional.cosine_similarity(vectors[variant], vectors[LEGACY_RUNTIME])
         change = f1 - report.get(LEGACY_RUNTIME, {"macro_f1": f1})["macro_f1"]
         report[variant] = {
@@ -103,6 +131,10 @@ def variant_report(
                 4,
             ),
             "accuracy_change": round(change, 4),
+            "accuracy_change_sd": round(
+                change_sd(predicted, predictions[LEGACY_RUNTIME], test_labels, len(spec.labels)),
+                4,
+            ),
             "gate_passed": change >= ACCURACY_GATE,
             "min_cosine_to_torch_fp32": round(cosine.min().item(), 4),
             "mean_cosine_to_torch_fp32": round(cosine.mean().item(), 4),

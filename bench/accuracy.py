@@ -198,6 +198,41 @@ def federated_dp(
     return out
 
 
+def first_runs(
+    runtimes: list[str], five: dict[str, Any], sim: dict[str, Any], parts: list[Any],
+    workdir: Path,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The encoder-head 5-round federation at epsilon 8, once per runtime variant, each
+    as a node's first run (an empty vector cache); torch-fp32's ratios alongside."""
+    from models import load_encoder
+    from models.runtimes import OnnxRuntime, check_runtime, usable_cores
+
+    out: dict[str, dict[str, Any]] = {}
+    for variant in runtimes:
+        check_runtime(variant)
+        export_s = 0.0
+        if variant.startswith("onnx-"):
+            # Exported once per machine (install or first use), not per run: before the clock.
+            started = time.monotonic()
+            OnnxRuntime(load_encoder(), variant, workers=1)
+            export_s = round(time.monotonic() - started, 1)
+        os.environ["FEDTEXT_FEATURE_CACHE"] = str(workdir / f"features-{variant}")
+        run = {**five, "family_config": {"encoder_runtime": variant}}
+        m, seconds = released_scores(
+            "encoder-head", 8.0, run, sim, parts, workdir / f"five-{variant}"
+        )
+        out[variant] = {**m, "seconds": seconds, "graph_export_s": export_s,
+                        "load_avg": [round(x, 1) for x in os.getloadavg()]}  # fmt: skip
+        print(f"[bench/accuracy] first run on {variant}: {out[variant]}", flush=True)
+    base = out.get("torch-fp32")
+    for variant, found in out.items():
+        if base and variant != "torch-fp32":
+            found["seconds_vs_torch_fp32"] = round(found["seconds"] / base["seconds"], 3)
+            found["macro_f1_change"] = round(found["macro_f1"] - base["macro_f1"], 4)
+    out["cores"] = {"usable": usable_cores()}  # type: ignore[assignment]
+    return out
+
+
 def federated_plain(
     family: str, settings: dict[str, Any], parts: list[Any]
 ) -> list[dict[str, Any]]:
@@ -286,6 +321,20 @@ def main() -> None:
         "default: --families",
     )
     parser.add_argument(
+        "--runtimes",
+        default="",
+        help="encoder-head: time the 5-round federation once per encoder runtime variant "
+        "(comma-separated, e.g. torch-fp32,onnx-int8-static), each a node's first run "
+        "(empty vector cache; the graph exported before the clock starts); default: the "
+        "default variant only",
+    )
+    parser.add_argument(
+        "--no-central",
+        action="store_true",
+        help="skip the central reference rows (they take minutes; the runtime comparison "
+        "does not need them)",
+    )
+    parser.add_argument(
         "--local-epochs",
         type=int,
         default=3,
@@ -302,6 +351,7 @@ def main() -> None:
     unknown = sorted((set(wanted) | set(timed)) - set(families()))
     if unknown:
         parser.error(f"unknown families {unknown}; known: {families()}")
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     max_train, max_test, lstm_rounds = (600, 200, 3) if args.quick else (3000, 600, 5)
     timed_rounds = 5
     if args.smoke:
@@ -321,13 +371,14 @@ def main() -> None:
         # encode their data once, later runs of the benchmark find the vectors on disk.
         os.environ["FEDTEXT_FEATURE_CACHE"] = str(Path(tmp) / "features")
         parts = tenant_data(data_cfg)
-        results = central(parts, epochs=lstm_rounds)
+        results = [] if args.no_central else central(parts, epochs=lstm_rounds)
         sim = {
             "partitioning": "topic",
             "max_train_examples": max_train,
             "max_test_examples": max_test,
         }
         timing: dict[str, float] = {}
+        by_runtime: dict[str, dict[str, Any]] = {}
         for family in wanted:
             settings = family_settings(family, lstm_rounds if family == "lstm" else None)
             if family == "lstm":
@@ -342,6 +393,10 @@ def main() -> None:
             five = {**family_settings(family, timed_rounds), "rounds": timed_rounds}
             if family == "lstm":
                 five.update(local_epochs=1, personalize_epochs=1)
+            if family == "encoder-head" and runtimes:
+                by_runtime = first_runs(runtimes, five, sim, parts, Path(tmp))
+                timing[family] = by_runtime[runtimes[0]]["seconds"]
+                continue
             timing[family] = released_scores(
                 family, 8.0, five, sim, parts, Path(tmp) / f"five-{family}"
             )[1]
@@ -368,6 +423,7 @@ def main() -> None:
         f"{timed_rounds} rounds",
         "encoder_runtime": spec_of("encoder-head").family_config().encoder_runtime,
         "five_round_seconds": timing,
+        "first_run_by_runtime": by_runtime,
         "delta": 1e-5,
         "seconds": round(time.monotonic() - started, 1),
         "notes": "macro_f1 pools every tenant's test predictions; federated without DP runs "

@@ -16,34 +16,29 @@ Variants
     The same graph exported to ONNX (with the masked mean and the normalization) and run
     by ONNX Runtime. Same vectors to float rounding.
 ``onnx-int8``
-    That graph with ONNX Runtime's dynamic int8 quantization of its MatMul weights
-    (per output channel; per-tensor weights moved vectors to cosine 0.95).
+    ONNX Runtime's *dynamic* int8 quantization (MatMul weights per output channel, the
+    attention and feed-forward output projections fp32). Its activation scales are
+    computed per run from the whole tensor, so in a batch one sentence's rounding would
+    depend on the others (another tenant's): it runs each sentence alone, which caps its
+    gain (1.4x torch's CPU per sentence). Kept so that heads trained on it still serve.
+``onnx-int8-static``
+    *Static* int8 (QDQ): weights per channel, activation scales fixed at export,
+    calibrated once on public training tweets (models/onnx_export.py). A sentence's
+    vector depends on that sentence only, so it runs length-sorted padded groups (the
+    padding masked; alone vs in a group agree to float rounding, tested).
 
-``onnx-int8`` runs each sentence alone (a batch of one, at its own token length, no
-padding), as many sentences at once as the process may use cores, on sessions of one
-intra-op thread. Alone is what makes int8 exact in the sense that matters: dynamic
-quantization scales activations per tensor, so in a batch the largest activation of any
-sentence would set every sentence's rounding; alone, a sentence's vector is a function
-of that sentence only, the same bits on the node that trained a head and on the server
-that applies it, and never depending on another tenant's input. ``onnx-fp32`` pads
-length-sorted groups of 16 (padding is masked, as in torch: equal to float rounding),
-which costs 0.6x the CPU per sentence of running alone.
-
-The export is done here, offline, on first use: from the installed encoder's files to
-``<cache>/<encoder sha256>/<variant>-<recipe tag>.onnx`` with a JSON record of the graph's SHA-256,
-checked on every load (a torn or altered file is exported again). The export is
-deterministic: the same encoder files give the same graph bytes (tested).
+Grouped variants (onnx-fp32, onnx-int8-static) pad length-sorted groups of ``GROUP``
+sentences; the groups run on ``usable_cores()`` sessions of one intra-op thread each
+(measured against one session with an intra-op thread per core: docs/BENCHMARKS.md).
+The graphs are exported offline on first use and cached with their SHA-256
+(models/onnx_export.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import threading
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,37 +47,38 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from models.encoders import DEFAULT_ENCODER, EncoderError, SentenceEncoder, load_encoder
+from models.onnx_export import StaticRecipe, cache_dir, export_graph
+
+__all__ = ["cache_dir", "export_graph"]
 
 log = logging.getLogger("fedtext.models")
 
 LEGACY_RUNTIME = "torch-fp32"  # what a spec without ``encoder_runtime`` was trained on
-RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8")
+RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-static")
 
 # The accuracy gate: a variant is offered for training and serving only if heads trained
 # on its vectors lose at most this much macro-F1 against torch-fp32's on the 1,000
 # public test tweets. ``ACCURACY_CHANGE`` holds what bench/_encoders.py measured
-# (2026-12-07, 2,000 training tweets, 1,000 test tweets, recipe revision 3); the serving
-# bench re-measures it on every run and reports whether the gate still holds.
-# onnx-fp32 gives torch's vectors to 1e-7 (the same head predictions).
+# (2026-12-07, 2,000 training tweets, 1,000 test tweets); the serving bench re-measures
+# it on every run and reports whether the gate still holds. onnx-fp32 gives torch's
+# vectors to 1e-7 (the same head predictions).
 ACCURACY_GATE = -0.005
-ACCURACY_CHANGE = {"torch-fp32": 0.0, "onnx-fp32": 0.0, "onnx-int8": -0.0041}
+ACCURACY_CHANGE = {
+    "torch-fp32": 0.0,
+    "onnx-fp32": 0.0,
+    "onnx-int8": -0.0041,
+    "onnx-int8-static": 0.0071,  # bench/_int8_recipes.py, recipe "minmax"
+}
 OFFERED = tuple(v for v in RUNTIMES if ACCURACY_CHANGE[v] >= ACCURACY_GATE)
 # An operator may accept a variant that missed the gate (its loss logged at every use).
 ALLOW_UNGATED_ENV = "FEDTEXT_ENCODER_ALLOW_UNGATED"
-# New specs and servers: torch-fp32 still. onnx-int8 passed the gate with a margin (0.09
-# points) smaller than the gate's own noise, in one measurement; it is offered (a run's
-# model config ``encoder_runtime``, a server's FEDTEXT_SERVE_ENCODER_RUNTIME), not imposed.
+# New specs and servers: torch-fp32 still (see docs/BENCHMARKS.md, issue 26).
 DEFAULT_RUNTIME = LEGACY_RUNTIME
 
-ONNX_OPSET = 17
-FP32_GROUP = 16  # sentences per onnx-fp32 run (as torch's serving groups)
-# Bump when the export or quantization recipe below changes.
-RECIPE_REVISION = 3
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+GROUP = 16  # sentences per padded run of the grouped variants
+GROUPED = ("onnx-fp32", "onnx-int8-static")
 
 
 def check_runtime(variant: str) -> str:
@@ -107,11 +103,17 @@ def check_runtime(variant: str) -> str:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
+    """Cores this process may run on: its CPU affinity, capped by ``OMP_NUM_THREADS`` when
+    that is a number (Ray sets it to a simulated node's CPU share, as torch follows it:
+    two nodes on two cores then run one encoder thread each, not two), at least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        cores = min(cores, int(omp))
+    return max(1, cores)
 
 
 class VectorRuntime(ABC):
@@ -156,159 +158,22 @@ class TorchRuntime(VectorRuntime):
         return self.encoder.encode(texts, max_seq_len)
 
 
-class _Pooled(nn.Module):
-    """The encoder with its masked mean and normalization: what the ONNX graph computes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1)
-
-
-def cache_dir() -> Path:
-    """Where exported graphs live: ``FEDTEXT_ENCODER_CACHE``, else the user's cache."""
-    given = os.environ.get("FEDTEXT_ENCODER_CACHE")
-    if given:
-        return Path(given).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fedtext" / "encoders"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _export_fp32(encoder: SentenceEncoder, target: Path) -> None:
-    ids = encoder.tokenizer(["an example sentence"], return_tensors="pt")
-    args = tuple(ids[k] if k in ids else torch.zeros_like(ids["input_ids"]) for k in _INPUTS)
-    axes: dict[str, dict[int, str]] = {k: {0: "batch", 1: "tokens"} for k in _INPUTS}
-    axes["vectors"] = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer notes about Python control flow in HF code
-        torch.onnx.export(
-            _Pooled(encoder.model).eval(),
-            args,
-            str(target),
-            input_names=list(_INPUTS),
-            output_names=["vectors"],
-            dynamic_axes=axes,
-            opset_version=ONNX_OPSET,
-            do_constant_folding=True,
-            dynamo=False,  # the TorchScript exporter: deterministic, needs no onnxscript
-        )
-
-
-def _quantize_int8(source: Path, target: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The output projections of attention and of the feed-forward block stay fp32; the
-    # query/key/value and feed-forward up-projections are int8. Measured on the gate
-    # (bench/_encoders.py, 2,000/1,000 tweets): every MatMul int8 -0.006 macro-F1 (mean
-    # cosine 0.992), feed-forward output fp32 -0.006 (0.996), both outputs fp32 -0.0041
-    # (0.996): the gate's noise is about as large as the differences.
-    model = onnx.load(str(source))
-    keep_fp32 = [
-        n.name for n in model.graph.node if n.op_type == "MatMul" and "/output/dense/" in n.name
-    ]
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its advice to "pre-process" the model, on every call
-    try:
-        quantize_dynamic(
-            str(source),
-            str(target),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=keep_fp32,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-    finally:
-        quiet.setLevel(level)
-
-
-def export_graph(encoder: SentenceEncoder, variant: str, directory: Path | None = None) -> Path:
-    """The ONNX graph of ``encoder`` for ``variant`` (``onnx-*``), exported on first use.
-
-    Cached as ``<directory>/<encoder sha256>/<variant>-<tag>.onnx`` with a ``.json``
-    recording its SHA-256; a file whose bytes no longer match its record is exported
-    again. Returns the graph's path.
-    """
-    if not variant.startswith("onnx-"):
-        raise ValueError(f"{variant!r} is not an ONNX variant.")
-    folder = (directory or cache_dir()) / encoder.sha256
-    name = f"{variant}-{_recipe_tag(variant)}"
-    target, record = folder / f"{name}.onnx", folder / f"{name}.json"
-    with _export_lock:
-        if target.is_file() and record.is_file():
-            try:
-                saved = json.loads(record.read_text())
-                if saved.get("graph_sha256") == _file_sha256(target):
-                    return target
-            except (OSError, ValueError):
-                pass
-            log.warning("encoder graph %s does not match its record: exporting it again", target)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            fp32 = Path(tmp) / "fp32.onnx"
-            _export_fp32(encoder, fp32)
-            made = fp32
-            if variant == "onnx-int8":
-                made = Path(tmp) / "int8.onnx"
-                _quantize_int8(fp32, made)
-            info = {
-                "encoder": encoder.ref,
-                "encoder_sha256": encoder.sha256,
-                "variant": variant,
-                "graph_sha256": _file_sha256(made),
-                "opset": ONNX_OPSET,
-                "torch": torch.__version__,
-            }
-            os.replace(made, target)  # same folder: atomic; concurrent exports agree
-        record.write_text(json.dumps(info, indent=1, sort_keys=True))
-        log.info("exported %s of %s to %s", variant, encoder.ref, target)
-    return target
-
-
-_export_lock = threading.Lock()
-
-
-def _recipe_tag(variant: str) -> str:
-    """What else shapes the graph's bytes: the tools' versions and this recipe's revision
-    (a graph made by other versions is exported anew, never mixed up with this one)."""
-    import onnxruntime
-
-    recipe = (
-        f"{variant}|{ONNX_OPSET}|{RECIPE_REVISION}|{torch.__version__}|{onnxruntime.__version__}"
-    )
-    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
-
-
 class OnnxRuntime(VectorRuntime):
-    """ONNX Runtime on the CPU, one sentence per run, sentences in parallel across cores.
+    """ONNX Runtime on the CPU: padded length-sorted groups, or sentences alone (onnx-int8).
 
     Parameters
     ----------
     encoder
         The encoder (tokenizer, files, hash); its torch weights are read only to export.
     variant
-        ``onnx-fp32`` or ``onnx-int8``.
+        ``onnx-fp32``, ``onnx-int8`` or ``onnx-int8-static``.
     workers
-        Sentences run at once (one intra-op thread each); default: the usable cores.
+        Groups run at once, each on a session of ``threads`` intra-op threads; default:
+        the usable cores, one thread each.
+    threads
+        Intra-op threads per session (default 1).
+    recipe
+        A static int8 recipe other than the chosen one (benchmarks only).
     """
 
     def __init__(
@@ -317,38 +182,37 @@ class OnnxRuntime(VectorRuntime):
         variant: str,
         *,
         workers: int | None = None,
+        threads: int = 1,
         directory: Path | None = None,
+        recipe: StaticRecipe | None = None,
     ) -> None:
         import onnxruntime as ort
 
-        if variant not in ("onnx-fp32", "onnx-int8"):
+        if variant not in ("onnx-fp32", "onnx-int8", "onnx-int8-static"):
             raise ValueError(f"{variant!r} is not an ONNX variant.")
         self.encoder = encoder
         self.variant = variant
-        self.graph = export_graph(encoder, variant, directory)
+        self.graph = export_graph(encoder, variant, directory, recipe=recipe)
         options = ort.SessionOptions()
-        # One thread per run: a sentence's matrices are small (tokens x 384), and two
-        # sentences on two cores beat one sentence split across both (measured).
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        # ORT sessions are thread-safe: one session, ``workers`` concurrent runs.
         self.session = ort.InferenceSession(
             str(self.graph), options, providers=["CPUExecutionProvider"]
         )
-        self.workers = workers or usable_cores()
-        # fp32 pads sentences of similar length into groups (masked: a vector does not
-        # depend on its group); int8 cannot (its activation scale is per tensor), so each
-        # sentence runs alone. CPU per sentence measured here: fp32 6.7 ms in groups of 16
-        # vs 10.8 ms alone; int8 4.6 ms in groups vs 7.6 ms alone (torch fp32: 10.8 ms).
-        self.group = FP32_GROUP if variant == "onnx-fp32" else 1
+        self.threads = threads
+        self.workers = workers or max(1, usable_cores() // threads)
+        # onnx-int8's activation scale is per tensor: each sentence alone (a group of one).
+        self.group = GROUP if variant in GROUPED else 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedtext-encoder")
         self._lock = threading.Lock()
 
     @property
     def exact(self) -> bool:
-        # int8 runs each sentence alone; fp32 pads a group, masked out as in torch (equal
-        # to float rounding).
+        # onnx-int8 runs each sentence alone; the grouped variants mask their padding and
+        # use fixed scales (equal to float rounding).
         return True
 
     def token_ids(self, texts: Sequence[str], max_seq_len: int) -> list[list[int]]:

@@ -28,12 +28,17 @@ SENTENCES = [
     "the self-driving car stopped at every light, " * 6,
 ]
 # Stated closeness to torch fp32 per sentence (cosine): fp32 graphs are the same math;
-# int8 MatMul weights per channel measured 0.97-0.995 on tweets.
-MIN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.96}
-MEAN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.985}
+# int8 MatMul weights per channel measured 0.97-0.995 on tweets (dynamic); the static
+# recipe's on the 1,000 gate tweets: mean 0.988, min 0.974 (docs/BENCHMARKS.md, issue 26).
+# Static int8 on these six: 0.944 ("ok": three tokens) to 0.992, mean 0.981.
+MIN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.96, "onnx-int8-static": 0.94}
+MEAN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.985, "onnx-int8-static": 0.975}
+# A sentence alone vs in a padded group: the grouped variants' fp32 parts round
+# differently with the group's width; static int8's fixed scales keep it at that.
+ALONE_VS_GROUP_ATOL = {"onnx-fp32": 1e-6, "onnx-int8-static": 1e-5}
 
 
-@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8"])
+@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8", "onnx-int8-static"])
 def test_onnx_variants_match_torch_fp32_within_the_stated_cosine(variant: str) -> None:
     reference = load_runtime(variant="torch-fp32").encode(SENTENCES, 128)
     got = load_runtime(variant=variant).encode(SENTENCES, 128)
@@ -43,12 +48,29 @@ def test_onnx_variants_match_torch_fp32_within_the_stated_cosine(variant: str) -
     assert cosine.min() >= MIN_COSINE[variant], cosine
     assert cosine.mean() >= MEAN_COSINE[variant], cosine
     # A sentence's vector is its own: alone, or among others, the same (int8: the same
-    # bits, each sentence runs alone; fp32: padded groups, equal to float rounding).
+    # bits, each sentence runs alone; grouped variants: equal to float rounding).
     alone = torch.cat([load_runtime(variant=variant).encode([s], 128) for s in SENTENCES])
     if variant == "onnx-int8":
         assert torch.equal(alone, got)
     else:
-        torch.testing.assert_close(alone, got, atol=1e-6, rtol=0)
+        torch.testing.assert_close(alone, got, atol=ALONE_VS_GROUP_ATOL[variant], rtol=0)
+
+
+def test_static_int8_is_batch_independent_in_length_sorted_padded_groups() -> None:
+    """Another tenant's sentence in the same padded group does not move a vector: the
+    activation scales are fixed at export, and padding is masked."""
+    runtime = load_runtime(variant="onnx-int8-static")
+    assert isinstance(runtime, OnnxRuntime) and runtime.group > 1
+    mine = SENTENCES[2]
+    # Neighbours of every length, so that ``mine`` is padded in some groups and sets the
+    # width in others; a long outlier would have set a dynamic scale for all of them.
+    others = [SENTENCES[0], "x " * 60, "ok", SENTENCES[5] * 3, "🙂" * 40, SENTENCES[1]]
+    alone = runtime.encode([mine], 128)[0]
+    for k in range(1, len(others) + 1):
+        with_others = runtime.encode([*others[:k], mine], 128)[-1]
+        torch.testing.assert_close(with_others, alone, atol=1e-5, rtol=0)
+        cosine = torch.nn.functional.cosine_similarity(with_others, alone, dim=0)
+        assert cosine >= 0.99999
 
 
 def test_the_export_is_reproducible_offline_and_checked_on_load(
@@ -70,6 +92,24 @@ def test_the_export_is_reproducible_offline_and_checked_on_load(
     runtime = OnnxRuntime(encoder, "onnx-int8", directory=tmp_path / "b", workers=1)
     expected = load_runtime(variant="onnx-int8").encode(SENTENCES[:3], 128)
     assert torch.equal(runtime.encode(SENTENCES[:3], 128), expected)
+
+
+def test_the_static_int8_export_and_its_calibration_are_reproducible_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calibrated on public tweets at export, offline: the same graph bytes twice."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = load_encoder()
+    first = export_graph(encoder, "onnx-int8-static", tmp_path / "a")
+    second = export_graph(encoder, "onnx-int8-static", tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
+    record = json.loads(first.with_suffix(".json").read_text())
+    assert record["variant"] == "onnx-int8-static"
+    assert record["recipe"]["calibration_sentences"] > 0
+    # The cached graph (tests above) is this recipe's: it gives the same vectors.
+    runtime = OnnxRuntime(encoder, "onnx-int8-static", directory=tmp_path / "a", workers=1)
+    expected = load_runtime(variant="onnx-int8-static").encode(SENTENCES, 128)
+    assert torch.equal(runtime.encode(SENTENCES, 128), expected)
 
 
 def test_the_runtime_variant_is_part_of_the_encoder_identity_in_the_spec() -> None:
