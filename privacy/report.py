@@ -8,6 +8,7 @@ cross-check, and PLD (Google's dp-accounting) an independent recomputation.
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -67,7 +68,28 @@ def _curve_points(events: Sequence[PrivacyEvent]) -> set[int]:
     return ends | set(range(0, n, step)) | {n - 1}
 
 
-def _unit_answer(units: Sequence[str]) -> str:
+def unit_label(privacy_unit: str, applied_json: str = "{}") -> str:
+    """What one epsilon protects, as people read it: "per user (k = 8)" or "per example"."""
+    if privacy_unit != "user":
+        return "per example"
+    try:
+        k = json.loads(applied_json or "{}").get("max_examples_per_user")
+    except (ValueError, AttributeError):
+        k = None
+    return f"per user (k = {k})" if isinstance(k, int) else "per user"
+
+
+def _units_of_runs(events: Sequence[PrivacyEvent]) -> dict[str, str]:
+    """Each run's unit label (both, joined, if its entries differ)."""
+    labels: dict[str, list[str]] = {}
+    for ev in events:
+        label = unit_label(ev.privacy_unit, ev.applied_json)
+        if label not in labels.setdefault(ev.run_id, []):
+            labels[ev.run_id].append(label)
+    return {run: ", ".join(names) for run, names in labels.items()}
+
+
+def _unit_answer(units: Sequence[str], run_units: dict[str, str] | None = None) -> str:
     example = (
         "One training example (one text with its label) of one tenant's dataset "
         f"(privacy unit '{PRIVACY_UNIT}'). A person who contributed k examples is "
@@ -82,23 +104,34 @@ def _unit_answer(units: Sequence[str]) -> str:
         "sensitivity k. The guarantee holds for a person only if the user column names "
         "people (docs/AUDIT.md)."
     )
+    # Which run protected what (k included): the JSON and the HTML both carry this answer.
+    per_run = ""
+    if run_units and "user" in units:
+        per_run = (
+            " Runs and their unit: "
+            + "; ".join(f"{run}: {label}" for run, label in run_units.items())
+            + "."
+        )
     if set(units) == {"user"}:
-        return user
+        return user + per_run
     if "user" in units:
         return (
             "Entries name their unit (column 'unit'): on 'example' entries, " + example
             + " On 'user' entries, " + user + " The composed total mixes both units: it is a "
-            "per-user figure only where every entry is a 'user' entry."
+            "per-user figure only where every entry is a 'user' entry." + per_run
         )  # fmt: skip
     return example
 
 
-def methodology(delta: float, units: Sequence[str] = ()) -> list[MethodologyItem]:
+def methodology(
+    delta: float, units: Sequence[str] = (), run_units: dict[str, str] | None = None
+) -> list[MethodologyItem]:
     """Answers to the questions of NIST SP 800-226 for how fedtext trains and accounts.
 
-    ``units``: the privacy units of the tenant's entries (none: example)."""
+    ``units``: the privacy units of the tenant's entries (none: example); ``run_units``:
+    each run's unit label with its k (``unit_label``)."""
     qa = [
-        ("What is the unit of privacy?", _unit_answer(units)),
+        ("What is the unit of privacy?", _unit_answer(units, run_units)),
         (
             "What is the neighbouring relation?",
             "Add-or-remove one example (unbounded DP), the relation under which Opacus "
@@ -358,7 +391,9 @@ def build_report(
             abs_diff=agreement.abs_diff,
             agrees=agreement.agrees,
         ),
-        methodology=methodology(delta, sorted({e.privacy_unit for e in events})),
+        methodology=methodology(
+            delta, sorted({e.privacy_unit for e in events}), _units_of_runs(events)
+        ),
     )
 
 
@@ -481,6 +516,18 @@ def _verdict(ok: bool, good: str = "OK", bad: str = "FAILED") -> str:
     return f'<span class="ok">{good}</span>' if ok else f'<span class="bad">{bad}</span>'
 
 
+def _report_unit(r: AuditReport) -> str:
+    """The summary's unit line; k per run is in the methodology's unit answer."""
+    units = {w.privacy_unit for w in r.rounds}
+    if not units:
+        return "per example (nothing charged yet)"
+    if units == {"user"}:
+        return "per user (k per run: see Methodology)"
+    if "user" in units:
+        return "mixed: per user on 'user' entries, per example on the others"
+    return "per example"
+
+
 def render_html(report: AuditReport) -> str:
     """A self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
     r = report
@@ -498,6 +545,7 @@ def render_html(report: AuditReport) -> str:
             [f"spent epsilon ({r.independent.library}, PLD)", _f(r.independent.epsilon, 4)],
             ["remaining epsilon", _f(r.remaining_epsilon, 4)],
             ["ledger entries", r.events],
+            ["privacy unit (what one epsilon protects)", _report_unit(r)],
         ],
     )
     datasets = _table(
@@ -514,12 +562,25 @@ def render_html(report: AuditReport) -> str:
             for d in r.datasets
         ],
     )
+    run_unit: dict[str, set[str]] = {}
+    for w in r.rounds:
+        run_unit.setdefault(w.run_id, set()).add(w.privacy_unit)
     runs = _table(
-        ["run", "datasets", "rounds", "first", "last", "run epsilon (PRV)", "run epsilon (RDP)"],
+        [
+            "run",
+            "datasets",
+            "unit",
+            "rounds",
+            "first",
+            "last",
+            "run epsilon (PRV)",
+            "run epsilon (RDP)",
+        ],
         [
             [
                 u.run_id,
                 ", ".join(u.datasets),
+                ", ".join(unit_label(x) for x in sorted(run_unit.get(u.run_id, ()))),
                 u.rounds,
                 u.first_at.isoformat(),
                 u.last_at.isoformat(),

@@ -127,6 +127,9 @@ export interface LedgerEntry {
   accountant: string;
   prev_hash: string;
   entry_hash: string;
+  // "example" or "user"; k of a user-level entry is in applied_json (max_examples_per_user).
+  privacy_unit?: string;
+  applied_json?: string;
 }
 
 export interface ReportRound {

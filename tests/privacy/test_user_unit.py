@@ -55,3 +55,29 @@ def test_an_unknown_privacy_unit_is_refused(platform: Platform) -> None:
             session, tenant_id="t1", run_id="r", round=1, params=PARAMS,
             spec_sha256="ab" * 32, privacy_unit="person",
         )  # fmt: skip
+
+
+def test_the_report_names_each_runs_unit_with_k_in_json_and_html(platform: Platform) -> None:
+    from privacy.report import render_html
+
+    tenant = make_tenant(platform, "acme", budget_epsilon=50.0).tenant
+    with session_scope(platform.engine) as session:
+        record_event(
+            session, tenant_id=tenant.id, run_id="run-users", round=1, params=PARAMS,
+            spec_sha256="ab" * 32, privacy_unit="user", applied=APPLIED,
+        )  # fmt: skip
+        record_event(
+            session, tenant_id=tenant.id, run_id="run-rows", round=1, params=PARAMS,
+            spec_sha256="ab" * 32,
+        )  # fmt: skip
+    with Session(platform.engine) as session:
+        report = build_report(
+            session, tenant_id=tenant.id, tenant_name="acme", budget_epsilon=50.0, delta=1e-5
+        )
+    unit = next(m for m in report.methodology if "unit of privacy" in m.question)
+    assert "run-users: per user (k = 8)" in unit.answer
+    assert "run-rows: per example" in unit.answer
+    assert "run-users: per user (k = 8)" in report.model_dump_json()
+    page = render_html(report)
+    assert "mixed: per user" in page
+    assert "run-users: per user (k = 8)" in page

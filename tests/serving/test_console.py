@@ -141,6 +141,12 @@ def _seed_run_and_ledger(platform: Platform, tenant: TenantFixture) -> str:
                 round=(rnd - 1) % 3 + 1,
                 params=DPParams(1.1, 0.05, 20, 1.0, 1e-5),
                 spec_sha256="0" * 64,
+                # The seeded run is user-level (k = 8), the earlier one per example.
+                **(
+                    {"privacy_unit": "user", "applied": {"max_examples_per_user": 8}}
+                    if rnd <= 3
+                    else {}
+                ),
             )
     return run_id
 
@@ -284,6 +290,8 @@ def test_sign_in_deploy_roll_back_and_try_a_model(site: Site, desktop: Watched) 
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Run {site.acme_run_id[:8]}")
     expect(page.get_by_role("img", name=re.compile("accuracy and macro-F1"))).to_be_visible()
     expect(page.locator("tbody tr")).to_have_count(6)  # 3 rounds x train/evaluate
+    # What one epsilon of this run protects, from its ledger entries.
+    expect(page.locator(".facts")).to_contain_text("Privacy unitper user (k = 8)")
     shot(page, "desktop-run")
 
     go(page, "Models")
@@ -331,6 +339,8 @@ def test_privacy_shows_budget_chain_ledger_and_downloads_the_report(
     expect(page.get_by_role("img", name=re.compile("Cumulative epsilon"))).to_be_visible()
     ledger = page.get_by_role("region", name="Ledger entries")
     expect(ledger.locator("tbody tr")).to_have_count(LEDGER_ROUNDS)
+    expect(ledger.locator("tbody tr", has_text="per user (k = 8)")).to_have_count(3)
+    expect(ledger.locator("tbody tr", has_text="per example")).to_have_count(LEDGER_ROUNDS - 3)
     shot(page, "desktop-privacy")
 
     with page.expect_download() as report:

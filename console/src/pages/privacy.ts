@@ -3,6 +3,7 @@ import { budgetGauge, chartBox, epsilonChart, type EpsilonPoint } from "../chart
 import { badge, fmtNum, fmtTime, h, parseTime, saveBlob, table } from "../dom";
 import type { Page } from "../main";
 import { Notice, busy, card, emptyState, loading, pageHeader, shortId } from "../ui";
+import { unitLabel } from "../unit";
 
 /** The headline (next to the gauge) and the facts (below it). */
 function budgetFacts(budget: Budget): { headline: HTMLElement; facts: HTMLElement } {
@@ -122,11 +123,12 @@ function ledgerTable(entries: LedgerEntry[]): HTMLElement {
   const purpose = entries.some((e) => typeof e.purpose === "string");
   return table(
     "Ledger entries",
-    ["#", "Dataset", ...(purpose ? ["Purpose"] : []), "Run", "Round", "Charged", "Noise (σ)", "Sample rate", "Steps", "Clip", "Entry hash"],
+    ["#", "Dataset", ...(purpose ? ["Purpose"] : []), "Unit", "Run", "Round", "Charged", "Noise (σ)", "Sample rate", "Steps", "Clip", "Entry hash"],
     [...entries].reverse().map((e) => [
       String(e.seq),
       e.dataset,
       ...(purpose ? [e.purpose ?? "—"] : []),
+      unitLabel(e),
       h("a", { href: `#/runs/${encodeURIComponent(e.run_id)}`, class: "mono" }, shortId(e.run_id)),
       String(e.round),
       fmtTime(e.created_at),

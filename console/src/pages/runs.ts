@@ -4,6 +4,7 @@ import { badge, fmtNum, fmtTime, h, table } from "../dom";
 import type { Page } from "../main";
 import { releasedFigures, withUncertainty } from "../released";
 import { Notice, busy, card, emptyState, field, loading, pageHeader, shortId } from "../ui";
+import { runUnit } from "../unit";
 
 const ACTIVE = new Set(["created", "running"]);
 const LIST_REFRESH_MS = 3000;
@@ -266,13 +267,15 @@ function series(metrics: RoundMetric[], rounds: number): RoundSeries {
   };
 }
 
-function facts(run: Run): HTMLElement {
+function facts(run: Run, unit: string | null): HTMLElement {
   const row = (term: string, value: Node | string) => [h("dt", null, term), h("dd", null, value)];
   return h(
     "dl",
     { class: "facts" },
     row("Status", statusBadge(run.status)),
     row("Participants", run.participants.join(", ")),
+    // What one epsilon protects, as charged on your ledger (known from the first charge).
+    row("Privacy unit", unit ?? "— (nothing charged to your tenant yet)"),
     row("Rounds done", progress(run)),
     row("Started", fmtTime(run.created_at)),
     row("Finished", fmtTime(run.finished_at)),
@@ -306,6 +309,8 @@ export const runPage: Page = (main, _ctx, [id]) => {
   let timer: number | undefined;
   let stopped = false;
   let confirming = false;
+  let unit: string | null = null;
+  let askingUnit = false;
 
   function renderActions(run: Run): void {
     if (!ACTIVE.has(run.status) && run.status !== "interrupted") {
@@ -336,7 +341,20 @@ export const runPage: Page = (main, _ctx, [id]) => {
   }
 
   function show(run: Run): void {
-    factsSlot.replaceChildren(facts(run));
+    factsSlot.replaceChildren(facts(run, unit));
+    if (unit === null && !askingUnit) {
+      askingUnit = true;
+      void api
+        .ledger()
+        .then(
+          (entries) => {
+            unit = runUnit(entries, run.id);
+            if (!stopped && unit !== null) factsSlot.replaceChildren(facts(run, unit));
+          },
+          () => undefined, // the unit stays unknown; the run's own figures still show
+        )
+        .finally(() => (askingUnit = false));
+    }
     errorSlot.replaceChildren(run.error ? h("p", { class: "notice notice-warn" }, run.error) : "");
     renderActions(run);
     const evaluated = run.metrics.filter((m) => m.phase === "evaluate" && m.accuracy !== null).length;
