@@ -13,7 +13,11 @@ even then the tenant's own policy decides what the run may do to it:
   tenant before round 1, naming the setting and nothing else of the tenant's.
 - **dataset**: the dataset a simulated run charges (a federation node declares its own).
 
-A tenant that never set a policy has ``DEFAULT_POLICY``.
+A tenant that never set a policy has ``DEFAULT_POLICY``. A policy row whose signature does
+not verify (written around the platform, or before revision 0010 and not yet signed with
+``fedtext audit sign-existing``) is not applied: the tenant gets ``UNSIGNED_POLICY``, the
+strictest there is (it takes part in no run and no version deploys for it), and every
+refusal and ``GET /v1/policy`` say why.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from datetime import datetime
 from sqlmodel import Field, Session, SQLModel
 
 from tenancy.errors import InvalidInput
+from tenancy.signing import mark_repaired, policy_row_trusted
 from tenancy.tables import Tenant, utcnow
 
 # From the loosest to the strictest: each policy deploys a subset of what the one before
@@ -32,6 +37,8 @@ from tenancy.tables import Tenant, utcnow
 # first; never: none).
 DEPLOY_ORDER = ("always", "if-better", "first", "never")
 DEFAULT_DATASET = "default"
+# What a run below an unsigned policy's floor is told (the one "setting" it fails).
+UNSIGNED_SETTING = "a signed policy (the stored one does not verify: `fedtext audit verify`)"
 
 
 class TenantPolicy(SQLModel, table=True):
@@ -46,6 +53,9 @@ class TenantPolicy(SQLModel, table=True):
     dataset: str = Field(default=DEFAULT_DATASET, max_length=63)
     updated_at: datetime = Field(default_factory=utcnow)
     updated_by: str = Field(default="", max_length=100)
+    # Ed25519 by the platform's signing key (tenancy/signing.py): a policy written around
+    # the platform is not applied (``get_policy``).
+    signature: str | None = Field(default=None, max_length=160)
 
     def family_list(self) -> list[str]:
         return [f for f in self.families.split(",") if f]
@@ -60,6 +70,8 @@ class Policy:
     max_epsilon: float | None = None
     families: tuple[str, ...] = ()
     dataset: str = DEFAULT_DATASET
+    # False: the stored row's signature did not verify; this is ``UNSIGNED_POLICY``.
+    signed: bool = True
 
     @classmethod
     def of(cls, row: TenantPolicy | None) -> Policy:
@@ -75,11 +87,18 @@ class Policy:
 
 
 DEFAULT_POLICY = Policy()
+# Applied in place of a policy row that does not verify: deploys nothing, and every run
+# that would include the tenant is refused (``below_floor``).
+UNSIGNED_POLICY = Policy(deploy="never", require_secure_mode=True, signed=False)
 
 
 def get_policy(*, session: Session, tenant_id: str) -> Policy:
-    """The tenant's policy (``DEFAULT_POLICY`` when its admin never set one)."""
-    return Policy.of(session.get(TenantPolicy, tenant_id))
+    """The tenant's policy (``DEFAULT_POLICY`` when its admin never set one;
+    ``UNSIGNED_POLICY`` when the stored row's signature does not verify, logged)."""
+    row = session.get(TenantPolicy, tenant_id)
+    if row is not None and not policy_row_trusted(session.get_bind().engine, row):
+        return UNSIGNED_POLICY
+    return Policy.of(row)
 
 
 def set_policy(
@@ -99,7 +118,16 @@ def set_policy(
     The caller validates family and dataset names against the platform's (tenancy does
     not know the model families); InvalidInput for a value no policy can hold.
     """
-    row = session.get(TenantPolicy, tenant_id) or TenantPolicy(tenant_id=tenant_id)
+    row = session.get(TenantPolicy, tenant_id)
+    if row is None:
+        row = TenantPolicy(tenant_id=tenant_id)
+    elif not policy_row_trusted(session.get_bind().engine, row):
+        # What was written around the platform is not kept under a new signature: the
+        # admin's change applies to the defaults.
+        fresh = TenantPolicy(tenant_id=tenant_id)
+        for field in ("deploy", "require_secure_mode", "max_epsilon", "families", "dataset"):
+            setattr(row, field, getattr(fresh, field))
+        mark_repaired(row)
     if deploy is not None:
         if deploy not in DEPLOY_ORDER:
             known = ", ".join(DEPLOY_ORDER)
@@ -133,7 +161,10 @@ def stricter_deploy(*policies: str) -> str:
 
 
 def below_floor(policy: Policy, *, secure_mode: bool, epsilon: float, family: str) -> list[str]:
-    """The run settings below the tenant's floor, by their run-config names (empty: none)."""
+    """The run settings below the tenant's floor, by their run-config names (empty: none).
+    Under an unsigned policy every run is below it (``UNSIGNED_SETTING``)."""
+    if not policy.signed:
+        return [UNSIGNED_SETTING]
     out = []
     if policy.require_secure_mode and not secure_mode:
         out.append("secure_mode")

@@ -1,4 +1,12 @@
-"""Write and read encrypted model versions (envelope-encrypted safetensors bytes)."""
+"""Write and read encrypted model versions (envelope-encrypted safetensors bytes).
+
+Each version row is signed by the platform's signing key (``tenancy.signing``: on insert
+and on every change, its deployment state included). A row whose signature does not
+verify is not acted on: ``deployed_version`` never returns it (and raises
+``UntrustedDeployment`` when the only deployed rows are such), ``read_model_weights``
+refuses it. So a database writer without the signing key cannot deploy a version the
+tenant's policy refused, nor point a version at another blob.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from tenancy.blobs import BlobStore
 from tenancy.errors import IntegrityError, NotFound
 from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
+from tenancy.signing import version_row_trusted
 from tenancy.tables import ModelVersion, Tenant
 from tenancy.tenants import check_name
 
@@ -79,24 +88,75 @@ def get_version(*, session: Session, tenant_id: str, name: str, version: int) ->
     return row
 
 
-def deployed_version(*, session: Session, tenant_id: str, name: str) -> ModelVersion | None:
-    return session.exec(
-        select(ModelVersion).where(
-            ModelVersion.tenant_id == tenant_id,
-            ModelVersion.name == name,
-            col(ModelVersion.deployed).is_(True),
+class UntrustedDeployment(IntegrityError):
+    """A model's only deployed rows do not carry a valid signature: it is not served."""
+
+
+def _deployed_rows(session: Session, tenant_id: str, name: str) -> list[ModelVersion]:
+    return list(
+        session.exec(
+            select(ModelVersion).where(
+                ModelVersion.tenant_id == tenant_id,
+                ModelVersion.name == name,
+                col(ModelVersion.deployed).is_(True),
+            )
         )
-    ).first()
+    )
+
+
+def deployed_version(*, session: Session, tenant_id: str, name: str) -> ModelVersion | None:
+    """The version of ``name`` deployed through the platform, or None when none is.
+
+    A row marked deployed whose signature does not verify (written around the platform)
+    is ignored; when it is the only one, ``UntrustedDeployment`` says so: the model is not
+    served rather than served as a writer of the database chose. One signature check per
+    call: the predict path calls this when it fills its memo, not per request.
+    """
+    rows = _deployed_rows(session, tenant_id, name)
+    if not rows:
+        return None
+    engine = session.get_bind().engine
+    for row in rows:
+        if version_row_trusted(engine, row):
+            return row
+    listed = ", ".join(f"v{r.version}" for r in rows)
+    raise UntrustedDeployment(
+        f"The deployment of model {name!r} ({listed}) is not signed by the platform: it is "
+        "not served. The operator checks it with `fedtext audit verify`; deploying or "
+        "rolling back a version through the platform replaces it."
+    )
+
+
+def _as_deployed(row: ModelVersion) -> ModelVersion:
+    """A detached copy of ``row`` marked deployed (what deploying it would store)."""
+    values = {c.key: getattr(row, c.key) for c in ModelVersion.__table__.columns}  # type: ignore[attr-defined]
+    return ModelVersion(**{**values, "deployed": True})
 
 
 def deploy_version(*, session: Session, tenant_id: str, name: str, version: int) -> ModelVersion:
-    """Make ``version`` the one that answers predictions (exactly one deployed per name)."""
+    """Make ``version`` the one that answers predictions (exactly one deployed per name).
+
+    Every other row marked deployed is cleared, a forged one included, so deploying or
+    rolling back through the platform repairs a deployment written around it.
+    """
     target = get_version(session=session, tenant_id=tenant_id, name=name, version=version)
-    current = deployed_version(session=session, tenant_id=tenant_id, name=name)
-    if current is not None and current.id != target.id:
-        current.deployed = False
-        session.add(current)
-        session.flush()  # the old row first, so the new one never coexists with it
+    engine = session.get_bind().engine
+    # A version undeployed around the platform verifies once deployed again (as signed).
+    if not version_row_trusted(engine, target) and not version_row_trusted(
+        engine, _as_deployed(target)
+    ):
+        raise UntrustedDeployment(
+            f"Model {name!r} v{version} is not signed by the platform (changed around it, or "
+            "not yet signed with `fedtext audit sign-existing`): it is not deployed."
+        )
+    cleared = False
+    for current in _deployed_rows(session, tenant_id, name):
+        if current.id != target.id:
+            current.deployed = False
+            session.add(current)
+            cleared = True
+    if cleared:
+        session.flush()  # the old rows first, so the new one never coexists with them
     target.deployed = True
     session.add(target)
     session.flush()
@@ -109,6 +169,11 @@ def set_quantize(
 ) -> ModelVersion:
     """Choose how a version is served (the mode is checked by the serving layer)."""
     row = get_version(session=session, tenant_id=tenant_id, name=name, version=version)
+    if not version_row_trusted(session.get_bind().engine, row):
+        raise UntrustedDeployment(
+            f"Model {name!r} v{version} is not signed by the platform: its serving options "
+            "are not changed."
+        )
     row.quantize = quantize
     session.add(row)
     session.flush()
@@ -119,15 +184,24 @@ def set_quantize(
 def read_model_weights(
     *, session: Session, keyring: Keyring, store: BlobStore, row: ModelVersion
 ) -> bytes:
-    """Fetch, integrity-check and decrypt a version's weights, in memory only."""
+    """Fetch, integrity-check and decrypt a version's weights, in memory only (IntegrityError
+    for a row whose signature does not verify: its blob key or hash may not be ours)."""
     blob = store.get(row.blob_key)
     if hashlib.sha256(blob).hexdigest() != row.sha256:
         raise IntegrityError(
             f"The stored blob of {row.name} v{row.version} does not match its recorded SHA-256."
         )
-    return crypto.decrypt(
+    weights = crypto.decrypt(
         keyring.data_key(session, row.tenant_id),
         blob,
         model_aad(row.tenant_id, row.name, row.version),
         what=f"model {row.name} v{row.version}",
     )
+    # After decryption, so that a missing key is reported as such; before anything is
+    # returned.
+    if not version_row_trusted(session.get_bind().engine, row):
+        raise IntegrityError(
+            f"The record of {row.name} v{row.version} is not signed by the platform (changed "
+            "around it, or not yet signed with `fedtext audit sign-existing`)."
+        )
+    return weights

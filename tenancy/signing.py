@@ -1,5 +1,6 @@
-"""Signed authorship: ledger entries, budget changes, API key rows and node key enrollments
-are signed (Ed25519).
+"""Signed authorship: ledger entries, budget changes, API key rows, node key enrollments,
+consents between tenants, tenant policies and model versions (their deployment state
+included) are signed (Ed25519).
 
 The hash chains prove order; they do not prove who wrote an entry: someone who can write
 the database can append a correctly hashed budget raise, rewrite and re-hash recent
@@ -61,9 +62,15 @@ HISTORY_FORMAT = "fedtext-signing-keys/1"
 LEDGER_TABLES = ("privacy_event", "privacy_budget_change")
 KEY_TABLE = "api_key"
 NODE_TABLE = "node_key"  # a federation node key enrolled for a tenant (tenancy.nodes)
-SIGNED_TABLES = (*LEDGER_TABLES, KEY_TABLE, NODE_TABLE)
-# Rows that change after they are written (revoked, enrolled again): signed again on update.
-MUTABLE_TABLES = (KEY_TABLE, NODE_TABLE)
+PARTNER_TABLE = "federation_partner"  # consent: a tenant lets a partner include it in runs
+POLICY_TABLE = "tenant_policy"  # a tenant's deploy policy and floor (tenancy.governance)
+VERSION_TABLE = "model_version"  # a model version, whether it is the deployed one included
+GOVERNANCE_TABLES = (PARTNER_TABLE, POLICY_TABLE, VERSION_TABLE)
+SIGNED_TABLES = (*LEDGER_TABLES, KEY_TABLE, NODE_TABLE, *GOVERNANCE_TABLES)
+# Rows that change after they are written (revoked, enrolled again, policy changed, deployed
+# or rolled back, re-encrypted): signed again on update. Consent rows are only inserted and
+# deleted.
+MUTABLE_TABLES = (KEY_TABLE, NODE_TABLE, POLICY_TABLE, VERSION_TABLE)
 # What a signature check finds.
 Status = Literal["ok", "unsigned", "unknown-key", "bad"]
 
@@ -145,20 +152,80 @@ def node_row_digest(row: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _text_digest(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
+def partner_row_digest(row: Any) -> str:
+    """Consent: which tenant lets which partner include it, since when."""
+    return _digest(
+        {"tenant_id": row.tenant_id, "partner_id": row.partner_id, "at": _time(row.created_at)}
+    )
+
+
+def policy_row_digest(row: Any) -> str:
+    """Every field of a tenant's policy (what its runs may do to it) and who set it when."""
+    return _digest(
+        {
+            "tenant_id": row.tenant_id,
+            "deploy": row.deploy,
+            "require_secure_mode": bool(row.require_secure_mode),
+            "max_epsilon": None if row.max_epsilon is None else float(row.max_epsilon),
+            "families": row.families,
+            "dataset": row.dataset,
+            "updated_at": _time(row.updated_at),
+            "updated_by": row.updated_by,
+        }
+    )
+
+
+def version_row_digest(row: Any) -> str:
+    """A model version: whose, which, its blob (key and SHA-256), how it is served and
+    whether it is the deployed one."""
+    return _digest(
+        {
+            "id": row.id,
+            "tenant_id": row.tenant_id,
+            "name": row.name,
+            "version": row.version,
+            "spec": _text_digest(row.spec_json),
+            "sha256": row.sha256,
+            "blob_key": row.blob_key,
+            "size_bytes": row.size_bytes,
+            "run_id": row.run_id,
+            "metrics": _text_digest(row.metrics_json),
+            "deployed": bool(row.deployed),
+            "quantize": row.quantize,
+            "created_at": _time(row.created_at),
+        }
+    )
+
+
+_DIGESTS = {
+    KEY_TABLE: key_row_digest,
+    NODE_TABLE: node_row_digest,
+    PARTNER_TABLE: partner_row_digest,
+    POLICY_TABLE: policy_row_digest,
+    VERSION_TABLE: version_row_digest,
+}
+
+
 def row_message(table: str, row: Any) -> bytes:
     """The bytes signed for a row of one of ``SIGNED_TABLES``.
 
     A ledger row: its tenant, sequence number and entry hash (the hash covers every hashed
     field and the previous entry's hash, so the signature binds content and position, and
-    through ``prev_hash`` the whole chain before it). An API key row: ``key_row_digest``;
-    a node key enrollment: ``node_row_digest``.
+    through ``prev_hash`` the whole chain before it). Any other row: its table's digest
+    (``_DIGESTS``) over every field that decides what it allows.
     """
     if table in LEDGER_TABLES:
         body = f"{row.tenant_id}\n{row.seq}\n{row.entry_hash}"
-    elif table == KEY_TABLE:
-        body = key_row_digest(row)
-    elif table == NODE_TABLE:
-        body = node_row_digest(row)
+    elif table in _DIGESTS:
+        body = _DIGESTS[table](row)
     else:
         raise ValueError(f"Rows of {table!r} are not signed.")
     return b"\n".join((ROW_FORMAT, table.encode(), body.encode()))
@@ -368,16 +435,62 @@ def _sign_new_row(_mapper: Any, connection: Any, target: Any) -> None:
 
 
 @event.listens_for(Mapper, "before_update")
-def _sign_changed_key(_mapper: Any, connection: Any, target: Any) -> None:
+def _sign_changed_row(_mapper: Any, connection: Any, target: Any) -> None:
     # Ledger rows never change (privacy refuses it); a key row changes when revoked, a
-    # node enrollment when revoked or enrolled again.
+    # node enrollment when revoked or enrolled again, a policy when its admin sets it, a
+    # model version when deployed, rolled back, re-encrypted or its serving mode changes.
     table = getattr(type(target), "__tablename__", None)
-    if table in MUTABLE_TABLES:
-        _sign_row(str(table), connection, target)
+    if table not in MUTABLE_TABLES:
+        return
+    keys = keys_for(connection.engine)
+    if keys is None:
+        return
+    # Never sign over a row that did not verify before this change: what a writer of the
+    # database put there would be laundered by any later change (a rotation re-encrypting
+    # it, a revocation). A write function that resets such a row on purpose says so.
+    if not target.__dict__.pop(REPAIRED, False):
+        before = _before_change(target)
+        if keys.check_row(str(table), before) != "ok":
+            log.warning(
+                "a %s row that does not verify was changed; left unsigned (signature %s)",
+                table,
+                "absent" if not before.signature else "invalid",
+                extra={"fields": {"table": table, "tenant": target.tenant_id}},
+            )
+            return
+    _sign_row(str(table), connection, target)
 
 
-def row_trusted(engine: Engine | None, table: str, row: Any, what: str) -> bool:
-    """Whether a key row (``table`` in ``MUTABLE_TABLES``) may be believed: its signature
+REPAIRED = "_fedtext_signing_repaired"
+
+
+def mark_repaired(row: Any) -> None:
+    """Let the next update of ``row`` be signed although its stored version did not verify:
+    for a write function that has replaced everything a writer could have forged."""
+    row.__dict__[REPAIRED] = True
+
+
+def _before_change(target: Any) -> Any:
+    """The row as stored before the pending change (column values from attribute history)."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import inspect
+
+    state = inspect(target)
+    values = {}
+    for attr in state.mapper.column_attrs:
+        history = state.attrs[attr.key].history
+        if history.deleted:
+            values[attr.key] = history.deleted[0]
+        else:
+            values[attr.key] = getattr(target, attr.key)
+    return SimpleNamespace(**values)
+
+
+def row_trusted(
+    engine: Engine | None, table: str, row: Any, what: str, *, strict_keys: bool = False
+) -> bool:
+    """Whether a signed row (not a ledger row) may be believed: its signature
     verifies under the platform's history (True where no platform's keys are attached:
     nothing to check against). A refusal is logged, naming ``what`` the row is."""
     keys = keys_for(engine)
@@ -386,6 +499,8 @@ def row_trusted(engine: Engine | None, table: str, row: Any, what: str) -> bool:
     try:
         status = keys.check_row(table, row)
     except KeyProviderError:
+        if strict_keys:  # the caller says what the missing key means (not a forged row)
+            raise
         log.exception("cannot read the platform's signing keys to check %s", what)
         return False
     if status != "ok":
@@ -408,3 +523,21 @@ def key_row_trusted(engine: Engine | None, row: Any) -> bool:
 def node_row_trusted(engine: Engine | None, row: Any) -> bool:
     """Whether a node key enrollment binds its key to its tenant (``row_trusted``)."""
     return row_trusted(engine, NODE_TABLE, row, f"node key enrollment {row.fingerprint[:16]}")
+
+
+def partner_row_trusted(engine: Engine | None, row: Any) -> bool:
+    """Whether a consent row is consent (``row_trusted``)."""
+    what = f"consent of {row.tenant_id} to {row.partner_id}"
+    return row_trusted(engine, PARTNER_TABLE, row, what)
+
+
+def policy_row_trusted(engine: Engine | None, row: Any) -> bool:
+    """Whether a tenant's policy row may be applied (``row_trusted``)."""
+    return row_trusted(engine, POLICY_TABLE, row, f"policy of tenant {row.tenant_id}")
+
+
+def version_row_trusted(engine: Engine | None, row: Any) -> bool:
+    """Whether a model version row (its deployment state included) may be believed
+    (KeyProviderError when the signing keys cannot be read: then nothing is served)."""
+    what = f"model {row.name} v{row.version}"
+    return row_trusted(engine, VERSION_TABLE, row, what, strict_keys=True)

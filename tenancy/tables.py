@@ -71,6 +71,9 @@ class ModelVersion(SQLModel, table=True):
     # Serving-time optimization chosen by the tenant admin (None: float32 as trained).
     quantize: str | None = Field(default=None, max_length=32)
     created_at: datetime = Field(default_factory=utcnow)
+    # Ed25519 by the platform's signing key over the fields above, ``deployed`` included
+    # (tenancy/signing.py): a version deployed around the platform is not served.
+    signature: str | None = Field(default=None, max_length=160)
 
 
 class TrainingRun(SQLModel, table=True):
@@ -127,6 +130,23 @@ class FederationPartner(SQLModel, table=True):
     tenant_id: str = Field(foreign_key="tenant.id", primary_key=True)
     partner_id: str = Field(foreign_key="tenant.id", primary_key=True)
     created_at: datetime = Field(default_factory=utcnow)
+    # Ed25519 by the platform's signing key (tenancy/signing.py): a consent row written
+    # around the platform is not consent.
+    signature: str | None = Field(default=None, max_length=160)
+
+
+class UnmatchedPartner(SQLModel, table=True):
+    """A name a tenant's admin listed as a partner that was no live tenant's name then.
+
+    Kept and listed back like any partner, so that the consent route does not tell tenant
+    names from unknown ones; it grants nothing, to anyone (not to a tenant created later
+    under that name either: consent is given to a tenant, not to a name).
+    """
+
+    __tablename__ = "federation_partner_unmatched"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True)
+    name: str = Field(primary_key=True, max_length=63)
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class Blob(SQLModel, table=True):
@@ -168,6 +188,7 @@ TABLES = [
     TrainingRun,
     RoundMetric,
     FederationPartner,
+    UnmatchedPartner,
     Blob,
     TenancyChange,
 ]

@@ -15,8 +15,8 @@ from sqlmodel import Session, col, delete, func, or_, select
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.events import Change, ChangeKind, record
 from tenancy.keyring import Keyring
-from tenancy.signing import key_row_trusted
-from tenancy.tables import ApiKey, FederationPartner, Tenant, utcnow
+from tenancy.signing import key_row_trusted, partner_row_trusted
+from tenancy.tables import ApiKey, FederationPartner, Tenant, UnmatchedPartner, utcnow
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 KEY_PREFIX = "ftk"
@@ -216,15 +216,23 @@ def has_scope(key: ApiKey, needed: Scope) -> bool:
 
 
 def partner_names(*, session: Session, tenant_id: str) -> list[str]:
-    """Tenants that ``tenant_id`` lets start runs including it, by name (live ones only)."""
-    return list(
-        session.exec(
-            select(Tenant.name)
-            .join(FederationPartner, col(FederationPartner.partner_id) == col(Tenant.id))
+    """The names ``tenant_id``'s admin listed as partners, sorted: live tenants whose consent
+    row verifies, and names that were no tenant's when listed (``UnmatchedPartner``: they
+    grant nothing but are answered alike, so this tells no tenant name from an unknown one)."""
+    engine = session.get_bind().engine
+    names = {
+        tenant.name
+        for consent, tenant in session.exec(
+            select(FederationPartner, Tenant)
+            .join(Tenant, col(FederationPartner.partner_id) == col(Tenant.id))
             .where(FederationPartner.tenant_id == tenant_id, col(Tenant.deleted_at).is_(None))
-            .order_by(Tenant.name)
         )
+        if partner_row_trusted(engine, consent)
+    }
+    names.update(
+        session.exec(select(UnmatchedPartner.name).where(UnmatchedPartner.tenant_id == tenant_id))
     )
+    return sorted(names)
 
 
 def live_tenants(*, session: Session, names: Iterable[str]) -> tuple[dict[str, Tenant], list[str]]:
@@ -240,32 +248,44 @@ def live_tenants(*, session: Session, names: Iterable[str]) -> tuple[dict[str, T
 
 
 def set_partners(*, session: Session, tenant: Tenant, names: Iterable[str]) -> list[str]:
-    """Replace the tenants that may start runs including ``tenant``; their names, sorted."""
-    wanted = sorted(set(names))
+    """Replace the tenants that may start runs including ``tenant``; the names, sorted.
+
+    A valid name that is no live tenant's is kept as given and answered like the others
+    (``partner_names``), so the answer never tells tenant names from unknown ones; it
+    grants nothing. InvalidInput only for what no tenant name can be (and for ``tenant``'s
+    own name, which it knows).
+    """
+    wanted = sorted({check_name(n) for n in names})
     if tenant.name in wanted:
         raise InvalidInput("A tenant is always part of its own runs; do not list it.")
     found, missing = live_tenants(session=session, names=wanted)
-    if missing:
-        raise InvalidInput(f"Unknown tenant(s): {', '.join(missing)}.")
     session.exec(delete(FederationPartner).where(col(FederationPartner.tenant_id) == tenant.id))  # type: ignore[call-overload]
-    for name in wanted:
-        session.add(FederationPartner(tenant_id=tenant.id, partner_id=found[name].id))
+    session.exec(delete(UnmatchedPartner).where(col(UnmatchedPartner.tenant_id) == tenant.id))  # type: ignore[call-overload]
+    for partner in found.values():
+        session.add(FederationPartner(tenant_id=tenant.id, partner_id=partner.id))
+    for name in missing:
+        session.add(UnmatchedPartner(tenant_id=tenant.id, name=name))
     session.flush()
     return wanted
 
 
 def without_consent(*, session: Session, owner_id: str, participants: list[Tenant]) -> list[str]:
-    """Names of ``participants`` that have not let ``owner_id`` include them in its runs."""
-    agreed = set(
-        session.exec(
-            select(FederationPartner.tenant_id).where(FederationPartner.partner_id == owner_id)
+    """Names of ``participants`` that have not let ``owner_id`` include them in its runs
+    (a consent row whose signature does not verify is no consent, logged)."""
+    engine = session.get_bind().engine
+    agreed = {
+        row.tenant_id
+        for row in session.exec(
+            select(FederationPartner).where(FederationPartner.partner_id == owner_id)
         )
-    )
+        if partner_row_trusted(engine, row)
+    }
     return sorted(t.name for t in participants if t.id != owner_id and t.id not in agreed)
 
 
 def forget_partners(*, session: Session, tenant_id: str) -> None:
     """Drop every consent given by or to ``tenant_id`` (its deletion)."""
+    session.exec(delete(UnmatchedPartner).where(col(UnmatchedPartner.tenant_id) == tenant_id))  # type: ignore[call-overload]
     session.exec(  # type: ignore[call-overload]
         delete(FederationPartner).where(
             or_(

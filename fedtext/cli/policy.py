@@ -18,6 +18,13 @@ def _show(name: str, policy: object) -> None:
     from tenancy.governance import Policy
 
     assert isinstance(policy, Policy)
+    if not policy.signed:
+        console.print(
+            f"[red]{name}: the stored policy is not signed by the platform[/red] (changed "
+            "around it; `fedtext audit verify` names it). It is not applied; the strictest "
+            "is, and every run including this tenant is refused until `fedtext policy set` "
+            "sets it again (from the defaults). Applied now:"
+        )
     console.print(
         f"{name}: deploy {policy.deploy}; secure mode "
         f"{'required' if policy.require_secure_mode else 'not required'}; largest epsilon "

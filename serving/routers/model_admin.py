@@ -8,7 +8,7 @@ from sqlmodel import col, select
 from serving.deps import AdminCaller, SessionDep, VersionPath
 from serving.routers.models import _version, _version_public, _versions
 from serving.schemas import ModelVersionPublic
-from tenancy.registry import deploy_version
+from tenancy.registry import UntrustedDeployment, deploy_version
 from tenancy.tables import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -42,6 +42,11 @@ def rollback(name: str, caller: AdminCaller, session: SessionDep) -> ModelVersio
             status.HTTP_409_CONFLICT,
             f"Version {current.version} of {name!r} is the oldest; nothing to roll back to.",
         )
-    row = deploy_version(session=session, tenant_id=caller.tenant.id, name=name, version=earlier)
+    try:
+        row = deploy_version(
+            session=session, tenant_id=caller.tenant.id, name=name, version=earlier
+        )
+    except UntrustedDeployment as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     session.commit()  # deploy_version announces it: the predict memo is cleared on commit
     return _version_public(row)

@@ -33,7 +33,13 @@ from serving.schemas import (
     ReleasedMetrics,
 )
 from tenancy.errors import NotFound
-from tenancy.registry import deploy_version, get_version, set_quantize
+from tenancy.registry import (
+    UntrustedDeployment,
+    deploy_version,
+    deployed_version,
+    get_version,
+    set_quantize,
+)
 from tenancy.tables import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -78,14 +84,13 @@ def list_models(caller: AdminCaller, session: SessionDep) -> list[ModelPublic]:
     ).all()
     out = []
     for name, count, _ in rows:
-        deployed = session.exec(
-            select(ModelVersion.version).where(
-                ModelVersion.tenant_id == caller.tenant.id,
-                ModelVersion.name == name,
-                col(ModelVersion.deployed).is_(True),
-            )
-        ).first()
-        out.append(ModelPublic(name=name, versions=count, deployed_version=deployed))
+        try:  # the version that serves: one deployed through the platform
+            row = deployed_version(session=session, tenant_id=caller.tenant.id, name=name)
+        except UntrustedDeployment:
+            row = None
+        out.append(
+            ModelPublic(name=name, versions=count, deployed_version=row.version if row else None)
+        )
     return out
 
 
@@ -105,6 +110,8 @@ def deploy(
         )
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except UntrustedDeployment as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     session.commit()  # the predict memo hears of it from tenancy (serving/predict.py)
     return _version_public(row)
 
@@ -129,13 +136,16 @@ def set_serving_options(
 ) -> ServingOptionsPublic:
     """Choose how a version is served (e.g. dynamic int8); the next request reloads it."""
     _version(session, caller.tenant.id, name, version)
-    row = set_quantize(
-        session=session,
-        tenant_id=caller.tenant.id,
-        name=name,
-        version=version,
-        quantize=body.quantize,
-    )
+    try:
+        row = set_quantize(
+            session=session,
+            tenant_id=caller.tenant.id,
+            name=name,
+            version=version,
+            quantize=body.quantize,
+        )
+    except UntrustedDeployment as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     session.commit()
     return ServingOptionsPublic(
         name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize

@@ -6,11 +6,16 @@ floor for run settings (secure mode required, largest epsilon per run, allowed m
 families: a run below it is refused for this tenant before round 1, naming the setting)
 and the dataset its budget is charged under on simulated runs (a federation node
 declares its own).
+
+A stored policy whose signature does not verify (written around the platform) is not
+applied: the strictest policy is, and ``GET`` answers it with a ``Warning`` header saying
+so; the admin's next ``PUT`` replaces it (starting from the defaults, not from what was
+forged).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 
 from models.family_defaults import families
 from privacy.ledger import check_dataset
@@ -48,10 +53,21 @@ def check_policy_names(*, family_names: list[str] | None, dataset: str | None) -
             raise InvalidInput(str(exc)) from None
 
 
+UNSIGNED_WARNING = (
+    '299 fedtext "The stored policy is not signed by the platform (changed around it): '
+    "it is not applied; these strictest settings are, and every run including this tenant "
+    'is refused until an admin sets the policy again (PUT /v1/policy)."'
+)
+
+
 @router.get("", response_model=PolicyPublic)
-def read_policy(caller: AdminCaller, session: SessionDep) -> PolicyPublic:
-    """The caller's tenant's policy (the defaults until its admin sets one)."""
-    return _public(get_policy(session=session, tenant_id=caller.tenant.id))
+def read_policy(caller: AdminCaller, session: SessionDep, response: Response) -> PolicyPublic:
+    """The policy that applies to the caller's tenant (the defaults until its admin sets
+    one; the strictest, with a ``Warning`` header, when the stored one does not verify)."""
+    policy = get_policy(session=session, tenant_id=caller.tenant.id)
+    if not policy.signed:
+        response.headers["Warning"] = UNSIGNED_WARNING
+    return _public(policy)
 
 
 @router.put("", response_model=PolicyPublic)

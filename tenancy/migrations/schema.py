@@ -24,6 +24,7 @@ TENANCY_TABLES = (
     "training_run",
     "round_metric",
     "federation_partner",
+    "federation_partner_unmatched",
     "blob",
     "tenancy_change",
     "tenant_policy",

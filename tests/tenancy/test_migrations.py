@@ -53,7 +53,7 @@ def test_db_upgrade_builds_every_table_and_matches_the_models(
     assert set(TABLES) | {"alembic_version"} == tables
     assert _diff(empty_url) == []
     with get_engine(empty_url).connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0010"
 
 
 def test_upgrade_is_idempotent_and_adopts_a_create_all_database(
