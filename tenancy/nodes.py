@@ -11,6 +11,12 @@ computed by the caller with ``privacy.node_proof.fingerprint``: tenancy parses n
 A fingerprint belongs to one tenant forever: a revoked key may be enrolled again by the
 same tenant, never by another.
 
+An enrollment is ``proven`` when the key's holder signed a request for it
+(``serving.node_enrollment``). A proven enrollment takes a key over from an unproven one
+held by another tenant: public keys are public, and without this anyone could enroll
+another tenant's key first (its own enrollment refused: a denial of service). An unproven
+enrollment (a bare public key, as before) still works; it yields to its key's holder.
+
 Each enrollment row is signed by the platform's signing key (``tenancy.signing``: on insert,
 and again when revoked or enrolled again), and ``tenant_of_key`` believes only a row whose
 signature verifies: someone who can write the database but holds no signing key cannot
@@ -19,15 +25,17 @@ enroll a key for another tenant, nor move an enrolled key to one.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 
 from sqlmodel import Field, Session, SQLModel, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
-from tenancy.signing import node_row_trusted
+from tenancy.signing import mark_repaired, node_row_trusted
 from tenancy.tables import Tenant, utcnow
 
+log = logging.getLogger(__name__)
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 # At most this many live keys per tenant (a node per site; rotation overlaps two).
 MAX_KEYS_PER_TENANT = 64
@@ -44,6 +52,8 @@ class NodeKey(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
     signature: str | None = Field(default=None, max_length=160)  # tenancy.signing
+    # The key's holder signed a request to enroll it for this tenant (migration 0010).
+    proven: bool = Field(default=False)
 
 
 def _check_fingerprint(fingerprint: str) -> str:
@@ -53,22 +63,54 @@ def _check_fingerprint(fingerprint: str) -> str:
 
 
 def enroll_node_key(
-    session: Session, *, tenant_id: str, fingerprint: str, public_key: str, enrolled_by: str
+    session: Session,
+    *,
+    tenant_id: str,
+    fingerprint: str,
+    public_key: str,
+    enrolled_by: str,
+    proven: bool = False,
 ) -> tuple[NodeKey, bool]:
     """Enroll a node key for ``tenant_id``; returns (row, created).
 
+    ``proven``: the caller checked a request signed by the key's holder for this tenant.
     Enrolling a key this tenant already holds is a no-op (a revoked one becomes live
-    again). A key enrolled for any other tenant is refused with ``Conflict``, without
-    saying which tenant holds it.
+    again; a proof is recorded). A key enrolled for any other tenant is refused with
+    ``Conflict``, without saying which tenant holds it, unless this enrollment is proven
+    and that one is not: the holder's proof wins (the other tenant's row moves, logged).
     """
     _check_fingerprint(fingerprint)
     row = session.get(NodeKey, fingerprint, with_for_update=True)
     if row is not None:
         if row.tenant_id != tenant_id:
-            raise Conflict("This node key cannot be enrolled: it is enrolled elsewhere.")
-        if row.revoked_at is None:
+            if not proven or row.proven:
+                raise Conflict(
+                    "This node key cannot be enrolled: it is enrolled elsewhere. If it is "
+                    "your node's, enroll a request signed by its key (`fedtext federation "
+                    "enrollment-request` at the node's site): the key's holder wins."
+                )
+            log.warning(
+                "node key %s taken over by the tenant its holder proved it for",
+                fingerprint[:16],
+                extra={"fields": {"from": row.tenant_id, "to": tenant_id}},
+            )
+            # Every field is replaced (the fingerprint is the proven key's): signed anew
+            # even if the row it replaces did not verify.
+            row.tenant_id = tenant_id
+            row.public_key = public_key
+            row.enrolled_by = enrolled_by
+            row.created_at = utcnow()
+            row.revoked_at = None
+            row.proven = True
+            mark_repaired(row)
+            session.add(row)
+            session.flush()
+            return row, True
+        changed = row.revoked_at is not None or (proven and not row.proven)
+        if not changed:
             return row, False
         row.revoked_at = None
+        row.proven = row.proven or proven
         session.add(row)
         session.flush()
         return row, True
@@ -85,6 +127,7 @@ def enroll_node_key(
         tenant_id=tenant_id,
         public_key=public_key,
         enrolled_by=enrolled_by,
+        proven=proven,
     )
     session.add(row)
     session.flush()

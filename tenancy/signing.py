@@ -149,6 +149,8 @@ def node_row_digest(row: Any) -> str:
         "created_at": _time(row.created_at),
         "revoked_at": _time(row.revoked_at),
     }
+    if getattr(row, "proven", False):  # absent before v0010: older signatures unchanged
+        data["proven"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

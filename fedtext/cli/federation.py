@@ -9,7 +9,9 @@ CA certificate and authentication key.
     coordinator   SuperLink (TLS, node auth) + the fedtext API, on the platform database
                   (fedtext.cli.coordinator)
     register      register tenant nodes' public keys with the SuperLink
-    enroll        enroll a node public key FOR a tenant (the node's tenant comes from it)
+    enrollment-request  at a node's site: a request signed by its key to enroll it for a
+                  tenant (proof of possession; the operator or the tenant's admin enrolls it)
+    enroll        enroll a node key FOR a tenant (the node's tenant comes from it)
     enrolled      list (or --revoke) a tenant's enrolled node keys
     node          a tenant's SuperNode: its tenant, data file, device, key and CA
                   (fedtext.cli.node)
@@ -161,33 +163,83 @@ def register(
         raise UserError("Registration failed: " + "; ".join(failed))
 
 
-def _read_node_key(path: Path) -> tuple[str, str]:
-    """(fingerprint, OpenSSH text) of a node public key file; a bad file is a UserError."""
+def _read_node_key(path: Path, tenant: str) -> tuple[str, str, bool]:
+    """(fingerprint, OpenSSH text, proven) of a node public key file or of an enrollment
+    request signed by the node's key for ``tenant``; a bad file is a UserError."""
     from privacy.node_proof import ProofError, fingerprint, load_public_key, openssh_text
+    from serving.node_enrollment import EnrollmentError, check_request
 
     try:
         if str(path) == "-":  # e.g. `docker compose exec -T coordinator ... - < node.pub`
             data = sys.stdin.buffer.read()
         else:
             data = existing_file(path, "node public key").read_bytes()
+        if data.lstrip().startswith(b"{"):
+            try:
+                request = json.loads(data)
+            except ValueError:
+                raise UserError(f"{path}: not an enrollment request (invalid JSON).") from None
+            proven = check_request(request, tenant=tenant)
+            return proven.fingerprint, proven.public_key, True
         key = load_public_key(data)
-    except ProofError as exc:
+    except (ProofError, EnrollmentError) as exc:
         raise UserError(f"{path}: {exc}") from None
-    return fingerprint(key), openssh_text(key)
+    return fingerprint(key), openssh_text(key), False
+
+
+def enrollment_request(
+    tenant: Annotated[str, typer.Option(help="The tenant this node trains for.")],
+    key: Annotated[
+        Path, typer.Option(help="The node's private key (node.key, OpenSSH or PEM ECDSA).")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="File to write the request to; '-' for standard output.")
+    ] = Path("enrollment-request.json"),
+) -> None:
+    """Write a request, signed by this node's key, to enroll it for TENANT.
+
+    Run it at the node's site (the private key does not leave it); hand the file to the
+    operator (`fedtext federation enroll --tenant TENANT FILE`) or to the tenant's admin
+    (`POST /v1/federation/nodes` with `{"enrollment_request": ...}`). It proves the key is
+    this node's: no other tenant can enroll it first, and one that did without a proof
+    gives it up. Valid for 30 days.
+    """
+    from privacy.node_proof import ProofError, load_private_key
+    from serving.node_enrollment import make_request
+
+    try:
+        private = load_private_key(existing_file(key, "node private key"))
+    except ProofError as exc:
+        raise UserError(str(exc)) from None
+    text = json.dumps(make_request(private, tenant), indent=2) + "\n"
+    if str(out) == "-":
+        console.out(text, end="", highlight=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
+    console.print(f"Enrollment request for tenant {tenant!r} written to {out}.")
 
 
 def enroll(
     tenant: Annotated[str, typer.Option(help="The tenant these node keys are enrolled for.")],
     key: Annotated[
         list[Path],
-        typer.Argument(help="Node public key files (node.pub, OpenSSH or PEM; - reads stdin)."),
+        typer.Argument(
+            help="Enrollment requests (`fedtext federation enrollment-request`, preferred) or "
+            "node public key files (node.pub, OpenSSH or PEM); - reads stdin."
+        ),
     ],
 ) -> None:
-    """Enroll node public keys for a tenant: the coordinator takes a node's tenant from
-    the tenant its key is enrolled for, never from what the node says.
+    """Enroll node keys for a tenant: the coordinator takes a node's tenant from the tenant
+    its key is enrolled for, never from what the node says.
 
-    A key enrolled for another tenant is refused; enrolling a key twice changes nothing.
-    The key must also be registered with the SuperLink (`fedtext federation register`).
+    An enrollment request signed by the node's key proves the key is the node's: it takes
+    the key over from another tenant's enrollment that proved nothing. A bare public key
+    (as before) is enrolled unproven: refused if another tenant holds the key, and it
+    yields to a proven enrollment. Enrolling a key twice changes nothing. The key must
+    also be registered with the SuperLink (`fedtext federation register`).
     """
     from sqlmodel import Session
 
@@ -196,7 +248,7 @@ def enroll(
     from tenancy.nodes import enroll_node_key
     from tenancy.tenants import get_tenant
 
-    keys = [(path, *_read_node_key(path)) for path in key]
+    keys = [(path, *_read_node_key(path, tenant)) for path in key]
     platform = open_platform()
     with Session(platform.engine) as session:
         try:
@@ -204,7 +256,7 @@ def enroll(
         except NotFound:
             raise UserError(f"No tenant {tenant!r}.") from None
     # One line per key (a table would cut the fingerprint on a narrow terminal).
-    for path, fp, text in keys:
+    for path, fp, text, proven in keys:
         try:
             with session_scope(platform.engine) as session:
                 _, created = enroll_node_key(
@@ -213,11 +265,13 @@ def enroll(
                     fingerprint=fp,
                     public_key=text,
                     enrolled_by="operator",
+                    proven=proven,
                 )
         except Conflict as exc:
             raise UserError(f"{path}: {exc}") from None
         state = "enrolled" if created else "already enrolled"
-        console.print(f"{state}: {path} (SHA-256 fingerprint {fp})")
+        how = "proven by the node's signature" if proven else "unproven: a bare public key"
+        console.print(f"{state}: {path} (SHA-256 fingerprint {fp}; {how})")
     console.print(f"Nodes with these keys now train for tenant {tenant!r} only.")
 
 
@@ -444,5 +498,15 @@ def status(
 
 
 # Registered here, in this order, for `fedtext federation --help`.
-for _command in (credentials, coordinator, register, enroll, enrolled, node, run, status):
+for _command in (
+    credentials,
+    coordinator,
+    register,
+    enrollment_request,
+    enroll,
+    enrolled,
+    node,
+    run,
+    status,
+):
     federation_app.command()(_command)

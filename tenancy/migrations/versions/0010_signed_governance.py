@@ -9,6 +9,8 @@ with ``fedtext audit sign-existing`` after ``fedtext audit verify``.
 
 ``federation_partner_unmatched`` keeps names an admin listed as partners that were no
 tenant's (so the consent route answers them as it answers tenant names); they grant nothing.
+``node_key.proven`` records that a key's holder signed the request that enrolled it (such an
+enrollment takes the key over from an unproven one of another tenant).
 
 Revision ID: 0010
 Revises: 0009
@@ -32,6 +34,10 @@ def upgrade() -> None:
     for table in SIGNED:
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("signature", sqltypes.AutoString(length=160), nullable=True))
+    with op.batch_alter_table("node_key") as batch:
+        batch.add_column(
+            sa.Column("proven", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
     op.create_table(
         "federation_partner_unmatched",
         sa.Column("tenant_id", sqltypes.AutoString(), nullable=False),
@@ -44,6 +50,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("federation_partner_unmatched")
+    with op.batch_alter_table("node_key") as batch:
+        batch.drop_column("proven")
     for table in SIGNED:
         with op.batch_alter_table(table) as batch:
             batch.drop_column("signature")
