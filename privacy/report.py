@@ -8,7 +8,6 @@ cross-check, and PLD (Google's dp-accounting) an independent recomputation.
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from typing import Literal
 
 from sqlmodel import Session
 
+from fedtext.client.units import unit_label
 from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, merge_history
 from privacy.accounting import compose_epsilon as _compose
 from privacy.budget import dataset_budgets
@@ -66,17 +66,6 @@ def _curve_points(events: Sequence[PrivacyEvent]) -> set[int]:
     ends = {i for i in range(n) if i == n - 1 or events[i + 1].run_id != events[i].run_id}
     step = max(1, n // (MAX_CURVE_POINTS // 2))
     return ends | set(range(0, n, step)) | {n - 1}
-
-
-def unit_label(privacy_unit: str, applied_json: str = "{}") -> str:
-    """What one epsilon protects, as people read it: "per user (k = 8)" or "per example"."""
-    if privacy_unit != "user":
-        return "per example"
-    try:
-        k = json.loads(applied_json or "{}").get("max_examples_per_user")
-    except (ValueError, AttributeError):
-        k = None
-    return f"per user (k = {k})" if isinstance(k, int) else "per user"
 
 
 def _units_of_runs(events: Sequence[PrivacyEvent]) -> dict[str, str]:

@@ -177,6 +177,13 @@ class AsyncClient:
         """The tenant's privacy ledger entries."""
         return await self.send(calls.ledger())
 
+    async def run_privacy_unit(self, run_id: str) -> str | None:
+        """What the run's epsilon protects for this tenant, from its ledger entries:
+        "per user (k = 8)" or "per example"; None before the run charged it."""
+        from fedtext.client.units import run_unit
+
+        return run_unit(await self.ledger(), run_id)
+
     async def audit_report(self) -> PrivacyReportPublic:
         """The audit report (it also signs a new ledger head)."""
         return await self.send(calls.audit_report())

@@ -184,3 +184,34 @@ def test_transport_errors_are_httpx_errors_not_api_errors() -> None:
         pytest.raises(httpx.TransportError),
     ):
         client.budget()
+
+
+def test_a_runs_privacy_unit_reads_from_its_ledger_entries(
+    api: str, sqlite_platform: Platform
+) -> None:
+    from privacy.ledger import record_event
+    from privacy.params import DPParams
+    from tenancy.db import session_scope
+
+    with Client(api, TOKEN) as operator:
+        created = operator.create_tenant("acme", budget_epsilon=20.0)
+    with session_scope(sqlite_platform.engine) as session:
+        record_event(
+            session, tenant_id=created.tenant.id, run_id="run-users", round=1,
+            params=DPParams(1.2, 0.1, 10, 1.0, 1e-5), spec_sha256="ab" * 32,
+            privacy_unit="user", applied={"max_examples_per_user": 8},
+        )  # fmt: skip
+        record_event(
+            session, tenant_id=created.tenant.id, run_id="run-rows", round=1,
+            params=DPParams(1.2, 0.1, 10, 1.0, 1e-5), spec_sha256="ab" * 32,
+        )  # fmt: skip
+    with Client(api, created.admin_key) as admin:
+        assert admin.run_privacy_unit("run-users") == "per user (k = 8)"
+        assert admin.run_privacy_unit("run-rows") == "per example"
+        assert admin.run_privacy_unit("never-charged") is None
+
+    async def from_async() -> str | None:
+        async with AsyncClient(api, created.admin_key) as admin:
+            return await admin.run_privacy_unit("run-users")
+
+    assert asyncio.run(from_async()) == "per user (k = 8)"
