@@ -19,6 +19,10 @@ queries, several times the batched forward pass itself, so the answers are memoi
   tenant, deploy, roll back, change serving options, rotate a data key) clear the changed
   tenant's entries as they commit: serving/predict.py subscribes to ``tenancy.events``.
   No route has to.
+- A deployment enters the memo only as ``tenancy.registry.deployed_version`` returned it:
+  a version row whose signature verifies (one Ed25519 check when the memo is filled, none
+  per request). The refresh compares every column, the signature included, so a row
+  changed around the platform is dropped and checked again by the next request.
 - Liveness is tenancy's one rule (``tenancy.tenants.is_live``), on every hit (a key's own
   expiry) and on every refresh. Failed authentications are never kept.
 """
