@@ -2,10 +2,11 @@
 
 Each version row is signed by the platform's signing key (``tenancy.signing``: on insert
 and on every change, its deployment state included). A row whose signature does not
-verify is not acted on: ``deployed_version`` never returns it (and raises
-``UntrustedDeployment`` when the only deployed rows are such), ``read_model_weights``
-refuses it. So a database writer without the signing key cannot deploy a version the
-tenant's policy refused, nor point a version at another blob.
+verify is not acted on: ``deployed_version`` never returns it (``untrusted_deployment``
+says so when the only deployed rows are such), ``read_model_weights`` refuses it, and it is
+neither deployed nor changed (``UntrustedDeployment``). So a database writer without the
+signing key cannot deploy a version the tenant's policy refused, nor point a version at
+another blob.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def get_version(*, session: Session, tenant_id: str, name: str, version: int) ->
 
 
 class UntrustedDeployment(IntegrityError):
-    """A model's only deployed rows do not carry a valid signature: it is not served."""
+    """A version row whose signature does not verify cannot be deployed or changed."""
 
 
 def _deployed_rows(session: Session, tenant_id: str, name: str) -> list[ModelVersion]:
@@ -108,19 +109,25 @@ def deployed_version(*, session: Session, tenant_id: str, name: str) -> ModelVer
     """The version of ``name`` deployed through the platform, or None when none is.
 
     A row marked deployed whose signature does not verify (written around the platform)
-    is ignored; when it is the only one, ``UntrustedDeployment`` says so: the model is not
-    served rather than served as a writer of the database chose. One signature check per
-    call: the predict path calls this when it fills its memo, not per request.
+    is ignored (logged): it is never served, and a release compares with and replaces it
+    as if nothing were deployed. ``untrusted_deployment`` says why a model has none. One
+    signature check per call: the predict path calls this when it fills its memo, not per
+    request.
     """
     rows = _deployed_rows(session, tenant_id, name)
-    if not rows:
-        return None
     engine = session.get_bind().engine
-    for row in rows:
-        if version_row_trusted(engine, row):
-            return row
+    return next((row for row in rows if version_row_trusted(engine, row)), None)
+
+
+def untrusted_deployment(*, session: Session, tenant_id: str, name: str) -> str | None:
+    """Why ``name`` has no deployed version although rows are marked deployed (their
+    signatures do not verify), for the operator and a 5xx; None when that is not so."""
+    rows = _deployed_rows(session, tenant_id, name)
+    engine = session.get_bind().engine
+    if not rows or any(version_row_trusted(engine, row) for row in rows):
+        return None
     listed = ", ".join(f"v{r.version}" for r in rows)
-    raise UntrustedDeployment(
+    return (
         f"The deployment of model {name!r} ({listed}) is not signed by the platform: it is "
         "not served. The operator checks it with `fedtext audit verify`; deploying or "
         "rolling back a version through the platform replaces it."

@@ -84,10 +84,8 @@ def list_models(caller: AdminCaller, session: SessionDep) -> list[ModelPublic]:
     ).all()
     out = []
     for name, count, _ in rows:
-        try:  # the version that serves: one deployed through the platform
-            row = deployed_version(session=session, tenant_id=caller.tenant.id, name=name)
-        except UntrustedDeployment:
-            row = None
+        # The version that serves: one deployed through the platform.
+        row = deployed_version(session=session, tenant_id=caller.tenant.id, name=name)
         out.append(
             ModelPublic(name=name, versions=count, deployed_version=row.version if row else None)
         )
