@@ -293,11 +293,20 @@ class Workload:
                     r = client.post("/v1/runs", json=run, headers=_auth(acme["admin"]))
                 except httpx.TransportError:  # a timeout too: the thread goes on
                     self._record("runs_transport", 0)
+                    # The abandoned request may still be planning on the server (it holds
+                    # the planning slot): posting again at once would only be answered 503.
+                    self.stop.wait(60)
                     continue
                 self.run_request_s.append(round(time.perf_counter() - started, 2))
                 self._record("runs_started", r.status_code)
                 if r.status_code != 202:
-                    self.stop.wait(10)
+                    # Why it was refused (a 503 for a busy planner is backpressure, still a 5xx).
+                    try:
+                        detail = str(r.json().get("detail", ""))[:60]
+                    except ValueError:
+                        detail = r.text[:60]
+                    self.statuses[f"runs_refused:{r.status_code}:{detail}"] += 1
+                    self.stop.wait(max(10.0, float(r.headers.get("Retry-After", 0))))
                     continue
                 run_id = r.json()["id"]
                 while not self.stop.wait(2):
@@ -305,7 +314,7 @@ class Workload:
                         s = client.get(f"/v1/runs/{run_id}", headers=_auth(acme["admin"]))
                     except httpx.TransportError:
                         continue
-                    if s.json().get("status") not in ("pending", "running", "queued"):
+                    if s.json().get("status") not in ("created", "running"):  # RunStatus ACTIVE
                         # The GET answered 200; the run's own outcome is kept apart
                         # (a failed run is not a 5xx).
                         self._record("runs_finished", s.status_code)

@@ -27,7 +27,7 @@ from runs.status import RunStatus
 from tenancy.tables import TrainingRun
 
 CONNECT_PATIENCE_S = 60.0
-MAX_OUTAGE_RETRIES = 2
+MAX_OUTAGE_RETRIES = 3
 OUTAGE_BACKOFF_S = 2.0
 
 # What libpq and psycopg say when the server went away or is not taking connections.

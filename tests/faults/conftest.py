@@ -160,7 +160,7 @@ class Server:
         )  # fmt: skip
         log.close()
 
-    def wait_ready(self, within: float = 120) -> float:
+    def wait_ready(self, within: float = 180) -> float:  # start-up at load 20-25: 90-150 s
         started = time.monotonic()
         while time.monotonic() - started < within:
             assert self.proc is not None and self.proc.poll() is None, self.log()

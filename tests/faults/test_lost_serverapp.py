@@ -1,10 +1,16 @@
-"""How the federation worker reads a Flower run that ended without its ServerApp recording
-an end (runs/federation.py ``follow``): the protection behind the SuperLink SIGKILL test
-(test_superlink_fault.py), checked quickly with Flower's answer given."""
+"""The protections behind the SuperLink SIGKILL test (test_superlink_fault.py), checked
+quickly: how the federation worker reads a Flower run that ended without its ServerApp
+recording an end (runs/federation.py ``follow``; Flower's answer given), and a resume
+started while the API runs is not reaped for the worker it replaces (runs/lifecycle.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from sqlmodel import Session
 
 import runs.federation as federation
 from runs.federation import follow
+from runs.lifecycle import HEARTBEAT_SECONDS, end_run, reap_orphaned_runs, start_run
 from runs.status import RunStatus
 from tenancy.db import create_tables
 from tenancy.tables import TrainingRun
@@ -72,3 +79,20 @@ def test_a_cancel_asked_meanwhile_stays_a_cancel(engine) -> None:  # type: ignor
     _row(engine, "x", RunStatus.RUNNING, cancelled_by="admin key k1")
     assert follow(engine, "x", 7, poll=0.01, flower_every=0) == RunStatus.CANCELLED
     assert _get(engine, "x").error == "Cancelled by admin key k1."
+
+
+def test_a_resume_is_not_reaped_for_the_worker_it_replaces(engine) -> None:  # type: ignore[no-untyped-def]
+    """`fedtext federation run --run-id R --config resume=true` (or `simulate --resume`) while
+    the API runs: the API's reaper judges the resuming process, not the lost worker."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that is no longer alive, as the killed worker's
+    _row(engine, "i", RunStatus.INTERRUPTED, owner_tenant_id="t1", worker_pid=gone.pid,
+         worker_host=socket.gethostname(), checkpoint_round=1)  # fmt: skip
+    assert start_run(engine, "i", config_json="{}", resume=True)
+    before = _get(engine, "i").heartbeat_at
+    assert reap_orphaned_runs(engine) == []
+    row = _get(engine, "i")
+    assert row.status == RunStatus.RUNNING and row.worker_pid == os.getpid()
+    time.sleep(HEARTBEAT_SECONDS * 2.5)  # this process beats on the run while it runs here
+    assert _get(engine, "i").heartbeat_at > before
+    assert end_run(engine, "i", RunStatus.FAILED, "done")  # its beats stop with the run

@@ -1,5 +1,5 @@
 """Faults during a training run started over HTTP: SIGKILL of the API and its run worker
-mid-run (then resume), and PostgreSQL restarted while the run charges.
+mid-run (then resume), and PostgreSQL restarted while the run charges (the run completes).
 
 Checks on the recorded history (the ledger): every round the run finished is charged
 exactly once per participant, a round is charged twice only when it was dispatched twice
@@ -11,7 +11,6 @@ scratch directory is gone, and `fedtext audit verify` passes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -28,7 +27,9 @@ from sqlmodel import Session, select
 
 from privacy.ledger import PrivacyEvent
 from privacy.reservations import BudgetReservation
+from runs.lifecycle import pid_alive
 from runs.status import ACTIVE
+from runs.worker import _group_alive
 from tenancy.tables import TrainingRun
 from tests.factories import agree, make_tenant
 from tests.faults._world import new_database, open_platform
@@ -164,25 +165,41 @@ def test_api_and_worker_sigkilled_mid_run_resume_without_double_charges(
 def test_postgres_restarted_while_a_run_charges(
     pg_cluster: PrivateCluster, env: dict[str, str], tmp_path: Path
 ) -> None:
+    """The worker rides out a short outage: its connects wait for the restarted cluster
+    (runs/outages.py) and the run completes, every round charged once."""
     world = _world(env)
     server = Server(env, tmp_path)
     server.start()
     server.wait_ready()
     run_id = ""
+    outages: list[float] = []
     try:
         r = httpx.post(f"{server.url}/v1/runs", json=RUN, headers=world["acme"].admin, timeout=60)
         assert r.status_code == 202, r.text
         run_id = r.json()["id"]
         until(lambda: _run(env, run_id).checkpoint_round >= 1, 300, "round 1 checkpointed")
-        restarts = 0
         db = env["FEDTEXT_DATABASE_URL"].rsplit("/", 1)[1]
-        while _run(env, run_id).status in ACTIVE and restarts < 3:
+        # Three outages, 3 s apart, unless the run completed first (a run failed by one
+        # is running again within seconds when its worker resumes it).
+        while _run(env, run_id).status != "completed" and len(outages) < 3:
+            began = time.monotonic()
             pg_cluster.terminate_backends(db)  # the worker's connections mid-charge
             pg_cluster.restart()
-            restarts += 1
+            outages.append(time.monotonic() - began)
             time.sleep(3.0)
-        until(lambda: _run(env, run_id).status not in ACTIVE, 600, "the run ends")
+        fault_end = time.monotonic()
+
+        def ended() -> bool:
+            row = _run(env, run_id)  # an outage retry is the same PID, running again
+            gone = row.worker_pid is None or not pid_alive(row.worker_pid)
+            return row.status == "completed" or (row.status not in ACTIVE and gone)
+
+        until(ended, 900, "the run ends")
+        took = time.monotonic() - fault_end
         final = _run(env, run_id)
+        assert final.worker_pid is not None
+        # Its worker exits after the ServerApp records the end (Ray's shutdown, clean-up).
+        until(lambda: not _group_alive(final.worker_pid), 120, "the worker's processes gone")
         recovered = until(
             lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, 30, "ready"
         )
@@ -190,13 +207,16 @@ def test_postgres_restarted_while_a_run_charges(
         server.stop()
         if run_id and _run(env, run_id).status in ACTIVE:
             _killpg(_run(env, run_id).worker_pid)  # a failed test leaves no worker behind
-    # Truthful: completed, or failed/interrupted with its reason recorded.
-    assert final.status in ("completed", "failed", "interrupted"), final.status
-    if final.status != "completed":
-        assert final.error, "an unfinished run says why"
+    assert outages, "the run ended before the first outage"
+    # The promise: a few seconds without the database do not fail the run.
+    assert final.status == "completed", (final.status, final.error)
+    assert final.checkpoint_round in (0, ROUNDS)
     history = check_history(env, run_id, redispatched=set())
     assert not (Path(env["FEDTEXT_DATA_DIR"]) / "scratch" / run_id).exists()
     audit_verify(env)
-    print(f"FAULT pg-restart-during-run restarts={restarts} status={final.status} "
-          f"error={json.dumps(final.error)} charges={history['charges']} "
+    log = (Path(env["FEDTEXT_DATA_DIR"]) / "runs" / f"{run_id}.log").read_text(errors="replace")
+    print(f"FAULT pg-restart-during-run outages={len(outages)} "
+          f"down_s={[round(o, 1) for o in outages]} status={final.status} "
+          f"resumed_after_outage={log.count('Retrying after a database outage')} "
+          f"charges={history['charges']} run_ended_after_s={took:.1f} "
           f"api_recovered_s={recovered:.2f}")  # fmt: skip
