@@ -68,6 +68,8 @@ class CanaryReport:
     member_mean_loss: float
     nonmember_mean_loss: float
     seconds: float
+    privacy_unit: str = "example"
+    rows_per_user: int = 1  # privacy-unit user: rows of each canary user, and the bound k
 
     @property
     def lower_bound(self) -> float:
@@ -173,6 +175,10 @@ def run_canary_audit(
         raise ValueError("Use at least two canaries.")
     if not 0 < confidence < 1:
         raise ValueError("The confidence should be in (0, 1).")
+    if privacy_unit not in ("example", "user"):
+        raise ValueError(f"privacy_unit should be example or user, not {privacy_unit!r}.")
+    if canary_rows < 1:
+        raise ValueError("Each canary user needs at least one row.")
     if guesses is not None and not 2 <= guesses <= canaries:
         raise ValueError("--guesses should be between 2 and the number of canaries.")
     seed = secrets.randbits(31) if seed is None else seed
@@ -264,6 +270,8 @@ def run_canary_audit(
             member_mean_loss=sum(member_losses) / max(len(member_losses), 1),
             nonmember_mean_loss=sum(other_losses) / max(len(other_losses), 1),
             seconds=time.monotonic() - started,
+            privacy_unit=privacy_unit,
+            rows_per_user=per_user,
         )
     finally:
         if scratch:

@@ -54,7 +54,9 @@ def test_canary_audit_reports_a_lower_bound_below_the_accounted_epsilon(tmp_path
         ],
     )
     assert r.exit_code == 0, r.output
-    assert "empirical epsilon lower bound" in r.output and "OK: lower bound" in r.output
+    assert (
+        "empirical epsilon lower bound" in r.output and "OK (per example): lower bound" in r.output
+    )
     # The accounted figure is the canary tenant's ledger, recomposed.
     from fedtext.platform import platform_from_settings
     from fedtext.settings import Settings
@@ -74,3 +76,34 @@ def test_canary_audit_reports_a_lower_bound_below_the_accounted_epsilon(tmp_path
         )
     assert f"{accounted:.4f}" in r.output and 0 < training <= 3.0 + 1e-6 <= accounted
     assert train_canary_2 >= 1
+
+
+def test_user_level_canary_audit_from_the_cli_checks_the_user_epsilon(tmp_path: Path) -> None:
+    scratch = tmp_path / "canary-users"
+    r = runner.invoke(
+        app,
+        ["audit", "canary", "--privacy-unit", "user", "--rows-per-user", "4",
+         "--canaries", "40", "--rounds", "1", "--epsilon", "3", "--max-train-examples", "160",
+         "--seed", "99", "--insecure", "--data-dir", str(scratch)],
+        terminal_width=200,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "per user (k = 4)" in r.output and "canary users (members)" in r.output
+    assert "OK (per user (k = 4)): lower bound" in r.output
+    from fedtext.platform import platform_from_settings
+    from fedtext.settings import Settings
+    from privacy.accounting import compose_epsilon
+    from privacy.ledger import tenant_events
+    from tenancy.tenants import get_tenant
+
+    platform = platform_from_settings(Settings(data_dir=scratch))
+    with Session(platform.engine) as session:
+        events = tenant_events(session, get_tenant(session=session, name="canary-1").id)
+        accounted = compose_epsilon([e.params() for e in events], 1e-5)
+        units = {e.privacy_unit for e in events}
+    assert units == {"user"}
+    # The accounted figure printed is the canary tenant's user-level ledger, recomposed,
+    # and the empirical bound printed beside it is below it.
+    line = next(x for x in r.output.splitlines() if "empirical epsilon lower bound" in x)
+    bound = float(line.split("│")[2].split()[0])
+    assert f"{accounted:.4f}" in r.output and 0 <= bound <= accounted
