@@ -22,8 +22,10 @@ its signature verifies under a key of that history (or of the keys the auditor p
 ``--keys FILE``).
 
 Rows are signed where they are written, whoever writes them: a mapper hook signs each new
-row of ``SIGNED_TABLES`` (and a key or enrollment row again when it changes, e.g.
-revoked) on any engine a ``tenancy.platform.Platform`` was made with (``attach``).
+row of ``SIGNED_TABLES`` (and a row of ``MUTABLE_TABLES`` again when it changes, e.g. a key
+revoked, a version deployed; never over a row that did not verify before the change) on
+any engine a ``tenancy.platform.Platform`` was made with (``attach``). What each signature
+binds is ``tenancy.signed_rows``'.
 ``privacy`` and ``tenancy.nodes`` are recognised here by table name (``privacy`` imports
 nothing of ours), as the ledger recognises a new tenant row. What an auditor is told
 about a row is ``tenancy.signing_audit``'s.
@@ -34,11 +36,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from weakref import WeakKeyDictionary
 
@@ -50,27 +50,28 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Mapper
 
 from tenancy.errors import KeyProviderError
+from tenancy.signed_rows import (  # what a signature binds (re-exported for callers)
+    GOVERNANCE_TABLES as GOVERNANCE_TABLES,
+)
+from tenancy.signed_rows import (
+    KEY_TABLE,
+    LEDGER_TABLES,
+    MUTABLE_TABLES,
+    NODE_TABLE,
+    PARTNER_TABLE,
+    POLICY_TABLE,
+    SIGNED_TABLES,
+    VERSION_TABLE,
+    row_message,
+)
 
 if TYPE_CHECKING:
     from tenancy.keyring import KeyProvider
 
 log = logging.getLogger(__name__)
 
-ROW_FORMAT = b"fedtext-signed-row/1"
 ENDORSEMENT_FORMAT = "fedtext-signing-key-endorsement/1"
 HISTORY_FORMAT = "fedtext-signing-keys/1"
-LEDGER_TABLES = ("privacy_event", "privacy_budget_change")
-KEY_TABLE = "api_key"
-NODE_TABLE = "node_key"  # a federation node key enrolled for a tenant (tenancy.nodes)
-PARTNER_TABLE = "federation_partner"  # consent: a tenant lets a partner include it in runs
-POLICY_TABLE = "tenant_policy"  # a tenant's deploy policy and floor (tenancy.governance)
-VERSION_TABLE = "model_version"  # a model version, whether it is the deployed one included
-GOVERNANCE_TABLES = (PARTNER_TABLE, POLICY_TABLE, VERSION_TABLE)
-SIGNED_TABLES = (*LEDGER_TABLES, KEY_TABLE, NODE_TABLE, *GOVERNANCE_TABLES)
-# Rows that change after they are written (revoked, enrolled again, policy changed, deployed
-# or rolled back, re-encrypted): signed again on update. Consent rows are only inserted and
-# deleted.
-MUTABLE_TABLES = (KEY_TABLE, NODE_TABLE, POLICY_TABLE, VERSION_TABLE)
 # What a signature check finds.
 Status = Literal["ok", "unsigned", "unknown-key", "bad"]
 
@@ -110,127 +111,6 @@ def check(signature: str | None, message: bytes, trusted: Mapping[str, bytes]) -
     except (InvalidSignature, ValueError, binascii.Error):
         return "bad"
     return "ok"
-
-
-# ----------------------------------------------------------------- what a row's signature binds
-
-
-def _time(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return aware.replace(microsecond=0).isoformat()  # what every database returns unchanged
-
-
-def key_row_digest(row: Any) -> str:
-    """SHA-256 hex over every field of an API key row that decides what it may do."""
-    data = {
-        "id": row.id,
-        "tenant_id": row.tenant_id,
-        "name": row.name,
-        "prefix": row.prefix,
-        "key_hash": row.key_hash,
-        "scopes": row.scopes,
-        "created_at": _time(row.created_at),
-        "expires_at": _time(row.expires_at),
-        "revoked_at": _time(row.revoked_at),
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def node_row_digest(row: Any) -> str:
-    """SHA-256 hex over every field of a node key enrollment: which key, for which tenant,
-    by whom, since when and whether revoked."""
-    data = {
-        "fingerprint": row.fingerprint,
-        "tenant_id": row.tenant_id,
-        "public_key": row.public_key,
-        "enrolled_by": row.enrolled_by,
-        "created_at": _time(row.created_at),
-        "revoked_at": _time(row.revoked_at),
-    }
-    if getattr(row, "proven", False):  # absent before v0010: older signatures unchanged
-        data["proven"] = True
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _digest(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _text_digest(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
-
-
-def partner_row_digest(row: Any) -> str:
-    """Consent: which tenant lets which partner include it, since when."""
-    return _digest(
-        {"tenant_id": row.tenant_id, "partner_id": row.partner_id, "at": _time(row.created_at)}
-    )
-
-
-def policy_row_digest(row: Any) -> str:
-    """Every field of a tenant's policy (what its runs may do to it) and who set it when."""
-    return _digest(
-        {
-            "tenant_id": row.tenant_id,
-            "deploy": row.deploy,
-            "require_secure_mode": bool(row.require_secure_mode),
-            "max_epsilon": None if row.max_epsilon is None else float(row.max_epsilon),
-            "families": row.families,
-            "dataset": row.dataset,
-            "updated_at": _time(row.updated_at),
-            "updated_by": row.updated_by,
-        }
-    )
-
-
-def version_row_digest(row: Any) -> str:
-    """A model version: whose, which, its blob (key and SHA-256), how it is served and
-    whether it is the deployed one."""
-    return _digest(
-        {
-            "id": row.id,
-            "tenant_id": row.tenant_id,
-            "name": row.name,
-            "version": row.version,
-            "spec": _text_digest(row.spec_json),
-            "sha256": row.sha256,
-            "blob_key": row.blob_key,
-            "size_bytes": row.size_bytes,
-            "run_id": row.run_id,
-            "metrics": _text_digest(row.metrics_json),
-            "deployed": bool(row.deployed),
-            "quantize": row.quantize,
-            "created_at": _time(row.created_at),
-        }
-    )
-
-
-_DIGESTS = {
-    KEY_TABLE: key_row_digest,
-    NODE_TABLE: node_row_digest,
-    PARTNER_TABLE: partner_row_digest,
-    POLICY_TABLE: policy_row_digest,
-    VERSION_TABLE: version_row_digest,
-}
-
-
-def row_message(table: str, row: Any) -> bytes:
-    """The bytes signed for a row of one of ``SIGNED_TABLES``.
-
-    A ledger row: its tenant, sequence number and entry hash (the hash covers every hashed
-    field and the previous entry's hash, so the signature binds content and position, and
-    through ``prev_hash`` the whole chain before it). Any other row: its table's digest
-    (``_DIGESTS``) over every field that decides what it allows.
-    """
-    if table in LEDGER_TABLES:
-        body = f"{row.tenant_id}\n{row.seq}\n{row.entry_hash}"
-    elif table in _DIGESTS:
-        body = _DIGESTS[table](row)
-    else:
-        raise ValueError(f"Rows of {table!r} are not signed.")
-    return b"\n".join((ROW_FORMAT, table.encode(), body.encode()))
 
 
 # ----------------------------------------------------------------- the public history

@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tenancy.signing import (
+from tenancy.signed_rows import (
     GOVERNANCE_TABLES,
     PARTNER_TABLE,
     POLICY_TABLE,
     VERSION_TABLE,
-    Status,
-    check,
     row_message,
 )
+from tenancy.signing import Status, check
 
 _DESCRIBE = {
     "unsigned": "unsigned: written before signatures (v0006) or by someone without the "
