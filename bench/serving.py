@@ -530,6 +530,7 @@ def _load(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
 # the accuracy gate's training and test tweets. --smoke shrinks everything.
 SHARED_SIZES = {"served_tenants": 200, "rss_low": 20, "rss_high": 2000,
                 "gate_train": 2000, "gate_test": 1000}  # fmt: skip
+IDLE_S = 3.0  # seconds of no traffic over which the server's idle CPU is measured
 SMOKE_SHARED_SIZES = {"served_tenants": 4, "rss_low": 2, "rss_high": 8,
                       "gate_train": 48, "gate_test": 32}  # fmt: skip
 
@@ -680,6 +681,11 @@ def shared_encoder_scenario(
         m0 = server.metrics()
         rest = touch(tmp, server.url, keys[rss_tenants[0] :], load_texts, concurrency=16)
         rss_2000 = server.rss_mb()
+        # What the server spends with no traffic at all, 2,000 tenants memoized (the
+        # predict memo's refresh every second): a fixed cost, spread over the predictions.
+        cpu = _cpu_s(server.proc.pid)
+        time.sleep(IDLE_S)
+        idle_ms_per_s = round(1000 * (_cpu_s(server.proc.pid) - cpu) / IDLE_S, 1)
         m1 = server.metrics()
         (sum1, count1), (sum0, count0) = (_family_loads(m, "encoder-head") for m in (m1, m0))
         shared = server.drive(tmp, served_keys, load_texts, 64, seconds, warmup)
@@ -712,13 +718,17 @@ def shared_encoder_scenario(
         "rss_mb_2000_heads": rss_2000,
     }
     out["ratios"] = {
-        "vs_torch_fp32": round(shared["pps"] / max(torch_run["pps"], 1e-9), 2),
+        # None when no request of today's path finished within the window (a loaded
+        # machine): a ratio over zero would be a made-up number.
+        "vs_torch_fp32": round(shared["pps"] / torch_run["pps"], 2) if torch_run["pps"] else None,
         "vs_baseline": round(shared["pps"] / max(base["pps"], 1e-9), 2),
         "vs_encoder_limit": round(shared["pps"] / max(limit, 1e-9), 3),
         "rss_growth_mb_20_to_2000": round(rss_2000 - rss_20, 1),
     }
     out["goals"] = {
-        "pps_c64_4x_torch_fp32": out["ratios"]["vs_torch_fp32"] >= 4,
+        "pps_c64_4x_torch_fp32": None  # not measured: see vs_torch_fp32
+        if out["ratios"]["vs_torch_fp32"] is None
+        else out["ratios"]["vs_torch_fp32"] >= 4,
         "accuracy_change_at_least_-0.005": out["summary"]["accuracy_change"] >= -0.005,
         "pps_c64_0.7_of_encoder_limit": out["ratios"]["vs_encoder_limit"] >= 0.7,
         "p99_half_load_under_150_ms": half["p99_ms"] < 150,
@@ -731,6 +741,7 @@ def shared_encoder_scenario(
         "shared_c64": shared,
         "shared_open_half": half,
     }
+    out["server_idle_cpu_ms_per_s_2000_tenants"] = idle_ms_per_s
     out["server_head_cold_load_ms_mean"] = round(1000 * (sum1 - sum0) / max(count1 - count0, 1), 2)
     out["settings"] = {
         "tenants_served": served_tenants,

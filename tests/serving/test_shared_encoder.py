@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from models import ModelSpec, build_model, save_weights, text_inputs
 from serving.app import create_app
+from serving.batching import InputRejected
 from serving.config import ServingConfig
 from serving.registry import HEAD_OVERHEAD_BYTES, ModelCache, find_deployed
 from serving.shared_encoder import (
@@ -318,3 +319,73 @@ def test_the_onnx_runtime_serves_the_vectors_a_node_trains_on_bit_for_bit(varian
         check_same(rows, trained_on.tolist())
     with pytest.raises(ValueError, match="applies to the torch-fp32 runtime only"):
         SharedEncoders(executor=ThreadPoolExecutor(1), runtime="onnx-fp32", precision="bf16")
+
+
+def _int8_batcher(spec_variant: str = "onnx-int8") -> tuple[CrossTenantBatcher, ModelSpec]:
+    from models.runtimes import load_runtime
+
+    base = ModelSpec.create("encoder-head", LABELS, encoder_runtime="torch-fp32")
+    spec = dataclasses.replace(base, config={**base.config, "encoder_runtime": spec_variant})
+    runtime = EncoderRuntime(load_runtime(variant=spec_variant).encoder, variant=spec_variant)
+    batcher = CrossTenantBatcher(runtime, executor=ThreadPoolExecutor(1), max_batch=64, max_wait=0)
+    return batcher, spec
+
+
+def test_onnx_lanes_answer_each_request_once_its_own_sentences_are_encoded() -> None:
+    batcher, spec = _int8_batcher()
+    assert batcher.runtime.chunk == 1  # int8 encodes each sentence alone, on the lane's thread
+    torch.manual_seed(0)
+    heads = {n: batcher.attach(random_head(spec), spec, n) for n in TEXTS}
+    calls: list[tuple[int, list[list[float]] | BaseException]] = []
+    requests = [(heads[n], TEXTS[n]) for n in TEXTS]
+    results = batcher.run_requests(requests, lambda i, rows: calls.append((i, rows)))
+    # Every request but the batch's last is handed its rows before the batch ends, once;
+    # the last one goes with the batch's end (which frees the lane).
+    assert len({i for i, _ in calls}) == len(calls) == len(requests) - 1
+    assert all(rows == results[i] for i, rows in calls)
+    for (name, texts), rows in zip(TEXTS.items(), results, strict=True):
+        assert rows == batcher.run_requests([(heads[name], texts)])[0]  # the same bits alone
+
+
+def test_an_onnx_server_runs_one_batch_per_lane_on_threads_of_its_own() -> None:
+    from models.runtimes import usable_cores
+
+    shared_pool = ThreadPoolExecutor(1)
+    shared = SharedEncoders(executor=shared_pool, runtime="onnx-int8", max_batch=64)
+    _, spec = _int8_batcher()
+    batcher = shared.batcher(spec)
+    assert batcher.runtime.lanes == usable_cores()
+    assert batcher.max_inflight == batcher.runtime.lanes
+    if batcher.runtime.lanes > 1:
+        assert batcher._executor is not shared_pool
+    shared.close()
+    torch_served = SharedEncoders(executor=shared_pool, runtime="torch-fp32", device="cpu")
+    assert torch_served.batcher(ModelSpec.create("encoder-head", LABELS)).max_inflight == 1
+    shared_pool.shutdown()
+
+
+def test_an_input_the_encoder_refuses_fails_its_own_request_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batcher, spec = _int8_batcher()
+    encode = batcher.runtime.encode
+
+    def refusing(texts: list[str], max_seq_len: int) -> torch.Tensor:
+        # The tokenizer (a library) refusing one input: the only way a text fails here.
+        if "refused" in texts:
+            raise RuntimeError("tokenizer error")
+        return encode(texts, max_seq_len)
+
+    monkeypatch.setattr(batcher.runtime, "encode", refusing)
+    torch.manual_seed(0)
+    heads = {n: batcher.attach(random_head(spec), spec, n) for n in ("acme", "globex")}
+    results = batcher.run_requests(
+        [
+            (heads["acme"], ["fine words", "refused", "more"]),
+            (heads["globex"], ["refused"]),
+            (heads["globex"], ["a good flight"]),
+        ]
+    )
+    assert isinstance(results[0], InputRejected) and results[0].index == 1
+    assert isinstance(results[1], InputRejected) and results[1].index == 0
+    assert results[2] == batcher.run_requests([(heads["globex"], ["a good flight"])])[0]
