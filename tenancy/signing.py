@@ -214,6 +214,7 @@ class SigningKeys:
         self._lock = threading.Lock()
         self._current: bytes | None = None
         self._history: SigningHistory | None = None
+        self._trusted: tuple[SigningHistory, dict[str, bytes]] | None = None
 
     def seed(self) -> bytes:
         """The current signing key's seed (read once)."""
@@ -265,7 +266,17 @@ class SigningKeys:
         return history
 
     def trusted(self, pinned: Iterable[str] | None = None) -> dict[str, bytes]:
-        return self.history().trusted(pinned)
+        """``SigningHistory.trusted`` of the current history (from version 1: computed once
+        per history, as it verifies every endorsement; do not change the answer)."""
+        history = self.history()
+        if pinned is not None:
+            return history.trusted(pinned)
+        cached = self._trusted
+        if cached is not None and cached[0] is history:
+            return cached[1]
+        trusted = history.trusted()
+        self._trusted = (history, trusted)
+        return trusted
 
     def check_row(self, table: str, row: Any, pinned: Iterable[str] | None = None) -> Status:
         """The signature status of one row against the history (read again once when the
