@@ -19,7 +19,7 @@ def db_upgrade() -> None:
         console.print(f"Created the schema (revision {after}) at {where}")
     elif before != after:
         console.print(f"Upgraded the schema from revision {before} to {after} at {where}")
-        if _before_signatures(before):
+        if _before(before, 6):
             # Rows written before v0006 carry no signature: API keys and node enrollments
             # among them authenticate nothing until the operator vouches for them once.
             console.print(
@@ -27,13 +27,19 @@ def db_upgrade() -> None:
                 "keys and node key enrollments are refused until you check the chains and sign "
                 "them once with `fedtext audit sign-existing` (see docs/AUDIT.md, Authorship)."
             )
+        if _before(before, 10):
+            console.print(
+                "Consents, tenant policies and model versions written before revision 0010 are "
+                "unsigned: they are not acted on (no consent; the strictest policy; the model is "
+                "not served) until `fedtext audit sign-existing` signs them."
+            )
     else:
         console.print(f"Schema is up to date (revision {after}) at {where}")
 
 
-def _before_signatures(revision: str) -> bool:
-    """Whether a database at ``revision`` predates signed rows (revision 0006)."""
-    return revision == "unversioned" or (revision.isdigit() and int(revision) < 6)
+def _before(revision: str, signed_from: int) -> bool:
+    """Whether a database at ``revision`` predates the migration that signed a row kind."""
+    return revision == "unversioned" or (revision.isdigit() and int(revision) < signed_from)
 
 
 def _revision(url: str) -> str | None:

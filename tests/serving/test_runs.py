@@ -105,7 +105,7 @@ def test_a_participant_is_named_only_with_its_admins_consent(
         # or an unknown tenant, and nothing is stored by a refused request.
         r = c.put("/v1/partners", json={"tenants": ["acme"]}, headers=initech.predict)
         assert r.status_code == 403
-        for names, message in ((["initech"], "its own runs"), (["ghost"], "Unknown tenant")):
+        for names, message in ((["initech"], "its own runs"), (["Not A Name"], "Invalid tenant")):
             r = c.put("/v1/partners", json={"tenants": names}, headers=initech.admin)
             assert r.status_code == 422 and message in r.json()["detail"]
         assert c.get("/v1/partners", headers=initech.admin).json() == {"tenants": ["globex"]}
