@@ -29,6 +29,7 @@ import logging
 import re
 from datetime import datetime
 
+from sqlalchemy import false
 from sqlmodel import Field, Session, SQLModel, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
@@ -53,7 +54,9 @@ class NodeKey(SQLModel, table=True):
     revoked_at: datetime | None = None
     signature: str | None = Field(default=None, max_length=160)  # tenancy.signing
     # The key's holder signed a request to enroll it for this tenant (migration 0010).
-    proven: bool = Field(default=False)
+    # (A server default, so that rows written by other means, older code included, are
+    # unproven rather than refused.)
+    proven: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 def _check_fingerprint(fingerprint: str) -> str:
