@@ -30,6 +30,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,24 @@ def recipe_tag(variant: str, recipe: StaticRecipe | None = None) -> str:
 _export_lock = threading.Lock()
 
 
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """One export per graph across processes (a node's simulated clients, a server's
+    workers): the others wait for it and read the cache instead of exporting again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: concurrent exports agree anyway (atomic replace)
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def export_graph(
     encoder: SentenceEncoder,
     variant: str,
@@ -291,7 +310,7 @@ def export_graph(
     folder = (directory or cache_dir()) / encoder.sha256
     name = f"{variant}-{recipe_tag(variant, recipe)}"
     target, record = folder / f"{name}.onnx", folder / f"{name}.json"
-    with _export_lock:
+    with _export_lock, _file_lock(folder / f"{name}.lock"):
         if target.is_file() and record.is_file():
             try:
                 saved = json.loads(record.read_text())
@@ -300,7 +319,6 @@ def export_graph(
             except (OSError, ValueError):
                 pass
             log.warning("encoder graph %s does not match its record: exporting it again", target)
-        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
             export_fp32(encoder, fp32)
