@@ -26,7 +26,7 @@ import pytest
 from sqlmodel import Session, select
 
 from privacy.ledger import PrivacyEvent
-from privacy.reservations import BudgetReservation
+from privacy.reservations import outstanding
 from runs.lifecycle import pid_alive
 from runs.status import ACTIVE
 from runs.worker import _group_alive
@@ -91,11 +91,12 @@ def check_history(env: dict[str, str], run_id: str, *, redispatched: set[int]) -
     platform = open_platform(env)
     with Session(platform.engine) as session:
         events = list(session.exec(select(PrivacyEvent).where(PrivacyEvent.run_id == run_id)))
-        holds = list(session.exec(select(BudgetReservation)))
         active = {r.id for r in session.exec(select(TrainingRun)).all() if r.status in ACTIVE}
         run = session.get(TrainingRun, run_id)
         assert run is not None
         done = run.checkpoint_round
+        ids = {e.tenant_id for e in events}
+        outstanding_of = {t: outstanding(session, t, active_runs=active) for t in ids}
     platform.engine.dispose()
     per = Counter((e.tenant_id, e.round, e.purpose) for e in events)
     tenants = {e.tenant_id for e in events}
@@ -104,10 +105,11 @@ def check_history(env: dict[str, str], run_id: str, *, redispatched: set[int]) -
     assert doubled == {}, f"charged twice: {doubled}"
     lost = [(t, r) for t in tenants for r in range(1, done + 1) if per[(t, r, "train")] == 0]
     assert lost == [], f"finished rounds without a charge: {lost}"
-    held = [h for h in holds if h.run_id not in active]
     # A reservation of an ended run may stay as a row, but it must no longer hold: the
     # budget decisions count only active runs' reservations (privacy/reservations.py).
-    assert all(h.run_id not in active for h in held)
+    if run.status not in ACTIVE:
+        assert run_id not in active
+        assert all(outstanding_of[t] == [] for t in tenants), outstanding_of
     return {"charges": len(events), "rounds_done": done, "tenants": len(tenants)}
 
 

@@ -31,7 +31,8 @@ import pytest
 from sqlmodel import Session, select
 
 from privacy.ledger import PrivacyEvent
-from privacy.reservations import BudgetReservation
+from privacy.reservations import outstanding
+from runs.lifecycle import active_run_ids
 from runs.status import ACTIVE
 from tenancy.tables import TrainingRun
 
@@ -118,11 +119,13 @@ def _check_ledger(fed: Federation, run_id: str, redispatched: set[int]) -> Count
     lost = [(t, r) for t in tenants for r in range(1, row.checkpoint_round + 1)
             if per[(t, r, "train")] == 0]  # fmt: skip
     assert lost == [], f"finished rounds without a charge: {lost}"
-    with Session(fed.platform.engine) as session:
-        holds = list(session.exec(select(BudgetReservation)))
-        active = {r.id for r in session.exec(select(TrainingRun)) if r.status in ACTIVE}
-    # A row of an ended run's reservation may stay; it holds nothing (active runs only).
-    assert row.status in ACTIVE or all(h.run_id not in active for h in holds if h.run_id == run_id)
+    if row.status not in ACTIVE:
+        # What budget decisions count for these tenants now: nothing of this run (a row of
+        # an ended run's reservation may stay; only active runs' reservations hold).
+        with Session(fed.platform.engine) as session:
+            held = {t: outstanding(session, t, active_runs=active_run_ids(session))
+                    for t in tenants}  # fmt: skip
+        assert all(v == [] for v in held.values()), held
     return per
 
 
