@@ -18,7 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlmodel import Session
+from typer.testing import CliRunner
 
+from fedtext.cli import app as cli
 from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
@@ -103,7 +105,11 @@ def test_a_consent_inserted_by_plain_sql_is_no_consent(
 
 
 def test_a_policy_rewritten_by_plain_sql_is_not_applied(
-    platform: Platform, database_url: str, client: TestClient
+    platform: Platform,
+    database_url: str,
+    client: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
     agree(platform, globex, "acme")
@@ -126,6 +132,12 @@ def test_a_policy_rewritten_by_plain_sql_is_not_applied(
         f"tenant {globex.tenant.id} policy (deploy always" in p and "does not verify" in p
         for p in _problems(platform)
     )
+    monkeypatch.setenv("FEDTEXT_DATA_DIR", str(tmp_path))  # the fixture's keys and database
+    monkeypatch.setenv("FEDTEXT_DATABASE_URL", database_url)
+    shown_cli = CliRunner().invoke(cli, ["policy", "show", "globex"])
+    assert shown_cli.exit_code == 0, shown_cli.output
+    said = " ".join(shown_cli.output.split())
+    assert "not signed by the platform" in said and "deploy never" in said
     # The admin sets it again: from the defaults, not from what was forged.
     r = client.put("/v1/policy", json={"require_secure_mode": False}, headers=globex.admin)
     assert r.json()["deploy"] == "if-better" and r.json()["max_epsilon"] is None
