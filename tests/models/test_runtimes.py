@@ -16,6 +16,7 @@ from models.runtimes import (
     check_runtime,
     export_graph,
     load_runtime,
+    usable_cores,
 )
 
 # Fixed sentences: tweets' topics and lengths, an emoji, a one-letter input, a long one.
@@ -128,3 +129,20 @@ def test_the_runtime_variant_is_part_of_the_encoder_identity_in_the_spec() -> No
     assert DEFAULT_RUNTIME in OFFERED
     for variant in OFFERED:
         assert check_runtime(variant) == variant
+
+
+def test_usable_cores_follow_the_affinity_and_a_numeric_omp_num_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ray node gets OMP_NUM_THREADS=its CPU share: its encoder runs that many groups."""
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert usable_cores() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert usable_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
+    assert usable_cores() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 8))
+    assert usable_cores() == affinity
