@@ -206,8 +206,6 @@ def create_app(
         if refresher is not None:
             refresher.cancel()
         app.state.cache.clear()
-        if app.state.cache.heads is not None:
-            app.state.cache.heads.close()  # the encoder lanes' threads
         executor.shutdown(wait=True)
 
     app = FastAPI(title="fedtext", version="0.1.0", lifespan=lifespan)

@@ -49,9 +49,6 @@ def run_isolated(
 
 
 Request = tuple[Any, list[str]]  # (whose request: a batcher's own tag, its inputs)
-# Called from the batch's thread with (request index, rows or error) as soon as one
-# request of the batch is answered: it does not wait for the rest of its batch.
-Deliver = Callable[[int, Rows | BaseException], None]
 
 
 @dataclass
@@ -107,14 +104,8 @@ class BatchQueue:
         self._due = False  # the open batch has waited long enough; send at the next free slot
         self._inflight = 0
 
-    def run_requests(
-        self, requests: list[Request], deliver: Deliver | None = None
-    ) -> Sequence[Rows | BaseException]:
-        """Each request's rows, or the exception its own inputs caused (blocking).
-
-        A subclass may hand a request its answer early through ``deliver`` (thread-safe);
-        the returned list still holds every answer (an early one is not given twice).
-        """
+    def run_requests(self, requests: list[Request]) -> Sequence[Rows | BaseException]:
+        """Each request's rows, or the exception its own inputs caused (blocking)."""
         raise NotImplementedError
 
     async def _enqueue(self, tag: Any, texts: Sequence[str]) -> Rows:
@@ -151,12 +142,7 @@ class BatchQueue:
         if self._on_batch is not None:
             self._on_batch(len(batch.texts), len(batch.waiters))
         requests = [(tag, batch.texts[a:b]) for tag, a, b, _ in batch.waiters]
-        futures = [fut for _, _, _, fut in batch.waiters]
-
-        def deliver(i: int, result: Rows | BaseException) -> None:
-            loop.call_soon_threadsafe(_settle, futures[i], result)
-
-        task = loop.run_in_executor(self._executor, self.run_requests, requests, deliver)
+        task = loop.run_in_executor(self._executor, self.run_requests, requests)
         task.add_done_callback(lambda t: self._done(loop, batch, t))
 
     def _done(
@@ -169,23 +155,15 @@ class BatchQueue:
         exc = None if task.cancelled() else task.exception()
         results = None if exc is not None or task.cancelled() else task.result()
         for i, (_, _, _, fut) in enumerate(batch.waiters):
-            if fut.done():  # answered early, or the client went away
+            if fut.done():  # the client went away
                 continue
             result = results[i] if results is not None else (exc or asyncio.CancelledError())
-            _settle(fut, result)
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
         if self._pending.texts and (self._due or len(self._pending.texts) >= self.max_batch):
             self._send(loop)
-
-
-def _settle(fut: asyncio.Future[Rows], result: Rows | BaseException) -> None:
-    """Answer a waiting request once (on the loop); a request answered early or whose
-    client went away is left as it is."""
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
 
 
 class MicroBatcher(BatchQueue):
@@ -199,9 +177,7 @@ class MicroBatcher(BatchQueue):
     async def submit(self, texts: Sequence[str]) -> Rows:
         return await self._enqueue(None, texts)
 
-    def run_requests(
-        self, requests: list[Request], deliver: Deliver | None = None
-    ) -> list[Rows | Exception]:
+    def run_requests(self, requests: list[Request]) -> list[Rows | Exception]:
         texts = [text for _, inputs in requests for text in inputs]
         spans, start = [], 0
         for _, inputs in requests:

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from models.runtimes import (
     check_runtime,
 )
 from models.runtimes import load_runtime as load_vector_runtime
-from serving.batching import BatchQueue, Deliver, InputRejected, Request, Rows
+from serving.batching import BatchQueue, InputRejected, Request, Rows
 
 # fp32 first: the exact default. bf16 and int8 trade exactness for CPU speed
 # (docs/BENCHMARKS.md has the measured speed and accuracy of each).
@@ -150,19 +150,6 @@ class EncoderRuntime:
         """True when an input's vector is independent of its batch (to float rounding)."""
         return self.vectors.exact if self.vectors is not None else self.precision == "fp32"
 
-    @property
-    def lanes(self) -> int:
-        """Encoder passes that may run at once, each on its own thread: an ONNX variant's
-        sessions of one intra-op thread (one per usable core); torch one (its own
-        intra-op threads use the cores, under one lock)."""
-        return max(1, int(getattr(self.vectors, "workers", 1))) if self.vectors else 1
-
-    @property
-    def chunk(self) -> int | None:
-        """Sentences per pass that runs on the calling thread (an ONNX variant's group: 1
-        for onnx-int8, 16 for the grouped ones); None: torch takes a whole batch at once."""
-        return max(1, int(getattr(self.vectors, "group", 1))) if self.vectors else None
-
     def check(self, spec: ModelSpec) -> None:
         """Refuse (EncoderError) a head trained on another encoder's features."""
         config = spec.family_config()
@@ -232,12 +219,11 @@ class SharedEncoders:
         # The ONNX variants run on the CPU (the same bits as on the nodes that trained).
         self.device = pick_device(device) if runtime == LEGACY_RUNTIME else torch.device("cpu")
         self._executor = executor
-        self._max_inflight = max_inflight
         self._batch_options: dict[str, Any] = dict(
-            max_batch=max_batch, max_wait=max_wait, on_batch=on_batch, observe=observe,
+            max_batch=max_batch, max_wait=max_wait, max_inflight=max_inflight,
+            on_batch=on_batch, observe=observe,
         )  # fmt: skip
         self._batchers: dict[str, CrossTenantBatcher] = {}
-        self._lanes: list[ThreadPoolExecutor] = []  # this object's own threads (close())
         self._lock = threading.Lock()
 
     def batcher(self, spec: ModelSpec) -> CrossTenantBatcher:
@@ -251,27 +237,12 @@ class SharedEncoders:
                 runtime = EncoderRuntime(
                     load_encoder(ref, self.device), self.precision, variant=self.runtime
                 )
-                executor, inflight = self._executor, self._max_inflight
-                if runtime.lanes > 1:
-                    # One batch per lane, each encoded on its own thread from start to
-                    # end: no batch waits for the slowest part of another, and a lane
-                    # that finishes takes the next batch while the others still run.
-                    executor = ThreadPoolExecutor(runtime.lanes, thread_name_prefix="fedtext-lane")
-                    self._lanes.append(executor)
-                    inflight = runtime.lanes
                 batcher = CrossTenantBatcher(
-                    runtime, executor=executor, max_inflight=inflight, **self._batch_options
+                    runtime, executor=self._executor, **self._batch_options
                 )
                 self._batchers[ref] = batcher
         batcher.runtime.check(spec)
         return batcher
-
-    def close(self) -> None:
-        """Stop the lane threads this object started (the shared executor is its owner's)."""
-        with self._lock:
-            lanes, self._lanes = self._lanes, []
-        for executor in lanes:
-            executor.shutdown(wait=True)
 
 
 @dataclass(eq=False)
@@ -318,17 +289,12 @@ class CrossTenantBatcher(BatchQueue):
 
     # ------------------------------------------------------------- the forward pass
 
-    def run_requests(
-        self, requests: list[Request], deliver: Deliver | None = None
-    ) -> list[Rows | BaseException]:
+    def run_requests(self, requests: list[Request]) -> list[Rows | BaseException]:
         """Each request's probability rows, or the error that its own inputs caused.
 
-        Blocking (a lane's thread). Requests are grouped into encoder passes (by sequence
-        limit; also by tenant unless the precision is exact). An ONNX variant's group is
-        encoded in chunks of its own pass size (length-sorted, on this thread), and a
-        request is handed its rows (``deliver``) as soon as its last sentence is encoded.
-        A pass that fails is retried sentence by sentence (torch: request by request), so
-        only a request whose input is at fault fails.
+        Blocking (an inference thread). Requests are grouped into encoder passes (by
+        sequence limit; also by tenant unless the precision is exact); a pass that fails
+        is retried request by request, so only a request whose input is at fault fails.
         """
         started = time.perf_counter()
         groups: dict[tuple[int, str], list[int]] = {}
@@ -336,96 +302,30 @@ class CrossTenantBatcher(BatchQueue):
             tenant = "" if self.runtime.exact else head.tenant_id
             groups.setdefault((head.max_seq_len, tenant), []).append(i)
         results: list[Rows | BaseException] = [[] for _ in requests]
-
-        unanswered = len(requests)
-
-        def finish(i: int, result: Rows | BaseException) -> None:
-            nonlocal unanswered
-            results[i] = result
-            unanswered -= 1
-            # The last answers go with the batch's end, which frees its lane first.
-            if deliver is not None and unanswered > 0:
-                deliver(i, result)
-
         for (max_seq_len, _), members in groups.items():
-            if self.runtime.chunk is None:
-                self._run_whole(requests, members, max_seq_len, finish)
-            else:
-                self._run_chunks(requests, members, max_seq_len, self.runtime.chunk, finish)
+            texts = [t for i in members for t in requests[i][1]]
+            try:
+                vectors = self.runtime.encode(texts, max_seq_len)
+            except Exception:
+                for i in members:  # one at a time: the bad input fails alone
+                    try:
+                        results[i] = _apply(
+                            requests[i][0], self.runtime.encode(requests[i][1], max_seq_len)
+                        )
+                    except Exception as exc:
+                        results[i] = self._rejected(requests[i][1], max_seq_len) or exc
+                continue
+            offset = 0
+            for i in members:
+                n = len(requests[i][1])
+                try:
+                    results[i] = _apply(requests[i][0], vectors[offset : offset + n])
+                except Exception as exc:
+                    results[i] = exc
+                offset += n
         if self._observe is not None:
             self._observe(time.perf_counter() - started)
         return results
-
-    def _run_whole(
-        self,
-        requests: list[Request],
-        members: list[int],
-        max_seq_len: int,
-        finish: Callable[[int, Rows | BaseException], None],
-    ) -> None:
-        """One encoder call for every sentence of ``members`` (torch: its own grouping)."""
-        texts = [t for i in members for t in requests[i][1]]
-        try:
-            vectors = self.runtime.encode(texts, max_seq_len)
-        except Exception:
-            for i in members:  # one at a time: the bad input fails alone
-                try:
-                    rows = _apply(requests[i][0], self.runtime.encode(requests[i][1], max_seq_len))
-                except Exception as exc:
-                    finish(i, self._rejected(requests[i][1], max_seq_len) or exc)
-                    continue
-                finish(i, rows)
-            return
-        offset = 0
-        for i in members:
-            n = len(requests[i][1])
-            try:
-                finish(i, _apply(requests[i][0], vectors[offset : offset + n]))
-            except Exception as exc:
-                finish(i, exc)
-            offset += n
-
-    def _run_chunks(
-        self,
-        requests: list[Request],
-        members: list[int],
-        max_seq_len: int,
-        chunk: int,
-        finish: Callable[[int, Rows | BaseException], None],
-    ) -> None:
-        """Sentences sorted by length (characters: close to tokens, and free), encoded
-        ``chunk`` at a time on this thread; a request is finished with its last one."""
-        items = [(i, j) for i in members for j in range(len(requests[i][1]))]
-        items.sort(key=lambda item: len(requests[item[0]][1][item[1]]))
-        vectors: dict[int, list[torch.Tensor | None]] = {
-            i: [None] * len(requests[i][1]) for i in members
-        }
-        left = {i: len(requests[i][1]) for i in members}
-        refused: dict[int, tuple[int, BaseException]] = {}  # request -> first bad input
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
-            texts = [requests[i][1][j] for i, j in part]
-            try:
-                out = self.runtime.encode(texts, max_seq_len)
-                found: list[torch.Tensor | BaseException] = list(out)
-            except Exception:
-                found = [self._alone(text, max_seq_len) for text in texts]
-            for (i, j), vector in zip(part, found, strict=True):
-                if isinstance(vector, BaseException):
-                    if i not in refused or j < refused[i][0]:
-                        refused[i] = (j, vector)
-                else:
-                    vectors[i][j] = vector
-                left[i] -= 1
-                if left[i] == 0:
-                    finish(i, _answer(requests[i][0], vectors[i], refused.get(i)))
-
-    def _alone(self, text: str, max_seq_len: int) -> torch.Tensor | BaseException:
-        """One sentence's vector, or why the encoder refuses it."""
-        try:
-            return self.runtime.encode([text], max_seq_len)[0]
-        except Exception as exc:
-            return exc
 
     def _rejected(self, texts: list[str], max_seq_len: int) -> InputRejected | None:
         """The first of ``texts`` that the encoder refuses on its own (a 422), if any."""
@@ -437,19 +337,6 @@ class CrossTenantBatcher(BatchQueue):
                     i, f"the encoder's tokenizer refused it ({type(exc).__name__})"
                 )
         return None  # the request fails as a whole: a server error, not the input's fault
-
-
-def _answer(
-    head: SharedHead, vectors: list[torch.Tensor | None], refused: tuple[int, BaseException] | None
-) -> Rows | BaseException:
-    """A request's rows from its sentences' vectors, or why it is refused."""
-    if refused is not None:
-        j, exc = refused
-        return InputRejected(j, f"the encoder's tokenizer refused it ({type(exc).__name__})")
-    try:
-        return _apply(head, torch.stack([v for v in vectors if v is not None]))
-    except Exception as exc:
-        return exc
 
 
 def _apply(head: SharedHead, vectors: torch.Tensor) -> Rows:

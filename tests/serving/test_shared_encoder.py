@@ -331,39 +331,6 @@ def _int8_batcher(spec_variant: str = "onnx-int8") -> tuple[CrossTenantBatcher, 
     return batcher, spec
 
 
-def test_onnx_lanes_answer_each_request_once_its_own_sentences_are_encoded() -> None:
-    batcher, spec = _int8_batcher()
-    assert batcher.runtime.chunk == 1  # int8 encodes each sentence alone, on the lane's thread
-    torch.manual_seed(0)
-    heads = {n: batcher.attach(random_head(spec), spec, n) for n in TEXTS}
-    calls: list[tuple[int, list[list[float]] | BaseException]] = []
-    requests = [(heads[n], TEXTS[n]) for n in TEXTS]
-    results = batcher.run_requests(requests, lambda i, rows: calls.append((i, rows)))
-    # Every request but the batch's last is handed its rows before the batch ends, once;
-    # the last one goes with the batch's end (which frees the lane).
-    assert len({i for i, _ in calls}) == len(calls) == len(requests) - 1
-    assert all(rows == results[i] for i, rows in calls)
-    for (name, texts), rows in zip(TEXTS.items(), results, strict=True):
-        assert rows == batcher.run_requests([(heads[name], texts)])[0]  # the same bits alone
-
-
-def test_an_onnx_server_runs_one_batch_per_lane_on_threads_of_its_own() -> None:
-    from models.runtimes import usable_cores
-
-    shared_pool = ThreadPoolExecutor(1)
-    shared = SharedEncoders(executor=shared_pool, runtime="onnx-int8", max_batch=64)
-    _, spec = _int8_batcher()
-    batcher = shared.batcher(spec)
-    assert batcher.runtime.lanes == usable_cores()
-    assert batcher.max_inflight == batcher.runtime.lanes
-    if batcher.runtime.lanes > 1:
-        assert batcher._executor is not shared_pool
-    shared.close()
-    torch_served = SharedEncoders(executor=shared_pool, runtime="torch-fp32", device="cpu")
-    assert torch_served.batcher(ModelSpec.create("encoder-head", LABELS)).max_inflight == 1
-    shared_pool.shutdown()
-
-
 def test_an_input_the_encoder_refuses_fails_its_own_request_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
