@@ -19,6 +19,10 @@ TOKEN_HINT = (
 _PLACEHOLDER_TOKENS = {"", "changeme", "change-me", "secret", "operator"}
 
 
+# models/runtimes.RUNTIMES, spelled out so that settings import no torch (a test checks they agree).
+EncoderRuntimeName = Literal["torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-static"]
+
+
 class Settings(BaseSettings):
     """Platform settings, read from the environment (``FEDTEXT_*``) or a ``.env`` file."""
 
@@ -69,7 +73,7 @@ class Settings(BaseSettings):
         description="encoder-head models share one encoder per process, batched across "
         "tenants; false serves them per model.",
     )
-    serve_encoder_runtime: Literal["torch-fp32", "onnx-fp32", "onnx-int8"] = Field(
+    serve_encoder_runtime: EncoderRuntimeName = Field(
         default="torch-fp32",
         description="Shared encoder: the runtime variant that computes sentence vectors "
         "(models/runtimes.py; a variant that failed the accuracy gate is refused). A head "

@@ -146,3 +146,14 @@ def test_usable_cores_follow_the_affinity_and_a_numeric_omp_num_threads(
     assert usable_cores() == affinity
     monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 8))
     assert usable_cores() == affinity
+
+
+def test_the_settings_name_every_runtime_variant() -> None:
+    """FEDTEXT_SERVE_ENCODER_RUNTIME accepts exactly the variants models/runtimes.py has
+    (settings spell them out to stay torch-free)."""
+    from typing import get_args
+
+    from fedtext.settings import EncoderRuntimeName
+    from models.runtimes import RUNTIMES
+
+    assert set(get_args(EncoderRuntimeName)) == set(RUNTIMES)
