@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -109,6 +110,10 @@ def audit_verify(
                     f"tenant {tenant_id}: budget in force {row.budget_epsilon:g} differs from "
                     f"its budget chain ({wide[-1].new_epsilon:g})"
                 )
+        # Consents, policies and model versions (deployment included): signed since v0010.
+        from tenancy.signing_audit import governance_problems
+
+        problems += governance_problems(session, trusted_keys)
     if problems:
         for p in dict.fromkeys(problems):  # the stored and the kept head may agree
             err.print(f"[red]BROKEN[/red] {p}")
@@ -262,6 +267,12 @@ def audit_sign_existing(
         verify_chain,
     )
     from tenancy.signing import KEY_TABLE, NODE_TABLE, check, row_message
+    from tenancy.signing_audit import (
+        governance_counts_text,
+        governance_row_name,
+        sign_governance,
+        unsigned_governance,
+    )
     from tenancy.tables import Tenant
 
     platform = open_platform()
@@ -297,11 +308,15 @@ def audit_sign_existing(
                     f"tenant {tenant_id}: budget in force {row.budget_epsilon:g} differs from "
                     f"its budget chain ({wide[-1].new_epsilon:g})"
                 )
+        gov_todo, gov_blockers = unsigned_governance(session, trusted)
+        blockers += gov_blockers
         if blockers:
             for b in blockers:
                 err.print(f"[red]BROKEN[/red] {b}")
             err.print("Nothing was signed: find out what changed these rows first.")
             raise typer.Exit(1)
+        for table, item in gov_todo:
+            console.print(f"Tenant {item.tenant_id} {governance_row_name(table, item)}")
         for _cls, item, table in todo:
             if table == KEY_TABLE:
                 console.print(
@@ -322,14 +337,16 @@ def audit_sign_existing(
                     .where(pk == (item.fingerprint if table == NODE_TABLE else item.id))
                     .values(signature=signing.sign(row_message(table, item)))
                 )
+            sign_governance(session, signing, gov_todo)
             session.commit()
+    gov_counts = Counter(table for table, _ in gov_todo)
     counts = {t: sum(1 for _, _, tt in todo if tt == t) for t in ("privacy_event",
               "privacy_budget_change", KEY_TABLE, NODE_TABLE)}  # fmt: skip
     verb = "Would sign" if dry_run else "Signed"
     console.print(
         f"{verb} {counts['privacy_event']} ledger entr(ies), "
         f"{counts['privacy_budget_change']} budget change(s), {counts[KEY_TABLE]} API key(s), "
-        f"{counts[NODE_TABLE]} node key enrollment(s)."
+        f"{counts[NODE_TABLE]} node key enrollment(s), {governance_counts_text(gov_counts)}."
     )
 
 
