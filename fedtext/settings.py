@@ -20,7 +20,9 @@ _PLACEHOLDER_TOKENS = {"", "changeme", "change-me", "secret", "operator"}
 
 
 # models/runtimes.RUNTIMES, spelled out so that settings import no torch (a test checks they agree).
-EncoderRuntimeName = Literal["torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-static"]
+EncoderRuntimeName = Literal[
+    "torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-static", "openvino-int8-static"
+]
 
 
 class Settings(BaseSettings):

@@ -12,7 +12,9 @@ from models import ModelSpec, load_encoder
 from models.runtimes import (
     DEFAULT_RUNTIME,
     OFFERED,
+    GroupedRuntime,
     OnnxRuntime,
+    OpenVinoRuntime,
     check_runtime,
     export_graph,
     load_runtime,
@@ -31,15 +33,20 @@ SENTENCES = [
 # Stated closeness to torch fp32 per sentence (cosine): fp32 graphs are the same math;
 # int8 MatMul weights per channel measured 0.97-0.995 on tweets (dynamic); the static
 # recipe's on the 1,000 gate tweets: mean 0.988, min 0.974 (docs/BENCHMARKS.md, issue 26).
-# Static int8 on these six: 0.944 ("ok": three tokens) to 0.992, mean 0.981.
-MIN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.96, "onnx-int8-static": 0.94}
-MEAN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.985, "onnx-int8-static": 0.975}
+# Static int8 on these six: 0.944 ("ok": three tokens) to 0.992, mean 0.981; OpenVINO
+# on the same graph: 0.944 to 0.992, mean 0.981.
+MIN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.96, "onnx-int8-static": 0.94,
+              "openvino-int8-static": 0.94}  # fmt: skip
+MEAN_COSINE = {"onnx-fp32": 0.99999, "onnx-int8": 0.985, "onnx-int8-static": 0.975,
+               "openvino-int8-static": 0.975}  # fmt: skip
 # A sentence alone vs in a padded group: the grouped variants' fp32 parts round
-# differently with the group's width; static int8's fixed scales keep it at that.
-ALONE_VS_GROUP_ATOL = {"onnx-fp32": 1e-6, "onnx-int8-static": 1e-5}
+# differently with the group's width; static int8's fixed scales keep it at that
+# (OpenVINO measured 0.0 here; the same bound is stated for both int8 engines).
+ALONE_VS_GROUP_ATOL = {"onnx-fp32": 1e-6, "onnx-int8-static": 1e-5, "openvino-int8-static": 1e-5}
+VARIANTS = ["onnx-fp32", "onnx-int8", "onnx-int8-static", "openvino-int8-static"]
 
 
-@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8", "onnx-int8-static"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_onnx_variants_match_torch_fp32_within_the_stated_cosine(variant: str) -> None:
     reference = load_runtime(variant="torch-fp32").encode(SENTENCES, 128)
     got = load_runtime(variant=variant).encode(SENTENCES, 128)
@@ -57,11 +64,12 @@ def test_onnx_variants_match_torch_fp32_within_the_stated_cosine(variant: str) -
         torch.testing.assert_close(alone, got, atol=ALONE_VS_GROUP_ATOL[variant], rtol=0)
 
 
-def test_static_int8_is_batch_independent_in_length_sorted_padded_groups() -> None:
+@pytest.mark.parametrize("variant", ["onnx-int8-static", "openvino-int8-static"])
+def test_static_int8_is_batch_independent_in_length_sorted_padded_groups(variant: str) -> None:
     """Another tenant's sentence in the same padded group does not move a vector: the
-    activation scales are fixed at export, and padding is masked."""
-    runtime = load_runtime(variant="onnx-int8-static")
-    assert isinstance(runtime, OnnxRuntime) and runtime.group > 1
+    activation scales are fixed at export, and padding is masked (in either engine)."""
+    runtime = load_runtime(variant=variant)
+    assert isinstance(runtime, GroupedRuntime) and runtime.group > 1
     mine = SENTENCES[2]
     # Neighbours of every length, so that ``mine`` is padded in some groups and sets the
     # width in others; a long outlier would have set a dynamic scale for all of them.
@@ -72,6 +80,26 @@ def test_static_int8_is_batch_independent_in_length_sorted_padded_groups() -> No
         torch.testing.assert_close(with_others, alone, atol=1e-5, rtol=0)
         cosine = torch.nn.functional.cosine_similarity(with_others, alone, dim=0)
         assert cosine >= 0.99999
+
+
+def test_openvino_runs_the_static_int8_graph_deterministically_on_parallel_requests() -> None:
+    """openvino-int8-static is onnx-int8-static's graph file (same export, same encoder
+    hash) run by OpenVINO: the same vectors run to run, with one or several requests at
+    once, and close to ONNX Runtime's on the same graph (not its bits: its own variant)."""
+    encoder = load_encoder()
+    runtime = load_runtime(variant="openvino-int8-static")
+    assert isinstance(runtime, OpenVinoRuntime)
+    assert runtime.graph == load_runtime(variant="onnx-int8-static").graph  # type: ignore[attr-defined]
+    assert runtime.sha256 == encoder.sha256
+    # Enough sentences for every worker to run groups at once, twice each way.
+    texts = [f"{s} #{i}" for i in range(12) for s in SENTENCES]
+    first = runtime.encode(texts, 128)
+    assert torch.equal(runtime.encode(texts, 128), first)
+    serial = OpenVinoRuntime(encoder, workers=1)
+    assert torch.equal(serial.encode(texts, 128), first)
+    ort = load_runtime(variant="onnx-int8-static").encode(SENTENCES, 128)
+    cosine = torch.nn.functional.cosine_similarity(runtime.encode(SENTENCES, 128), ort)
+    assert cosine.min() >= 0.98, cosine  # measured 0.987 to 1.0000 on these six
 
 
 def test_the_export_is_reproducible_offline_and_checked_on_load(
@@ -157,3 +185,19 @@ def test_the_settings_name_every_runtime_variant() -> None:
     from models.runtimes import RUNTIMES
 
     assert set(get_args(EncoderRuntimeName)) == set(RUNTIMES)
+
+
+def test_a_variant_that_missed_the_gate_is_refused_unless_the_operator_accepts_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """openvino-int8-static measured -0.0085 macro-F1 (gate -0.005): loadable (a node
+    follows the spec it is sent), not offered for new specs or servers by default."""
+    from models.runtimes import ACCURACY_CHANGE, ACCURACY_GATE, ALLOW_UNGATED_ENV
+
+    assert ACCURACY_CHANGE["openvino-int8-static"] < ACCURACY_GATE
+    assert "openvino-int8-static" not in OFFERED
+    monkeypatch.delenv(ALLOW_UNGATED_ENV, raising=False)
+    with pytest.raises(ValueError, match=r"not offered: heads trained on its vectors lost 0\.00"):
+        check_runtime("openvino-int8-static")
+    monkeypatch.setenv(ALLOW_UNGATED_ENV, "1")
+    assert check_runtime("openvino-int8-static") == "openvino-int8-static"
