@@ -206,6 +206,14 @@ class RunPublic(BaseModel):
         description="The calling tenant's released final figures with their uncertainty "
         "(the model version the run stored); null until the run completes.",
     )
+    privacy_unit: Literal["example", "user"] = Field(
+        default="example",
+        description="What the run's epsilon protects: one training example, or one user "
+        "(all of a person's rows, at most max_examples_per_user of them used).",
+    )
+    max_examples_per_user: int | None = Field(
+        default=None, description="k, the rows kept per user; null for privacy unit example."
+    )
 
 
 class ModelVersionPublic(BaseModel):

@@ -60,6 +60,9 @@ log = logging.getLogger("fedtext.serving.runs")
 
 def _public(session: Session, run: TrainingRun, tenant_id: str) -> RunPublic:
     config = json.loads(run.simulation_json or "{}")
+    # What ran (a federation run records its settings at start) over what was asked.
+    ran = {**config, **json.loads(run.config_json or "{}")}
+    user_unit = ran.get("privacy_unit") == "user"
     tenant = session.get(Tenant, tenant_id)
     summary = json.loads(run.summary_json or "{}").get("tenants", {})
     own = summary.get(tenant.name) if tenant is not None else None
@@ -80,6 +83,8 @@ def _public(session: Session, run: TrainingRun, tenant_id: str) -> RunPublic:
         heartbeat_at=run.heartbeat_at,
         metrics=[_with_uncertainty(m, own) for m in metrics],
         result=ReleasedMetrics.from_metrics(own) if own else None,
+        privacy_unit="user" if user_unit else "example",
+        max_examples_per_user=int(ran.get("max_examples_per_user", 1)) if user_unit else None,
     )
 
 

@@ -389,3 +389,16 @@ def test_a_run_too_small_for_its_batch_is_refused_before_it_is_recorded(
         assert "40 training examples, fewer than the batch size 64" in r.json()["detail"]
         assert "use batch size 8" in r.json()["detail"]
         assert c.get("/v1/runs", headers=acme.admin).json() == []
+
+
+def test_a_run_says_what_its_epsilon_protects(platform: Platform, tmp_path: Path) -> None:
+    """RunPublic names the run's privacy unit and, per user, k (issue 29)."""
+    acme = make_tenant(platform, "acme")
+    users = {"tenants": ["acme"], "privacy_unit": "user", "max_examples_per_user": 4}
+    _running(platform, acme.tenant.id, {"per-user": (os.getpid(), users)})
+    _running(platform, acme.tenant.id, {"per-row": (os.getpid(), {"tenants": ["acme"]})})
+    with _app(platform, tmp_path) as c:
+        user_run = c.get("/v1/runs/per-user", headers=acme.admin).json()
+        row_run = c.get("/v1/runs/per-row", headers=acme.admin).json()
+    assert (user_run["privacy_unit"], user_run["max_examples_per_user"]) == ("user", 4)
+    assert (row_run["privacy_unit"], row_run["max_examples_per_user"]) == ("example", None)
