@@ -6,9 +6,9 @@ encoder forward passes (per-model batches of about one input under uniform traff
 many tenants). Here, as multi-adapter servers do with LoRA adapters (LoRAX, S-LoRA):
 
 - ``EncoderRuntime``: the encoder once per process, run by the runtime variant the
-  operator chooses (``FEDTEXT_SERVE_ENCODER_RUNTIME``, models/runtimes.py: ONNX Runtime
-  int8 by default, torch fp32 the exact reference). A head is served only on the variant
-  its spec names: the vectors it was trained on.
+  operator chooses (``FEDTEXT_SERVE_ENCODER_RUNTIME``, models/runtimes.py; torch fp32,
+  the exact reference, by default). A head is served only on the variant its spec
+  names: the vectors it was trained on.
 - ``CrossTenantBatcher``: concurrent requests of *all* tenants join one batch; one
   encoder pass computes every sentence vector; then each request's own decrypted head is
   applied to its own rows only.
@@ -16,8 +16,8 @@ many tenants). Here, as multi-adapter servers do with LoRA adapters (LoRAX, S-Lo
 Isolation. An input's sentence vector does not depend on which other inputs share its
 forward pass: sentences are padded to their group's longest and padding is masked out of
 attention and of the mean, as in training (``models.encoders.SentenceEncoder``). That
-holds to float rounding (about 1e-7) in ``fp32``, and exactly for the ONNX variants
-(each sentence runs alone). The torch reduced precisions do not
+holds to float rounding (about 1e-7) in ``fp32`` and for the grouped ONNX variants, and
+exactly for onnx-int8 (each sentence runs alone). The torch reduced precisions do not
 guarantee it (int8 dynamic quantization scales activations per tensor, so a batch's
 largest activation sets everyone's rounding; bf16 kernels may block by batch shape):
 in those modes each forward pass holds the inputs of one tenant only. A bad input (one
