@@ -11,6 +11,11 @@ that the machine's load moves them alike). Baselines in the same run: torch fp32
 of 16) and onnx-int8 (dynamic, each sentence alone).
 
     .venv/bin/python bench/_int8_recipes.py [--names a,b] [--train 2000] [--test 1000]
+    .venv/bin/python bench/_int8_recipes.py --engines [--timing 200] [--rounds 3]
+
+``--engines``: the shipped runtimes on the same tweets, interleaved: CPU ms per sentence
+on one thread (torch fp32, onnx-int8-static, openvino-int8-static), and wall/CPU ms per
+sentence of the two int8 engines in their served layout (a run per usable core).
 """
 
 from __future__ import annotations
@@ -96,6 +101,55 @@ def layout(texts: list[str], rounds: int) -> dict[str, Any]:
     }
 
 
+def engines(texts: list[str], rounds: int) -> dict[str, Any]:
+    """CPU ms per sentence of each runtime on one thread, then the int8 engines' served
+    layout by wall and CPU time, every path run ``rounds`` times interleaved."""
+    import torch
+
+    from models import load_encoder
+    from models.runtimes import OnnxRuntime, OpenVinoRuntime, TorchRuntime, usable_cores
+
+    torch.set_num_threads(1)
+    encoder = load_encoder()
+    one = {
+        "torch-fp32": TorchRuntime(encoder),
+        "onnx-int8-static": OnnxRuntime(encoder, "onnx-int8-static", workers=1),
+        "openvino-int8-static": OpenVinoRuntime(encoder, workers=1),
+    }
+    served = {
+        "onnx-int8-static": OnnxRuntime(encoder, "onnx-int8-static"),
+        "openvino-int8-static": OpenVinoRuntime(encoder),
+    }
+    for runtime in [*one.values(), *served.values()]:
+        runtime.encode(texts[:32], 128)  # warm-up
+    cpu: dict[str, list[float]] = {k: [] for k in one}
+    wall: dict[str, list[float]] = {k: [] for k in served}
+    wall_cpu: dict[str, list[float]] = {k: [] for k in served}
+    load_before = os.getloadavg()
+    for _ in range(rounds):
+        for key, runtime in one.items():
+            cpu[key].append(cpu_ms(lambda t, r=runtime: r.encode(t, 128), texts))
+        for key, runtime in served.items():
+            started, spent = time.perf_counter(), time.process_time()
+            runtime.encode(texts, 128)
+            wall[key].append(1000 * (time.perf_counter() - started) / len(texts))
+            wall_cpu[key].append(1000 * (time.process_time() - spent) / len(texts))
+    mean = lambda v: round(sum(v) / len(v), 2)  # noqa: E731
+    one_thread = {k: mean(v) for k, v in cpu.items()}
+    return {
+        "cpu_ms_per_sentence_one_thread": one_thread,
+        "cpu_ms_per_sentence_runs": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+        "vs_torch_fp32": {k: round(one_thread["torch-fp32"] / v, 2) for k, v in one_thread.items()},
+        "served_layout_wall_ms_per_sentence": {k: mean(v) for k, v in wall.items()},
+        "served_layout_cpu_ms_per_sentence": {k: mean(v) for k, v in wall_cpu.items()},
+        "sentences": len(texts),
+        "rounds": rounds,
+        "cores": usable_cores(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--names", default="", help="comma-separated recipe names (all)")
@@ -105,7 +159,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fedtext-int8"))
     parser.add_argument("--layout", action="store_true", help="group sizes and threads only")
+    parser.add_argument("--engines", action="store_true", help="the shipped int8 engines only")
     args = parser.parse_args()
+    if args.engines:
+        from clients.data import load_demo_corpus, train_test_split
+
+        _, test = train_test_split(load_demo_corpus(), test_fraction=0.1, seed=0)
+        print(json.dumps(engines(list(test.texts[: args.timing]), args.rounds)))
+        return
     if args.layout:
         from clients.data import load_demo_corpus, train_test_split
 
