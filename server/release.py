@@ -119,10 +119,17 @@ def release_models(
                 model_choice=choice,
             )
             serving = deployed_version(session=session, tenant_id=tenant.id, name=cfg.model_name)
+            stored = session.exec(
+                select(ModelVersion.id).where(
+                    ModelVersion.tenant_id == tenant.id, ModelVersion.name == cfg.model_name
+                )
+            ).first()
             # Each tenant's own policy decides (the stricter of its policy now, at planning,
             # and the run's request): a partner's run cannot deploy over its version.
             policy = effective_deploy(session, tenant.id, plan.deploy, cfg.deploy)
-            deploy, decision = deploy_decision(policy, serving, metrics)
+            deploy, decision = deploy_decision(
+                policy, serving, metrics, earlier_versions=stored is not None
+            )
             row = store_model_version(
                 session=session,
                 keyring=platform.keyring,
@@ -246,7 +253,11 @@ def released_metrics(
 
 
 def deploy_decision(
-    policy: str, serving: ModelVersion | None, metrics: dict[str, Any]
+    policy: str,
+    serving: ModelVersion | None,
+    metrics: dict[str, Any],
+    *,
+    earlier_versions: bool = False,
 ) -> tuple[bool, dict[str, Any]]:
     """Whether a tenant's new version serves at once under the run's ``deploy`` policy, and
     why (recorded on the version).
@@ -257,10 +268,19 @@ def deploy_decision(
     splits), at ``DECISION_ERROR_RATE``. Between two versions of equal exact score it
     deploys at most that often. Without both figures and their SDs (a version released
     before uncertainty was recorded) the new version waits for an admin, as under ``first``.
+
+    No serving version while ``earlier_versions`` exist (none deployed, or the deployed
+    row's signature does not verify: a flag cleared around the platform) is not "first":
+    only ``always`` deploys then; otherwise an admin decides, so a database writer cannot
+    open a tenant's model to a partner's run by clearing its deployed flag.
     """
     if serving is None:
-        deploy = policy != "never"
-        why = "policy never" if policy == "never" else "first version"
+        if policy in ("never", "always"):
+            deploy, why = policy == "always", f"policy {policy}"
+        elif earlier_versions:
+            deploy, why = False, "earlier versions exist but none is served; an admin deploys it"
+        else:
+            deploy, why = True, "first version"
         return deploy, {"policy": policy, "deployed": deploy, "reason": why}
     if policy in ("always", "never", "first"):
         reason = {"always": "policy always", "never": "policy never", "first": "not the first"}

@@ -109,3 +109,15 @@ def test_personalized_model_is_kept_only_when_significantly_better() -> None:
     metrics, choice = released_metrics(None, None, trained_personal=True)
     assert choice["chosen"] == "global" and "eval-noise 0" in choice["reason"]
     assert metrics["accuracy"] is None and metrics["test_examples"] is None
+
+
+def test_no_serving_version_is_first_only_when_no_version_was_ever_stored() -> None:
+    """A deployed flag cleared around the platform (or a forged deployment, which is not
+    served) must not let a partner's run deploy as if the tenant had no model yet."""
+    metrics = {"macro_f1": 0.9, "macro_f1_sd": 0.01}
+    for policy in ("first", "if-better"):
+        assert deploy_decision(policy, None, metrics)[0] is True
+        deploy, why = deploy_decision(policy, None, metrics, earlier_versions=True)
+        assert not deploy and "an admin deploys it" in why["reason"]
+    assert deploy_decision("always", None, metrics, earlier_versions=True)[0] is True
+    assert deploy_decision("never", None, metrics)[0] is False
