@@ -25,6 +25,7 @@ from tenancy.db import session_scope
 from tenancy.governance import Policy, below_floor, get_policy, live_tenant, stricter_deploy
 from tenancy.platform import Platform
 from tenancy.tables import Tenant
+from tenancy.tenants import without_consent
 
 log = logging.getLogger("fedtext.server")
 
@@ -74,6 +75,19 @@ def _owner(platform: Platform, session: Session, run_id: str) -> str:
     return f"tenant {owner.name}" if owner is not None else "a deleted tenant"
 
 
+def _unconsented(
+    platform: Platform, session: Session, run_id: str, tenants: list[Tenant]
+) -> set[str]:
+    """Names of ``tenants`` whose (signed) consent the run's owner lacks, asked again here
+    and not only when the run was requested: the stored request is not signed, so a
+    participant written into it around the API must not be planned or charged. An
+    operator's run (no owner: CLI, federation) needs no consent."""
+    run = get_run(platform.engine, run_id)
+    if run is None or run.owner_tenant_id is None:
+        return set()
+    return set(without_consent(session=session, owner_id=run.owner_tenant_id, participants=tenants))
+
+
 def charged_dataset(node: NodeInfo, policy: Policy, *, simulated: bool) -> tuple[str, str]:
     """The dataset a tenant's charges land on, and who declared it: its node (federation,
     covered by the node's enrolled key) or its admin's policy (simulation, where the
@@ -100,8 +114,12 @@ def plan_run(
         found, refused = unique_known_tenants(session, nodes)
         owner = _owner(platform, session, cfg.run_id)
         policies = {t.id: get_policy(session=session, tenant_id=t.id) for _, t in found}
+        unconsented = _unconsented(platform, session, cfg.run_id, [t for _, t in found])
     refused = outsiders + refused
     for node, found_tenant in found:
+        if found_tenant.name in unconsented:
+            refused.append(cannot_take_part(found_tenant.name, "not a partner"))
+            continue
         policy = policies[found_tenant.id]
         low = below_floor(
             policy, secure_mode=cfg.secure_mode, epsilon=cfg.epsilon, family=cfg.model
@@ -167,7 +185,14 @@ def reserve_resumed(platform: Platform, cfg: RunSpec, plans: dict[int, TenantPla
     """Hold again what a resumed run has left to charge; refuse tenants it no longer fits."""
     refused = []
     gate = privacy_gate()
+    with Session(platform.engine) as session:
+        tenants = [t for p in plans.values() if (t := session.get(Tenant, p.tenant_id))]
+        unconsented = _unconsented(platform, session, cfg.run_id, tenants)
     for node_id, plan in list(plans.items()):
+        if plan.tenant_name in unconsented:
+            del plans[node_id]
+            refused.append(cannot_take_part(plan.tenant_name, "not a partner"))
+            continue
         with session_scope(platform.engine) as session:
             result = gate.hold(
                 session,

@@ -89,3 +89,32 @@ def test_a_failure_does_not_overwrite_a_cancel(sqlite_platform: Platform) -> Non
             "the run was stopped",
         )
         assert broken.finished_at is not None
+
+
+def test_a_participant_written_into_an_owned_run_without_consent_is_not_planned(
+    sqlite_platform: Platform,
+) -> None:
+    """The stored run request is not signed: consent is asked again when the run plans
+    (and resumes), so a tenant added to acme's run around the API is refused, uncharged."""
+    from server.charging import reserve_resumed
+    from tests.factories import agree
+
+    acme, globex, _ = (make_tenant(sqlite_platform, n) for n in ("acme", "globex", "initech"))
+    agree(sqlite_platform, globex, "acme")  # globex lets acme include it; initech never did
+    with session_scope(sqlite_platform.engine) as session:
+        session.add(TrainingRun(id="owned", owner_tenant_id=acme.tenant.id, status="running"))
+    cfg = RunSpec.from_run_config({"run-id": "owned", "batch-size": 64, "personalize-epochs": 0})
+    plans, refused = plan_run(sqlite_platform, _nodes("acme", "globex", "initech"), cfg)
+    assert sorted(p.tenant_name for p in plans.values()) == ["acme", "globex"]
+    assert refused == ["tenant 'initech' cannot take part (not a partner)"]
+    # On resume too: a consent withdrawn (or forged) since is no consent.
+    everyone, _ = plan_run(
+        sqlite_platform, _nodes("acme", "globex"), RunSpec.from_run_config({"batch-size": 64})
+    )
+    assert reserve_resumed(sqlite_platform, cfg, everyone) == []
+    from tenancy.tenants import forget_partners
+
+    with session_scope(sqlite_platform.engine) as session:
+        forget_partners(session=session, tenant_id=globex.tenant.id)
+    left = reserve_resumed(sqlite_platform, cfg, everyone)
+    assert left == ["tenant 'globex' cannot take part (not a partner)"]
