@@ -131,7 +131,7 @@ def test_each_tenant_gets_the_stricter_of_its_deploy_policy_and_the_runs(
 ) -> None:
     platform = sqlite_platform
     acme, globex = _partners(platform)
-    make_tenant(platform, "initech")
+    agree(platform, make_tenant(platform, "initech"), "acme")
     with _client(platform) as c:
         assert (
             c.put("/v1/policy", json={"deploy": "first"}, headers=globex.admin).status_code == 200
