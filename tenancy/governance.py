@@ -13,7 +13,10 @@ even then the tenant's own policy decides what the run may do to it:
   tenant before round 1, naming the setting and nothing else of the tenant's.
 - **dataset**: the dataset a simulated run charges (a federation node declares its own).
 
-A tenant that never set a policy has ``DEFAULT_POLICY``. A policy row whose signature does
+Every tenant gets a signed ``DEFAULT_POLICY`` row when it is created; a tenant with *no*
+row (deleted around the platform, or made before this rule and not yet given one by
+``fedtext audit sign-existing``) gets ``UNSIGNED_POLICY``, as a forged row does: a writer
+of the database cannot loosen a policy by deleting it. A policy row whose signature does
 not verify (written around the platform, or before revision 0010 and not yet signed with
 ``fedtext audit sign-existing``) is not applied: the tenant gets ``UNSIGNED_POLICY``, the
 strictest there is (it takes part in no run and no version deploys for it), and every
@@ -93,10 +96,10 @@ UNSIGNED_POLICY = Policy(deploy="never", require_secure_mode=True, signed=False)
 
 
 def get_policy(*, session: Session, tenant_id: str) -> Policy:
-    """The tenant's policy (``DEFAULT_POLICY`` when its admin never set one;
-    ``UNSIGNED_POLICY`` when the stored row's signature does not verify, logged)."""
+    """The tenant's policy (``UNSIGNED_POLICY`` when its row is missing or its signature
+    does not verify, logged)."""
     row = session.get(TenantPolicy, tenant_id)
-    if row is not None and not policy_row_trusted(session.get_bind().engine, row):
+    if row is None or not policy_row_trusted(session.get_bind().engine, row):
         return UNSIGNED_POLICY
     return Policy.of(row)
 

@@ -75,6 +75,21 @@ def governance_rows(session: Any) -> dict[str, list[tuple[str, Any]]]:
     return rows
 
 
+def tenants_without_policy(session: Any) -> list[str]:
+    """Live tenants with no policy row: each is created with one, so a missing row was
+    deleted around the platform (or predates that rule); it is read as the strictest."""
+    from sqlmodel import col, select
+
+    from tenancy.governance import TenantPolicy
+    from tenancy.tables import Tenant
+
+    with_row = select(TenantPolicy.tenant_id)
+    query = select(Tenant.id).where(
+        col(Tenant.deleted_at).is_(None), col(Tenant.id).not_in(with_row)
+    )
+    return sorted(session.exec(query))
+
+
 def governance_row_name(table: str, row: Any) -> str:
     """How an auditor is shown one governance row."""
     if table == PARTNER_TABLE:
@@ -103,6 +118,12 @@ def governance_problems(session: Any, trusted: Mapping[str, bytes]) -> list[str]
                     f"tenant {tenant_id} {governance_row_name(table, row)}: {describe(status)}"
                 )
         found += _deployed_twice(tenant_id, rows)
+    found += [
+        f"tenant {tenant_id}: no policy row (each tenant is created with one): the strictest "
+        "policy applies until `fedtext audit sign-existing` writes the default, or its admin "
+        "sets one"
+        for tenant_id in tenants_without_policy(session)
+    ]
     return found
 
 
@@ -135,13 +156,20 @@ def unsigned_governance(
             elif status != "ok":
                 blockers.append(f"tenant {tenant_id} {governance_row_name(table, row)}: {status}")
         blockers += _deployed_twice(tenant_id, rows)
+    from tenancy.governance import TenantPolicy
+
+    # A tenant without a policy row gets the default one, written (and signed) here.
+    todo += [
+        (POLICY_TABLE, TenantPolicy(tenant_id=t, updated_by="fedtext audit sign-existing"))
+        for t in tenants_without_policy(session)
+    ]
     return todo, blockers
 
 
 def sign_governance(session: Any, keys: Any, todo: Iterable[tuple[str, Any]]) -> dict[str, int]:
     """Sign ``todo`` (from ``unsigned_governance``) with ``keys`` (``SigningKeys``) by plain
     UPDATEs (the rows are not changed otherwise); the caller commits. Counts per table."""
-    from sqlalchemy import update
+    from sqlalchemy import inspect, update
 
     from tenancy.governance import TenantPolicy
     from tenancy.tables import FederationPartner, ModelVersion
@@ -149,6 +177,11 @@ def sign_governance(session: Any, keys: Any, todo: Iterable[tuple[str, Any]]) ->
     counts = dict.fromkeys(GOVERNANCE_TABLES, 0)
     for table, row in todo:
         signature = keys.sign(row_message(table, row))
+        if inspect(row).transient:  # a default policy row written now
+            row.signature = signature
+            session.add(row)
+            counts[table] += 1
+            continue
         if table == PARTNER_TABLE:
             where: Any = (FederationPartner.tenant_id == row.tenant_id) & (
                 FederationPartner.partner_id == row.partner_id

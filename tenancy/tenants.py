@@ -14,6 +14,7 @@ from sqlmodel import Session, col, delete, func, or_, select
 
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.events import Change, ChangeKind, record
+from tenancy.governance import TenantPolicy
 from tenancy.keyring import Keyring
 from tenancy.signing import key_row_trusted, partner_row_trusted
 from tenancy.tables import ApiKey, FederationPartner, Tenant, UnmatchedPartner, utcnow
@@ -84,6 +85,8 @@ def create_tenant(
     tenant = Tenant(name=name, budget_epsilon=budget_epsilon, budget_delta=budget_delta)
     session.add(tenant)
     session.flush()
+    # The default policy as a signed row: a missing row is read as the strictest.
+    session.add(TenantPolicy(tenant_id=tenant.id, updated_by="created with the tenant"))
     keyring.create_data_key(session, tenant)
     return tenant
 

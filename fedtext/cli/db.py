@@ -31,7 +31,8 @@ def db_upgrade() -> None:
             console.print(
                 "Consents, tenant policies and model versions written before revision 0010 are "
                 "unsigned: they are not acted on (no consent; the strictest policy; the model is "
-                "not served) until `fedtext audit sign-existing` signs them."
+                "not served) until `fedtext audit sign-existing` signs them (and writes the "
+                "default policy of each tenant that has none)."
             )
     else:
         console.print(f"Schema is up to date (revision {after}) at {where}")

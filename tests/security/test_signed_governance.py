@@ -220,16 +220,16 @@ def test_rows_from_before_revision_0010_are_signed_once_and_forged_ones_block_it
         set_policy(session=session, tenant_id=acme.tenant.id, actor="t", deploy="first")
     for table in ("federation_partner", "tenant_policy", "model_version"):
         _sql(database_url, f"UPDATE {table} SET signature = NULL")  # as upgraded to 0010
-    assert len(_problems(platform)) == 3
+    assert len(_problems(platform)) == 4  # a consent, two policies (each tenant has one), a version
     with Session(platform.engine) as session:  # unsigned rows are not acted on meanwhile
         assert get_policy(session=session, tenant_id=acme.tenant.id) == UNSIGNED_POLICY
         assert deployed_version(session=session, tenant_id=acme.tenant.id, name="lstm") is None
     trusted = platform.keyring.signing.trusted()
     with session_scope(platform.engine) as session:
         todo, blockers = unsigned_governance(session, trusted)
-        assert blockers == [] and len(todo) == 3
+        assert blockers == [] and len(todo) == 4
         counts = sign_governance(session, platform.keyring.signing, todo)
-    assert counts == {"federation_partner": 1, "tenant_policy": 1, "model_version": 1}
+    assert counts == {"federation_partner": 1, "tenant_policy": 2, "model_version": 1}
     assert _problems(platform) == []
     with Session(platform.engine) as session:
         assert get_policy(session=session, tenant_id=acme.tenant.id).deploy == "first"
@@ -240,7 +240,40 @@ def test_rows_from_before_revision_0010_are_signed_once_and_forged_ones_block_it
     _sql(database_url, "UPDATE federation_partner SET signature = NULL")
     with Session(platform.engine) as session:
         todo, blockers = unsigned_governance(session, trusted)
-    assert len(todo) == 1 and len(blockers) == 1 and "policy (deploy always" in blockers[0]
+    assert len(todo) == 1 and len(blockers) == 2  # both tenants' policies were changed
+    assert all("policy (deploy always" in b for b in blockers)
+
+
+def test_a_policy_row_deleted_by_plain_sql_is_the_strictest_not_the_default(
+    platform: Platform, database_url: str, client: TestClient
+) -> None:
+    """Review finding: deleting globex's strict policy loosened it to the defaults, and
+    verify said nothing. Each tenant is created with a signed row; a missing one is read as
+    the strictest, named by verify, and sign-existing writes the default back."""
+    acme, globex = make_tenant(platform, "acme"), make_tenant(platform, "globex")
+    agree(platform, globex, "acme")
+    with Session(platform.engine) as session:
+        assert get_policy(session=session, tenant_id=acme.tenant.id).signed  # created with it
+    with session_scope(platform.engine) as session:
+        set_policy(session=session, tenant_id=globex.tenant.id, actor="t", deploy="never")
+    _sql(database_url, "DELETE FROM tenant_policy WHERE tenant_id = :t", t=globex.tenant.id)
+    with Session(platform.engine) as session:
+        assert get_policy(session=session, tenant_id=globex.tenant.id) == UNSIGNED_POLICY
+    r = client.post("/v1/runs", json=RUN, headers=acme.admin)
+    assert r.status_code == 422 and "'globex' cannot take part (policy" in r.json()["detail"]
+    assert _problems(platform) == [
+        f"tenant {globex.tenant.id}: no policy row (each tenant is created with one): the "
+        "strictest policy applies until `fedtext audit sign-existing` writes the default, or "
+        "its admin sets one"
+    ]
+    with session_scope(platform.engine) as session:
+        todo, blockers = unsigned_governance(session, platform.keyring.signing.trusted())
+        assert blockers == [] and len(todo) == 1
+        sign_governance(session, platform.keyring.signing, todo)
+    assert _problems(platform) == []
+    with Session(platform.engine) as session:
+        restored = get_policy(session=session, tenant_id=globex.tenant.id)
+    assert restored.signed and restored.deploy == "if-better"
 
 
 def test_partners_route_answers_unknown_names_as_tenant_names(
