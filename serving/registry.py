@@ -32,7 +32,7 @@ from serving.optimize import prepare_for_inference, resident_bytes
 from serving.shared_encoder import CrossTenantBatcher, SharedEncoders, SharedHead
 from tenancy.errors import DecryptionError, IntegrityError, NotFound
 from tenancy.platform import Platform
-from tenancy.registry import deployed_version, read_model_weights
+from tenancy.registry import deployed_version, read_model_weights, untrusted_deployment
 from tenancy.tables import ModelVersion
 
 log = logging.getLogger("fedtext.serving.registry")
@@ -188,6 +188,11 @@ def find_deployed(session: Session, tenant_id: str, name: str) -> ModelVersion:
     ).first()
     if exists is None:
         raise UnknownModel(f"No model named {name!r}.")
+    # Rows marked deployed whose signature does not verify: not served, and not "not
+    # deployed" either (a 500 with the integrity message; the reason goes to the log).
+    forged = untrusted_deployment(session=session, tenant_id=tenant_id, name=name)
+    if forged is not None:
+        raise ModelLoadError(forged, "integrity")
     raise NotDeployed(f"Model {name!r} has no deployed version.")
 
 

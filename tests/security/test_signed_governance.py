@@ -172,9 +172,8 @@ def test_a_version_deployed_by_plain_sql_is_not_served(
     )
     time.sleep(0.2)
     code, body = _predict(client, acme)
-    # Not served (409 "no deployed version" now; a 500 naming the integrity failure once
-    # serving/registry.find_deployed asks untrusted_deployment, see docs/SECURITY.md).
-    assert code in (409, 500) and "version" not in body
+    # Not served: a 500 naming the integrity failure (not "no deployed version").
+    assert code == 500 and "integrity" in body["detail"] and "version" not in body
     with Session(platform.engine) as session:
         assert deployed_version(session=session, tenant_id=acme.tenant.id, name="lstm") is None
         reason = untrusted_deployment(session=session, tenant_id=acme.tenant.id, name="lstm")
