@@ -57,7 +57,7 @@ def _pump(stream: IO[str], out: IO[str], seen: list[str], patterns: Sequence[str
         seen.extend(p for p in patterns if p in line)
 
 
-def _descendants(pid: int) -> set[int]:
+def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (Linux /proc), including those in other sessions."""
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -118,7 +118,7 @@ class _Supervisor:
         # from what was seen below it while it lived.
         for child in self.children:
             if child.name in self.policy.names and child.proc.poll() is None:
-                self.below[child.proc.pid] = _descendants(child.proc.pid)
+                self.below[child.proc.pid] = descendants(child.proc.pid)
 
     def may_restart(self, child: Child) -> bool:
         if child.name not in self.policy.names:

@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from fedtext.cli.console import UserError, console, err, fail, group, open_platform
+from fedtext.cli.console import (
+    UserError,
+    console,
+    err,
+    fail,
+    group,
+    open_platform,
+    write_out,
+)
 
 if TYPE_CHECKING:  # imported at run time inside the commands (start-up time)
     from sqlmodel import Session
@@ -228,14 +236,8 @@ def audit_keys(
         history = platform.keyring.signing.history(refresh=True)
     except KeyProviderError as exc:
         raise UserError(f"Cannot read the platform's signing keys: {exc}") from None
-    text = history.model_dump_json(indent=2) + "\n"
-    if str(out) == "-":
-        console.out(text, end="", highlight=False)
+    if not write_out(out, history.model_dump_json(indent=2) + "\n"):
         return
-    try:
-        out.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
     current = history.current()
     console.print(
         f"{len(history.keys)} public key(s) written to {out}; current signing key "

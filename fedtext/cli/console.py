@@ -10,6 +10,7 @@ and exit code 2. Any other outcome (a failed run, a broken chain) is an explicit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -40,6 +41,19 @@ def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
     """Print ``error: MESSAGE`` on standard error; the exit to raise, with ``code``."""
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+def write_out(out: Path, text: str) -> bool:
+    """``text`` to the file ``out``, or to standard output for ``-``; True when a file was
+    written (the caller then says so)."""
+    if str(out) == "-":
+        console.out(text, end="", highlight=False)
+        return False
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
+    return True
 
 
 class CliGroup(TyperGroup):

@@ -33,7 +33,15 @@ import typer
 from rich.table import Table
 
 from fedtext.certificates import CredentialLayout, create_credentials
-from fedtext.cli.console import UserError, console, fail, group, open_platform, settings
+from fedtext.cli.console import (
+    UserError,
+    console,
+    fail,
+    group,
+    open_platform,
+    settings,
+    write_out,
+)
 from fedtext.cli.coordinator import coordinator
 from fedtext.cli.node import node
 from fedtext.cli.run_options import run_options
@@ -211,15 +219,8 @@ def enrollment_request(
         private = load_private_key(existing_file(key, "node private key"))
     except ProofError as exc:
         raise UserError(str(exc)) from None
-    text = json.dumps(make_request(private, tenant), indent=2) + "\n"
-    if str(out) == "-":
-        console.out(text, end="", highlight=False)
-        return
-    try:
-        out.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
-    console.print(f"Enrollment request for tenant {tenant!r} written to {out}.")
+    if write_out(out, json.dumps(make_request(private, tenant), indent=2) + "\n"):
+        console.print(f"Enrollment request for tenant {tenant!r} written to {out}.")
 
 
 def enroll(

@@ -32,6 +32,7 @@ from fedtext.certificates import create_credentials
 from fedtext.cli.coordinator import api_superlink_env
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
+from fedtext.supervisor import descendants
 from privacy.ledger import PrivacyEvent, verify_chain
 from tenancy.db import session_scope
 from tenancy.platform import Platform
@@ -59,31 +60,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid``, including those Flower detaches into new sessions."""
-    tree, found, todo = _children(), set(), [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
