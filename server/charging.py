@@ -24,7 +24,7 @@ from server.strategy import ChargeFn
 from tenancy.db import session_scope
 from tenancy.governance import Policy, below_floor, get_policy, live_tenant, stricter_deploy
 from tenancy.platform import Platform
-from tenancy.tables import Tenant
+from tenancy.tables import Tenant, TrainingRun
 from tenancy.tenants import without_consent
 
 log = logging.getLogger("fedtext.server")
@@ -67,22 +67,18 @@ def applied_settings(
     )
 
 
-def _owner(platform: Platform, session: Session, run_id: str) -> str:
-    run = get_run(platform.engine, run_id)
+def _owner(session: Session, run: TrainingRun | None) -> str:
     if run is None or run.owner_tenant_id is None:
         return "operator (CLI or federation)"
     owner = session.get(Tenant, run.owner_tenant_id)
     return f"tenant {owner.name}" if owner is not None else "a deleted tenant"
 
 
-def _unconsented(
-    platform: Platform, session: Session, run_id: str, tenants: list[Tenant]
-) -> set[str]:
+def _unconsented(session: Session, run: TrainingRun | None, tenants: list[Tenant]) -> set[str]:
     """Names of ``tenants`` whose (signed) consent the run's owner lacks, asked again here
     and not only when the run was requested: the stored request is not signed, so a
     participant written into it around the API must not be planned or charged. An
     operator's run (no owner: CLI, federation) needs no consent."""
-    run = get_run(platform.engine, run_id)
     if run is None or run.owner_tenant_id is None:
         return set()
     return set(without_consent(session=session, owner_id=run.owner_tenant_id, participants=tenants))
@@ -112,9 +108,10 @@ def plan_run(
     with Session(platform.engine) as session:
         nodes, outsiders = participating(nodes, cfg.participants)
         found, refused = unique_known_tenants(session, nodes)
-        owner = _owner(platform, session, cfg.run_id)
+        run = get_run(platform.engine, cfg.run_id)
+        owner = _owner(session, run)
         policies = {t.id: get_policy(session=session, tenant_id=t.id) for _, t in found}
-        unconsented = _unconsented(platform, session, cfg.run_id, [t for _, t in found])
+        unconsented = _unconsented(session, run, [t for _, t in found])
     refused = outsiders + refused
     for node, found_tenant in found:
         if found_tenant.name in unconsented:
@@ -187,7 +184,7 @@ def reserve_resumed(platform: Platform, cfg: RunSpec, plans: dict[int, TenantPla
     gate = privacy_gate()
     with Session(platform.engine) as session:
         tenants = [t for p in plans.values() if (t := session.get(Tenant, p.tenant_id))]
-        unconsented = _unconsented(platform, session, cfg.run_id, tenants)
+        unconsented = _unconsented(session, get_run(platform.engine, cfg.run_id), tenants)
     for node_id, plan in list(plans.items()):
         if plan.tenant_name in unconsented:
             del plans[node_id]

@@ -77,9 +77,7 @@ class Policy:
     signed: bool = True
 
     @classmethod
-    def of(cls, row: TenantPolicy | None) -> Policy:
-        if row is None:
-            return DEFAULT_POLICY
+    def of(cls, row: TenantPolicy) -> Policy:
         return cls(
             row.deploy,
             row.require_secure_mode,
