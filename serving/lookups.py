@@ -41,6 +41,21 @@ from tenancy.tables import ApiKey, ModelVersion, Tenant
 from tenancy.tenants import hash_key, is_live
 
 
+@dataclass(frozen=True, slots=True)
+class DeployedRef:
+    """What the predict path needs of a deployed version row: the model cache's key.
+
+    The memo keeps this and a fingerprint of the row's values, not the ORM row itself
+    (2,000 memoized tenants held ~2 MB of rows and their instance state).
+    """
+
+    tenant_id: str
+    name: str
+    version: int
+    quantize: str | None
+    fingerprint: int  # hash() of the row's column values: the refresh compares it
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who a request comes from: a live key and its tenant (from the credential only)."""
@@ -59,7 +74,7 @@ class PredictLookups:
         self.max_entries = max_entries
         self._lock = threading.Lock()  # filled from worker threads, read on the event loop
         self._callers: dict[str, tuple[float, Caller]] = {}
-        self._deployed: dict[tuple[str, str], tuple[float, ModelVersion]] = {}
+        self._deployed: dict[tuple[str, str], tuple[float, DeployedRef]] = {}
         # Bumped by clear(): an answer read before a change must not be kept after it.
         self.generation = 0
         self.feed = events.ChangeFeed()
@@ -75,7 +90,7 @@ class PredictLookups:
         found = stamped[1]
         return found if is_live(found.key, found.tenant) else None
 
-    def deployed(self, tenant_id: str, name: str) -> ModelVersion | None:
+    def deployed(self, tenant_id: str, name: str) -> DeployedRef | None:
         with self._lock:
             stamped = self._deployed.get((tenant_id, name))
         return stamped[1] if stamped is not None and self._fresh(stamped) else None
@@ -85,7 +100,10 @@ class PredictLookups:
         self._put(self._callers, hash_key(presented), Caller(key, tenant), generation)
 
     def put_deployed(self, row: ModelVersion, generation: int) -> None:
-        self._put(self._deployed, (row.tenant_id, row.name), row, generation)
+        ref = DeployedRef(
+            row.tenant_id, row.name, row.version, row.quantize, _fingerprint(row, _VERSION_COLS)
+        )
+        self._put(self._deployed, (row.tenant_id, row.name), ref, generation)
 
     def _put(self, table: dict, key: object, value: object, generation: int) -> None:  # type: ignore[type-arg]
         if self.ttl <= 0:
@@ -154,19 +172,18 @@ class PredictLookups:
                     kept_callers.add(digest)
         kept_deployed: set[tuple[str, str]] = set()
         if deployed:
-            version_cols = _columns(ModelVersion)
             tenant_ids = {tenant_id for tenant_id, _ in deployed}
             rows = {
-                (row.tenant_id, row.name): tuple(row)
+                (row.tenant_id, row.name): hash(tuple(row))
                 for row in session.execute(
-                    select(*version_cols).where(
+                    select(*_VERSION_COLS).where(
                         col(ModelVersion.tenant_id).in_(tenant_ids),
                         col(ModelVersion.deployed).is_(True),
                     )
                 )
             }
-            for pair, version in deployed.items():
-                if rows.get(pair) == _values(version, version_cols):
+            for pair, ref in deployed.items():
+                if rows.get(pair) == ref.fingerprint:
                     kept_deployed.add(pair)
         with self._lock:
             if generation != self.generation:
@@ -190,3 +207,12 @@ def _columns(table: type[SQLModel]) -> list[Any]:
 
 def _values(row: SQLModel, columns: list[Any]) -> tuple[Any, ...]:
     return tuple(getattr(row, c.key) for c in columns)
+
+
+def _fingerprint(row: SQLModel, columns: list[Any]) -> int:
+    # Python's hash of str and bytes is keyed per process (SipHash): a row written to
+    # collide with a memoized one cannot be crafted from outside.
+    return hash(_values(row, columns))
+
+
+_VERSION_COLS = _columns(ModelVersion)

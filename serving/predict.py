@@ -117,8 +117,12 @@ class PredictService:
             note_authenticated()  # a live key, memoized
         if caller is None or not has_scope(caller.key, Scope.predict):
             return None
-        row = self.lookups.deployed(caller.tenant.id, name)
-        served = self.cache.cached(row) if row is not None else None
+        ref = self.lookups.deployed(caller.tenant.id, name)
+        served = (
+            self.cache.cached((ref.tenant_id, ref.name, ref.version), ref.quantize)
+            if ref is not None
+            else None
+        )
         return PredictTarget(caller, served) if served is not None else None
 
     async def resolve(self, credential: str | None, name: str) -> PredictTarget:

@@ -345,10 +345,10 @@ class ModelCache:
             return next(k for k, v in self._items.items() if not v.shared)
         return next(iter(self._items))
 
-    def cached(self, row: ModelVersion) -> ServedModel | None:
-        """The model for ``row`` if it is in memory (a cache hit), else None; never loads."""
+    def cached(self, key: CacheKey, quantize: str | None) -> ServedModel | None:
+        """The model of version ``key`` with ``quantize``, if in memory (a hit); never loads."""
         with self._lock:
-            return self._hit((row.tenant_id, row.name, row.version), row.quantize)
+            return self._hit(key, quantize)
 
     def _hit(self, key: CacheKey, quantize: str | None) -> ServedModel | None:
         served = self._items.get(key)
