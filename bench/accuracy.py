@@ -144,7 +144,7 @@ def released_scores(
     from fedtext.platform import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from models import ModelSpec, build_model, load_weights
-    from runs.simulation import SimulationConfig, simulate
+    from orchestration.simulation import SimulationConfig, simulate
     from tenancy.db import session_scope
     from tenancy.registry import read_model_weights
     from tenancy.tables import ModelVersion, Tenant

@@ -1,6 +1,6 @@
 """Scale of simulations: seconds per round and peak memory with many tenants.
 
-Runs `runs.simulation.simulate` (Flower's Simulation Engine, Opacus, the ledger)
+Runs `orchestration.simulation.simulate` (Flower's Simulation Engine, Opacus, the ledger)
 with N tenants holding a little data each and a tiny `lstm`. Seconds per round come
 from the ServerApp's own per-round records (one "train" row per accepted update); peak
 memory is the largest sum of resident memory over this process and every Ray process,
@@ -53,7 +53,7 @@ def run(n: int, rounds: int, workdir: Path) -> dict[str, Any]:
 
     from fedtext.platform import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
-    from runs.simulation import SimulationConfig, simulate
+    from orchestration.simulation import SimulationConfig, simulate
     from tenancy.db import session_scope
     from tenancy.tables import RoundMetric
     from tenancy.tenants import create_tenant

@@ -27,11 +27,11 @@ from clients.train import encode
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from models import ModelSpec, build_model, load_weights
+from orchestration.simulation import SimulationConfig, simulate
 from privacy.accounting import compose_epsilon
 from privacy.canary import AuditOutcome, audit_scores, make_canaries
 from privacy.canary import canary_rows as rows_of_canary
 from privacy.ledger import tenant_events
-from runs.simulation import SimulationConfig, simulate
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, read_model_weights

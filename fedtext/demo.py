@@ -30,7 +30,7 @@ from fedtext.progress import (
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
 from models import DEFAULT_FAMILY, training_defaults
-from runs.simulation import SimulationConfig, preflight, simulate
+from orchestration.simulation import SimulationConfig, preflight, simulate
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope

@@ -57,7 +57,7 @@ def check_budgets(platform: Platform, spec: RunSpec, train_counts: Mapping[str, 
                     max_examples_per_user=spec.max_examples_per_user,
                 )
             except PlanRefused:
-                continue  # the size checks (runs.simulation.preflight) say what to change
+                continue  # the size checks (orchestration.simulation.preflight) say what to change
             decision = check_release(
                 session,
                 tenant=tenant,

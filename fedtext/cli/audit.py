@@ -506,7 +506,7 @@ def audit_canary(
     if rows_per_user < 1:
         raise UserError("--rows-per-user should be at least 1.")
     from fedtext.audit_canary import run_canary_audit
-    from runs.simulation import SimulationFailed
+    from orchestration.simulation import SimulationFailed
 
     logging.basicConfig(level=logging.WARNING)
     try:

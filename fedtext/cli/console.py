@@ -2,7 +2,7 @@
 
 A command reports a mistake the user can fix by raising :class:`UserError`;
 :class:`CliGroup` (the class of every command group) is the one place that turns it, and
-the domain errors that mean the same (:class:`runs.flower.FlowerError`,
+the domain errors that mean the same (:class:`orchestration.flower.FlowerError`,
 :class:`fedtext.certificates.CredentialsError`), into ``error: MESSAGE`` on standard error
 and exit code 2. Any other outcome (a failed run, a broken chain) is an explicit
 :func:`fail` with its own exit code.
@@ -19,7 +19,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from fedtext.certificates import CredentialsError
-from runs.flower import FlowerError
+from orchestration.flower import FlowerError
 
 if TYPE_CHECKING:
     import click

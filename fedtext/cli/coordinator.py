@@ -13,7 +13,7 @@ from fedtext.certificates import CredentialLayout, certificate_hosts
 from fedtext.cli.console import UserError, err, fail, settings
 from fedtext.cli.superlink import DEFAULT_SUPERLINK_PORT
 from fedtext.supervisor import RestartPolicy, supervise
-from runs.flower import check_certificate, existing_file, flower_env, flower_executable
+from orchestration.flower import check_certificate, existing_file, flower_env, flower_executable
 
 if TYPE_CHECKING:
     from fedtext.settings import Settings

@@ -53,7 +53,7 @@ from fedtext.cli.superlink import (
     connect,
 )
 from fedtext.format import num
-from runs.flower import (
+from orchestration.flower import (
     app_config_keys,
     build_run_config,
     existing_file,

@@ -15,7 +15,7 @@ from fedtext.certificates import check_name, check_node_private_key
 from fedtext.cli.console import UserError, err, fail
 from fedtext.cli.superlink import CaOpt, SuperlinkOpt
 from fedtext.supervisor import supervise
-from runs.flower import (
+from orchestration.flower import (
     check_certificate,
     check_reachable,
     existing_file,

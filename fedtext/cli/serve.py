@@ -80,9 +80,9 @@ def serve(
     from fedtext.logs import keep_in_file
 
     keep_in_file()  # Alembic's migrations and the libraries' warnings: the log file only
-    from runs.federation import FederationRunLauncher
-    from runs.flower import FlowerError
-    from runs.worker import LocalRunLauncher
+    from orchestration.federation import FederationRunLauncher
+    from orchestration.flower import FlowerError
+    from orchestration.worker import LocalRunLauncher
     from serving.launcher import RunLauncher
     from serving.limits import Limits
 

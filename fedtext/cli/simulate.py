@@ -88,9 +88,9 @@ def simulate(
     from fedtext.logs import current, setup
     from fedtext.preflight import check_budgets
     from fedtext.progress import watch_run
-    from runs.simulation import SimulationConfig, SimulationFailed, data_labels, preflight
-    from runs.simulation import resume as resume_run
-    from runs.simulation import simulate as run_sim
+    from orchestration.simulation import SimulationConfig, SimulationFailed, data_labels, preflight
+    from orchestration.simulation import resume as resume_run
+    from orchestration.simulation import simulate as run_sim
     from tenancy.errors import InvalidInput
 
     if verbose:

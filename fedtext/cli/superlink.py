@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from runs.flower import check_certificate, check_reachable, existing_file, write_connection
+from orchestration.flower import check_certificate, check_reachable, existing_file, write_connection
 
 DEFAULT_SUPERLINK_PORT = 9092
 DEFAULT_CONNECTION = "fedtext"

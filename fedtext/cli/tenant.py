@@ -127,7 +127,7 @@ def tenant_delete(
         done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
     except TenancyError as exc:
         raise UserError(str(exc)) from None
-    from runs.worker import sweep_scratch
+    from orchestration.worker import sweep_scratch
 
     # Scratch files (vectors of tenants' text) of ended runs that a killed worker left.
     sweep_scratch(platform.engine, settings().data_dir / "scratch")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from fedtext.certificates import CredentialLayout, CredentialsError, create_credentials
 from fedtext.cli import app
-from runs.flower import FlowerError, build_run_config, parse_address, write_connection
+from orchestration.flower import FlowerError, build_run_config, parse_address, write_connection
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedtext.client import ApiError, AsyncClient, Client, InvalidRequest
 from fedtext.server_thread import BackgroundServer
-from runs.worker import LocalRunLauncher
+from orchestration.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform

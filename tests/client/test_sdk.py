@@ -22,8 +22,8 @@ from fedtext.client import (
     Unavailable,
 )
 from fedtext.server_thread import BackgroundServer
+from orchestration.worker import LocalRunLauncher
 from runs.status import RunStatus
-from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from serving.limits import Limits

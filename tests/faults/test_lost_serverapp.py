@@ -1,6 +1,6 @@
 """The protections behind the SuperLink SIGKILL test (test_superlink_fault.py), checked
 quickly: how the federation worker reads a Flower run that ended without its ServerApp
-recording an end (runs/federation.py ``follow``; Flower's answer given), and a resume
+recording an end (orchestration/federation.py ``follow``; Flower's answer given), and a resume
 started while the API runs is not reaped for the worker it replaces (runs/lifecycle.py)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import create_engine
 from sqlmodel import Session
 
-import runs.federation as federation
-from runs.federation import follow
+import orchestration.federation as federation
+from orchestration.federation import follow
 from runs.lifecycle import HEARTBEAT_SECONDS, end_run, reap_orphaned_runs, start_run
 from runs.status import RunStatus
 from tenancy.db import create_tables

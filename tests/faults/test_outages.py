@@ -1,4 +1,4 @@
-"""The run worker's protections against a short database outage (runs/outages.py), each
+"""The run worker's protections against a short database outage (orchestration/outages.py), each
 checked on its own: connects wait out a restarted PostgreSQL, and a failed run is resumed
 only when the resume charges no committed round again. The whole path (a run charging
 while PostgreSQL restarts) is test_run_faults.py::test_postgres_restarted_while_a_run_charges.
@@ -16,9 +16,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel
 
+from orchestration.outages import Outages, is_connection_error, retry_blocker
 from privacy.ledger import PrivacyEvent
 from runs.lifecycle import reopen_for_retry
-from runs.outages import Outages, is_connection_error, retry_blocker
 from runs.status import RunStatus
 from tenancy.tables import TrainingRun
 from tests.faults._world import new_database

@@ -25,11 +25,11 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
+from orchestration.worker import _group_alive
 from privacy.ledger import PrivacyEvent
 from privacy.reservations import outstanding
 from runs.lifecycle import pid_alive
 from runs.status import ACTIVE
-from runs.worker import _group_alive
 from tenancy.tables import TrainingRun
 from tests.factories import agree, make_tenant
 from tests.faults._world import new_database, open_platform
@@ -168,7 +168,7 @@ def test_postgres_restarted_while_a_run_charges(
     pg_cluster: PrivateCluster, env: dict[str, str], tmp_path: Path
 ) -> None:
     """The worker rides out a short outage: its connects wait for the restarted cluster
-    (runs/outages.py) and the run completes, every round charged once."""
+    (orchestration/outages.py) and the run completes, every round charged once."""
     world = _world(env)
     server = Server(env, tmp_path)
     server.start()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models import families, training_defaults
-from runs.simulation import SimulationConfig
+from orchestration.simulation import SimulationConfig
 from runs.spec import AUTO, SIMULATION_ONLY, RunSpec, defaults, key
 from server.strategy import strategy_names
 from serving.schemas import RUN_SETTINGS, RunCreate

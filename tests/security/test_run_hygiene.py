@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+from orchestration.worker import LocalRunLauncher
 from runs.lifecycle import (
     cancel_run,
     claim_run,
@@ -32,7 +33,6 @@ from runs.lifecycle import (
     withdraw_cancel,
 )
 from runs.status import RunStatus
-from runs.worker import LocalRunLauncher
 from server.checkpoint import save_checkpoint
 from serving.app import create_app
 from serving.config import ServingConfig
@@ -116,7 +116,7 @@ def test_a_cancel_asked_stops_the_server_app_and_only_one_is_asked(platform: Pla
 
 
 def test_a_cancelled_simulation_is_not_resumed(platform: Platform) -> None:
-    from runs.simulation import SimulationFailed, resume
+    from orchestration.simulation import SimulationFailed, resume
 
     run_id = _add(platform, simulation_json='{"tenants": ["acme", "globex"]}')
     cancel_run(platform.engine, run_id, "admin key abc")

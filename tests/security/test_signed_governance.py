@@ -21,7 +21,7 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 from fedtext.cli import app as cli
-from runs.worker import LocalRunLauncher
+from orchestration.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import session_scope

@@ -12,8 +12,8 @@ from sqlmodel import Session
 
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
+from orchestration.simulation import SimulationConfig, simulate
 from privacy.ledger import tenant_events
-from runs.simulation import SimulationConfig, simulate
 from tenancy.db import session_scope
 from tenancy.governance import set_policy
 from tenancy.registry import deployed_version

@@ -10,11 +10,11 @@ from sqlmodel import Session, select
 
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
+from orchestration.simulation import SimulationConfig, simulate
 from privacy.heads import last_signed_head, platform_key_ids, verify_head
 from privacy.ledger import PrivacyEvent, budget_changes, tenant_events
 from privacy.reservations import outstanding
 from runs.lifecycle import active_run_ids
-from runs.simulation import SimulationConfig, simulate
 from tenancy.db import session_scope
 from tenancy.tables import ModelVersion, RoundMetric, Tenant, TrainingRun
 from tenancy.tenants import create_tenant

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from orchestration.worker import LocalRunLauncher
 from privacy.node_proof import fingerprint, openssh_text
-from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from serving.limits import Limits

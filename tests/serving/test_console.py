@@ -24,10 +24,10 @@ from sqlmodel import Session
 from clients.data import DEMO_LABELS
 from fedtext.server_thread import BackgroundServer
 from models import build_model, save_weights
+from orchestration.worker import LocalRunLauncher
 from privacy.ledger import create_tables as create_ledger_tables
 from privacy.ledger import record_event
 from privacy.params import DPParams
-from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import create_tables, session_scope

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from orchestration.worker import LocalRunLauncher
 from runs.lifecycle import reap_orphaned_runs
-from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform

@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from fedtext.certificates import create_credentials
-from runs.federation import FederationRunLauncher, federation_run_config, follow
-from runs.flower import FlowerError, app_config_keys, find_app_dir
+from orchestration.federation import FederationRunLauncher, federation_run_config, follow
+from orchestration.flower import FlowerError, app_config_keys, find_app_dir
+from orchestration.worker import LocalRunLauncher
 from runs.lifecycle import end_run, pid_alive
 from runs.spec import RunSpec
-from runs.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from runs.worker import LocalRunLauncher
+from orchestration.worker import LocalRunLauncher
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform

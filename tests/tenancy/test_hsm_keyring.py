@@ -159,7 +159,7 @@ def test_rotation_in_the_token_rewraps_and_retires(token: Token, tmp_path: Path)
 def test_an_hsm_platform_trains_serves_rotates_and_its_copy_decrypts_nothing(
     token: Token, tmp_path: Path
 ) -> None:
-    from runs.simulation import SimulationConfig, simulate
+    from orchestration.simulation import SimulationConfig, simulate
     from serving.app import create_app
     from serving.config import ServingConfig
     from tenancy.tenants import Scope, create_api_key, create_tenant

@@ -24,7 +24,7 @@ from runs.status import RunStatus
 from server.server_app import build_server_app
 from tenancy.platform import Platform
 
-log = logging.getLogger("runs.simulation")
+log = logging.getLogger("orchestration.simulation")
 
 
 # Settings the simulated nodes read from the run config (clients/local_data.py).

@@ -15,8 +15,8 @@ from sqlmodel import Session, select
 
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
+from orchestration.simulation import SimulationConfig, simulate
 from privacy.ledger import PrivacyEvent, verify_chain
-from runs.simulation import SimulationConfig, simulate
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import ModelVersion, Tenant, TrainingRun
@@ -105,7 +105,7 @@ def test_killed_run_resumes_without_charging_finished_rounds(tmp_path: Path) -> 
     code = (
         "import sys; from pathlib import Path; from fedtext.settings import Settings;"
         "from fedtext.platform import platform_from_settings;"
-        "from runs.simulation import SimulationConfig, simulate;"
+        "from orchestration.simulation import SimulationConfig, simulate;"
         f"p = platform_from_settings(Settings(data_dir=Path({str(tmp_path)!r})));"
         f"simulate(p, SimulationConfig(**{config.__dict__!r}), {run_id!r})"
     )
@@ -134,7 +134,7 @@ def test_killed_run_resumes_without_charging_finished_rounds(tmp_path: Path) -> 
     }
     assert all(rounds[0][0] == 1 for rounds in before.values())
 
-    from runs.simulation import resume
+    from orchestration.simulation import resume
 
     result = resume(platform, run_id)
     after = ledger(platform)

@@ -1,6 +1,6 @@
 """Background worker of a training run started over HTTP, and the launcher that starts it.
 
-``python -m runs.worker RUN_ID`` runs the simulated federation recorded on the
+``python -m orchestration.worker RUN_ID`` runs the simulated federation recorded on the
 run (``simulation_json``). The worker is its own session leader, so it survives an API
 restart, and cancel stops it with everything it started (Ray) by process group. It
 records its PID and host and beats every few seconds; an API that starts while the
@@ -33,8 +33,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
+from orchestration.outages import MAX_OUTAGE_RETRIES, OUTAGE_BACKOFF_S, Outages, retry_blocker
 from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_alive, reopen_for_retry
-from runs.outages import MAX_OUTAGE_RETRIES, OUTAGE_BACKOFF_S, Outages, retry_blocker
 from runs.status import ACTIVE, RunStatus
 from tenancy.blobs import DatabaseBlobStore, LocalBlobStore, create_blob_store
 from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
@@ -90,7 +90,7 @@ def engine_url(engine: Engine) -> str:
 class WorkerLauncher:
     """Starts ``python -m MODULE RUN_ID`` as its own session; stops it by process group."""
 
-    module = "runs.worker"
+    module = "orchestration.worker"
 
     def __init__(
         self, env: dict[str, str], log_dir: Path, scratch_root: Path | None = None
@@ -190,7 +190,7 @@ class LocalRunLauncher(WorkerLauncher):
 
     def check(self, config: dict[str, Any]) -> None:
         """ValueError, with a message for the user, if ``config`` cannot run here."""
-        from runs.simulation import SimulationConfig, preflight
+        from orchestration.simulation import SimulationConfig, preflight
 
         # A tenant's share too small for the batch or the noise is refused here, before
         # the run is recorded, reserved or started (example caps are the estimate).
@@ -296,7 +296,7 @@ def _retry_after_outage(platform: Platform, run_id: str, retries: int, outages: 
         return False  # cancelled (or ended otherwise) meanwhile
     print(f"Run {run_id}: {note}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "runs.worker", run_id,
+    os.execv(sys.executable, [sys.executable, "-m", "orchestration.worker", run_id,
                               "--outage-retries", str(retries + 1)])  # fmt: skip
     return True  # not reached
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Beat before the heavy imports below (torch, Flower, Ray: tens of seconds under load).
     stop = start_heartbeat(platform.engine, args.run_id)
-    from runs.simulation import SimulationConfig, SimulationFailed, resume, simulate
+    from orchestration.simulation import SimulationConfig, SimulationFailed, resume, simulate
 
     scratch = _run_scratch(args.run_id)
     try:

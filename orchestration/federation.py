@@ -1,7 +1,7 @@
 """Runs started over HTTP on a real federation (a SuperLink), and their worker.
 
 With ``FEDTEXT_SUPERLINK`` set, ``fedtext serve`` gives the API a
-:class:`FederationRunLauncher`. Its worker, ``python -m runs.federation RUN_ID``,
+:class:`FederationRunLauncher`. Its worker, ``python -m orchestration.federation RUN_ID``,
 is a session leader like the simulation worker (it survives an API restart; cancel stops
 its process group), records its PID and beats on the run. It submits the run with
 ``flwr run`` (run-config ``run-id`` = the platform run id, so the ServerApp records status
@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from runs.flower import (
+from orchestration.flower import (
     FlowerError,
     app_config_keys,
     build_run_config,
@@ -40,10 +40,10 @@ from runs.flower import (
     submit_run,
     write_connection,
 )
+from orchestration.worker import WorkerLauncher, engine_url, start_heartbeat
 from runs.lifecycle import claim_run, end_run, get_run, record_request, run_status
 from runs.spec import SIMULATION_ONLY, RunSpec
 from runs.status import FINISHED, RunStatus
-from runs.worker import WorkerLauncher, engine_url, start_heartbeat
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
 
@@ -98,7 +98,7 @@ def _record(engine: Engine, run_id: str, **fields: Any) -> None:
 class FederationRunLauncher(WorkerLauncher):
     """Submits runs to a SuperLink (TLS) through a detached worker per run."""
 
-    module = "runs.federation"
+    module = "orchestration.federation"
 
     def __init__(self, platform: Platform, log_dir: Path, superlink: str, ca: Path | None) -> None:
         """Raises FlowerError when the address or the CA certificate is not usable."""
