@@ -38,6 +38,8 @@ class Handoff:
     key_prefix: str
     why: str = ""  # why a new version does not serve yet (the run's deploy decision)
     admin_key: str | None = None  # a new admin key (shown once), or None when one exists
+    # The encoder runtime variant the serving version's head was trained on (encoder-head).
+    encoder_runtime: str | None = None
 
 
 def console_url(host: str = "127.0.0.1", port: int = 8000, tls: bool = False) -> str:
@@ -125,10 +127,29 @@ def handoffs(platform: Platform, tenants: dict[str, dict[str, object]]) -> list[
             live = deployed_version(session=session, tenant_id=tenant.id, name=model)
         secret, prefix = predict_key(platform, name)
         admin = first_admin_key(platform, name)
+        runtime = _encoder_runtime(live.spec_json) if live else None
         out.append(
-            Handoff(name, model, version, live.version if live else None, secret, prefix, "", admin)
-        )
+            Handoff(
+                name, model, version, live.version if live else None, secret, prefix, "", admin,
+                runtime,
+            )
+        )  # fmt: skip
     return out
+
+
+def _encoder_runtime(spec_json: str) -> str | None:
+    config = json.loads(spec_json).get("config") or {}
+    runtime = config.get("encoder_runtime")
+    return str(runtime) if runtime else None
+
+
+def runtime_env(items: list[Handoff]) -> dict[str, str]:
+    """FEDTEXT_SERVE_ENCODER_RUNTIME when the models handed off need a variant other than a
+    server's default (a head is served only on the vectors it was trained on)."""
+    from models.runtimes import DEFAULT_RUNTIME
+
+    needed = {h.encoder_runtime for h in items if h.encoder_runtime} - {DEFAULT_RUNTIME}
+    return {"FEDTEXT_SERVE_ENCODER_RUNTIME": needed.pop()} if len(needed) == 1 else {}
 
 
 def serve_command(env: dict[str, str] | None = None, port: int = 8000) -> str:
@@ -157,7 +178,7 @@ def print_handoffs(
 ) -> None:
     """The lines a person pastes next: serve, then one curl per tenant."""
     console.print("[bold]Next[/bold]: start the API (leave it running), then ask a tenant's model:")
-    console.print(f"  {escape(serve_command(env))}")
+    console.print(f"  {escape(serve_command({**(env or {}), **runtime_env(items)}))}")
     print_console(console, console_url(), {h.tenant: h.admin_key for h in items if h.admin_key})
     for h in items:
         if h.serving == h.version:

@@ -63,3 +63,32 @@ def test_serve_prints_the_console_and_at_most_a_few_new_keys(sqlite_platform: Pl
     assert text.count("admin key (shown once): ftk_") == 5
     assert "2 more tenant(s) have no admin key: fedtext keys create" in text
     assert tenants_without_admin_key(sqlite_platform) == ["t-6", "t-7"]
+
+
+def test_the_serve_line_names_the_encoder_runtime_the_heads_need(sqlite_platform: Platform) -> None:
+    """A head is served only on the variant it was trained on: the pasted serve line says it."""
+    from fedtext.handoff import handoffs, print_handoffs
+    from models import ModelSpec, build_model, save_weights
+    from tenancy.registry import store_model_version
+    from tenancy.tenants import get_tenant
+
+    def stored(tenant: str, runtime: str) -> None:
+        make_tenant(sqlite_platform, tenant)
+        spec = ModelSpec.create("encoder-head", ["a", "b"], encoder_runtime=runtime)
+        with session_scope(sqlite_platform.engine) as session:
+            store_model_version(
+                session=session, keyring=sqlite_platform.keyring, store=sqlite_platform.store,
+                tenant=get_tenant(session=session, name=tenant), name="encoder-head",
+                spec_json=spec.to_json(), weights=save_weights(build_model(spec)), deploy=True,
+            )  # fmt: skip
+
+    def serve_line(tenants: list[str]) -> str:
+        out = io.StringIO()
+        summary = {t: {"model": "encoder-head", "version": 1} for t in tenants}
+        print_handoffs(Console(file=out, width=400), handoffs(sqlite_platform, summary))
+        return next(line for line in out.getvalue().splitlines() if "fedtext serve" in line)
+
+    stored("fast", "onnx-int8-static")
+    stored("exact", "torch-fp32")
+    assert "FEDTEXT_SERVE_ENCODER_RUNTIME=onnx-int8-static" in serve_line(["fast"])
+    assert "FEDTEXT_SERVE_ENCODER_RUNTIME" not in serve_line(["exact"])
