@@ -27,7 +27,7 @@ from typing import Any
 from scipy.special import log_ndtr
 from sqlmodel import Session
 
-from privacy.accounting import compose_epsilon
+from privacy.accounting import compose_epsilon, digest_lru
 from privacy.budget import (
     BudgetDecision,
     HasBudget,
@@ -312,7 +312,7 @@ def estimate_releases(
     return out
 
 
-@lru_cache(maxsize=512)
+@digest_lru(maxsize=512)
 def _largest_target(
     held: tuple[DPParams, ...], budget: float, delta: float, eval_noise: float
 ) -> float:
