@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
 from serving.deps import AdminCaller, SessionDep, VersionPath
-from serving.routers.models import _version, _version_public, _versions
+from serving.protocols.v1.models import _version, _version_public, _versions
 from serving.schemas import ModelVersionPublic
 from tenancy.registry import UntrustedDeployment, deploy_version
 from tenancy.tables import ModelVersion
