@@ -20,9 +20,13 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
+from privacy.budget import BudgetError
+from privacy.node_proof import ProofError
+from serving.node_enrollment import EnrollmentError
 from serving.runtime.batching import InputRejected
 from serving.runtime.model_cache import ModelLoadError, NotDeployed
-from tenancy.errors import NotFound
+from tenancy.errors import Conflict, InvalidInput, NotFound
+from tenancy.registry import UntrustedDeployment
 
 if TYPE_CHECKING:  # grpc is imported where a gRPC server runs only
     import grpc
@@ -54,6 +58,17 @@ _LOAD_FAILED = {
 }
 
 
+# First match wins: NotDeployed is a NotFound that is a 409.
+_STATUSES: tuple[tuple[tuple[type[Exception], ...], int], ...] = (
+    # The model exists, nothing of it is deployed; a deployment failed its signature check;
+    # a write that conflicts (a name taken, a limit reached).
+    ((NotDeployed, UntrustedDeployment, Conflict), 409),
+    ((NotFound,), 404),  # UnknownModel too: another tenant's model looks the same
+    # A request's own input (InputRejected: others in its batch ran).
+    ((InvalidInput, BudgetError, ProofError, EnrollmentError, InputRejected), 422),
+)
+
+
 def refusal_for(exc: Exception, detail: str | None = None) -> Refusal:
     """The refusal of a domain error of the runtime or tenancy (``detail``: another message).
 
@@ -61,14 +76,11 @@ def refusal_for(exc: Exception, detail: str | None = None) -> Refusal:
     """
     if isinstance(exc, Refusal):
         return exc
-    if isinstance(exc, NotDeployed):  # the model exists, nothing of it is deployed
-        return Refusal(409, detail or str(exc))
-    if isinstance(exc, NotFound):  # UnknownModel too: another tenant's looks the same
-        return Refusal(404, detail or str(exc))
     if isinstance(exc, ModelLoadError):  # never key material nor request content
         return Refusal(500, detail or _LOAD_FAILED[exc.reason])
-    if isinstance(exc, InputRejected):  # this request's own input; others in its batch ran
-        return Refusal(422, detail or str(exc))
+    for kinds, status in _STATUSES:
+        if isinstance(exc, kinds):
+            return Refusal(status, detail or str(exc))
     raise exc
 
 

@@ -109,7 +109,7 @@ def deploy(
     except NotFound as exc:
         raise refusal_for(exc) from None
     except UntrustedDeployment as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()  # the predict memo hears of it from tenancy (serving/predict.py)
     return _version_public(row)
 
@@ -143,7 +143,7 @@ def set_serving_options(
             quantize=body.quantize,
         )
     except UntrustedDeployment as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return ServingOptionsPublic(
         name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize
