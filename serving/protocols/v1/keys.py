@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, ConfigDep, SessionDep
+from serving.protocols.v1.deps import AdminCaller, ConfigDep, SessionDep
 from serving.refusals import refusal_for
 from serving.schemas import KeyCreate, KeyCreated, KeyPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound

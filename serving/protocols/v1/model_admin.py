@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, SessionDep, VersionPath
+from serving.protocols.v1.deps import AdminCaller, SessionDep, VersionPath
 from serving.protocols.v1.models import _version, _version_public, _versions
 from serving.refusals import refusal_for
 from serving.schemas import ModelVersionPublic

@@ -12,15 +12,15 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import col, func, select
 
-from serving.deps import (
+from serving.model_options import ServingOptions, ServingOptionsPublic
+from serving.predict import PredictTarget
+from serving.protocols.v1.deps import (
     AdminCaller,
     PredictServiceDep,
     PredictTargetDep,
     SessionDep,
     VersionPath,
 )
-from serving.model_options import ServingOptions, ServingOptionsPublic
-from serving.predict import PredictTarget
 from serving.refusals import refusal_for
 from serving.schemas import (
     EXPLAIN_MAX_STEPS,

@@ -16,8 +16,8 @@ from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
 from privacy.node_proof import ProofError, fingerprint, load_public_key, openssh_text
-from serving.deps import AdminCaller, SessionDep
 from serving.node_enrollment import EnrollmentError, check_request
+from serving.protocols.v1.deps import AdminCaller, SessionDep
 from serving.refusals import refusal_for
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.nodes import NodeKey, enroll_node_key, list_node_keys, revoke_node_key

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.deps import AdminCaller, SessionDep
+from serving.protocols.v1.deps import AdminCaller, SessionDep
 from serving.refusals import refusal_for
 from serving.schemas import Partners
 from tenancy.errors import InvalidInput

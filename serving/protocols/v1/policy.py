@@ -19,7 +19,7 @@ from fastapi import APIRouter, Response
 
 from models.family_defaults import families
 from privacy.ledger import check_dataset
-from serving.deps import AdminCaller, SessionDep
+from serving.protocols.v1.deps import AdminCaller, SessionDep
 from serving.refusals import refusal_for
 from serving.schemas import PolicyPublic, PolicyUpdate
 from tenancy.errors import InvalidInput

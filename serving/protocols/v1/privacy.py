@@ -19,7 +19,7 @@ from privacy.ledger import TENANT_WIDE, budget_changes, lock_tenant, tenant_even
 from privacy.report import render_html, signed_report
 from privacy.reservations import outstanding
 from runs.lifecycle import active_run_ids
-from serving.deps import AdminCaller, ConfigDep, PlatformDep, SessionDep
+from serving.protocols.v1.deps import AdminCaller, ConfigDep, PlatformDep, SessionDep
 from serving.refusals import refusal_for
 from serving.schemas import (
     BudgetChangePublic,

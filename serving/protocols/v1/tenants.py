@@ -7,7 +7,13 @@ from sqlmodel import Session
 
 from privacy.budget import BudgetError, check_epsilon_budget
 from runs.lifecycle import active_runs_of, cancel_run, request_cancel, withdraw_cancel
-from serving.deps import ConfigDep, Operator, OptionalRunLauncherDep, PlatformDep, SessionDep
+from serving.protocols.v1.deps import (
+    ConfigDep,
+    Operator,
+    OptionalRunLauncherDep,
+    PlatformDep,
+    SessionDep,
+)
 from serving.refusals import refusal_for
 from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
