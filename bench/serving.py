@@ -180,7 +180,7 @@ def quantization_report(platform: Any, test_texts: list[str], test_labels: list[
     import torch
     from sqlmodel import Session, select
 
-    from serving.registry import load_served_model
+    from serving.runtime.model_cache import load_served_model
     from tenancy.tables import ModelVersion
 
     torch.set_num_threads(1)  # as the server runs its forward threads
@@ -582,8 +582,8 @@ def head_cold_loads(data_dir: Path, count: int, runtime: str) -> dict[str, float
 
     from fedtext.platform import platform_from_settings
     from fedtext.settings import Settings
-    from serving.registry import ModelCache
-    from serving.shared_encoder import SharedEncoders
+    from serving.runtime.model_cache import ModelCache
+    from serving.runtime.shared_encoder import SharedEncoders
     from tenancy.tables import ModelVersion
 
     platform = platform_from_settings(Settings(data_dir=data_dir))

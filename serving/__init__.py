@@ -1,1 +1,3 @@
-"""Tenant-isolated FastAPI service: encrypted model registry, model cache, predictions."""
+"""Tenant-isolated serving: protocols/ (v1 REST, Open Inference Protocol REST and gRPC,
+console) over one predict service (predict.py) over runtime/ (model cache, batching,
+shared encoder); refusals mapped to HTTP and gRPC statuses in refusals.py only."""

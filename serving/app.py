@@ -20,22 +20,18 @@ from sqlmodel import Session
 from models import ModelSpec
 from models.inputs import text_inputs
 from runs.lifecycle import HEARTBEAT_SECONDS, reap_orphaned_runs
-from serving import oip
-from serving.batching import InputRejected, MicroBatcher, Rows
 from serving.config import ServingConfig
-from serving.console import router as console_router
 from serving.credentials import CredentialMiddleware
 from serving.errors import add_error_handlers
-from serving.fastlane import PREDICT_ROUTE, PredictFastLane
 from serving.launcher import RunLauncher
 from serving.limits import BodySizeLimitMiddleware, Limits, RateLimitMiddleware
-from serving.lookups import PredictLookups
 from serving.metrics import ServingMetrics
 from serving.observability import ObservabilityMiddleware
-from serving.oip import GrpcEndpoint
 from serving.predict import PredictService
-from serving.registry import ModelCache, ServedModel, run_batch
-from serving.routers import (
+from serving.protocols.console import router as console_router
+from serving.protocols.oip import rest as oip_rest
+from serving.protocols.oip.server import GrpcEndpoint
+from serving.protocols.v1 import (
     health,
     keys,
     model_admin,
@@ -47,7 +43,12 @@ from serving.routers import (
     runs,
     tenants,
 )
-from serving.shared_encoder import SharedEncoders
+from serving.protocols.v1.fastlane import PREDICT_ROUTE, PredictFastLane
+from serving.refusals import add_refusal_handler
+from serving.runtime.batching import InputRejected, MicroBatcher, Rows
+from serving.runtime.lookups import PredictLookups
+from serving.runtime.model_cache import ModelCache, ServedModel, run_batch
+from serving.runtime.shared_encoder import SharedEncoders
 from tenancy import events
 from tenancy.platform import Platform
 
@@ -150,7 +151,8 @@ def create_app(
     grpc: GrpcEndpoint | None = None,
 ) -> FastAPI:
     """The API; ``run_launcher`` (from ``fedtext``) lets ``POST /v1/runs`` start runs;
-    ``grpc``: also serve the Open Inference Protocol over gRPC there (serving/grpc_service.py)."""
+    ``grpc``: also serve the Open Inference Protocol over gRPC there
+    (serving/protocols/oip/grpc_server.py)."""
     config = config or ServingConfig()
     limits = limits or Limits()
     metrics = ServingMetrics()
@@ -196,7 +198,7 @@ def create_app(
         )
         grpc_server = None
         if grpc is not None:  # imported here: its protocol modules clash with tritonclient's
-            from serving.grpc_service import start_grpc_server
+            from serving.protocols.oip.grpc_server import start_grpc_server
 
             grpc_server = await start_grpc_server(service, grpc)
         yield
@@ -242,7 +244,7 @@ def create_app(
         app.include_router(module.router)
     app.include_router(policy.router)  # each tenant's own governance, /v1/policy
     app.include_router(nodes.router)  # each tenant's enrolled node keys, /v1/federation/nodes
-    app.include_router(oip.router)  # the Open Inference Protocol (V2) over REST, at /v2
+    app.include_router(oip_rest.router)  # the Open Inference Protocol (V2) over REST, at /v2
     app.include_router(console_router)  # the web console at /console, over the same /v1
     app.add_middleware(
         PredictFastLane,
@@ -264,6 +266,7 @@ def create_app(
     app.add_middleware(CredentialMiddleware)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     add_error_handlers(app)
+    add_refusal_handler(app)  # the predict service's refusals, as serving/refusals.py maps them
     _document_string_details(app)
     return app
 

@@ -39,14 +39,14 @@ class ServingConfig:
     # torch intra-op threads per process; None leaves torch's setting alone (tests, demo).
     torch_threads: int | None = None
     # Seconds the predict path reuses a credential's and a deployment's database answer
-    # (serving/lookups.py); 0 asks the database on every request.
+    # (serving/runtime/lookups.py); 0 asks the database on every request.
     lookup_ttl_s: float = 1.0
     # The largest epsilon budget a tenant or operator may set over HTTP (422 beyond).
     max_budget_epsilon: float = DEFAULT_MAX_EPSILON
     # Live API keys one tenant may hold (POST /v1/keys answers 409 beyond).
     max_keys_per_tenant: int = 100
     # encoder-head models: one encoder per process batched across tenants, private heads
-    # applied after (serving/shared_encoder.py); False serves them per model like the rest.
+    # applied after (serving/runtime/shared_encoder.py); False serves them per model like the rest.
     shared_encoder: bool = True
     encoder_runtime: str = "torch-fp32"  # models/runtimes.py: torch-fp32 | onnx-fp32 | onnx-int8
     encoder_precision: str = "fp32"  # torch-fp32 runtime only: fp32 (exact) | bf16 | int8 (CPU)

@@ -174,7 +174,8 @@ class Admission:
 
 
 class RateGate:
-    """The rate-limit rules of every transport (HTTP below, gRPC in serving/grpc_service.py).
+    """The rate-limit rules of every transport (HTTP below, gRPC in
+    serving/protocols/oip/grpc_server.py).
 
     A credential that has authenticated in this process (the code that checks credentials
     said so through ``serving.credentials.note_authenticated``: a public route answering

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
-from serving.optimize import QUANTIZE_MODES, check_quantize
+from serving.runtime.optimize import QUANTIZE_MODES, check_quantize
 
 
 class ServingOptions(BaseModel):

@@ -1,12 +1,14 @@
 """The one predict service: credential -> caller -> deployed model -> checked inputs -> answer.
 
-Every way in (the ASGI fast lane in serving/fastlane.py, the FastAPI route in
-serving/routers/models.py) is a thin adapter over ``PredictService``: it parses the
-credential with ``bearer_credential``, asks ``resolve`` (or ``warm``) for the target and
-``answer`` for the body, and translates a ``Refusal`` into its own kind of response. So
-a refusal has one status and one message whichever adapter meets it.
+Every way in is a thin adapter over ``PredictService`` (serving/protocols/): /v1 REST
+(the ASGI fast lane and the FastAPI route), /v2 REST and gRPC (the Open Inference
+Protocol). Each parses the credential with ``bearer_credential``, asks ``resolve`` (or
+``warm``) for the target and ``rows`` for the probabilities (/v1 through ``answer``), and
+answers a ``Refusal`` through serving/refusals.py, the one place that maps it to an HTTP
+status or a gRPC code. So a refusal has one status and one message whichever adapter
+meets it.
 
-Resolution is memoized (serving/lookups.py): when the memo knows the caller and the
+Resolution is memoized (serving/runtime/lookups.py): when the memo knows the caller and the
 deployed version and the model is in memory, nothing touches the database and nothing
 leaves the event loop; otherwise one thread hop does all the database work.
 """
@@ -23,14 +25,15 @@ from sqlmodel import Session, select
 
 from models.encoders import DEFAULT_ENCODER
 from models.tokenizer import load_tokenizer
-from serving.batching import InputRejected
 from serving.config import ServingConfig
 from serving.credentials import (  # bearer_credential re-exported: the one parser
     bearer_credential,  # noqa: F401
     note_authenticated,
 )
-from serving.lookups import Caller, PredictLookups
-from serving.registry import (
+from serving.refusals import Refusal, refusal_for, unauthorized
+from serving.runtime.batching import InputRejected
+from serving.runtime.lookups import Caller, PredictLookups
+from serving.runtime.model_cache import (
     ModelCache,
     ModelLoadError,
     NotDeployed,
@@ -45,22 +48,6 @@ from tenancy.tables import ModelVersion
 from tenancy.tenants import Scope, authenticate, has_scope
 
 log = logging.getLogger("fedtext.serving")
-
-
-class Refusal(Exception):
-    """Why a request is not answered: an HTTP status, a message, headers (the edge's reply)."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
-
-
-def unauthorized() -> Refusal:
-    return Refusal(
-        401, "Missing, invalid, revoked or expired API key.", {"WWW-Authenticate": "Bearer"}
-    )
 
 
 def authenticate_caller(session: Session, credential: str | None) -> Caller:
@@ -78,16 +65,6 @@ def require_scope(caller: Caller, scope: Scope) -> Caller:
     if not has_scope(caller.key, scope):
         raise Refusal(403, f"This key lacks the {scope} scope.")
     return caller
-
-
-_LOAD_FAILED = {
-    "integrity": "The stored model failed its integrity check; the operator has been alerted.",
-    "decryption": "The stored model failed its integrity check; the operator has been alerted.",
-    "missing": "The stored model is missing; the operator has been alerted.",
-    "format": "The stored model cannot be rebuilt; the operator has been alerted.",
-    "encoder": "This server's sentence encoder is not the one the model was trained with "
-    "(its files or its runtime variant differ); the operator has been alerted.",
-}
 
 
 @dataclass(frozen=True)
@@ -125,12 +102,22 @@ class PredictService:
         )
         return PredictTarget(caller, served) if served is not None else None
 
-    async def resolve(self, credential: str | None, name: str) -> PredictTarget:
-        """Caller and deployed model of a prediction; Refusal 401, 403, 404, 409 or 500."""
+    async def resolve(self, credential: str | None, name: str, version: str = "") -> PredictTarget:
+        """Caller and deployed model of a prediction; Refusal 401, 403, 404, 409 or 500.
+
+        A ``version`` other than the deployed one is not served (404); "" asks for the
+        deployed one (the Open Inference Protocol names versions as strings).
+        """
         target = self.warm(credential, name)
-        if target is not None:
-            return target
-        return await run_in_threadpool(self.resolve_cold, credential, name)
+        if target is None:
+            target = await run_in_threadpool(self.resolve_cold, credential, name)
+        if version and version != str(target.served.version):
+            raise Refusal(
+                404,
+                f"Version {version} of {name!r} is not served; the deployed version is "
+                f"{target.served.version}.",
+            )
+        return target
 
     def resolve_cold(self, credential: str | None, name: str) -> PredictTarget:
         """``resolve`` from the database, loading the model if needed (blocking).
@@ -150,9 +137,10 @@ class PredictService:
                 served, row = self.cache.get_deployed(session, caller.tenant.id, name)
             except UnknownModel as exc:
                 # Another tenant's model and a missing one look the same: 404.
-                raise Refusal(404, _unknown_model(session, caller.tenant, exc)) from None
+                detail = _unknown_model(session, caller.tenant, exc)
+                raise refusal_for(exc, detail) from None
             except NotDeployed as exc:
-                raise Refusal(409, str(exc)) from None
+                raise refusal_for(exc) from None
             except ModelLoadError as exc:
                 # The reason and the blob's identity; never key material nor request content.
                 log.error(
@@ -166,7 +154,7 @@ class PredictService:
                         }
                     },
                 )
-                raise Refusal(500, _LOAD_FAILED[exc.reason]) from None
+                raise refusal_for(exc) from None
             self.lookups.put_deployed(row, generation)
         return PredictTarget(caller, served)
 
@@ -200,18 +188,27 @@ class PredictService:
                         "which is not Unicode text; send UTF-8.",
                     ) from None
 
+    async def rows(self, target: PredictTarget, texts: list[str]) -> list[list[float]]:
+        """The probability rows of ``texts``: inputs checked, inferred in a shared batch.
+
+        Every adapter's one path to the model (/v1 through ``answer``, /v2 and gRPC
+        directly). Callers resolve first: an unauthenticated request hears 401 whatever
+        it sent.
+        """
+        self.check_inputs(texts)
+        try:
+            return await target.served.predict_rows(texts)
+        except InputRejected as exc:  # this request's own input; others in its batch ran
+            raise refusal_for(exc) from None
+
     async def answer(self, target: PredictTarget, request: PredictRequest) -> bytes:
-        """The PredictResponse's JSON bytes: inputs checked, inferred in a shared batch.
+        """/v1's PredictResponse as JSON bytes, from ``rows``.
 
         Serialized here, not through a response model: validating and dumping every
         LabelScore again cost more than the batched forward pass per request.
         """
-        self.check_inputs(request.inputs)
         served = target.served
-        try:
-            rows = await served.predict_rows(request.inputs)
-        except InputRejected as exc:  # this request's own input; others in its batch ran
-            raise Refusal(422, str(exc)) from None
+        rows = await self.rows(target, request.inputs)
         body = prediction_body(served, rows, request.top_k)
         warnings = unknown_token_warnings(served.spec, request.inputs)
         if warnings:  # only when some input is mostly unreadable: other bodies are unchanged

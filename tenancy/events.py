@@ -8,7 +8,7 @@ after that session commits (a change that is never committed is never announced)
 Other processes (the CLI, other API replicas on the same database) learn of a change
 from the ``tenancy_change`` log: ``record`` also adds the change to it in the same
 transaction, and each API reads it every lookup interval through a ``ChangeFeed``
-(serving/lookups.py), announcing what *other* processes wrote to its own subscribers.
+(serving/runtime/lookups.py), announcing what *other* processes wrote to its own subscribers.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def _check_key_count(session: Session, tenant: Tenant, max_keys: int) -> None:
 def is_live(key: ApiKey, tenant: Tenant | None, now: datetime | None = None) -> bool:
     """Whether ``key`` answers for ``tenant``: not revoked, not expired, tenant not deleted.
 
-    The one rule: authentication and every memo of its answers (serving/lookups.py) use it.
+    The one rule: authentication and every memo of its answers (serving/runtime/lookups.py) use it.
     """
     if key.revoked_at is not None or tenant is None or tenant.deleted_at is not None:
         return False

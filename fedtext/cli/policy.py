@@ -74,7 +74,7 @@ def policy_set(
     ] = None,
 ) -> None:
     """Change parts of a tenant's policy (the others keep their value)."""
-    from serving.routers.policy import check_policy_names
+    from serving.protocols.v1.policy import check_policy_names
     from tenancy.db import session_scope
     from tenancy.errors import InvalidInput, NotFound
     from tenancy.governance import set_policy

@@ -54,8 +54,8 @@ def serve(
     from serving.config import ServingConfig, default_inference_threads
     from serving.connections import server_config
     from serving.logs import configure_json_logging
-    from serving.memory import tune_allocator
-    from serving.oip import GrpcEndpoint
+    from serving.protocols.oip.server import GrpcEndpoint
+    from serving.runtime.memory import tune_allocator
 
     config = settings()
     if config.operator_token is None:

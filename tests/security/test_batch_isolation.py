@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedtext.server_thread import BackgroundServer
 from serving.app import create_app
-from serving.batching import MicroBatcher, Rows, run_isolated
 from serving.config import ServingConfig
-from serving.registry import load_served_model
+from serving.runtime.batching import MicroBatcher, Rows, run_isolated
+from serving.runtime.model_cache import load_served_model
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tests.factories import make_tenant, store_tiny_model

@@ -10,13 +10,13 @@ import sys
 SCRIPT = r"""
 import asyncio, grpc
 from fedtext.server_thread import free_port
-from serving.grpc_service import start_grpc_server
-from serving.oip import GrpcEndpoint
+from serving.protocols.oip.grpc_server import start_grpc_server
+from serving.protocols.oip.server import GrpcEndpoint
 from serving.proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pbg
 
 class Faulty:
     platform = None
-    async def resolve(self, credential, name):
+    async def resolve(self, credential, name, version=""):
         raise RuntimeError("could not connect to postgresql://fedtext:hunter2@db/fedtext")
 
 async def main():

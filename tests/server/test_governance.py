@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-import serving.routers.runs as runs_router
+import serving.protocols.v1.runs as runs_router
 from privacy.accounting import _noise
 from privacy.gate import _gaussian_sigma, gaussian_delta, gaussian_sigma
 from privacy.ledger import tenant_events, verify_chain

@@ -107,8 +107,8 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         Route(
             "DELETE", "/v1/tenants/{tenant_id}", f"/v1/tenants/{acme.tenant.id}", "operator", 200
         ),
-        # The Open Inference Protocol (serving/oip.py) and explanations, before the admin's
-        # deploy below changes which version of lstm is served.
+        # The Open Inference Protocol (serving/protocols/oip/rest.py) and explanations, before
+        # the admin's deploy below changes which version of lstm is served.
         *_predict_routes(),
         Route("POST", "/v1/keys", "/v1/keys", "collection", 201, {"scopes": ["predict"]}),
         Route("GET", "/v1/keys", "/v1/keys", "collection", 200),
@@ -171,7 +171,7 @@ def world(platform: Platform, tmp_path: Path) -> Iterator[World]:
         Route("GET", "/v1/policy", "/v1/policy", "collection", 200),
         Route("PUT", "/v1/policy", "/v1/policy", "collection", 200, {"deploy": "first"}),
         Route("GET", "/v1/runs/{run_id}", f"/v1/runs/{run_id}", "object", 200),
-        # Node keys (serving/routers/nodes.py): a malformed key's 422 proves authorization.
+        # Node keys (serving/protocols/v1/nodes.py): a malformed key's 422 proves authorization.
         Route("GET", "/v1/federation/nodes", "/v1/federation/nodes", "collection", 200),
         Route(
             "POST",

@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedtext.server_thread import BackgroundServer
 from serving.app import create_app
-from serving.batching import MicroBatcher, Rows
 from serving.config import ServingConfig
+from serving.runtime.batching import MicroBatcher, Rows
 from tenancy.platform import Platform
 from tests.factories import make_tenant, store_tiny_model
 

@@ -11,7 +11,7 @@ import pytest
 from sqlmodel import Session
 
 from serving.metrics import ServingMetrics
-from serving.registry import ModelCache, ModelLoadError, ServedModel
+from serving.runtime.model_cache import ModelCache, ModelLoadError, ServedModel
 from tenancy.blobs import LocalBlobStore
 from tenancy.platform import Platform
 from tests.factories import make_tenant, store_tiny_model
@@ -152,7 +152,7 @@ def test_a_tampered_blob_fails_every_waiter_and_is_not_cached(platform: Platform
 
 
 def test_a_row_made_stale_by_a_data_key_rotation_loads_as_it_is_now(platform: Platform) -> None:
-    from serving.registry import find_deployed
+    from serving.runtime.model_cache import find_deployed
     from tenancy.rotation import rotate_dek
 
     t = make_tenant(platform, "acme")

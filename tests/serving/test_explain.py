@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 from models import ModelSpec, build_model, save_weights, spec_encoder
 from serving.app import create_app
 from serving.config import ServingConfig
-from serving.explain import INTEGRATED_GRADIENTS, OCCLUSION, explain
-from serving.optimize import prepare_for_inference
-from serving.registry import run_batch
+from serving.runtime.explain import INTEGRATED_GRADIENTS, OCCLUSION, explain
+from serving.runtime.model_cache import run_batch
+from serving.runtime.optimize import prepare_for_inference
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import store_model_version

@@ -1,4 +1,5 @@
-"""The warm predict path (serving/lookups.py memo + serving/fastlane.py) against the database.
+"""The warm predict path (serving/runtime/lookups.py memo + serving/protocols/v1/fastlane.py)
+against the database.
 
 Each case runs on SQLite and PostgreSQL. The memo must never answer for a key, tenant or
 deployment that changed through the API, and must catch up within about its ttl with

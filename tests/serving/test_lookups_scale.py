@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from serving.lookups import PredictLookups
-from serving.registry import find_deployed
+from serving.runtime.lookups import PredictLookups
+from serving.runtime.model_cache import find_deployed
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.registry import deploy_version

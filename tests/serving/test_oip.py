@@ -2,8 +2,9 @@
 
 One server process (HTTP and gRPC ports) per module; the clients are ``tritonclient.http``
 and ``tritonclient.grpc`` (and, for malformed requests a client library would refuse to
-build, the raw stubs of Triton's copy of the protocol). Never import serving.grpc_service
-here: its generated messages and tritonclient's share protobuf's default pool.
+build, the raw stubs of Triton's copy of the protocol). Never import
+serving.protocols.oip.grpc_server here: its generated messages and tritonclient's share
+protobuf's default pool.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 import httpx
@@ -32,6 +34,11 @@ from fedtext.certificates import create_credentials
 from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.server_thread import free_port
 from fedtext.settings import Settings
+from serving.config import ServingConfig
+from serving.predict import PredictService
+from serving.refusals import Refusal, grpc_code, unauthorized, v2_status
+from serving.runtime.lookups import PredictLookups
+from serving.runtime.model_cache import ModelCache
 from tests.factories import TenantFixture, make_tenant, store_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -406,3 +413,58 @@ def test_a_grpc_port_asked_for_and_taken_stops_the_server_with_the_reason(
         )  # fmt: skip
     assert done.returncode != 0
     assert f"The gRPC port 127.0.0.1:{port} is not available" in done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------ one refusal, three adapters
+
+
+def _refusal_of_inputs(texts: list[str]) -> Refusal:
+    """What the predict service's own input check (the one every adapter runs) refuses."""
+    service = PredictService(None, cast(ModelCache, None), PredictLookups(0), ServingConfig())
+    with pytest.raises(Refusal) as info:
+        service.check_inputs(texts)
+    return info.value
+
+
+@pytest.mark.parametrize("case", ["bad key", "unknown model", "empty input"])
+def test_the_same_bad_input_gets_one_refusal_on_v1_v2_and_grpc(live: Live, case: str) -> None:
+    """/v1 REST, /v2 REST and gRPC answer one refusal: its message as the predict service
+    words it, its status as serving/refusals.py maps it (the one place for all three)."""
+    key, model, text = live.acme.predict_key, "sentiment", "lovely crew"
+    if case == "bad key":
+        key = "ft_not-a-key"
+    elif case == "unknown model":
+        model = "nosuch"
+    else:
+        text = "   "
+    auth = {"Authorization": f"Bearer {key}"}
+    v1 = httpx.post(
+        f"http://{live.http}/v1/models/{model}/predict", json={"inputs": [text]}, headers=auth
+    )
+    tensor = {"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}
+    v2 = httpx.post(
+        f"http://{live.http}/v2/models/{model}/infer", json={"inputs": [tensor]}, headers=auth
+    )
+    channel = grpc.insecure_channel(live.grpc)
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        text.encode()
+    )
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    error = _grpc_error(
+        lambda: stub.ModelInfer(request, metadata=[("authorization", auth["Authorization"])])
+    )
+    channel.close()
+
+    if case == "bad key":
+        expected = unauthorized()
+    elif case == "unknown model":  # its message names the tenant: read back from /v1
+        expected = Refusal(404, v1.json()["detail"])
+    else:
+        expected = _refusal_of_inputs([text])
+    assert (v1.status_code, v1.json()["detail"]) == (expected.status, expected.detail)
+    assert (v2.status_code, v2.json()["error"]) == (v2_status(expected), expected.detail)
+    assert (error.code(), error.details()) == (grpc_code(expected), expected.detail)
+    assert v1.status_code // 100 == v2.status_code // 100 == 4
+    if case == "bad key":
+        assert v1.headers["www-authenticate"] == v2.headers["www-authenticate"] == "Bearer"

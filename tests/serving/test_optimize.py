@@ -14,7 +14,7 @@ from torch import nn
 from models import ModelSpec, build_model, load_tokenizer
 from serving.app import create_app
 from serving.config import ServingConfig
-from serving.optimize import check_quantize, prepare_for_inference
+from serving.runtime.optimize import check_quantize, prepare_for_inference
 from tenancy.platform import Platform
 from tests.factories import make_tenant, store_tiny_model
 

@@ -13,10 +13,10 @@ from sqlmodel import Session
 
 from models import ModelSpec, build_model, save_weights, text_inputs
 from serving.app import create_app
-from serving.batching import InputRejected
 from serving.config import ServingConfig
-from serving.registry import HEAD_OVERHEAD_BYTES, ModelCache, find_deployed
-from serving.shared_encoder import (
+from serving.runtime.batching import InputRejected
+from serving.runtime.model_cache import HEAD_OVERHEAD_BYTES, ModelCache, find_deployed
+from serving.runtime.shared_encoder import (
     CrossTenantBatcher,
     EncoderRuntime,
     SharedEncoders,

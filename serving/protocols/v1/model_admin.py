@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, SessionDep, VersionPath
-from serving.routers.models import _version, _version_public, _versions
+from serving.protocols.v1.deps import AdminCaller, SessionDep, VersionPath
+from serving.protocols.v1.models import _version, _version_public, _versions
+from serving.refusals import refusal_for
 from serving.schemas import ModelVersionPublic
 from tenancy.registry import UntrustedDeployment, deploy_version
 from tenancy.tables import ModelVersion
@@ -47,6 +48,6 @@ def rollback(name: str, caller: AdminCaller, session: SessionDep) -> ModelVersio
             session=session, tenant_id=caller.tenant.id, name=name, version=earlier
         )
     except UntrustedDeployment as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()  # deploy_version announces it: the predict memo is cleared on commit
     return _version_public(row)

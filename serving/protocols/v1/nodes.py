@@ -16,8 +16,9 @@ from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
 from privacy.node_proof import ProofError, fingerprint, load_public_key, openssh_text
-from serving.deps import AdminCaller, SessionDep
 from serving.node_enrollment import EnrollmentError, check_request
+from serving.protocols.v1.deps import AdminCaller, SessionDep
+from serving.refusals import refusal_for
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.nodes import NodeKey, enroll_node_key, list_node_keys, revoke_node_key
 
@@ -90,7 +91,7 @@ def post_node_key(
             key = load_public_key(body.public_key or "")
             fp, text = fingerprint(key), openssh_text(key)
     except (ProofError, EnrollmentError) as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     try:
         row, created = enroll_node_key(
             session,
@@ -102,7 +103,7 @@ def post_node_key(
         )
     except Conflict as exc:
         session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -115,8 +116,8 @@ def delete_node_key(fingerprint: str, caller: AdminCaller, session: SessionDep) 
     try:
         revoke_node_key(session, tenant_id=caller.tenant.id, fingerprint=fingerprint.lower())
     except InvalidInput as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     except NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

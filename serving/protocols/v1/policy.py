@@ -15,11 +15,12 @@ forged).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Response
 
 from models.family_defaults import families
 from privacy.ledger import check_dataset
-from serving.deps import AdminCaller, SessionDep
+from serving.protocols.v1.deps import AdminCaller, SessionDep
+from serving.refusals import refusal_for
 from serving.schemas import PolicyPublic, PolicyUpdate
 from tenancy.errors import InvalidInput
 from tenancy.governance import Policy, get_policy, set_policy
@@ -88,6 +89,6 @@ def update_policy(body: PolicyUpdate, caller: AdminCaller, session: SessionDep) 
             dataset=body.dataset,
         )
     except InvalidInput as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return _public(policy)

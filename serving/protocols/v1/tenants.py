@@ -7,7 +7,14 @@ from sqlmodel import Session
 
 from privacy.budget import BudgetError, check_epsilon_budget
 from runs.lifecycle import active_runs_of, cancel_run, request_cancel, withdraw_cancel
-from serving.deps import ConfigDep, Operator, OptionalRunLauncherDep, PlatformDep, SessionDep
+from serving.protocols.v1.deps import (
+    ConfigDep,
+    Operator,
+    OptionalRunLauncherDep,
+    PlatformDep,
+    SessionDep,
+)
+from serving.refusals import refusal_for
 from serving.schemas import TenantCreate, TenantCreated, TenantDeleted, TenantPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.rotation import delete_tenant, deleted_tenants
@@ -29,7 +36,7 @@ def create(
     try:
         check_epsilon_budget(body.budget_epsilon, max_epsilon=config.max_budget_epsilon)
     except BudgetError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     try:
         tenant = create_tenant(
             session=session,
@@ -43,10 +50,10 @@ def create(
         )
     except InvalidInput as exc:
         session.rollback()
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     except Conflict as exc:
         session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return TenantCreated(
         tenant=TenantPublic.model_validate(tenant, from_attributes=True), admin_key=secret
@@ -99,7 +106,7 @@ def delete(
     try:
         done = delete_tenant(platform.engine, platform.keyring, platform.store, tenant_id=tenant_id)
     except NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        raise refusal_for(exc) from None
     if launcher is not None:
         launcher.sweep()  # scratch directories of ended runs (a worker killed earlier)
     with Session(platform.engine) as session:

@@ -13,16 +13,10 @@ from sqlmodel import Session
 from serving.config import ServingConfig
 from serving.credentials import RepeatedAuthorization, note_authenticated, request_credential
 from serving.launcher import RunLauncher
-from serving.lookups import Caller
 from serving.metrics import ServingMetrics
-from serving.predict import (
-    PredictService,
-    PredictTarget,
-    Refusal,
-    authenticate_caller,
-    require_scope,
-)
-from serving.registry import ModelCache
+from serving.predict import PredictService, PredictTarget, authenticate_caller, require_scope
+from serving.runtime.lookups import Caller
+from serving.runtime.model_cache import ModelCache
 from tenancy.platform import Platform
 from tenancy.tenants import Scope
 
@@ -101,25 +95,15 @@ PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]
 Credential = Annotated[str | None, Depends(_bearer)]
 
 
-def refused(refusal: Refusal) -> HTTPException:
-    """The HTTP form of the predict service's refusal (deps and routes raise it)."""
-    return HTTPException(refusal.status, refusal.detail, headers=refusal.headers)
-
-
 def get_caller(session: SessionDep, credential: Credential) -> Caller:
-    """The tenant comes from the credential only, never from the request."""
-    try:
-        return authenticate_caller(session, credential)
-    except Refusal as exc:
-        raise refused(exc) from None
+    """The tenant comes from the credential only, never from the request (a Refusal is
+    answered by serving/refusals.py's handler, as every route's)."""
+    return authenticate_caller(session, credential)
 
 
 def _require(scope: Scope):  # type: ignore[no-untyped-def]
     async def check(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
-        try:
-            return require_scope(caller, scope)
-        except Refusal as exc:
-            raise refused(exc) from None
+        return require_scope(caller, scope)
 
     return check
 
@@ -129,10 +113,7 @@ async def get_predict_target(
 ) -> PredictTarget:
     """Authenticate, check the scope and find the deployed model (the predict service's
     ``resolve``: on the event loop when warm, else one thread hop)."""
-    try:
-        return await service.resolve(credential, name)
-    except Refusal as exc:
-        raise refused(exc) from None
+    return await service.resolve(credential, name)
 
 
 def require_operator(config: ConfigDep, credential: Credential) -> None:

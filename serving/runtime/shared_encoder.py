@@ -49,7 +49,7 @@ from models.runtimes import (
     check_runtime,
 )
 from models.runtimes import load_runtime as load_vector_runtime
-from serving.batching import BatchQueue, InputRejected, Request, Rows
+from serving.runtime.batching import BatchQueue, InputRejected, Request, Rows
 
 # fp32 first: the exact default. bf16 and int8 trade exactness for CPU speed
 # (docs/BENCHMARKS.md has the measured speed and accuracy of each).
@@ -191,7 +191,7 @@ class EncoderRuntime:
 class SharedEncoders:
     """This process's encoder runtimes (one per encoder named by a head) and their batchers.
 
-    Parameters mirror the per-model batcher's (serving/batching.py); ``on_batch`` is called
+    Parameters mirror the per-model batcher's (serving/runtime/batching.py); ``on_batch`` is called
     with (inputs, requests) of every cross-tenant batch, ``observe`` with the seconds of
     every encoder pass.
     """
@@ -265,7 +265,7 @@ class SharedHead:
 class CrossTenantBatcher(BatchQueue):
     """Coalesce concurrent requests of every tenant into shared encoder passes.
 
-    The scheduling is ``BatchQueue``'s (serving/batching.py), as for one model's batches;
+    The scheduling is ``BatchQueue``'s (serving/runtime/batching.py), as for one model's batches;
     a request is tagged with its tenant's ``SharedHead``.
     """
 

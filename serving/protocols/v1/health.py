@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response, status
 from sqlalchemy import text
 
-from serving.deps import MetricsDep, Operator, PlatformDep
 from serving.metrics import CONTENT_TYPE_LATEST
+from serving.protocols.v1.deps import MetricsDep, Operator, PlatformDep
 from tenancy.errors import KeyProviderError
 
 router = APIRouter(tags=["health"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse, RedirectResponse
 
-STATIC_DIR = Path(__file__).with_name("console_static")
+STATIC_DIR = Path(__file__).parent.parent / "console_static"
 
 # Scripts, styles and everything else from this origin only; no inline code (the build
 # has none), no framing, no plugins, and no string-to-DOM sinks (Trusted Types).

@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import col, select
 
-from serving.deps import AdminCaller, ConfigDep, SessionDep
+from serving.protocols.v1.deps import AdminCaller, ConfigDep, SessionDep
+from serving.refusals import refusal_for
 from serving.schemas import KeyCreate, KeyCreated, KeyPublic
 from tenancy.errors import Conflict, InvalidInput, NotFound
 from tenancy.tables import ApiKey, utcnow
@@ -42,10 +43,10 @@ def create(
             max_keys=config.max_keys_per_tenant,
         )
     except InvalidInput as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     except Conflict as exc:  # the tenant's live keys are at the limit
         session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return KeyCreated(key=_public(key), secret=secret)
 
@@ -62,7 +63,7 @@ def list_keys(caller: AdminCaller, session: SessionDep) -> list[KeyPublic]:
 def revoke(key_id: str, caller: AdminCaller, session: SessionDep) -> KeyPublic:
     try:
         key = revoke_api_key(session=session, tenant_id=caller.tenant.id, key_id=key_id)
-    except NotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such key.") from None
+    except NotFound as exc:
+        raise refusal_for(exc, "No such key.") from None
     session.commit()  # the revocation holds from the next request on (tenancy tells serving)
     return _public(key)

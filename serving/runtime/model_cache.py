@@ -1,7 +1,7 @@
 """Served models: decrypted in memory on first use, kept in an LRU bounded by count and bytes.
 
 A head of the ``encoder-head`` family served on the process's shared encoder
-(serving/shared_encoder.py) is a few kilobytes: heads count against the bytes bound only,
+(serving/runtime/shared_encoder.py) is a few kilobytes: heads count against the bytes bound only,
 so tens of thousands fit where ``max_models`` whole models do.
 
 The encrypted blobs sit behind ``tenancy.blobs.BlobStore``; ``tenancy.registry`` checks
@@ -26,10 +26,10 @@ from sqlmodel import Session, select
 
 from models import EncoderError, ModelSpec, build_model, load_weights, spec_encoder, text_inputs
 from models.encoder_head import FAMILY as ENCODER_HEAD
-from serving.batching import MicroBatcher, Rows
 from serving.metrics import ServingMetrics
-from serving.optimize import prepare_for_inference, resident_bytes
-from serving.shared_encoder import CrossTenantBatcher, SharedEncoders, SharedHead
+from serving.runtime.batching import MicroBatcher, Rows
+from serving.runtime.optimize import prepare_for_inference, resident_bytes
+from serving.runtime.shared_encoder import CrossTenantBatcher, SharedEncoders, SharedHead
 from tenancy.errors import DecryptionError, IntegrityError, NotFound
 from tenancy.platform import Platform
 from tenancy.registry import deployed_version, read_model_weights, untrusted_deployment

@@ -12,16 +12,16 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import col, func, select
 
-from serving.deps import (
+from serving.model_options import ServingOptions, ServingOptionsPublic
+from serving.predict import PredictTarget
+from serving.protocols.v1.deps import (
     AdminCaller,
     PredictServiceDep,
     PredictTargetDep,
     SessionDep,
     VersionPath,
-    refused,
 )
-from serving.model_options import ServingOptions, ServingOptionsPublic
-from serving.predict import PredictTarget, Refusal
+from serving.refusals import refusal_for
 from serving.schemas import (
     EXPLAIN_MAX_STEPS,
     ExplainRequest,
@@ -107,9 +107,9 @@ def deploy(
             session=session, tenant_id=caller.tenant.id, name=name, version=version
         )
     except NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        raise refusal_for(exc) from None
     except UntrustedDeployment as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()  # the predict memo hears of it from tenancy (serving/predict.py)
     return _version_public(row)
 
@@ -143,7 +143,7 @@ def set_serving_options(
             quantize=body.quantize,
         )
     except UntrustedDeployment as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return ServingOptionsPublic(
         name=row.name, version=row.version, deployed=row.deployed, quantize=row.quantize
@@ -155,7 +155,7 @@ def _version(session: SessionDep, tenant_id: str, name: str, version: int) -> Mo
     try:
         return get_version(session=session, tenant_id=tenant_id, name=name, version=version)
     except NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        raise refusal_for(exc) from None
 
 
 @router.post("/{name}/predict", response_model=PredictResponse)
@@ -165,7 +165,7 @@ async def predict(
     """Top-k labels per input; the forward pass is shared with concurrent requests.
 
     The predict service's FastAPI adapter (serving/predict.py); warm requests are answered
-    by its ASGI adapter, serving/fastlane.py, before they get here.
+    by its ASGI adapter, serving/protocols/v1/fastlane.py, before they get here.
     """
     if body.explain and len(body.inputs) * EXPLAIN_STEPS > EXPLAIN_MAX_STEPS:
         raise HTTPException(
@@ -173,10 +173,7 @@ async def predict(
             f'"explain": true takes at most {EXPLAIN_MAX_STEPS // EXPLAIN_STEPS} inputs; '
             f"got {len(body.inputs)}.",
         )
-    try:
-        content = await service.answer(target, body)
-    except Refusal as exc:
-        raise refused(exc) from None
+    content = await service.answer(target, body)  # a Refusal: serving/refusals.py answers
     if body.explain:  # the fast lane leaves these to this route
         answer = json.loads(content)
         answer["explanations"] = await _explain(request, target, body.inputs, None, EXPLAIN_STEPS)
@@ -198,10 +195,7 @@ async def explain(
     attributions of an input sum to ``score - baseline_score`` up to ``delta``. A key with
     the predict scope may ask; the model is resolved as for predictions.
     """
-    try:
-        service.check_inputs(body.inputs)
-    except Refusal as exc:
-        raise refused(exc) from None
+    service.check_inputs(body.inputs)
     found = await _explain(request, target, body.inputs, body.label, body.steps)
     served = target.served
     return ExplainResponse.model_validate(
@@ -214,7 +208,7 @@ async def _explain(
 ) -> list[dict[str, object]]:
     """Explanations as plain data, computed off the event loop, one request at a time
     (each costs ``steps`` forward and backward passes)."""
-    from serving.explain import explain as attributions
+    from serving.runtime.explain import explain as attributions
 
     served = target.served
     state = request.app.state

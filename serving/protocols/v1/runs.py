@@ -39,7 +39,8 @@ from runs.lifecycle import (
     withdraw_cancel,
 )
 from runs.status import RunStatus
-from serving.deps import (
+from serving.limits import TokenBuckets
+from serving.protocols.v1.deps import (
     AdminCaller,
     Credential,
     OptionalRunLauncherDep,
@@ -47,7 +48,6 @@ from serving.deps import (
     RunLauncherDep,
     SessionDep,
 )
-from serving.limits import TokenBuckets
 from serving.schemas import ReleasedMetrics, RoundMetricPublic, RunCreate, RunPublic
 from tenancy.checkpoints import drop_checkpoint
 from tenancy.governance import Policy, below_floor, get_policy, live_tenant

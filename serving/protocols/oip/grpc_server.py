@@ -3,9 +3,8 @@
 The service and messages are the protocol's public ``grpc_service.proto`` (KServe's
 open-inference-protocol, serving/proto/), so Triton's and KServe's clients call it as they
 are. The API key travels in the ``authorization`` metadata (``Bearer <key>``), the tenant
-comes from it only, and a refusal has the status the REST adapter gives, mapped to gRPC:
-401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND (another tenant's model too),
-409 FAILED_PRECONDITION, 400/422 INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED, 500 INTERNAL.
+comes from it only, and a refusal has the code serving/refusals.py maps its status to
+(the REST adapters' status there): 404 NOT_FOUND for another tenant's model too.
 
 The server is a ``grpc.aio`` server on the API's own event loop (started in the app's
 lifespan), so its requests share the micro-batches of HTTP requests.
@@ -32,50 +31,35 @@ from serving.credentials import (
     watch_authentication,
 )
 from serving.limits import Limits, RateGate
-from serving.oip import (
-    EXTENSIONS,
+from serving.predict import PredictService, PredictTarget
+from serving.proto import grpc_service_pb2 as pb
+from serving.proto import grpc_service_pb2_grpc as pb_grpc
+from serving.protocols.oip.codec import (
     LABEL,
     PLATFORM,
     PROBABILITIES,
-    SERVER_NAME,
-    GrpcEndpoint,
     Inference,
     bad_tensor,
     decode_bytes_elements,
     encode_bytes_elements,
-    infer,
     model_metadata,
-    ready,
     requested_outputs,
-    resolve,
-    server_version,
     single_input,
     texts_from_input,
 )
-from serving.predict import PredictService, PredictTarget, Refusal
-from serving.proto import grpc_service_pb2 as pb
-from serving.proto import grpc_service_pb2_grpc as pb_grpc
+from serving.protocols.oip.server import (
+    EXTENSIONS,
+    SERVER_NAME,
+    GrpcEndpoint,
+    ready,
+    server_version,
+)
+from serving.refusals import Refusal, grpc_code
 
 log = logging.getLogger("fedtext.serving.grpc")
 T = TypeVar("T")
 # A status message is trailing metadata; clients refuse long ones (16 KiB by default).
 MAX_DETAIL_CHARS = 1000
-
-_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_code(refusal: Refusal) -> grpc.StatusCode:
-    return _CODES.get(refusal.status, grpc.StatusCode.INTERNAL)
 
 
 def _credential(context: grpc.aio.ServicerContext) -> str | None:
@@ -116,7 +100,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         detail = refusal.detail
         if len(detail) > MAX_DETAIL_CHARS:  # it may echo a name; status metadata is small
             detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
-        await context.abort(status_code(refusal), detail)
+        await context.abort(grpc_code(refusal), detail)
 
     async def _model_call(
         self,
@@ -180,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         async def work(credential: str | None) -> bool:
             try:
-                await resolve(self.service, credential, request.name, request.version)
+                await self.service.resolve(credential, request.name, request.version)
             except Refusal as exc:
                 if exc.status == 409:  # exists, nothing deployed: not ready
                     return False
@@ -193,9 +177,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         async def work(credential: str | None) -> PredictTarget:
-            return await resolve(self.service, credential, request.name, request.version)
+            return await self.service.resolve(credential, request.name, request.version)
 
-        meta = model_metadata(await self._model_call(context, work))
+        meta = model_metadata((await self._model_call(context, work)).served)
         return pb.ModelMetadataResponse(
             name=meta["name"],
             versions=meta["versions"],
@@ -211,12 +195,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work(credential: str | None) -> tuple[Inference, list[str]]:
             # Authenticated first: a refusal of the tensors tells only a caller with a key,
             # and only an authenticated credential counts as one for the rate limits.
-            target = await resolve(
-                self.service, credential, request.model_name, request.model_version
+            target = await self.service.resolve(
+                credential, request.model_name, request.model_version
             )
             texts = _texts(request)
             outputs = requested_outputs([o.name for o in request.outputs])
-            return await infer(self.service, target, texts), outputs
+            rows = await self.service.rows(target, texts)
+            return Inference.of(target.served, rows), outputs
 
         result, outputs = await self._model_call(context, work)
         n, c = result.probabilities.shape

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Query, status
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from privacy.accounting import DEFAULT_ACCOUNTANT, compose_epsilon
@@ -19,7 +19,8 @@ from privacy.ledger import TENANT_WIDE, budget_changes, lock_tenant, tenant_even
 from privacy.report import render_html, signed_report
 from privacy.reservations import outstanding
 from runs.lifecycle import active_run_ids
-from serving.deps import AdminCaller, ConfigDep, PlatformDep, SessionDep
+from serving.protocols.v1.deps import AdminCaller, ConfigDep, PlatformDep, SessionDep
+from serving.refusals import refusal_for
 from serving.schemas import (
     BudgetChangePublic,
     BudgetChangeRequest,
@@ -75,7 +76,7 @@ def set_budget(
             max_epsilon=config.max_budget_epsilon,
         )
     except BudgetError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return BudgetChangePublic.model_validate(change, from_attributes=True)
 

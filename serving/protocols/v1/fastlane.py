@@ -16,12 +16,12 @@ from __future__ import annotations
 import re
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.credentials import request_credential
 from serving.limits import send_bytes, send_json
-from serving.predict import PredictService, Refusal, parse_request
+from serving.predict import PredictService, parse_request
+from serving.refusals import Refusal, v1_response
 
 PREDICT_ROUTE = "/v1/models/{name}/predict"
 _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
@@ -65,15 +65,16 @@ class PredictFastLane:
         if body is None:  # the client went away
             return
         request = parse_request(body)
-        if request is None or request.explain:  # explanations: the route (serving/explain.py)
+        if (
+            request is None or request.explain
+        ):  # explanations: the route (serving/runtime/explain.py)
             await self.app(scope, _replay(messages, receive), send)
             return
         scope["route"] = self.route
         try:
             content = await self.service.answer(target, request)
-        except Refusal as exc:  # as FastAPI's handler answers the route's HTTPException
-            response = JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
-            await response(scope, receive, send)
+        except Refusal as exc:  # as the route's refusal handler answers it
+            await v1_response(exc)(scope, receive, send)
             return
         await send_bytes(send, 200, content)
 

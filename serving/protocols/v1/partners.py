@@ -7,9 +7,10 @@ listed the caller here.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter
 
-from serving.deps import AdminCaller, SessionDep
+from serving.protocols.v1.deps import AdminCaller, SessionDep
+from serving.refusals import refusal_for
 from serving.schemas import Partners
 from tenancy.errors import InvalidInput
 from tenancy.tenants import partner_names, set_partners
@@ -29,6 +30,6 @@ def put_partners(body: Partners, caller: AdminCaller, session: SessionDep) -> Pa
     try:
         names = set_partners(session=session, tenant=caller.tenant, names=body.tenants)
     except InvalidInput as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise refusal_for(exc) from None
     session.commit()
     return Partners(tenants=names)
