@@ -38,7 +38,7 @@ from runs.outages import MAX_OUTAGE_RETRIES, OUTAGE_BACKOFF_S, Outages, retry_bl
 from runs.status import ACTIVE, RunStatus
 from tenancy.blobs import DatabaseBlobStore, LocalBlobStore, create_blob_store
 from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
-from tenancy.keyring import EnvKeyProvider, FileKeyProvider
+from tenancy.key_providers import EnvKeyProvider, FileKeyProvider
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
 
