@@ -39,7 +39,7 @@ from privacy.ledger import (
 )
 from privacy.methodology import methodology
 from privacy.params import DPParams
-from privacy.schemas import (  # the report's shapes (import-light, for the SDK); re-exported
+from privacy.schemas import (  # the report's shapes (import-light, for the SDK)
     AuditReport,
     BudgetChangeRow,
     ChainCheck,
