@@ -11,7 +11,8 @@ from clients.fastdp.per_example import PerExample
 
 
 class Rule:
-    """A trainable module: captures what one forward needs for per-example gradients."""
+    """The rule for one trainable module: what its forward records, and its per-example
+    gradient terms from that and the output gradient."""
 
     def __init__(self, name: str, params: list[nn.Parameter]) -> None:
         self.name, self.params = name, params
