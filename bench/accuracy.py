@@ -97,7 +97,7 @@ def predict(model: torch.nn.Module, data: Any, spec: Any) -> np.ndarray:
 def scores(pairs: list[tuple[np.ndarray, Any]]) -> dict[str, float]:
     """Pooled accuracy and macro-F1 over (predictions, test split) pairs, and the mean of
     the per-split macro-F1."""
-    from clients.train import macro_f1
+    from clients.evaluate import macro_f1
 
     classes = len(pairs[0][1].label_names)
     y_pred = np.concatenate([p for p, _ in pairs])

@@ -11,7 +11,7 @@ alike); each rate is the batch over the median step time:
   ``DPLSTM`` is swapped for ``nn.LSTM`` with the same weights (torch's fused kernel, the
   fastest non-private LSTM); ``nonprivate_dplstm_eps`` is the model as built.
 - ``opacus``: Opacus 1.6 ``make_private`` (per-example gradient hooks), the reference.
-- ``fast``: ``clients.fastdp.FastClipper`` + Opacus's noise/accountant optimizer, the
+- ``fast``: ``clients.fastdp.clipper.FastClipper`` + Opacus's noise/accountant optimizer, the
   default engine of ``train_dp``.
 
 Both private paths add noise (sigma 1.0, C 1.0). Timed steps are whole optimizer steps
@@ -109,7 +109,7 @@ def make_step(
     from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from clients.fastdp import FastClipper
+    from clients.fastdp.clipper import FastClipper
 
     if mode == "nonprivate" and hasattr(base, "lstm"):
         model = _fused_lstm_copy(base)

@@ -146,7 +146,7 @@ def predict(model: torch.nn.Module, data: Any, spec: Any) -> np.ndarray:
 
 
 def pooled_f1(pairs: list[tuple[np.ndarray, Any]]) -> float:
-    from clients.train import macro_f1
+    from clients.evaluate import macro_f1
 
     y_pred = np.concatenate([p for p, _ in pairs])
     y_true = np.concatenate([np.array(d.labels) for _, d in pairs])

@@ -1,21 +1,28 @@
-"""Plain training code (no Flower imports): DP-SGD with Opacus, and evaluation."""
+"""Plain training code (no Flower imports): DP-SGD with Opacus (example- and user-level),
+and non-private reference training. The DP plumbing shared by both DP paths is
+``clients.dp_steps``; evaluation is ``clients.evaluate``."""
 
 from __future__ import annotations
 
-import importlib.util
-import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients import fastdp
 from clients.data import LabeledData, bound_users
+from clients.dp_steps import (
+    FastStep,
+    OpacusStep,
+    Step,
+    applied_params,
+    privacy_engine_for,
+    proximal_pull,
+)
+from clients.fastdp.clipper import FastClipper
+from clients.fastdp.engine import make_private
+from clients.fastdp.poisson import poisson_loader
 from clients.features import model_inputs
 from models import ModelSpec
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
@@ -30,14 +37,6 @@ class TrainResult:
     # privacy-unit user: the users trained on, and rows left out by the bound k.
     users: int = 0
     left_out: int = 0
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    examples: int
-    loss: float
-    accuracy: float
-    macro_f1: float
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -74,40 +73,6 @@ def _prepare(
     return device, loader, [p for p in model.parameters() if p.requires_grad]
 
 
-def secure_rng_available() -> bool:
-    return importlib.util.find_spec("torchcsprng") is not None
-
-
-def _privacy_engine(
-    secure_mode: bool, device: torch.device
-) -> tuple[PrivacyEngine, torch.Generator | None, torch.Generator]:
-    """Opacus's engine, the noise generator and the Poisson sampler's generator.
-
-    With torchcsprng installed, secure mode is Opacus's own (its CSPRNG for both; the
-    noise generator returned is None). torchcsprng has no build for current torch:
-    without it, noise and sampling come from generators seeded with 63 bits of OS
-    entropy per release (never a fixed seed, never torch's global generator), and in
-    secure mode noise is still drawn the floating-point-safe way (``FloatSafeEngine``);
-    a warning says the generators are not cryptographically strong.
-    """
-    if secure_mode and secure_rng_available():
-        engine = PrivacyEngine(accountant="prv", secure_mode=True)
-        return engine, None, engine.secure_rng
-    noise, sampler = fastdp.os_seeded_generator(device), fastdp.os_seeded_generator("cpu")
-    if secure_mode:
-        warnings.warn(
-            "secure_mode: torchcsprng is not installed; DP noise and Poisson sampling come "
-            "from generators seeded from OS entropy; such a generator is not a CSPRNG "
-            "(noise is still drawn floating-point-safe).",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        cls = fastdp.FloatSafeEngine if secure_mode else PrivacyEngine
-        return cls(accountant="prv", secure_mode=False), noise, sampler
-
-
 def encode(data: LabeledData, spec: ModelSpec, device: torch.device | None = None) -> TensorDataset:
     """The model's inputs for ``data`` followed by its labels (one tensor each).
 
@@ -141,7 +106,7 @@ def train_dp(
     refused here rather than silently spending a different budget.
 
     ``engine`` picks how the clipped sum of per-example gradients is computed: "fast"
-    (clients/fastdp.py: one backward, per-example norms from layer inputs and output
+    (clients/fastdp/: one backward, per-example norms from layer inputs and output
     gradients) or "opacus" (Opacus's per-example gradient hooks, the reference). Both use
     Opacus's Poisson sampler, noise, and PRV accountant, so the mechanism is the same.
 
@@ -163,13 +128,13 @@ def train_dp(
     device, loader, trainable = _prepare(model, data, spec, batch_size, seed, device)
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     optimizer = make_optimizer(trainable, learning_rate)
-    privacy_engine, noise_generator, sampler_generator = _privacy_engine(secure_mode, device)
+    privacy_engine, noise_generator, sampler_generator = privacy_engine_for(secure_mode, device)
     # Poisson sampling exactly as planned: the plan's sample rate and steps per epoch set
     # on Opacus's sampler (never derived back from 1 / q), drawn by an OS-seeded generator.
-    poisson = fastdp.poisson_loader(
+    poisson = poisson_loader(
         loader, sample_rate=dp.sample_rate, steps=dp.steps // epochs, generator=sampler_generator
     )
-    step: _Step
+    step: Step
     if engine == "opacus":
         dp_model, dp_optimizer, dp_loader = privacy_engine.make_private(
             module=model,
@@ -180,9 +145,9 @@ def train_dp(
             poisson_sampling=False,  # ``poisson`` already samples; Opacus keeps it as is
             noise_generator=noise_generator,
         )
-        step = _OpacusStep(dp_model, dp_optimizer)
+        step = OpacusStep(dp_model, dp_optimizer)
     else:
-        dp_optimizer, dp_loader = fastdp.make_private(
+        dp_optimizer, dp_loader = make_private(
             privacy_engine,
             optimizer=optimizer,
             data_loader=poisson,
@@ -190,7 +155,7 @@ def train_dp(
             max_grad_norm=dp.clip_norm,
             noise_generator=noise_generator,
         )
-        step = _FastStep(fastdp.FastClipper(model, dp.clip_norm), model)
+        step = FastStep(FastClipper(model, dp.clip_norm), model)
     total_loss, correct, seen = 0.0, 0, 0
     with step:
         for _ in range(epochs):
@@ -206,11 +171,11 @@ def train_dp(
                 logits, loss = step.backward(inputs, labels)
                 dp_optimizer.step()
                 if anchor is not None:
-                    _proximal_pull(trainable, anchor, learning_rate * proximal_mu)
+                    proximal_pull(trainable, anchor, learning_rate * proximal_mu)
                 total_loss += float(loss) * len(labels)
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += len(labels)
-    applied = _applied(privacy_engine, dp_optimizer.max_grad_norm, dp.delta)
+    applied = applied_params(privacy_engine, dp_optimizer.max_grad_norm, dp.delta)
     return TrainResult(
         examples=len(data),
         loss=total_loss / max(seen, 1),
@@ -277,16 +242,16 @@ def train_dp_users(
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     optimizer = make_optimizer(trainable, learning_rate)
-    privacy_engine, noise_generator, sampler_generator = _privacy_engine(secure_mode, device)
+    privacy_engine, noise_generator, sampler_generator = privacy_engine_for(secure_mode, device)
     users = TensorDataset(torch.arange(len(names)))
-    poisson = fastdp.poisson_loader(
+    poisson = poisson_loader(
         DataLoader(users, batch_size=max(1, round(1 / dp.sample_rate))),
         sample_rate=dp.sample_rate,
         steps=dp.steps // epochs,
         generator=sampler_generator,
     )
     # Noise is divided by int(users * q), the expected users per step.
-    dp_optimizer, dp_loader = fastdp.make_private(
+    dp_optimizer, dp_loader = make_private(
         privacy_engine,
         optimizer=optimizer,
         data_loader=poisson,
@@ -294,7 +259,7 @@ def train_dp_users(
         max_grad_norm=dp.clip_norm,
         noise_generator=noise_generator,
     )
-    clipper = fastdp.FastClipper(model, dp.clip_norm)
+    clipper = FastClipper(model, dp.clip_norm)
     total_loss, correct, seen = 0.0, 0, 0
     with clipper:
         for _ in range(epochs):
@@ -315,11 +280,11 @@ def train_dp_users(
                 clipper.backward(losses, groups)
                 dp_optimizer.step()
                 if anchor is not None:
-                    _proximal_pull(trainable, anchor, learning_rate * proximal_mu)
+                    proximal_pull(trainable, anchor, learning_rate * proximal_mu)
                 total_loss += float(losses.detach().sum())
                 correct += int((logits.detach().argmax(-1) == labels).sum())
                 seen += len(labels)
-    applied = _applied(privacy_engine, dp_optimizer.max_grad_norm, dp.delta)
+    applied = applied_params(privacy_engine, dp_optimizer.max_grad_norm, dp.delta)
     return TrainResult(
         examples=len(bounded),
         loss=total_loss / max(seen, 1),
@@ -328,76 +293,6 @@ def train_dp_users(
         users=len(names),
         left_out=left_out,
     )
-
-
-class _Step:
-    """One DP-SGD step's gradient: sets ``p.grad`` as its engine's optimizer expects."""
-
-    def __enter__(self) -> _Step:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def backward(
-        self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
-        raise NotImplementedError
-
-    def empty(self) -> None:
-        raise NotImplementedError
-
-
-class _OpacusStep(_Step):
-    """Opacus's hooks: per-example gradients in ``p.grad_sample``, clipped by the optimizer."""
-
-    def __init__(self, dp_model: nn.Module, dp_optimizer: DPOptimizer) -> None:
-        self.model, self.optimizer = dp_model, dp_optimizer
-
-    def __exit__(self, *exc: object) -> None:
-        remove_hooks = getattr(self.model, "remove_hooks", None)
-        if callable(remove_hooks):
-            remove_hooks()  # leave the caller's model a plain nn.Module
-
-    def backward(
-        self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
-        logits = self.model(*inputs)
-        loss = F.cross_entropy(logits, labels)
-        with warnings.catch_warnings():
-            # The frozen embedding means no input needs a gradient; Opacus's hooks
-            # still fire correctly, torch only notes it.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
-        return logits.detach(), float(loss.detach())
-
-    def empty(self) -> None:
-        # No forward ran, so no hook set grad_sample; Opacus clips an empty batch to zero.
-        for p in self.optimizer.params:
-            p.grad_sample = p.new_zeros((0, *p.shape))
-
-
-class _FastStep(_Step):
-    def __init__(self, clipper: fastdp.FastClipper, model: nn.Module) -> None:
-        self.clipper, self.model = clipper, model
-
-    def __enter__(self) -> _Step:
-        self.clipper.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.clipper.__exit__(*exc)
-
-    def backward(
-        self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor
-    ) -> tuple[torch.Tensor, float]:
-        logits = self.model(*inputs)
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        self.clipper.backward(losses)
-        return logits.detach(), float(losses.detach().mean())
-
-    def empty(self) -> None:
-        self.clipper.zero_batch()
 
 
 def train_plain(
@@ -431,62 +326,3 @@ def train_plain(
             seen += len(labels)
         last = total / max(seen, 1)
     return last
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Macro-averaged F1 over the classes present in truth or prediction."""
-    scores = []
-    for c in range(num_classes):
-        tp = int(((y_pred == c) & (y_true == c)).sum())
-        fp = int(((y_pred == c) & (y_true != c)).sum())
-        fn = int(((y_pred != c) & (y_true == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: LabeledData,
-    spec: ModelSpec,
-    *,
-    batch_size: int = 256,
-    device: torch.device | None = None,
-) -> EvalResult:
-    """Loss, accuracy and macro-F1 of ``model`` on ``data``."""
-    device = device or pick_device()
-    model.to(device).eval()
-    loader = DataLoader(encode(data, spec, device), batch_size=batch_size)
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, preds, truth = 0.0, [], []
-    for *batch, labels in loader:
-        logits = model(*(t.to(device) for t in batch))
-        total_loss += float(criterion(logits, labels.to(device)))
-        preds.append(logits.argmax(-1).cpu())
-        truth.append(labels)
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(truth).numpy()
-    return EvalResult(
-        examples=len(data),
-        loss=total_loss / max(len(data), 1),
-        accuracy=float((y_pred == y_true).mean()) if len(data) else 0.0,
-        macro_f1=macro_f1(y_true, y_pred, len(spec.labels)),
-    )
-
-
-def _proximal_pull(
-    trainable: list[torch.nn.Parameter], anchor: list[torch.Tensor], step: float
-) -> None:
-    """FedProx's pull toward the round's global weights, after each DP step."""
-    with torch.no_grad():
-        for p, p0 in zip(trainable, anchor, strict=True):
-            p.sub_(step * (p - p0))
-
-
-def _applied(privacy_engine: PrivacyEngine, clip_norm: float, delta: float) -> DPParams:
-    """The one DP event Opacus recorded for this release, as the node reports it."""
-    (noise, rate, taken), *rest = privacy_engine.accountant.history
-    if rest:
-        raise RuntimeError("Opacus recorded more than one DP event for one release.")
-    return DPParams(float(noise), float(rate), int(taken), clip_norm, delta)

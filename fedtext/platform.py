@@ -8,7 +8,7 @@ from sqlalchemy import Connection, inspect, text
 
 import privacy.reservations  # noqa: F401  (its table, like the ledger's, is migrated in tenancy)
 from fedtext.settings import Settings
-from privacy.ledger import create_tables as create_ledger_tables
+from privacy.db import create_tables as create_ledger_tables
 from tenancy.db import create_tables
 from tenancy.files import private_dir
 from tenancy.platform import Platform

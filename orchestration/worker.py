@@ -38,7 +38,7 @@ from runs.lifecycle import HEARTBEAT_SECONDS, beat, claim_run, end_run, pid_aliv
 from runs.status import ACTIVE, RunStatus
 from tenancy.blobs import DatabaseBlobStore, LocalBlobStore, create_blob_store
 from tenancy.hsm import Pkcs11Config, Pkcs11KeyProvider
-from tenancy.keyring import EnvKeyProvider, FileKeyProvider
+from tenancy.key_providers import EnvKeyProvider, FileKeyProvider
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun
 

@@ -1,6 +1,6 @@
 """Ledger export for auditors: JSON Lines or CSV, one line per entry, every hashed field.
 
-Values are written so that the canonical JSON of ``privacy.ledger.canonical_digest``
+Values are written so that the canonical JSON of ``privacy.canonical.canonical_digest``
 can be rebuilt from the file alone: times in UTC ISO 8601 with ``+00:00``, floats in
 their shortest round-trip form. docs/AUDIT.md shows how to recheck the hashes and
 recompute epsilon from such a file.
@@ -14,16 +14,16 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from privacy.ledger import PrivacyEvent, canonical_time
+from privacy.canonical import canonical_time
+from privacy.ledger import PrivacyEvent
+from privacy.schemas import LedgerEntryBase
 
-# ``purpose`` ("train" or "evaluate") is hashed only when it is not "train" (entries from
-# before it existed keep their hashes); docs/AUDIT.md's recipe does the same.
-# ``applied_json`` (the settings that applied to the tenant) likewise only when not "{}".
-# ``signature`` (not hashed): the platform's Ed25519 signature of the entry, checkable
-# offline with the pinned public keys (docs/AUDIT.md, "Authorship").
-EXPORT_FIELDS: tuple[str, ...] = (
-    *PrivacyEvent.HASHED, "purpose", "applied_json", "entry_hash", "signature",
-)  # fmt: skip
+# Every field of an entry (``LedgerEntryBase``, in its order: the hashed fields, then
+# ``purpose`` and ``applied_json``, hashed only when not "train" / "{}" as docs/AUDIT.md's
+# recipe does, then ``entry_hash``), and ``signature`` (not hashed): the platform's Ed25519
+# signature of the entry, checkable offline with the pinned public keys (docs/AUDIT.md,
+# "Authorship").
+EXPORT_FIELDS: tuple[str, ...] = (*LedgerEntryBase.model_fields, "signature")
 ExportFormat = Literal["jsonl", "csv"]
 
 

@@ -29,14 +29,13 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlmodel import Session, col, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from privacy.ledger import (
     GENESIS,
     TENANT_WIDE,
     BudgetChange,
     PrivacyEvent,
-    SignedHead,
     budget_changes,
     tenant_events,
     verify_chain,
@@ -50,6 +49,20 @@ HEADS_FILE_FORMAT = "fedtext-signed-heads/1"
 
 class HeadError(ValueError):
     """A head file that cannot be read; the message says why."""
+
+
+class SignedHead(SQLModel, table=True):
+    """Every head the platform signed (at exports, reports and run ends), append-only.
+
+    The report compares the database with the newest of these; someone who can write
+    the database can delete them too, which is why auditors keep the exported copies.
+    """
+
+    __tablename__ = "privacy_signed_head"
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    created_at: datetime
+    body: str  # the SignedHeadPublic as JSON
 
 
 def key_id(public_key: bytes) -> str:

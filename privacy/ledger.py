@@ -10,24 +10,23 @@ breaks the chain, which ``verify_chain`` reports.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy import Engine, UniqueConstraint, event, text
+from sqlalchemy import Index, UniqueConstraint, event, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, compose_epsilon
+from privacy.canonical import canonical_digest, utc_seconds
 from privacy.params import DPParams
+from privacy.schemas import DEFAULT_DATASET, PRIVACY_UNIT, LedgerEntryBase
 
 GENESIS = "0" * 64
-DEFAULT_DATASET = "default"
-PRIVACY_UNIT = "example"  # one training example of one tenant's dataset
 # "user": every row with one value of the tenant's user column (at most k of them, k in
 # the entry's applied_json as max_examples_per_user).
 PRIVACY_UNITS = ("example", "user")
@@ -58,41 +57,23 @@ def check_dataset(name: str) -> str:
     return name
 
 
-def utc_seconds(moment: datetime) -> datetime:
-    """Aware UTC to the second: what SQLite and PostgreSQL both store and return unchanged."""
-    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return aware.replace(microsecond=0)
+class PrivacyEvent(SQLModel, LedgerEntryBase, table=True):
+    """One DP release (one round of one tenant), as charged at dispatch.
 
-
-def canonical_time(moment: datetime) -> str:
-    """ISO 8601 in UTC with ``+00:00``; a naive value is UTC (never local time)."""
-    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return aware.isoformat()
-
-
-def canonical_digest(data: dict[str, Any]) -> str:
-    """SHA-256 hex of ``data`` as canonical JSON (sorted keys, no spaces).
-
-    Floats are hashed as ``repr`` strings (shortest round-trip form) and datetimes as
-    ``canonical_time``, so an auditor recomputes the same bytes from an export.
+    Its fields are ``LedgerEntryBase``'s (no foreign key on ``tenant_id``: the ledger
+    outlives a deleted tenant, auditors keep reading it), plus the row id and signature.
     """
-    norm: dict[str, Any] = {}
-    for name, value in data.items():
-        if isinstance(value, datetime):
-            value = canonical_time(value)
-        elif isinstance(value, float):
-            value = repr(value)
-        norm[name] = value
-    canonical = json.dumps(norm, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-class PrivacyEvent(SQLModel, table=True):
-    """One DP release (one round of one tenant), as charged at dispatch."""
 
     __tablename__ = "privacy_event"
     # A second writer racing for the same seq fails instead of forking the chain.
-    __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "seq"),
+        Index("ix_privacy_event_tenant_id", "tenant_id"),
+        Index("ix_privacy_event_run_id", "run_id"),
+    )
+    # ``purpose`` and ``applied_json`` came after the first chains were written: they are
+    # hashed only when not "train" / "{}", so older entries keep their hashes
+    # (``hashed_fields``).
     HASHED: ClassVar[tuple[str, ...]] = (
         "tenant_id", "dataset", "seq", "run_id", "round", "created_at", "privacy_unit",
         "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta",
@@ -100,36 +81,9 @@ class PrivacyEvent(SQLModel, table=True):
     )  # fmt: skip
 
     id: int | None = Field(default=None, primary_key=True)
-    # No foreign key: the ledger outlives a deleted tenant (auditors keep reading it).
-    tenant_id: str = Field(index=True, max_length=64)
-    dataset: str = Field(default=DEFAULT_DATASET, max_length=63)
-    seq: int  # position in this tenant's chain, from 1
-    run_id: str = Field(index=True, max_length=64)
-    round: int
-    created_at: datetime
-    privacy_unit: str = PRIVACY_UNIT
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    clip_norm: float
-    delta: float
-    accountant: str
-    accountant_version: str
-    fedtext_version: str
-    spec_sha256: str = Field(max_length=64)
-    prev_hash: str = Field(max_length=64)
-    entry_hash: str = Field(max_length=64)
-    # Added after the first chains were written: hashed only when it is not "train", so
-    # entries written before it existed keep their hashes (see ``hashed_fields``).
-    purpose: str = Field(default="train", max_length=16)
     # Ed25519 "<key id>:<signature>" by the platform's signing key over the tenant, seq and
     # entry_hash (tenancy/signing.py); not hashed. None: written before v0006.
     signature: str | None = Field(default=None, max_length=160)
-    # The run settings that applied to this tenant (canonical JSON: secure_mode, the
-    # effective deploy policy, model family, epsilon target, the run's owner, the dataset
-    # and who declared it; docs/AUDIT.md). Hashed when not "{}", like ``purpose``.
-    applied_json: str = Field(default="{}")
 
     def params(self) -> DPParams:
         return DPParams(
@@ -168,6 +122,11 @@ class BudgetChange(SQLModel, table=True):
     prev_hash: str = Field(max_length=64)
     entry_hash: str = Field(max_length=64)
     signature: str | None = Field(default=None, max_length=160)  # as PrivacyEvent's
+
+
+ChainRow = TypeVar("ChainRow", PrivacyEvent, BudgetChange)
+# Placeholder time of a row not yet appended: ``_append`` sets the real one under the lock.
+_UNSET = datetime.min.replace(tzinfo=UTC)
 
 
 def hashed_fields(row: PrivacyEvent | BudgetChange) -> tuple[str, ...]:
@@ -231,51 +190,24 @@ def _chain_new_tenant_budgets(session: Session, _context: Any, _instances: Any) 
         epsilon, delta = getattr(obj, "budget_epsilon", None), getattr(obj, "budget_delta", None)
         if not isinstance(tenant_id, str) or epsilon is None or delta is None:
             continue
+        # Inside a flush nothing can be locked or read back: a new tenant has no chain yet,
+        # so its first change is linked to the genesis directly.
         row = BudgetChange(
             tenant_id=tenant_id,
             dataset=TENANT_WIDE,
-            seq=1,
+            seq=0,
             created_at=utc_seconds(datetime.now(UTC)),
             actor=GENESIS_ACTOR,
             old_epsilon=None,
             new_epsilon=float(epsilon),
             delta=float(delta),
             reason="initial budget",
-            prev_hash=GENESIS,
+            prev_hash="",
             entry_hash="",
         )
-        row.entry_hash = entry_digest(row)
+        _link(row, None)
         session.add(row)
         session.add(LedgerHead(tenant_id=tenant_id, budget_seq=1, budget_hash=row.entry_hash))
-
-
-class SignedHead(SQLModel, table=True):
-    """Every head the platform signed (at exports, reports and run ends), append-only.
-
-    The report compares the database with the newest of these; someone who can write
-    the database can delete them too, which is why auditors keep the exported copies.
-    """
-
-    __tablename__ = "privacy_signed_head"
-    id: int | None = Field(default=None, primary_key=True)
-    tenant_id: str = Field(index=True, max_length=64)
-    created_at: datetime
-    body: str  # the SignedHeadPublic as JSON
-
-
-def create_tables(engine: Engine) -> None:
-    """Create the ledger's tables where they are missing."""
-    SQLModel.metadata.create_all(
-        engine,
-        tables=[t.__table__ for t in ledger_tables()],  # type: ignore[attr-defined]
-    )
-
-
-def ledger_tables() -> list[type[SQLModel]]:
-    """Every table of ``privacy``: the chains, their heads, signed heads, reservations."""
-    from privacy.reservations import BudgetReservation  # defined beside its logic
-
-    return [PrivacyEvent, BudgetChange, LedgerHead, SignedHead, BudgetReservation]
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:
@@ -309,8 +241,30 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
     )
 
 
-def _move_head(session: Session, row: PrivacyEvent | BudgetChange) -> None:
+def _link(row: PrivacyEvent | BudgetChange, last: PrivacyEvent | BudgetChange | None) -> None:
+    """Place ``row`` after ``last`` (None: first) in its chain: seq, prev_hash, entry_hash."""
+    row.seq = (last.seq + 1) if last else 1
+    row.prev_hash = last.entry_hash if last else GENESIS
+    row.entry_hash = entry_digest(row)
+
+
+def _append(session: Session, row: ChainRow) -> ChainRow:
+    """Append ``row`` to its chain (releases or budget changes) of its tenant; the one way
+    both chains grow (the caller commits).
+
+    Takes the tenant's lock (``lock_tenant``) first, so the sequence number read here cannot
+    be read by a concurrent writer before this append commits; the row's time is taken
+    under the lock, so time order is chain order.
+    """
     lock_tenant(session, row.tenant_id)
+    table = type(row)
+    last = session.exec(
+        select(table).where(table.tenant_id == row.tenant_id).order_by(col(table.seq).desc())
+    ).first()
+    row.created_at = utc_seconds(datetime.now(UTC))
+    _link(row, last)
+    session.add(row)
+    session.flush()
     head = session.get(LedgerHead, row.tenant_id, populate_existing=True)
     assert head is not None
     if isinstance(row, PrivacyEvent):
@@ -318,6 +272,7 @@ def _move_head(session: Session, row: PrivacyEvent | BudgetChange) -> None:
     else:
         head.budget_seq, head.budget_hash = row.seq, row.entry_hash
     session.add(head)
+    return row
 
 
 def tenant_events(
@@ -364,49 +319,38 @@ def record_event(
     """Append one charge to the tenant's chain (the caller commits).
 
     ``applied``: the run settings that applied to the tenant, kept (hashed) on the entry.
-
-    Takes the tenant's lock (``lock_tenant``) first, so the sequence number read here
-    cannot be read by a concurrent writer before this append commits.
     """
     check_dataset(dataset)
     if privacy_unit not in PRIVACY_UNITS:
         raise ValueError(f"Unknown privacy unit {privacy_unit!r}; known: {list(PRIVACY_UNITS)}.")
     if purpose not in PURPOSES:
         raise ValueError(f"Unknown release purpose {purpose!r}; known: {list(PURPOSES)}.")
-    lock_tenant(session, tenant_id)
-    last = session.exec(
-        select(PrivacyEvent)
-        .where(PrivacyEvent.tenant_id == tenant_id)
-        .order_by(col(PrivacyEvent.seq).desc())
-    ).first()
-    ev = PrivacyEvent(
-        tenant_id=tenant_id,
-        dataset=dataset,
-        seq=(last.seq + 1) if last else 1,
-        run_id=run_id,
-        round=round,
-        created_at=utc_seconds(datetime.now(UTC)),
-        privacy_unit=privacy_unit,
-        mechanism=params.mechanism,
-        noise_multiplier=params.noise_multiplier,
-        sample_rate=params.sample_rate,
-        steps=params.steps,
-        clip_norm=params.clip_norm,
-        delta=params.delta,
-        accountant=DEFAULT_ACCOUNTANT,
-        accountant_version=accountant_version(),
-        fedtext_version=version("fedtext"),
-        spec_sha256=spec_sha256,
-        prev_hash=last.entry_hash if last else GENESIS,
-        entry_hash="",
-        purpose=purpose,
-        applied_json=json.dumps(dict(applied or {}), sort_keys=True, separators=(",", ":")),
+    return _append(
+        session,
+        PrivacyEvent(
+            tenant_id=tenant_id,
+            dataset=dataset,
+            seq=0,
+            run_id=run_id,
+            round=round,
+            created_at=_UNSET,
+            privacy_unit=privacy_unit,
+            mechanism=params.mechanism,
+            noise_multiplier=params.noise_multiplier,
+            sample_rate=params.sample_rate,
+            steps=params.steps,
+            clip_norm=params.clip_norm,
+            delta=params.delta,
+            accountant=DEFAULT_ACCOUNTANT,
+            accountant_version=accountant_version(),
+            fedtext_version=version("fedtext"),
+            spec_sha256=spec_sha256,
+            prev_hash="",
+            entry_hash="",
+            purpose=purpose,
+            applied_json=json.dumps(dict(applied or {}), sort_keys=True, separators=(",", ":")),
+        ),
     )
-    ev.entry_hash = entry_digest(ev)
-    session.add(ev)
-    session.flush()
-    _move_head(session, ev)
-    return ev
 
 
 def record_budget_change(
@@ -423,30 +367,22 @@ def record_budget_change(
     """Append one budget change to the tenant's budget chain (the caller commits)."""
     if dataset != TENANT_WIDE:
         check_dataset(dataset)
-    lock_tenant(session, tenant_id)
-    last = session.exec(
-        select(BudgetChange)
-        .where(BudgetChange.tenant_id == tenant_id)
-        .order_by(col(BudgetChange.seq).desc())
-    ).first()
-    row = BudgetChange(
-        tenant_id=tenant_id,
-        dataset=dataset,
-        seq=(last.seq + 1) if last else 1,
-        created_at=utc_seconds(datetime.now(UTC)),
-        actor=actor,
-        old_epsilon=old_epsilon,
-        new_epsilon=new_epsilon,
-        delta=delta,
-        reason=reason,
-        prev_hash=last.entry_hash if last else GENESIS,
-        entry_hash="",
+    return _append(
+        session,
+        BudgetChange(
+            tenant_id=tenant_id,
+            dataset=dataset,
+            seq=0,
+            created_at=_UNSET,
+            actor=actor,
+            old_epsilon=old_epsilon,
+            new_epsilon=new_epsilon,
+            delta=delta,
+            reason=reason,
+            prev_hash="",
+            entry_hash="",
+        ),
     )
-    row.entry_hash = entry_digest(row)
-    session.add(row)
-    session.flush()
-    _move_head(session, row)
-    return row
 
 
 def spent_epsilon(

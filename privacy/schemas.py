@@ -1,8 +1,11 @@
-"""The privacy API's data shapes, pydantic only: a signed ledger head and the audit report.
+"""The privacy API's data shapes, pydantic only: a ledger entry, a signed head, the report.
 
 Import-light (no SQL, no accountants): the SDK (``fedtext.client``) reads them through
-``serving.schemas``. :mod:`privacy.heads` signs and checks heads, :mod:`privacy.report` builds
-and renders reports; both re-export these names.
+``serving.schemas``. ``LedgerEntryBase`` is the one field list of a ledger entry: the table
+(``privacy.ledger.PrivacyEvent``), the export (``privacy.export``), the API's
+``LedgerEntryPublic`` and the report's ``RoundRow`` derive from it. :mod:`privacy.heads` signs
+and checks heads, :mod:`privacy.report` builds reports and :mod:`privacy.report_html`
+renders them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,48 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 HEAD_FORMAT = "fedtext-signed-head/1"
+DEFAULT_DATASET = "default"
+PRIVACY_UNIT = "example"  # one training example of one tenant's dataset
+
+
+class LedgerEntryBase(BaseModel):
+    """One DP release (one round of one tenant) as the ledger records it.
+
+    Field order is the export's column order (``privacy.export.EXPORT_FIELDS``): the hashed
+    fields in ``PrivacyEvent.HASHED`` order, then ``purpose``, ``applied_json`` (hashed only
+    when not their defaults, so older entries keep their hashes) and ``entry_hash``.
+    Lengths are the table's column sizes.
+    """
+
+    tenant_id: str = Field(max_length=64)
+    dataset: str = Field(default=DEFAULT_DATASET, max_length=63)
+    seq: int  # position in this tenant's chain, from 1
+    run_id: str = Field(max_length=64)
+    round: int
+    created_at: datetime
+    privacy_unit: str = PRIVACY_UNIT
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    delta: float
+    accountant: str
+    accountant_version: str
+    fedtext_version: str
+    spec_sha256: str = Field(max_length=64)
+    prev_hash: str = Field(max_length=64)
+    purpose: str = Field(
+        default="train",
+        max_length=16,
+        # Also "personalize": the tenant's DP fine-tune after the last round.
+        description='"train" (a DP-SGD round) or "evaluate" (noised confusion counts).',
+    )
+    applied_json: str = Field(
+        default="{}",
+        description="The run settings that applied to this tenant (docs/AUDIT.md), hashed.",
+    )
+    entry_hash: str = Field(max_length=64)
 
 
 class Head(BaseModel):
@@ -45,29 +90,9 @@ class SignedHeadPublic(BaseModel):
     signature: str  # base64
 
 
-class RoundRow(BaseModel):
+class RoundRow(LedgerEntryBase):
     """One ledger entry (one round of one run) with the tenant's cumulative epsilon after it."""
 
-    seq: int
-    dataset: str
-    run_id: str
-    round: int
-    created_at: datetime
-    privacy_unit: str
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    clip_norm: float
-    delta: float
-    accountant: str
-    accountant_version: str
-    fedtext_version: str
-    spec_sha256: str
-    entry_hash: str
-    # "train" (a federated round), "personalize" (the tenant's DP fine-tune after the last
-    # round) or "evaluate" (noised confusion counts: q = 1, sensitivity 1)
-    purpose: str = "train"
     cumulative_epsilon: float | None  # PRV; None where the curve was thinned out
     cumulative_epsilon_rdp: float | None
 

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from models import save_weights
 from models.encoder_head import FAMILY as ENCODER_HEAD
-from privacy.ledger import create_tables as create_ledger_tables
+from privacy.db import create_tables as create_ledger_tables
 from runs.lifecycle import complete_run, fail_run, get_run, start_run, update_run
 from runs.spec import RunSpec
 from runs.status import RunStatus

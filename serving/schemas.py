@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 # Import-light (pydantic only, no SQL, torch or accountants): the SDK (fedtext.client) uses
 # these models; tests/client/test_schemas.py checks the copies below against their sources.
-from privacy.schemas import AuditReport
+from privacy.schemas import AuditReport, LedgerEntryBase
 from runs.spec import SIMULATION_ONLY, request_model
 from runs.status import RunStatus
 
@@ -372,34 +372,8 @@ class PrivacyReportPublic(AuditReport):
     """The audit report as JSON; the same fields the HTML page shows."""
 
 
-class LedgerEntryPublic(BaseModel):
-    tenant_id: str
-    dataset: str
-    seq: int
-    run_id: str
-    round: int
-    created_at: datetime
-    privacy_unit: str
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    clip_norm: float
-    delta: float
-    accountant: str
-    accountant_version: str
-    fedtext_version: str
-    spec_sha256: str
-    prev_hash: str
-    entry_hash: str
-    purpose: str = Field(
-        default="train",
-        description='"train" (a DP-SGD round) or "evaluate" (noised confusion counts).',
-    )
-    applied_json: str = Field(
-        default="{}",
-        description="The run settings that applied to this tenant (docs/AUDIT.md), hashed.",
-    )
+class LedgerEntryPublic(LedgerEntryBase):
+    """One ledger entry as the API gives it out (its fields: ``privacy.schemas``)."""
 
 
 # Tenant governance (GET/PUT /v1/policy): its own deploy policy, floor and dataset.

@@ -35,7 +35,7 @@ from pkcs11 import exceptions as pkcs11_errors
 
 from tenancy import crypto
 from tenancy.errors import DecryptionError, KeyProviderError
-from tenancy.keyring import KeyProvider
+from tenancy.key_providers import KeyProvider
 
 # Where Debian's and Ubuntu's softhsm2 package puts its module (tests, development).
 SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

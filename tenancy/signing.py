@@ -39,7 +39,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 from weakref import WeakKeyDictionary
 
 from cryptography.exceptions import InvalidSignature
@@ -65,15 +65,26 @@ from tenancy.signed_rows import (
     row_message,
 )
 
-if TYPE_CHECKING:
-    from tenancy.keyring import KeyProvider
-
 log = logging.getLogger(__name__)
 
 ENDORSEMENT_FORMAT = "fedtext-signing-key-endorsement/1"
 HISTORY_FORMAT = "fedtext-signing-keys/1"
 # What a signature check finds.
 Status = Literal["ok", "unsigned", "unknown-key", "bad"]
+
+
+class SigningKeySource(Protocol):
+    """What signing needs of a key provider (``tenancy.key_providers.KeyProvider`` is one;
+    named here so that the providers, which derive public keys with this module, are not
+    imported back)."""
+
+    def signing_versions(self) -> list[int]: ...
+
+    def signing_seed(self, version: int) -> bytes: ...
+
+    def add_signing_version(self) -> int: ...
+
+    def legacy_head_public_keys(self) -> list[bytes]: ...
 
 
 def public_key_of(seed: bytes) -> bytes:
@@ -209,7 +220,7 @@ class SigningKeys:
     history), and it takes the new version when restarted.
     """
 
-    def __init__(self, provider: KeyProvider) -> None:
+    def __init__(self, provider: SigningKeySource) -> None:
         self.provider = provider
         self._lock = threading.Lock()
         self._current: bytes | None = None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from privacy.ledger import create_tables as create_ledger_tables
+from privacy.db import create_tables as create_ledger_tables
 from tenancy.db import create_tables, get_engine
 from tenancy.platform import Platform
 

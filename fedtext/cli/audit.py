@@ -361,7 +361,8 @@ def audit_report(
     ] = None,
 ) -> None:
     """Write a tenant's audit report (budget, runs, rounds, chain check, methodology)."""
-    from privacy.report import render, signed_report
+    from privacy.report import signed_report
+    from privacy.report_html import render
     from tenancy.errors import NotFound
     from tenancy.tenants import get_tenant
 

@@ -1,10 +1,9 @@
 """The tables the migrations manage: tenancy's, and the privacy ledger's.
 
-The ledger's tables are declared by ``privacy`` (``privacy.ledger``,
-``privacy.reservations``) and migrated here, with the rest of the platform database; they
-are named, not imported (tenancy imports nothing of ours). Whoever runs the migrations
-imports those modules first, so their tables are in SQLModel's metadata
-(``fedtext.platform.upgrade_schema`` does).
+The ledger's tables are declared by ``privacy`` (listed in ``privacy.db``) and migrated
+here, with the rest of the platform database; they are named, not imported (tenancy imports
+nothing of ours). Whoever runs the migrations imports ``privacy.db`` first, so their tables
+are in SQLModel's metadata (``fedtext.platform.upgrade_schema`` does).
 """
 
 from __future__ import annotations
@@ -50,6 +49,6 @@ def target_metadata() -> MetaData:
     if missing:  # a renamed table must come with a migration
         raise RuntimeError(
             f"Tables missing from the SQLModel metadata: {sorted(missing)} (import "
-            "privacy.ledger and privacy.reservations before migrating)"
+            "privacy.db before migrating)"
         )
     return md

@@ -30,7 +30,7 @@ from privacy.heads import HeadSigner, heads_file, read_heads, sign_and_store
 from privacy.ledger import BudgetChange, PrivacyEvent, entry_digest, record_event
 from privacy.params import DPParams
 from tenancy.db import session_scope
-from tenancy.keyring import LEGACY_HEAD_PURPOSE
+from tenancy.key_providers import LEGACY_HEAD_PURPOSE
 from tenancy.tenants import get_tenant
 
 runner = CliRunner()

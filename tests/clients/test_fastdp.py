@@ -14,7 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from clients import fastdp
+from clients.fastdp.clipper import FastClipper
+from clients.fastdp.engine import make_private
+from clients.fastdp.lstm import FastDPLSTM
+from clients.fastdp.per_example import MATERIALIZE_LIMIT
 from clients.train import encode
 from models import build_model
 from tests.factories import TINY_FAMILIES, tiny_family_spec, toy_data
@@ -73,7 +76,7 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float((x - y).norm() / y.norm())
 
 
-@pytest.mark.parametrize("limit", [fastdp.MATERIALIZE_LIMIT, 0], ids=["materialized", "ghost"])
+@pytest.mark.parametrize("limit", [MATERIALIZE_LIMIT, 0], ids=["materialized", "ghost"])
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_fast_clipped_sum_equals_opacus_reference(family: str, limit: int) -> None:
     spec = tiny_family_spec(family)
@@ -83,7 +86,7 @@ def test_fast_clipped_sum_equals_opacus_reference(family: str, limit: int) -> No
     ref_norms, ref_sums, clip = opacus_reference(model, batch, clip=None)
     assert (ref_norms > clip).any() and (ref_norms < clip).any()  # both regimes exercised
 
-    with fastdp.FastClipper(model, clip, materialize_limit=limit) as clipper:
+    with FastClipper(model, clip, materialize_limit=limit) as clipper:
         norms = clipper.backward(F.cross_entropy(model(*inputs), labels, reduction="none"))
     fast_sums = [p.grad for p in model.parameters() if p.requires_grad]
 
@@ -102,7 +105,7 @@ def test_float32_fast_path_is_within_1e_5_of_opacus() -> None:
     model = deterministic_model("lstm").float()
     *inputs, labels = as_model_dtype(encode(toy_data(16), spec).tensors)
     _, ref_sums, clip = opacus_reference(model, (*inputs, labels), clip=None)
-    with fastdp.FastClipper(model, clip) as clipper:
+    with FastClipper(model, clip) as clipper:
         clipper.backward(F.cross_entropy(model(*inputs), labels, reduction="none"))
     assert rel_err([p.grad for p in model.parameters() if p.requires_grad], ref_sums) < 1e-5
 
@@ -110,7 +113,7 @@ def test_float32_fast_path_is_within_1e_5_of_opacus() -> None:
 def test_fast_lstm_computes_what_dplstm_computes() -> None:
     torch.manual_seed(1)
     lstm = DPLSTM(5, 4, batch_first=True, bidirectional=True).double()
-    fast = fastdp.FastDPLSTM(lstm)
+    fast = FastDPLSTM(lstm)
     x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, 7, 8, dtype=torch.float64)
     out_ref, (h_ref, c_ref) = lstm(x)
@@ -138,7 +141,7 @@ def test_noise_has_std_sigma_times_clip_on_every_parameter() -> None:
     dataset = encode(toy_data(30), spec)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = PrivacyEngine(accountant="prv", secure_mode=False)
-    dp_optimizer, dp_loader = fastdp.make_private(
+    dp_optimizer, dp_loader = make_private(
         engine,
         optimizer=torch.optim.SGD(params, lr=0.0),
         data_loader=DataLoader(dataset, batch_size=10),
@@ -149,7 +152,7 @@ def test_noise_has_std_sigma_times_clip_on_every_parameter() -> None:
     expected = dp_optimizer.expected_batch_size
     assert expected == 10 and math.isclose(dp_loader.sample_rate, 1 / 3)
     *inputs, labels = as_model_dtype(dataset.tensors)
-    with fastdp.FastClipper(model, clip) as clipper:
+    with FastClipper(model, clip) as clipper:
         clipper.backward(F.cross_entropy(model(*inputs), labels, reduction="none"))
     clean = [p.grad.clone() for p in params]
     assert dp_optimizer.pre_step()
@@ -169,7 +172,7 @@ def test_noise_has_std_sigma_times_clip_on_every_parameter() -> None:
 def test_empty_poisson_batch_is_a_pure_noise_step() -> None:
     spec = tiny_family_spec("lstm")
     model = build_model(spec).train()
-    with fastdp.FastClipper(model, 1.0) as clipper:
+    with FastClipper(model, 1.0) as clipper:
         clipper.zero_batch()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and not g.any() for g in grads)
@@ -178,7 +181,7 @@ def test_empty_poisson_batch_is_a_pure_noise_step() -> None:
 def test_unsupported_trainable_module_is_refused_clearly() -> None:
     model = nn.Sequential(nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"Conv1d '0'.*Use engine='opacus'"):
-        fastdp.FastClipper(model, 1.0)
+        FastClipper(model, 1.0)
 
 
 def test_module_reused_in_one_forward_is_refused() -> None:
@@ -193,10 +196,10 @@ def test_module_reused_in_one_forward_is_refused() -> None:
             return self.layer(self.layer(x))
 
     model = Twice()
-    with fastdp.FastClipper(model, 1.0), pytest.raises(ValueError, match="ran twice"):
+    with FastClipper(model, 1.0), pytest.raises(ValueError, match="ran twice"):
         model(torch.randn(2, 3))
 
 
 def test_clip_norm_must_be_positive() -> None:
     with pytest.raises(ValueError, match="clipping norm should be a positive value"):
-        fastdp.FastClipper(nn.Linear(2, 2), 0.0)
+        FastClipper(nn.Linear(2, 2), 0.0)

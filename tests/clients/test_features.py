@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from clients.data import LabeledData
+from clients.evaluate import evaluate
 from clients.features import FeatureCache, feature_cache, model_inputs
-from clients.train import evaluate, train_dp, train_plain
+from clients.train import train_dp, train_plain
 from models import ModelSpec, build_model, load_encoder
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
 from tests.factories import toy_data

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients import fastdp
+from clients.fastdp.poisson import os_seeded_generator, poisson_loader
 from clients.train import train_dp
 from models import build_model
 from privacy.params import DPParams, poisson_schedule
@@ -18,12 +18,12 @@ def test_the_sampler_runs_the_planned_sample_rate_and_steps_for_every_size(
     batch_size: int,
 ) -> None:
     data = TensorDataset(torch.zeros(20_000, 1))
-    gen = fastdp.os_seeded_generator()
+    gen = os_seeded_generator()
     off_by_one = []
     for n in range(1, 20_001):
         rate, steps = poisson_schedule(n, batch_size, 1)
         loader = DataLoader(torch.utils.data.Subset(data, range(n)), batch_size=batch_size)
-        dp_loader = fastdp.poisson_loader(loader, sample_rate=rate, steps=steps, generator=gen)
+        dp_loader = poisson_loader(loader, sample_rate=rate, steps=steps, generator=gen)
         assert dp_loader.sample_rate == rate and len(dp_loader) == steps, n
         if int(1 / rate) != steps:
             off_by_one.append(n)  # where deriving steps from q (Opacus's default) loses one
@@ -54,8 +54,8 @@ def test_sampling_does_not_draw_from_torchs_global_generator() -> None:
     batches = []
     for _ in range(2):
         torch.manual_seed(0)
-        dp_loader = fastdp.poisson_loader(
-            loader, sample_rate=0.1, steps=3, generator=fastdp.os_seeded_generator()
+        dp_loader = poisson_loader(
+            loader, sample_rate=0.1, steps=3, generator=os_seeded_generator()
         )
         batches.append([b[0].shape[0] for b in dp_loader])
         assert dp_loader.generator is not None

@@ -5,7 +5,8 @@ import pytest
 import torch
 from opacus.layers import DPLSTM
 
-from clients.train import ENGINES, evaluate, macro_f1, train_dp
+from clients.evaluate import evaluate, macro_f1
+from clients.train import ENGINES, train_dp
 from models import build_model, model_state
 from privacy.params import DPParams, poisson_schedule
 from tests.factories import tiny_spec, toy_data

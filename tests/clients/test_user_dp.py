@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from clients import fastdp
 from clients.data import (
     DataError,
     LabeledData,
@@ -17,6 +16,7 @@ from clients.data import (
     load_labeled_file,
     train_test_split,
 )
+from clients.fastdp.clipper import FastClipper
 from clients.train import train_dp_users, user_schedule
 from models import ModelSpec, build_model, model_state
 from privacy.accounting import compose_epsilon
@@ -80,7 +80,7 @@ def test_user_level_clipping_clips_each_users_mean_gradient() -> None:
         factor = min(1.0, clip / (float(norm) + 1e-6))
         assert factor < 1.0  # every user is clipped: the bound is what is being tested
         expected = [e + factor * g for e, g in zip(expected, grads, strict=True)]
-    with fastdp.FastClipper(model, clip) as clipper:
+    with FastClipper(model, clip) as clipper:
         losses = nn.functional.cross_entropy(model(x), y, reduction="none")
         norms = clipper.backward(losses, groups)
     assert norms.shape == (3,)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.train import evaluate, train_dp
+from clients.evaluate import evaluate
+from clients.train import train_dp
 from models import (
     ModelSpec,
     build_model,

@@ -58,7 +58,7 @@ def test_an_unknown_privacy_unit_is_refused(platform: Platform) -> None:
 
 
 def test_the_report_names_each_runs_unit_with_k_in_json_and_html(platform: Platform) -> None:
-    from privacy.report import render_html
+    from privacy.report_html import render_html
 
     tenant = make_tenant(platform, "acme", budget_epsilon=50.0).tenant
     with session_scope(platform.engine) as session:

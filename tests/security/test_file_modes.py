@@ -77,7 +77,7 @@ def test_a_database_file_left_readable_by_an_older_version_is_made_private(
 def test_a_key_file_left_readable_by_an_older_version_is_made_private(
     tmp_path: Path, umask_000: None
 ) -> None:
-    from tenancy.keyring import FileKeyProvider
+    from tenancy.key_providers import FileKeyProvider
 
     path = tmp_path / "keys" / "kek.key"
     FileKeyProvider(path).current_version()  # created 0600

@@ -38,7 +38,8 @@ from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.db import get_engine
 from tenancy.errors import NotFound
-from tenancy.keyring import FileKeyProvider, Keyring
+from tenancy.key_providers import FileKeyProvider
+from tenancy.keyring import Keyring
 from tenancy.platform import Platform
 from tenancy.tables import DataKey, TrainingRun
 from tests.factories import make_tenant

@@ -25,7 +25,7 @@ from clients.data import DEMO_LABELS
 from fedtext.server_thread import BackgroundServer
 from models import build_model, save_weights
 from orchestration.worker import LocalRunLauncher
-from privacy.ledger import create_tables as create_ledger_tables
+from privacy.db import create_tables as create_ledger_tables
 from privacy.ledger import record_event
 from privacy.params import DPParams
 from serving.app import create_app

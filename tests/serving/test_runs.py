@@ -345,7 +345,8 @@ def test_the_worker_follows_the_serverapps_record_of_the_run(platform: Platform)
 def test_a_cli_run_is_visible_to_the_admins_of_the_tenants_it_charged(
     platform: Platform, tmp_path: Path
 ) -> None:
-    from privacy.ledger import create_tables, record_event
+    from privacy.db import create_tables
+    from privacy.ledger import record_event
     from privacy.params import DPParams
     from runs.lifecycle import record_request
     from tenancy.db import session_scope

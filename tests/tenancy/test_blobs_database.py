@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 
-from privacy.ledger import create_tables as create_ledger_tables
+from privacy.db import create_tables as create_ledger_tables
 from tenancy.blobs import DatabaseBlobStore, create_blob_store
 from tenancy.db import create_tables, get_engine
 from tenancy.errors import InvalidInput, NotFound

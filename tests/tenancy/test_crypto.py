@@ -8,7 +8,8 @@ import pytest
 
 from tenancy import crypto
 from tenancy.errors import DecryptionError, KeyProviderError
-from tenancy.keyring import EnvKeyProvider, FileKeyProvider, create_key_provider
+from tenancy.key_providers import EnvKeyProvider, FileKeyProvider
+from tenancy.keyring import create_key_provider
 
 KEY = bytes(range(32))
 AAD = b"fedtext:model:t1:lstm:v1"

@@ -14,7 +14,7 @@ from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 from fedtext.platform import upgrade_schema
-from privacy.ledger import ledger_tables
+from privacy.db import ledger_tables
 from tenancy.db import create_tables, get_engine
 from tenancy.migrations.schema import PRIVACY_TABLES, TABLES, target_metadata
 from tenancy.platform import Platform

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tenancy.hsm import Pkcs11KeyProvider
-from tenancy.keyring import FileKeyProvider, Keyring
+from tenancy.key_providers import FileKeyProvider
+from tenancy.keyring import Keyring
 from tenancy.signing import SigningHistory, check, key_id, public_key_of, sign
 from tests.tenancy.test_hsm_keyring import HAVE_SOFTHSM, Token, token  # noqa: F401
 

@@ -14,10 +14,12 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from privacy.accounting import DEFAULT_ACCOUNTANT, compose_epsilon
 from privacy.budget import BudgetError, change_budget, dataset_budgets
 from privacy.export import iter_csv, iter_jsonl
-from privacy.heads import SignedHeadPublic, platform_signer, sign_and_store
+from privacy.heads import platform_signer, sign_and_store
 from privacy.ledger import TENANT_WIDE, budget_changes, lock_tenant, tenant_events
-from privacy.report import render_html, signed_report
+from privacy.report import signed_report
+from privacy.report_html import render_html
 from privacy.reservations import outstanding
+from privacy.schemas import SignedHeadPublic
 from runs.lifecycle import active_run_ids
 from serving.protocols.v1.deps import AdminCaller, ConfigDep, PlatformDep, SessionDep
 from serving.refusals import refusal_for
