@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from sqlmodel import Session
 
 from privacy.budget import check_release
-from privacy.ledger import DEFAULT_DATASET
+from privacy.schemas import DEFAULT_DATASET
 from runs.spec import RunSpec
 from server.planning import PlanRefused, plan_tenant
 from tenancy.errors import NotFound

@@ -14,8 +14,8 @@ from sqlmodel import Session
 from models import ModelSpec
 from privacy.budget import check_budget
 from privacy.gate import PrivacyGate
-from privacy.ledger import DEFAULT_DATASET
 from privacy.params import DPParams
+from privacy.schemas import DEFAULT_DATASET
 from runs.lifecycle import active_run_ids, get_run
 from runs.spec import RunSpec
 from server.discovery import NodeInfo, participating, unique_known_tenants

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from privacy.ledger import DEFAULT_DATASET, check_dataset
+from privacy.ledger import check_dataset
 from privacy.node_proof import (
     ProofError,
     fingerprint,
@@ -32,6 +32,7 @@ from privacy.node_proof import (
     proof_payload,
     verify_proof,
 )
+from privacy.schemas import DEFAULT_DATASET
 from runs.spec import RunSpec
 from server.errors import RunFailed
 from server.replies import reply_failure

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from privacy.accounting import compose_epsilon, noise_for_target
 from privacy.budget import BudgetDecision, check_budget
 from privacy.gate import round_target
-from privacy.ledger import DEFAULT_DATASET
 from privacy.params import DPParams, dp_batch_size, poisson_schedule
 from privacy.reservations import PlannedRelease
+from privacy.schemas import DEFAULT_DATASET
 
 
 @dataclass(frozen=True)

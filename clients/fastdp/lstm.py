@@ -3,15 +3,18 @@ projection for all steps and a recurrence with its own backward."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from opacus.layers import DPLSTM
 from torch import nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
-    from clients.fastdp.rules.base import Rule
+
+class Recorder(Protocol):
+    """What records a forward pass for per-example gradients (the LSTM rule, when attached)."""
+
+    def record(self, *tensors: torch.Tensor) -> None: ...
 
 
 class Recurrence(torch.autograd.Function):
@@ -116,7 +119,7 @@ class FastDPLSTM(nn.Module):
         self.w_hh = [params[f"weight_hh_l0{s}"] for s in suffixes]
         self.b_ih = [params[f"bias_ih_l0{s}"] for s in suffixes] if self.has_bias else []
         self.b_hh = [params[f"bias_hh_l0{s}"] for s in suffixes] if self.has_bias else []
-        self.layer: Rule | None = None  # the rule recording this forward, while attached
+        self.layer: Recorder | None = None  # the rule recording this forward, while attached
 
     def parameters_in_order(self) -> list[nn.Parameter]:
         return [*self.w_ih, *self.w_hh, *self.b_ih, *self.b_hh]
