@@ -16,7 +16,6 @@ from typing import Literal
 
 from sqlmodel import Session
 
-from fedtext.client.units import unit_label
 from privacy.accounting import DEFAULT_ACCOUNTANT, accountant_version, merge_history
 from privacy.accounting import compose_epsilon as _compose
 from privacy.budget import dataset_budgets
@@ -51,6 +50,7 @@ from privacy.schemas import (  # the report's shapes (import-light, for the SDK)
     RunRow,
     SignedHeadPublic,
 )
+from sdk.units import unit_label
 
 # Beyond this many entries the curve is composed at run ends and evenly spaced points
 # only: each PRV composition costs a fraction of a second.
