@@ -21,7 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy fedtext sdk runs models clients server privacy tenancy serving
+	$(BIN)/mypy fedtext sdk orchestration runs models clients server privacy tenancy serving
 
 test: lint
 	$(BIN)/python -m pytest -q

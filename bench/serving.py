@@ -134,7 +134,7 @@ def _train_model(train_texts: list[str], train_labels: list[int], examples: int)
 def setup(data_dir: Path, train_examples: int, tenants: int = TENANTS) -> dict[str, Any]:
     """Tenants, keys and encrypted model versions in ``data_dir``; returns what the load needs."""
     from clients.data import load_demo_corpus, train_test_split
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from models import save_weights
     from tenancy.db import session_scope
@@ -312,7 +312,7 @@ def baseline_main(data_dir: str, port: int) -> None:
     from fastapi import FastAPI, Header, HTTPException
     from sqlmodel import Session
 
-    from fedtext.platform import platform_from_settings
+    from fedtext.bootstrap import platform_from_settings
     from fedtext.settings import Settings
     from models import ModelSpec, build_model, load_tokenizer, load_weights
     from serving.schemas import LabelScore, PredictRequest, PredictResponse
@@ -539,7 +539,7 @@ def shared_setup(data_dir: Path, spec: Any, head: Any, tenants: int) -> list[str
     """``tenants`` tenants, each with its own encrypted head (the trained one, perturbed)."""
     import torch
 
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from models import save_weights
     from tenancy.db import session_scope
@@ -580,7 +580,7 @@ def head_cold_loads(data_dir: Path, count: int, runtime: str) -> dict[str, float
 
     from sqlmodel import Session, select
 
-    from fedtext.platform import platform_from_settings
+    from fedtext.bootstrap import platform_from_settings
     from fedtext.settings import Settings
     from serving.registry import ModelCache
     from serving.shared_encoder import SharedEncoders

@@ -14,11 +14,11 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.format import num
 from fedtext.handoff import Handoff, console_url, curl_command, print_console, print_handoffs
-from fedtext.logs import current
+from fedtext.log_file import current
 from fedtext.plaintext_scan import find_plaintext_weights
-from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.preflight import check_budgets
 from fedtext.progress import (
     epsilon_notes,

@@ -505,12 +505,14 @@ def audit_canary(
     rows_per_user = 4 if rows_per_user is None else rows_per_user
     if rows_per_user < 1:
         raise UserError("--rows-per-user should be at least 1.")
-    from fedtext.audit_canary import run_canary_audit
+    from fedtext.bootstrap import scratch_platform
+    from orchestration.audit_canary import run_canary_audit
     from runs.simulation import SimulationFailed
 
     logging.basicConfig(level=logging.WARNING)
     try:
         report = run_canary_audit(
+            open_platform=scratch_platform,
             data_dir=data_dir,
             tenants=tenants,
             rounds=rounds,

@@ -32,7 +32,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fedtext.certificates import CredentialLayout, create_credentials
 from fedtext.cli.console import (
     UserError,
     console,
@@ -65,6 +64,7 @@ from runs.flower import (
 )
 from runs.spec import SIMULATION_ONLY, RunSpec, key
 from runs.status import RunStatus
+from tenancy.certificates import CredentialLayout, create_credentials
 
 federation_app = group(
     "Run a real federation across machines (Flower Deployment Engine, TLS, node auth)."

@@ -85,7 +85,7 @@ def simulate(
     # The user's mistakes first, before torch and Flower load (seconds).
     asked = {} if resume else _config(tenant or [], data or [], tenants, prefix, settings or {})
     from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
-    from fedtext.logs import current, setup
+    from fedtext.log_file import current, setup
     from fedtext.preflight import check_budgets
     from fedtext.progress import watch_run
     from runs.simulation import SimulationConfig, SimulationFailed, data_labels, preflight

@@ -4,7 +4,7 @@ The ledger's tables are declared by ``privacy`` (``privacy.ledger``,
 ``privacy.reservations``) and migrated here, with the rest of the platform database; they
 are named, not imported (tenancy imports nothing of ours). Whoever runs the migrations
 imports those modules first, so their tables are in SQLModel's metadata
-(``fedtext.platform.upgrade_schema`` does).
+(``fedtext.bootstrap.upgrade_schema`` does).
 """
 
 from __future__ import annotations

@@ -1,0 +1,2 @@
+"""Launchers and workers: simulation, run worker, federation submission, Flower glue;
+above server and clients."""
