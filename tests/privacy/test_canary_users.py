@@ -10,7 +10,7 @@ import pytest
 from clients.data import DataError, LabeledData
 from clients.local_data import NodeData, with_canaries
 from fedtext.bootstrap import scratch_platform
-from orchestration.audit_canary import run_canary_audit
+from orchestration.canary_federation import run_canary_audit
 from privacy.canary import make_canaries
 from tests.factories import toy_data
 
