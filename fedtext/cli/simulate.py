@@ -86,8 +86,8 @@ def simulate(
     asked = {} if resume else _config(tenant or [], data or [], tenants, prefix, settings or {})
     from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
     from fedtext.log_file import current, setup
-    from fedtext.preflight import check_budgets
     from fedtext.progress import watch_run
+    from orchestration.preflight import check_budgets
     from runs.simulation import SimulationConfig, SimulationFailed, data_labels, preflight
     from runs.simulation import resume as resume_run
     from runs.simulation import simulate as run_sim
