@@ -5,8 +5,8 @@ DATA_DIR PORT``: per request decrypt + rebuild + one forward), each in its own p
 127.0.0.1. Not a benchmark itself (``make bench`` skips ``_*``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the baseline route's annotations
+# (PredictRequest, imported inside baseline_main) as objects, not strings.
 import os
 import secrets
 import signal
@@ -68,7 +68,7 @@ class Server:
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log, cwd=ROOT)
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> "Server":
         import httpx
 
         deadline = time.monotonic() + 180  # start-up on a loaded 2-core machine
