@@ -21,7 +21,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy fedtext runs orchestration models clients server privacy tenancy serving
+	$(BIN)/mypy fedtext sdk orchestration runs models clients server privacy tenancy serving
+	# DESIGN.md's import arrows and no cycle inside a package (.importlinter).
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q

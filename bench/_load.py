@@ -3,9 +3,9 @@
 ``summary``: one closed-loop run's numbers, for HTTP and gRPC alike. The rest is the gRPC
 load generator: Open Inference Protocol ``ModelInfer`` calls at a fixed concurrency.
 
-The gRPC counterpart of bench/serving.py's aiohttp load: one text per request, tenants'
+The gRPC counterpart of bench/_serving_http_load.py's aiohttp load: one text per request, tenants'
 keys round-robin (``authorization`` metadata), a fixed measured time after a warm-up, in
-a process of its own. bench/serving.py calls ``drive`` on the fedtext server it is
+a process of its own. bench/_serving_lstm.py calls ``drive`` on the fedtext server it is
 measuring, so HTTP and gRPC are reported from the same run and the same server.
 
     .venv/bin/python bench/_load.py 127.0.0.1:8081 KEY [KEY ...] --concurrency 64

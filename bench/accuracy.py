@@ -141,7 +141,7 @@ def released_scores(
     """Run one DP federation through the platform; score each tenant's released model."""
     from sqlmodel import Session, select
 
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from models import ModelSpec, build_model, load_weights
     from orchestration.simulation import SimulationConfig, simulate

@@ -82,7 +82,7 @@ def _pct(values: list[float], p: float) -> float:
 def setup(data_dir: Path) -> dict[str, str]:
     """Tenants, consent, keys and initech's deployed model; returns the keys."""
     from clients.data import DEMO_LABELS
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from models import ModelSpec, build_model, save_weights
     from tenancy.db import session_scope

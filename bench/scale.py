@@ -51,7 +51,7 @@ def _rss_mb() -> float:
 def run(n: int, rounds: int, workdir: Path) -> dict[str, Any]:
     from sqlmodel import Session, col, select
 
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from orchestration.simulation import SimulationConfig, simulate
     from tenancy.db import session_scope

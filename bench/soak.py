@@ -92,7 +92,7 @@ def _pct(values: list[float], p: float) -> float | None:
 def setup(data_dir: Path, database_url: str | None, tenants: int) -> dict[str, Any]:
     """Tenants with two lstm versions (v1 deployed), keys, consent for runs."""
     from clients.data import DEMO_LABELS
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
     from models import ModelSpec, build_model, save_weights
     from tenancy.db import session_scope

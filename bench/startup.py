@@ -1,4 +1,4 @@
-"""Start-up benchmark: how long a person waits for `fedtext --help` and `import fedtext.client`.
+"""Start-up benchmark: how long a person waits for `fedtext --help` and `import sdk`.
 
     .venv/bin/python bench/startup.py --quick      # about 20 s on 2 quiet cores
 
@@ -47,7 +47,7 @@ def _commands(data_dir: str) -> dict[str, list[str]]:
         "help": [*cli, "--help"],
         "tenant_help": [*cli, "tenant", "--help"],
         "error_path": [*cli, "simulate", "--data", os.path.join(data_dir, "missing.csv")],
-        "sdk_import": [sys.executable, "-c", "import fedtext.client"],
+        "sdk_import": [sys.executable, "-c", "import sdk"],
     }
 
 
@@ -71,9 +71,7 @@ def _time(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def _sdk_peak_rss_mb(env: dict[str, str]) -> float:
-    code = (
-        "import resource, fedtext.client; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
+    code = "import resource, sdk; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )

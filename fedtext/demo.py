@@ -14,12 +14,11 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.format import num
 from fedtext.handoff import Handoff, console_url, curl_command, print_console, print_handoffs
-from fedtext.logs import current
+from fedtext.log_file import current
 from fedtext.plaintext_scan import find_plaintext_weights
-from fedtext.platform import platform_from_settings, upgrade_schema
-from fedtext.preflight import check_budgets
 from fedtext.progress import (
     epsilon_notes,
     result_notes,
@@ -30,6 +29,7 @@ from fedtext.progress import (
 from fedtext.server_thread import BackgroundServer
 from fedtext.settings import Settings
 from models import DEFAULT_FAMILY, training_defaults
+from orchestration.preflight import check_budgets
 from orchestration.simulation import SimulationConfig, preflight, simulate
 from serving.app import create_app
 from serving.config import ServingConfig

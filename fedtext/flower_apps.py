@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import app as client_app
-from fedtext.platform import platform_from_settings
+from fedtext.bootstrap import platform_from_settings
 from fedtext.settings import get_settings
 from runs.spec import RunSpec
 from server.server_app import run_federation

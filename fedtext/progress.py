@@ -26,7 +26,7 @@ from rich.table import Table
 from sqlmodel import Session, col, select
 
 from fedtext.format import num
-from fedtext.logs import library_output_to_log
+from fedtext.log_file import library_output_to_log
 from privacy.uncertainty import WIDE_ADVICE, wide_interval, z_value
 from tenancy.platform import Platform
 from tenancy.tables import RoundMetric, Tenant, TrainingRun

@@ -1,6 +1,6 @@
 """The privacy API's data shapes, pydantic only: a ledger entry, a signed head, the report.
 
-Import-light (no SQL, no accountants): the SDK (``fedtext.client``) reads them through
+Import-light (no SQL, no accountants): the SDK (``sdk``) reads them through
 ``serving.schemas``. ``LedgerEntryBase`` is the one field list of a ledger entry: the table
 (``privacy.ledger.PrivacyEvent``), the export (``privacy.export``), the API's
 ``LedgerEntryPublic`` and the report's ``RoundRow`` derive from it. :mod:`privacy.heads` signs

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-# Import-light (pydantic only, no SQL, torch or accountants): the SDK (fedtext.client) uses
+# Import-light (pydantic only, no SQL, torch or accountants): the SDK (sdk) uses
 # these models; tests/client/test_schemas.py checks the copies below against their sources.
 from privacy.schemas import AuditReport, LedgerEntryBase
 from runs.spec import SIMULATION_ONLY, request_model

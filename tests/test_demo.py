@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 from sqlmodel import Session, select
 
+from fedtext.bootstrap import platform_from_settings
 from fedtext.demo import DEMO_EXAMPLES, DEMO_SENTENCES, print_report, run_demo
 from fedtext.plaintext_scan import find_plaintext_weights, looks_like_safetensors
-from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from orchestration.simulation import SimulationConfig, SimulationFailed, simulate
 from privacy.ledger import PrivacyEvent, verify_chain

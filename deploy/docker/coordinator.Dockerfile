@@ -20,6 +20,8 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY fedtext ./fedtext
+COPY sdk ./sdk
+COPY orchestration ./orchestration
 COPY runs ./runs
 COPY orchestration ./orchestration
 COPY models ./models

@@ -55,7 +55,7 @@ def _quiet_libraries(
     ] = False,
 ) -> None:
     """Federated, differentially private text classifiers."""
-    from fedtext.logs import setup
+    from fedtext.log_file import setup
 
     setup(_data_dir(), verbose=verbose)
 

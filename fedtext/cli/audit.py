@@ -1,20 +1,23 @@
-"""`fedtext audit ...`: the privacy ledger's checks, reports and exports for auditors."""
+"""`fedtext audit ...`: the privacy ledger's checks, reports and exports for auditors.
+
+This module: the group, and whether the record is intact and signed (`verify`, `keys`,
+`sign-existing`); the reports and exports in audit_exports.py, the canary audit in
+audit_canary.py."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
+from fedtext.cli.audit_canary import audit_canary
+from fedtext.cli.audit_exports import audit_export, audit_report
 from fedtext.cli.console import (
     UserError,
     console,
     err,
-    fail,
     group,
     open_platform,
     write_out,
@@ -352,221 +355,7 @@ def audit_sign_existing(
     )
 
 
-@audit_app.command("report")
-def audit_report(
-    tenant: Annotated[str, typer.Option(help="Tenant name.")],
-    out: Annotated[Path, typer.Option(help="File to write; '-' for standard output.")],
-    format: Annotated[
-        str | None, typer.Option(help="html or json (default: from the file extension, else html).")
-    ] = None,
-) -> None:
-    """Write a tenant's audit report (budget, runs, rounds, chain check, methodology)."""
-    from privacy.report import signed_report
-    from privacy.report_html import render
-    from tenancy.errors import NotFound
-    from tenancy.tenants import get_tenant
-
-    fmt = (format or ("json" if out.suffix.lower() == ".json" else "html")).lower()
-    if fmt not in ("html", "json"):
-        raise UserError(f"Unknown report format {fmt!r}; use html or json.")
-    platform = open_platform()
-    from sqlmodel import Session
-
-    with Session(platform.engine) as session:
-        try:
-            row = get_tenant(session=session, name=tenant)
-        except NotFound as exc:
-            raise UserError(str(exc)) from None
-        report = signed_report(
-            session,
-            platform.keyring,
-            platform.keyring.provider.versions(),
-            tenant_id=row.id,
-            tenant_name=row.name,
-            budget_epsilon=row.budget_epsilon,
-            delta=row.budget_delta,
-        )
-        session.commit()
-    text = render(report, fmt)  # type: ignore[arg-type]
-    if str(out) == "-":
-        console.out(text, end="", highlight=False)
-    else:
-        try:
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
-        console.print(
-            f"Report for {tenant} written to {out}: spent {report.spent_epsilon:.4f} of "
-            f"{report.budget_epsilon:g} (PRV), independent {report.independent.epsilon:.4f}, "
-            f"chains {'intact' if report.chain_ok else 'BROKEN'}."
-        )
-    if not report.chain_ok:
-        raise typer.Exit(1)
-
-
-@audit_app.command("export")
-def audit_export(
-    out: Annotated[Path, typer.Option(help="File to write; '-' for standard output.")],
-    tenant: Annotated[str | None, typer.Option(help="One tenant (default: all).")] = None,
-    format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
-) -> None:
-    """Export the ledger for an auditor (see docs/AUDIT.md), with a signed head per tenant
-    in OUT.heads.json (keep it: `fedtext audit verify --head OUT.heads.json`)."""
-    from privacy.export import export_text
-    from privacy.heads import heads_file, platform_signer, sign_and_store
-    from privacy.ledger import all_tenant_ids, tenant_events
-    from tenancy.errors import NotFound
-    from tenancy.tables import Tenant
-    from tenancy.tenants import get_tenant
-
-    if format not in ("jsonl", "csv"):
-        raise UserError(f"Unknown export format {format!r}; use jsonl or csv.")
-    platform = open_platform()
-    from sqlmodel import Session
-
-    with Session(platform.engine) as session:
-        if tenant is None:
-            ids = all_tenant_ids(session)
-        else:
-            try:
-                ids = [get_tenant(session=session, name=tenant).id]
-            except NotFound as exc:
-                raise UserError(str(exc)) from None
-        events = [ev for tid in ids for ev in tenant_events(session, tid)]
-        signer = platform_signer(platform.keyring)
-        heads = []
-        for tid in ids:
-            row = session.get(Tenant, tid)
-            if row is not None:  # a deleted tenant's ledger is exported without a budget
-                heads.append(
-                    sign_and_store(
-                        session,
-                        signer,
-                        tenant_id=tid,
-                        budget_epsilon=row.budget_epsilon,
-                        budget_delta=row.budget_delta,
-                    )
-                )
-        body = export_text(events, format)  # type: ignore[arg-type]
-        session.commit()
-    if str(out) == "-":
-        console.out(body, end="", highlight=False)
-        return
-    head_path = out.with_name(out.name + ".heads.json")
-    try:
-        out.write_text(body, encoding="utf-8")
-        head_path.write_text(heads_file(heads), encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"Cannot write {out}: {exc.strerror}.") from None
-    console.print(
-        f"{len(events)} entries of {len(ids)} tenant(s) written to {out}; "
-        f"signed heads in {head_path} (keep it)."
-    )
-
-
-@audit_app.command("canary")
-def audit_canary(
-    canaries: Annotated[int, typer.Option(help="Canaries m; each is a member w.p. 1/2.")] = 64,
-    tenants: Annotated[int, typer.Option(help="Simulated tenants (canaries go to the first).")] = 2,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 2,
-    epsilon: Annotated[float, typer.Option(help="Target epsilon per tenant for the run.")] = 4.0,
-    max_train_examples: Annotated[int, typer.Option(help="Demo examples per tenant.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="Client Adam learning rate.")] = 0.01,
-    guesses: Annotated[
-        int | None, typer.Option(help="Canaries the attack guesses on (default m/2).")
-    ] = None,
-    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
-    seed: Annotated[int | None, typer.Option(help="Canary seed (default: random).")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Keep the scratch platform here (reset first).")
-    ] = None,
-    insecure: Annotated[bool, typer.Option(help="Turn secure_mode off (tests only).")] = False,
-    privacy_unit: Annotated[
-        str,
-        typer.Option(
-            help="example: each canary is one row; user: the tenants' rows are grouped into "
-            "users and each canary is a user of --rows-per-user rows (checks the "
-            "user-level claim, k = --rows-per-user)."
-        ),
-    ] = "example",
-    rows_per_user: Annotated[
-        int | None,
-        typer.Option(help="privacy-unit user: rows per user and per canary user, k (default 4)."),
-    ] = None,
-) -> None:
-    """Train with canaries, attack the model, compare the empirical bound with accounting.
-
-    Exits 1 if the empirical lower bound on epsilon exceeds the accounted epsilon.
-    """
-    if privacy_unit not in ("example", "user"):
-        raise UserError(f"--privacy-unit should be example or user, not {privacy_unit!r}.")
-    if privacy_unit == "example" and rows_per_user is not None:
-        raise UserError("--rows-per-user applies to --privacy-unit user only.")
-    rows_per_user = 4 if rows_per_user is None else rows_per_user
-    if rows_per_user < 1:
-        raise UserError("--rows-per-user should be at least 1.")
-    from fedtext.audit_canary import run_canary_audit
-    from orchestration.simulation import SimulationFailed
-
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        report = run_canary_audit(
-            data_dir=data_dir,
-            tenants=tenants,
-            rounds=rounds,
-            epsilon=epsilon,
-            canaries=canaries,
-            max_train_examples=max_train_examples,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            guesses=guesses,
-            confidence=confidence,
-            seed=seed,
-            secure_mode=not insecure,
-            privacy_unit=privacy_unit,
-            canary_rows=rows_per_user,
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    except (SimulationFailed, RuntimeError) as exc:
-        raise fail(f"the canary federation failed: {exc}", code=1) from None
-    o = report.outcome
-    unit = (
-        f"per user (k = {report.rows_per_user})" if report.privacy_unit == "user" else "per example"
-    )
-    table = Table("figure", "value", title=f"canary audit of tenant {report.tenant}, {unit}")
-    table.add_row("run", report.run_id)
-    table.add_row("privacy unit checked", unit)
-    what = "canary users" if report.privacy_unit == "user" else "canaries"
-    table.add_row(f"{what} (members)", f"{o.canaries} ({o.members})")
-    if report.privacy_unit == "user":
-        table.add_row("rows per canary user", str(report.rows_per_user))
-    table.add_row("guesses, correct", f"{o.guesses}, {o.correct}")
-    table.add_row("mean loss members / non-members",
-                  f"{report.member_mean_loss:.4f} / {report.nonmember_mean_loss:.4f}")  # fmt: skip
-    # Both figures say how sure they are: the lower bound holds with the audit's
-    # confidence; the accounted epsilon is an upper bound over every release of the run.
-    table.add_row(
-        "empirical epsilon lower bound",
-        f"{report.lower_bound:.4f} (holds with {o.confidence:.0%} confidence)",
-    )
-    table.add_row(
-        f"accounted epsilon at delta {report.delta:g}",
-        f"{report.accounted_epsilon:.4f} (upper bound, PRV, every release)",
-    )
-    table.add_row("accounted epsilon (RDP)", f"{report.accounted_epsilon_rdp:.4f} (looser)")
-    table.add_row("seconds", f"{report.seconds:.0f}")
-    console.print(table)
-    if not report.passed:
-        err.print(
-            f"[red]FAIL:[/red] the empirical lower bound {report.lower_bound:.4f} exceeds the "
-            f"accounted epsilon {report.accounted_epsilon:.4f}: the DP training or its "
-            f"accounting is broken (seed {report.seed}, run {report.run_id})."
-        )
-        raise typer.Exit(1)
-    console.print(
-        f"OK ({unit}): lower bound {report.lower_bound:.4f} ({o.confidence:.0%} confidence) <= "
-        f"accounted {report.accounted_epsilon:.4f}. A lower bound far below the accounted "
-        "figure is expected: a small audit only shows that no gross bug is present."
-    )
+# Registered here, in the order `fedtext audit --help` lists them.
+audit_app.command("report")(audit_report)
+audit_app.command("export")(audit_export)
+audit_app.command("canary")(audit_canary)

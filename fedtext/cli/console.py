@@ -3,7 +3,7 @@
 A command reports a mistake the user can fix by raising :class:`UserError`;
 :class:`CliGroup` (the class of every command group) is the one place that turns it, and
 the domain errors that mean the same (:class:`orchestration.flower.FlowerError`,
-:class:`fedtext.certificates.CredentialsError`), into ``error: MESSAGE`` on standard error
+:class:`tenancy.certificates.CredentialsError`), into ``error: MESSAGE`` on standard error
 and exit code 2. Any other outcome (a failed run, a broken chain) is an explicit
 :func:`fail` with its own exit code.
 """
@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from typer.core import TyperGroup
 
-from fedtext.certificates import CredentialsError
 from orchestration.flower import FlowerError
+from tenancy.certificates import CredentialsError
 
 if TYPE_CHECKING:
     import click
@@ -85,7 +85,7 @@ def settings() -> Settings:
 
 def open_platform(config: Settings | None = None) -> Platform:
     """The platform of ``config`` (default: :func:`settings`), its schema brought up to date."""
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
 
     built = platform_from_settings(config or settings())
     upgrade_schema(built)

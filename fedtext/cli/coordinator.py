@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedtext.certificates import CredentialLayout, certificate_hosts
 from fedtext.cli.console import UserError, err, fail, settings
 from fedtext.cli.superlink import DEFAULT_SUPERLINK_PORT
-from fedtext.supervisor import RestartPolicy, supervise
 from orchestration.flower import check_certificate, existing_file, flower_env, flower_executable
+from orchestration.supervisor import RestartPolicy, supervise
+from tenancy.certificates import CredentialLayout, certificate_hosts
 
 if TYPE_CHECKING:
     from fedtext.settings import Settings
@@ -134,7 +134,7 @@ def api_superlink_env(
 
 def _platform_env(settings: Settings) -> dict[str, str]:
     """The platform settings, absolute, for the ServerApp subprocess; the schema upgraded."""
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
 
     data_dir = settings.data_dir.expanduser().resolve()
     resolved = settings.model_copy(update={"data_dir": data_dir})

@@ -44,7 +44,7 @@ def demo(
 ) -> None:
     """Three tenants, a DP federation, encrypted models, predictions over HTTP."""
     from fedtext.demo import DemoRefused, print_report, run_demo
-    from fedtext.logs import setup
+    from fedtext.log_file import setup
 
     home = settings().data_dir
     if verbose:
@@ -75,8 +75,8 @@ def _serve(report: object, port: int) -> None:
     """The demo's platform behind the API on 127.0.0.1:PORT until Ctrl-C."""
     import uvicorn
 
+    from fedtext.bootstrap import platform_from_settings
     from fedtext.demo import DemoReport, print_report
-    from fedtext.platform import platform_from_settings
     from fedtext.settings import Settings
     from serving.app import create_app
     from serving.config import ServingConfig

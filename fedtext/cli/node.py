@@ -11,10 +11,8 @@ from typing import Annotated
 import tomli_w
 import typer
 
-from fedtext.certificates import check_name, check_node_private_key
 from fedtext.cli.console import UserError, err, fail
 from fedtext.cli.superlink import CaOpt, SuperlinkOpt
-from fedtext.supervisor import supervise
 from orchestration.flower import (
     check_certificate,
     check_reachable,
@@ -22,6 +20,8 @@ from orchestration.flower import (
     flower_env,
     flower_executable,
 )
+from orchestration.supervisor import supervise
+from tenancy.certificates import check_name, check_node_private_key
 
 # Flower's exit code for "could not connect to / be activated by the SuperLink".
 SUPERNODE_CONNECTION_ERROR = 305

@@ -77,7 +77,7 @@ def serve(
             "a copy of the directory decrypts every tenant's models. In production use "
             "FEDTEXT_KEY_PROVIDER=pkcs11 (an HSM; docs/SECURITY.md)."
         )
-    from fedtext.logs import keep_in_file
+    from fedtext.log_file import keep_in_file
 
     keep_in_file()  # Alembic's migrations and the libraries' warnings: the log file only
     from orchestration.federation import FederationRunLauncher

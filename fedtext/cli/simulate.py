@@ -85,9 +85,9 @@ def simulate(
     # The user's mistakes first, before torch and Flower load (seconds).
     asked = {} if resume else _config(tenant or [], data or [], tenants, prefix, settings or {})
     from fedtext.handoff import SAMPLE_INPUT, handoffs, print_handoffs
-    from fedtext.logs import current, setup
-    from fedtext.preflight import check_budgets
+    from fedtext.log_file import current, setup
     from fedtext.progress import watch_run
+    from orchestration.preflight import check_budgets
     from orchestration.simulation import SimulationConfig, SimulationFailed, data_labels, preflight
     from orchestration.simulation import resume as resume_run
     from orchestration.simulation import simulate as run_sim

@@ -1,5 +1,5 @@
 """Alembic migrations of the platform database (tenancy's tables and the ledger's).
 
 Shipped inside the package so `fedtext db upgrade` works from an installed wheel; run
-through `fedtext.platform.upgrade_schema`.
+through `fedtext.bootstrap.upgrade_schema`.
 """

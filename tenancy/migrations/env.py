@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``fedtext.platform.upgrade_schema`` passes."""
+"""Alembic environment: runs on the connection ``fedtext.bootstrap.upgrade_schema`` passes."""
 
 from __future__ import annotations
 

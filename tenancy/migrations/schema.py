@@ -3,7 +3,7 @@
 The ledger's tables are declared by ``privacy`` (listed in ``privacy.db``) and migrated
 here, with the rest of the platform database; they are named, not imported (tenancy imports
 nothing of ours). Whoever runs the migrations imports ``privacy.db`` first, so their tables
-are in SQLModel's metadata (``fedtext.platform.upgrade_schema`` does).
+are in SQLModel's metadata (``fedtext.bootstrap.upgrade_schema`` does).
 """
 
 from __future__ import annotations

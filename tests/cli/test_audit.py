@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
+from fedtext.bootstrap import platform_from_settings
 from fedtext.cli import app
-from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from privacy.ledger import GENESIS, entry_digest, record_event, tenant_events
 from privacy.params import DPParams

@@ -58,7 +58,7 @@ def test_canary_audit_reports_a_lower_bound_below_the_accounted_epsilon(tmp_path
         "empirical epsilon lower bound" in r.output and "OK (per example): lower bound" in r.output
     )
     # The accounted figure is the canary tenant's ledger, recomposed.
-    from fedtext.platform import platform_from_settings
+    from fedtext.bootstrap import platform_from_settings
     from fedtext.settings import Settings
     from privacy.accounting import compose_epsilon
     from privacy.ledger import tenant_events
@@ -90,7 +90,7 @@ def test_user_level_canary_audit_from_the_cli_checks_the_user_epsilon(tmp_path: 
     assert r.exit_code == 0, r.output
     assert "per user (k = 4)" in r.output and "canary users (members)" in r.output
     assert "OK (per user (k = 4)): lower bound" in r.output
-    from fedtext.platform import platform_from_settings
+    from fedtext.bootstrap import platform_from_settings
     from fedtext.settings import Settings
     from privacy.accounting import compose_epsilon
     from privacy.ledger import tenant_events

@@ -23,8 +23,8 @@ from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
+from fedtext.bootstrap import platform_from_settings
 from fedtext.cli import app
-from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from privacy.heads import HeadSigner, heads_file, read_heads, sign_and_store
 from privacy.ledger import BudgetChange, PrivacyEvent, entry_digest, record_event

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
+from fedtext.bootstrap import platform_from_settings
 from fedtext.cli import app
-from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from tests.factories import store_tiny_model
 

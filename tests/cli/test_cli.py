@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
+from fedtext.bootstrap import platform_from_settings
 from fedtext.cli import app
-from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from privacy.ledger import record_event
 from privacy.params import DPParams

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from fedtext.certificates import CredentialLayout, CredentialsError, create_credentials
 from fedtext.cli import app
 from orchestration.flower import FlowerError, build_run_config, parse_address, write_connection
+from tenancy.certificates import CredentialLayout, CredentialsError, create_credentials
 
 runner = CliRunner()
 

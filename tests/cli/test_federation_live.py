@@ -28,12 +28,12 @@ import pytest
 from sqlmodel import Session, select
 
 from clients.data import DEMO_LABELS
-from fedtext.certificates import create_credentials
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.cli.coordinator import api_superlink_env
-from fedtext.platform import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
-from fedtext.supervisor import descendants
+from orchestration.supervisor import descendants
 from privacy.ledger import PrivacyEvent, verify_chain
+from tenancy.certificates import create_credentials
 from tenancy.db import session_scope
 from tenancy.platform import Platform
 from tenancy.tables import ModelVersion, Tenant, TrainingRun

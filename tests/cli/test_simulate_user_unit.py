@@ -14,8 +14,8 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from clients.data import load_labeled_file, train_test_split
+from fedtext.bootstrap import platform_from_settings
 from fedtext.cli import app
-from fedtext.platform import platform_from_settings
 from fedtext.settings import Settings
 from privacy.ledger import PrivacyEvent
 from privacy.params import dp_batch_size, poisson_schedule

@@ -93,8 +93,8 @@ def test_the_sdk_loads_no_torch_transformers_opacus_nor_sqlmodel() -> None:
         "atexit.register(lambda: os.write(int(os.environ['PROBE_FD']), json.dumps([m for m in "
         f"{heavy!r} "
         "if m in sys.modules]).encode()))\n"
-        "import fedtext.client\n"
-        "from fedtext.client import AsyncClient, Client\n"
+        "import sdk\n"
+        "from sdk import AsyncClient, Client\n"
     )
     loaded, proc = _loaded(code, {})
     assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,7 @@ import torch
 from sqlalchemy import create_engine, text
 from sqlmodel import Session, select
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from models import ModelSpec, build_model, save_weights
 from tenancy.db import session_scope

@@ -59,7 +59,7 @@ def env(pg_cluster: PrivateCluster, tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def _world(env: dict[str, str]) -> dict[str, Any]:
-    from fedtext.platform import upgrade_schema
+    from fedtext.bootstrap import upgrade_schema
 
     platform = open_platform(env)
     upgrade_schema(platform)

@@ -1,4 +1,4 @@
-"""The coordinator's supervisor restarts a SIGKILLed SuperLink (fedtext/supervisor.py):
+"""The coordinator's supervisor restarts a SIGKILLed SuperLink (orchestration/supervisor.py):
 the other child goes on, the dead child's detached descendants (Flower's SuperExec) are
 stopped, and a child that keeps dying is given up after a bounded number of restarts.
 Real processes; the supervisor runs in its own process (it installs signal handlers)."""
@@ -26,7 +26,7 @@ LINK = (
 )
 DRIVER = """
 import sys
-from fedtext.supervisor import RestartPolicy, supervise
+from orchestration.supervisor import RestartPolicy, supervise
 link = [sys.executable, "-c", sys.argv[1]]
 api = [sys.executable, "-c", "import time; time.sleep(120)"]
 policy = RestartPolicy(names=("link",), max_in_a_row=2, first_delay=0.2)

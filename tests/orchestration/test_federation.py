@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from orchestration.simulation import SimulationConfig, simulate
 from privacy.ledger import PrivacyEvent, verify_chain
@@ -104,7 +104,7 @@ def test_killed_run_resumes_without_charging_finished_rounds(tmp_path: Path) -> 
     )
     code = (
         "import sys; from pathlib import Path; from fedtext.settings import Settings;"
-        "from fedtext.platform import platform_from_settings;"
+        "from fedtext.bootstrap import platform_from_settings;"
         "from orchestration.simulation import SimulationConfig, simulate;"
         f"p = platform_from_settings(Settings(data_dir=Path({str(tmp_path)!r})));"
         f"simulate(p, SimulationConfig(**{config.__dict__!r}), {run_id!r})"

@@ -9,7 +9,8 @@ import pytest
 
 from clients.data import DataError, LabeledData
 from clients.local_data import NodeData, with_canaries
-from fedtext.audit_canary import run_canary_audit
+from fedtext.bootstrap import scratch_platform
+from orchestration.canary_federation import run_canary_audit
 from privacy.canary import make_canaries
 from tests.factories import toy_data
 
@@ -31,6 +32,7 @@ def test_canary_users_are_members_with_all_their_rows_under_one_user() -> None:
 @pytest.mark.slow
 def test_user_level_canary_audit_stays_below_the_accounted_user_epsilon(tmp_path: Path) -> None:
     report = run_canary_audit(
+        open_platform=scratch_platform,
         data_dir=tmp_path / "canary", rounds=1, epsilon=3.0, canaries=40, seed=99,
         max_train_examples=160, secure_mode=False, privacy_unit="user", canary_rows=4,
     )  # fmt: skip

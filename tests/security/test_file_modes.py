@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from tests.factories import make_tenant, store_tiny_model
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.server_thread import free_port
 from fedtext.settings import Settings
 from tests.factories import TenantFixture, make_tenant, store_tiny_model

@@ -257,7 +257,7 @@ def test_cli_deletion_then_rotation_leaves_a_backup_undecryptable(
     """The finding: a cancelled run's checkpoint kept KEK version 1 in use (rotation
     'kept: 1'), so a database backup taken before the deletion still unwrapped the
     deleted tenant's data key."""
-    from fedtext.platform import platform_from_settings, upgrade_schema
+    from fedtext.bootstrap import platform_from_settings, upgrade_schema
     from fedtext.settings import Settings
 
     platform = platform_from_settings(Settings(data_dir=data_dir))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from orchestration.simulation import SimulationConfig, simulate
 from privacy.heads import last_signed_head, platform_key_ids, verify_head

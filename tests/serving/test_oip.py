@@ -30,8 +30,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from fedtext.certificates import create_credentials
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.server_thread import free_port
 from fedtext.settings import Settings
 from serving.config import ServingConfig
@@ -39,6 +38,7 @@ from serving.predict import PredictService
 from serving.refusals import Refusal, grpc_code, unauthorized, v2_status
 from serving.runtime.lookups import PredictLookups
 from serving.runtime.model_cache import ModelCache
+from tenancy.certificates import create_credentials
 from tests.factories import TenantFixture, make_tenant, store_tiny_model
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from models import ModelSpec, build_model, save_weights
 from tenancy.db import session_scope

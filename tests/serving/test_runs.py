@@ -15,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from fedtext.certificates import create_credentials
 from orchestration.federation import FederationRunLauncher, federation_run_config, follow
 from orchestration.flower import FlowerError, app_config_keys, find_app_dir
 from orchestration.worker import LocalRunLauncher
@@ -23,6 +22,7 @@ from runs.lifecycle import end_run, pid_alive
 from runs.spec import RunSpec
 from serving.app import create_app
 from serving.config import ServingConfig
+from tenancy.certificates import create_credentials
 from tenancy.platform import Platform
 from tenancy.tables import TrainingRun, utcnow
 from tests.factories import agree, make_tenant

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from fedtext.platform import platform_from_settings, upgrade_schema
+from fedtext.bootstrap import platform_from_settings, upgrade_schema
 from fedtext.settings import Settings
 from tenancy.db import session_scope
 from tenancy.errors import DecryptionError, KeyProviderError
@@ -217,7 +217,7 @@ def test_an_hsm_platform_trains_serves_rotates_and_its_copy_decrypts_nothing(
     script = (
         "import sys\n"
         "from sqlmodel import Session, select\n"
-        "from fedtext.platform import platform_from_settings\n"
+        "from fedtext.bootstrap import platform_from_settings\n"
         "from fedtext.settings import Settings\n"
         "from tenancy.registry import read_model_weights\n"
         "from tenancy.tables import ModelVersion\n"

@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
-from fedtext.platform import upgrade_schema
+from fedtext.bootstrap import upgrade_schema
 from privacy.db import ledger_tables
 from tenancy.db import create_tables, get_engine
 from tenancy.migrations.schema import PRIVACY_TABLES, TABLES, target_metadata
@@ -71,7 +71,7 @@ def test_upgrade_is_idempotent_and_adopts_a_create_all_database(
 def test_a_baseline_database_gets_the_new_run_columns(empty_url: str, tmp_path: Path) -> None:
     from alembic import command
 
-    from fedtext.platform import alembic_config
+    from fedtext.bootstrap import alembic_config
 
     engine = get_engine(empty_url)
     with engine.begin() as conn:

@@ -1,8 +1,8 @@
 """What the sync and async clients share: the calls, their results, errors and retry policy.
 
 Each API call is described once, as a ``Call`` (method, path, body, how to read the
-answer); ``fedtext.client.Client`` sends it with ``httpx.Client`` and
-``fedtext.client.AsyncClient`` with ``httpx.AsyncClient``. Results are the API's own
+answer); ``sdk.Client`` sends it with ``httpx.Client`` and
+``sdk.AsyncClient`` with ``httpx.AsyncClient``. Results are the API's own
 response models (serving/schemas.py), so a client and the server cannot disagree on a field.
 """
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from fedtext.client import AsyncClient, Client, RateLimited, RetryPolicy, Unavailable
+from sdk import AsyncClient, Client, RateLimited, RetryPolicy, Unavailable
 
 FAST = RetryPolicy(max_retries=2, backoff=0.0)
 MODEL = {"name": "m", "version": 1, "deployed": True, "created_at": "2026-01-01T00:00:00"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, inspect, text
@@ -60,3 +62,11 @@ def upgrade_schema(platform: Platform) -> None:
             columns = {c["name"] for c in inspect(conn).get_columns("training_run")}
             command.stamp(config, "head" if "owner_tenant_id" in columns else BASELINE)
         command.upgrade(config, "head")
+
+
+def scratch_platform(root: Path) -> Platform:
+    """A migrated platform of its own under ``root``: SQLite, a key file, no env settings."""
+    settings = Settings(data_dir=root, database_url=None, key_provider="file", kek_file=None)
+    platform = platform_from_settings(settings)
+    upgrade_schema(platform)
+    return platform

@@ -1,4 +1,4 @@
-"""The fedtext API's calls, described once for both clients (serving/routers/)."""
+"""The fedtext API's calls, described once for both clients (serving/protocols/v1/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fedtext.client._core import Call, model, raw
+from sdk._core import Call, model, raw
 from serving.schemas import (
     BudgetPublic,
     ExplainResponse,

@@ -1,6 +1,6 @@
 """The fedtext Python SDK: ``Client`` (sync) and ``AsyncClient`` on httpx.
 
->>> from fedtext.client import Client
+>>> from sdk import Client
 >>> with Client("http://127.0.0.1:8000", key) as api:            # doctest: +SKIP
 ...     api.predict("sentiment", ["lovely crew"], top_k=3).predictions
 
@@ -13,7 +13,7 @@ backoff, never sooner than ``Retry-After`` (``RetryPolicy``). Transport failures
 
 from typing import TYPE_CHECKING, Any
 
-from fedtext.client._core import (
+from sdk._core import (
     ApiError,
     BadRequest,
     Conflict,
@@ -27,19 +27,19 @@ from fedtext.client._core import (
     Unauthorized,
     Unavailable,
 )
-from fedtext.client.sync import Client
+from sdk.sync import Client
 
 if TYPE_CHECKING:
-    from fedtext.client.aio import AsyncClient
+    from sdk.aio import AsyncClient
 
 
 def __getattr__(name: str) -> Any:
     # AsyncClient loads asyncio: only for those who use it (start-up, bench/startup.py).
     if name == "AsyncClient":
-        from fedtext.client.aio import AsyncClient
+        from sdk.aio import AsyncClient
 
         return AsyncClient
-    raise AttributeError(f"module 'fedtext.client' has no attribute {name!r}")
+    raise AttributeError(f"module 'sdk' has no attribute {name!r}")
 
 
 __all__ = [

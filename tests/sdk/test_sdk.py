@@ -10,7 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedtext.client import (
+from fedtext.server_thread import BackgroundServer
+from orchestration.worker import LocalRunLauncher
+from runs.status import RunStatus
+from sdk import (
     AsyncClient,
     Client,
     Forbidden,
@@ -21,9 +24,6 @@ from fedtext.client import (
     Unauthorized,
     Unavailable,
 )
-from fedtext.server_thread import BackgroundServer
-from orchestration.worker import LocalRunLauncher
-from runs.status import RunStatus
 from serving.app import create_app
 from serving.config import ServingConfig
 from serving.limits import Limits
@@ -164,7 +164,7 @@ def test_429_is_retried_after_the_servers_retry_after(sqlite_platform: Platform)
 
 def test_503_of_a_run_creation_is_raised_not_repeated(sqlite_platform: Platform) -> None:
     # A 503 may come after the server acted (a proxy's, or "could not start the worker"
-    # after the run was recorded): creating a run is not sent twice (tests/client/
+    # after the run was recorded): creating a run is not sent twice (tests/sdk/
     # test_retries.py: idempotent calls are retried).
     acme = make_tenant(sqlite_platform, "acme")
     statuses: list[int] = []

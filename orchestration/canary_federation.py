@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,6 @@ from torch import nn
 
 from clients.data import LabeledData
 from clients.train import encode
-from fedtext.platform import platform_from_settings, upgrade_schema
-from fedtext.settings import Settings
 from models import ModelSpec, build_model, load_weights
 from orchestration.simulation import SimulationConfig, simulate
 from privacy.accounting import compose_epsilon
@@ -129,6 +128,7 @@ def _user_files(folder: Path, names: list[str], rows: int, per_user: int) -> dic
 
 def run_canary_audit(
     *,
+    open_platform: Callable[[Path], Platform],
     data_dir: Path | None = None,
     tenants: int = 2,
     rounds: int = 2,
@@ -151,6 +151,9 @@ def run_canary_audit(
 
     Parameters
     ----------
+    open_platform
+        Builds a migrated platform (SQLite, key file) under a directory; the CLI passes
+        ``fedtext.bootstrap.scratch_platform`` (orchestration does not read settings).
     data_dir
         Where the scratch platform lives (reset first); a temporary directory,
         removed afterwards, when None.
@@ -188,9 +191,7 @@ def run_canary_audit(
         shutil.rmtree(root)
     started = time.monotonic()
     try:
-        settings = Settings(data_dir=root, database_url=None, key_provider="file", kek_file=None)
-        platform = platform_from_settings(settings)
-        upgrade_schema(platform)
+        platform = open_platform(root)
         names = [f"canary-{i}" for i in range(1, tenants + 1)]
         ids: dict[str, str] = {}
         with session_scope(platform.engine) as session:

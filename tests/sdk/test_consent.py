@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fedtext.client import ApiError, AsyncClient, Client, InvalidRequest
 from fedtext.server_thread import BackgroundServer
 from orchestration.worker import LocalRunLauncher
+from sdk import ApiError, AsyncClient, Client, InvalidRequest
 from serving.app import create_app
 from serving.config import ServingConfig
 from tenancy.platform import Platform
