@@ -40,9 +40,7 @@ from privacy.ledger import (
     tenant_events,
     verify_chain,
 )
-from privacy.schemas import HEAD_FORMAT as HEAD_FORMAT  # re-exported: moved there
-from privacy.schemas import Head as Head
-from privacy.schemas import SignedHeadPublic as SignedHeadPublic
+from privacy.schemas import Head, SignedHeadPublic
 
 HEADS_FILE_FORMAT = "fedtext-signed-heads/1"
 
