@@ -38,6 +38,10 @@ class Load:
             while not self._stop.is_set():
                 key = self.keys[i % len(self.keys)]
                 i += 1
+                # At most ~100 requests/s in all: under the API's per-key rate limit (a 429
+                # is the limiter working, not a fault; an unpaced loop on a quiet machine
+                # reached it once the warm path got faster).
+                time.sleep(0.01)
                 try:
                     r = client.post(
                         f"{self.url}/v1/models/sentiment/predict",

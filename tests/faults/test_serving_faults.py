@@ -171,7 +171,8 @@ def test_postgres_connections_killed_and_cluster_restarted_while_serving(
         e for e in load.history if e.status >= 500 and not any(a <= e.at <= b for a, b in windows)
     ]
     assert bad == [], bad
-    assert all(e.status in (0, 200, 503) for e in load.history), {e.status for e in load.history}
+    odd = [e for e in load.history if e.status not in (0, 200, 503)]
+    assert odd == [], odd[:5]
     check_versions(env)
     audit_verify(env)
     print(f"FAULT pg-terminate recovered_s={recover['terminate']:.2f}")
