@@ -143,13 +143,36 @@ def _encoder_runtime(spec_json: str) -> str | None:
     return str(runtime) if runtime else None
 
 
+def _runtimes(items: list[Handoff]) -> dict[str, list[str]]:
+    """Encoder runtime variant -> the tenants whose serving heads need it."""
+    out: dict[str, list[str]] = {}
+    for h in items:
+        if h.encoder_runtime:
+            out.setdefault(h.encoder_runtime, []).append(h.tenant)
+    return out
+
+
 def runtime_env(items: list[Handoff]) -> dict[str, str]:
-    """FEDTEXT_SERVE_ENCODER_RUNTIME when the models handed off need a variant other than a
-    server's default (a head is served only on the vectors it was trained on)."""
+    """FEDTEXT_SERVE_ENCODER_RUNTIME when every head handed off needs one variant other
+    than a server's default (a head is served only on the vectors it was trained on)."""
     from models.runtimes import DEFAULT_RUNTIME
 
-    needed = {h.encoder_runtime for h in items if h.encoder_runtime} - {DEFAULT_RUNTIME}
-    return {"FEDTEXT_SERVE_ENCODER_RUNTIME": needed.pop()} if len(needed) == 1 else {}
+    needed = _runtimes(items)
+    if len(needed) == 1 and (only := next(iter(needed))) != DEFAULT_RUNTIME:
+        return {"FEDTEXT_SERVE_ENCODER_RUNTIME": only}
+    return {}
+
+
+def runtime_note(items: list[Handoff]) -> str | None:
+    """When the heads need different variants: one server serves one, which for whom."""
+    needed = _runtimes(items)
+    if len(needed) < 2:
+        return None
+    per = "; ".join(f"{variant} for {', '.join(t)}" for variant, t in sorted(needed.items()))
+    return (
+        "These heads were trained on different encoder runtimes and one server serves one "
+        f"(FEDTEXT_SERVE_ENCODER_RUNTIME): {per}."
+    )
 
 
 def serve_command(env: dict[str, str] | None = None, port: int = 8000) -> str:
@@ -179,6 +202,8 @@ def print_handoffs(
     """The lines a person pastes next: serve, then one curl per tenant."""
     console.print("[bold]Next[/bold]: start the API (leave it running), then ask a tenant's model:")
     console.print(f"  {escape(serve_command({**(env or {}), **runtime_env(items)}))}")
+    if (note := runtime_note(items)) is not None:
+        console.print(f"  {escape(note)}")
     print_console(console, console_url(), {h.tenant: h.admin_key for h in items if h.admin_key})
     for h in items:
         if h.serving == h.version:

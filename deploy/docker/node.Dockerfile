@@ -20,7 +20,6 @@ COPY fedtext ./fedtext
 COPY sdk ./sdk
 COPY orchestration ./orchestration
 COPY runs ./runs
-COPY orchestration ./orchestration
 COPY models ./models
 COPY clients ./clients
 COPY server ./server

@@ -29,6 +29,8 @@ queries, several times the batched forward pass itself, so the answers are memoi
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from tenancy.tenants import hash_key, is_live
 class DeployedRef:
     """What the predict path needs of a deployed version row: the model cache's key.
 
-    The memo keeps this and a fingerprint of the row's values, not the ORM row itself
+    The memo keeps this and a keyed digest of the row's values, not the ORM row itself
     (2,000 memoized tenants held ~2 MB of rows and their instance state).
     """
 
@@ -53,7 +55,7 @@ class DeployedRef:
     name: str
     version: int
     quantize: str | None
-    fingerprint: int  # hash() of the row's column values: the refresh compares it
+    fingerprint: bytes  # a keyed digest of the row's column values: the refresh compares it
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class PredictLookups:
         if deployed:
             tenant_ids = {tenant_id for tenant_id, _ in deployed}
             rows = {
-                (row.tenant_id, row.name): hash(tuple(row))
+                (row.tenant_id, row.name): _digest(tuple(row))
                 for row in session.execute(
                     select(*_VERSION_COLS).where(
                         col(ModelVersion.tenant_id).in_(tenant_ids),
@@ -209,10 +211,18 @@ def _values(row: SQLModel, columns: list[Any]) -> tuple[Any, ...]:
     return tuple(getattr(row, c.key) for c in columns)
 
 
-def _fingerprint(row: SQLModel, columns: list[Any]) -> int:
-    # Python's hash of str and bytes is keyed per process (SipHash): a row written to
-    # collide with a memoized one cannot be crafted from outside.
-    return hash(_values(row, columns))
+def _fingerprint(row: SQLModel, columns: list[Any]) -> bytes:
+    return _digest(_values(row, columns))
+
+
+# Keyed per process: a row written to collide with a memoized one cannot be crafted (Python's
+# hash() is not enough: it collides for chosen integers, hash(-1) == hash(-2)).
+_DIGEST_KEY = secrets.token_bytes(32)
+
+
+def _digest(values: tuple[Any, ...]) -> bytes:
+    # repr is exact for the columns' types (str, int, bool, float, bytes, datetime, None).
+    return hashlib.blake2b(repr(values).encode(), key=_DIGEST_KEY, digest_size=16).digest()
 
 
 _VERSION_COLS = _columns(ModelVersion)

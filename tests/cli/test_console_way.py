@@ -92,3 +92,9 @@ def test_the_serve_line_names_the_encoder_runtime_the_heads_need(sqlite_platform
     stored("exact", "torch-fp32")
     assert "FEDTEXT_SERVE_ENCODER_RUNTIME=onnx-int8-static" in serve_line(["fast"])
     assert "FEDTEXT_SERVE_ENCODER_RUNTIME" not in serve_line(["exact"])
+    # Mixed: no variant is picked for everyone; the note says which tenant needs which.
+    assert "FEDTEXT_SERVE_ENCODER_RUNTIME=" not in serve_line(["fast", "exact"])
+    out = io.StringIO()
+    summary = {t: {"model": "encoder-head", "version": 1} for t in ("fast", "exact")}
+    print_handoffs(Console(file=out, width=400), handoffs(sqlite_platform, summary))
+    assert "onnx-int8-static for fast; torch-fp32 for exact" in out.getvalue()

@@ -57,3 +57,25 @@ def test_a_change_forgets_only_its_tenant_and_refresh_keeps_what_did_not_change(
     assert lookups.caller(globex.predict_key) is kept  # same rows: the same objects kept
     assert lookups.deployed(globex.tenant.id, "lstm") is None  # v2 deployed: re-read on use
     assert lookups.deployed(initech.tenant.id, "lstm") is not None
+
+
+def test_the_fingerprint_tells_rows_apart_that_python_hash_would_not(platform: Platform) -> None:
+    """hash(-1) == hash(-2): the memo's fingerprint of a deployment row is a keyed digest of
+    its values, so an edit of any column around the platform is seen by the next refresh."""
+    from serving.runtime.lookups import DeployedRef
+
+    acme = make_tenant(platform, "acme")
+    store_tiny_model(platform, acme.tenant, seed=0)
+    with Session(platform.engine) as session:
+        row = find_deployed(session, acme.tenant.id, "lstm")
+        session.expunge(row)
+    refs: list[DeployedRef] = []
+    for size in (-1, -2):
+        row.size_bytes = size
+        lookups = PredictLookups(ttl=60)
+        lookups.put_deployed(row, lookups.generation)
+        ref = lookups.deployed(acme.tenant.id, "lstm")
+        assert ref is not None
+        refs.append(ref)
+    assert hash(-1) == hash(-2)
+    assert refs[0].fingerprint != refs[1].fingerprint
