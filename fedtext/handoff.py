@@ -138,9 +138,14 @@ def handoffs(platform: Platform, tenants: dict[str, dict[str, object]]) -> list[
 
 
 def _encoder_runtime(spec_json: str) -> str | None:
-    config = json.loads(spec_json).get("config") or {}
-    runtime = config.get("encoder_runtime")
-    return str(runtime) if runtime else None
+    """The variant an encoder-head spec's vectors come from (None: no encoder)."""
+    from models.runtimes import LEGACY_RUNTIME
+
+    data = json.loads(spec_json)
+    if data.get("family") != "encoder-head":
+        return None
+    # Specs made before variants existed are torch-fp32's.
+    return str((data.get("config") or {}).get("encoder_runtime") or LEGACY_RUNTIME)
 
 
 def _runtimes(items: list[Handoff]) -> dict[str, list[str]]:
