@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,13 @@ EPSILON = 3.75  # unusual, so that no default equals it
 JSON_KEYS = {"walk": ["steps", "files", "climbs", "forms"], "entries": None}
 
 
-def _package(filename: str, cache: dict[str, str | None] = {}) -> str | None:  # noqa: B006
-    if filename not in cache:
-        try:
-            rel = Path(filename).resolve().relative_to(ROOT)
-            cache[filename] = rel.parts[0] if rel.parts and rel.parts[0] in LAYERS else None
-        except ValueError:
-            cache[filename] = None
-    return cache[filename]
+@cache
+def _package(filename: str) -> str | None:
+    try:
+        rel = Path(filename).resolve().relative_to(ROOT)
+    except ValueError:
+        return None
+    return rel.parts[0] if rel.parts and rel.parts[0] in LAYERS else None
 
 
 def _holds(value: Any, depth: int = 0) -> str | None:

@@ -138,14 +138,13 @@ def handoffs(platform: Platform, tenants: dict[str, dict[str, object]]) -> list[
 
 
 def _encoder_runtime(spec_json: str) -> str | None:
-    """The variant an encoder-head spec's vectors come from (None: no encoder)."""
-    from models.runtimes import LEGACY_RUNTIME
+    """The variant an encoder-head spec's vectors come from (None: no encoder); the spec's
+    own config says it, with its default for specs made before variants existed."""
+    from models import ModelSpec
+    from models.family_defaults import ENCODER_HEAD
 
-    data = json.loads(spec_json)
-    if data.get("family") != "encoder-head":
-        return None
-    # Specs made before variants existed are torch-fp32's.
-    return str((data.get("config") or {}).get("encoder_runtime") or LEGACY_RUNTIME)
+    spec = ModelSpec.from_json(spec_json)
+    return str(spec.family_config().encoder_runtime) if spec.family == ENCODER_HEAD else None
 
 
 def _runtimes(items: list[Handoff]) -> dict[str, list[str]]:
